@@ -1,0 +1,266 @@
+"""Block-sparse attention driven by a ``BlockPlan``.
+
+Backends here (CUDA kernels register from ``attnzoo.ops.kernels``):
+
+- ``blocked``: portable torch. Query blocks are processed in chunks; for each chunk only the
+  selected key blocks are gathered (per plan head, straight from the KV head that serves it,
+  so K/V are never repeated to Hq heads), scores are computed for those blocks only, and the
+  output and lse are written. Backward is a flash-style recomputation from (q, k, v, out, lse)
+  chunk by chunk, so saved state is O(N), not O(computed pairs).
+- ``flex``: ``torch.compile(flex_attention)`` with a BlockMask built straight from the plan's
+  indices. On CPU PyTorch supports it for inference only and without lse; dispatch says so.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+
+import torch
+
+from ..plans import BlockPlan
+from ._checks import check_qkv, default_scale
+from .dispatch import Backend, choose, make_request, register_backend
+from .merge import masked_softmax_stats
+
+# Upper bound on score elements materialised per chunk (fp32): bounds memory, keeps GEMMs big.
+CHUNK_ELEMENTS = 1 << 23
+
+
+class _Layout:
+    """Index bookkeeping shared by forward and backward for one (q, k, plan) triple."""
+
+    def __init__(self, q_shape, k_shape, plan: BlockPlan, device):
+        B, Hq, Nq, D = q_shape
+        Hkv, Nk = k_shape[1], k_shape[2]
+        self.B, self.Hq, self.Nq, self.D, self.Hkv, self.Nk = B, Hq, Nq, D, Hkv, Nk
+        self.Hp = plan.heads  # plan heads: Hq or Hkv
+        self.r = Hq // self.Hp  # query heads served by one plan head
+        self.bq, self.bk = plan.block_q, plan.block_k
+        self.Nqb = plan.num_q_blocks
+        self.offset = plan.offset
+        self.causal = plan.causal
+        self.indices = plan.kv_indices
+        self.counts = plan.kv_counts
+        self.kv_head = (torch.arange(self.Hp, device=device) // (self.Hp // Hkv))[None, :, None, None]
+        self.bidx = torch.arange(B, device=device)[:, None, None, None]
+        self.device = device
+
+    def chunks(self):
+        """Yield (c0, c1, kmax) ranges of query blocks sized to CHUNK_ELEMENTS."""
+        per_row = self.B * self.Hp * self.r * self.bq * self.bk  # score elements per (block, slot)
+        counts_max = self.counts.amax(dim=(0, 1)).tolist()  # per query block
+        c0 = 0
+        while c0 < self.Nqb:
+            c1, kmax = c0, 0
+            while c1 < self.Nqb:
+                k_new = max(kmax, int(counts_max[c1]))
+                if c1 > c0 and (c1 - c0 + 1) * max(k_new, 1) * per_row > CHUNK_ELEMENTS:
+                    break
+                kmax, c1 = k_new, c1 + 1
+            yield c0, c1, kmax
+            c0 = c1
+
+    def keys(self, c0, c1, kmax, key_padding_mask):
+        """Token positions ``[B, Hp, C, L]`` of the gathered keys and which of them are usable."""
+        idx = self.indices[:, :, c0:c1, :kmax].long()
+        slot_ok = torch.arange(kmax, device=self.device) < self.counts[:, :, c0:c1, None]
+        tok = idx.clamp(min=0)[..., None] * self.bk + torch.arange(self.bk, device=self.device)
+        ok = slot_ok[..., None] & (tok < self.Nk)
+        tok = tok.clamp(max=self.Nk - 1).flatten(-2)
+        ok = ok.flatten(-2)
+        if key_padding_mask is not None:
+            ok = ok & key_padding_mask[self.bidx, tok]
+        return tok, ok
+
+    def allowed(self, c0, c1, tok, ok):
+        """Bool ``[B, Hp, C, r*bq, L]``: key usable and (if causal) not in the row's future."""
+        rows = torch.arange(self.r * self.bq, device=self.device) % self.bq
+        qpos = (torch.arange(c0, c1, device=self.device)[:, None] * self.bq + rows) + self.offset
+        allowed = ok[:, :, :, None, :]
+        if self.causal:
+            allowed = allowed & (tok[:, :, :, None, :] <= qpos[None, None, :, :, None])
+        return allowed
+
+    def gather(self, x, tok):
+        """Rows of k or v ``[B, Hkv, Nk, D]`` at ``tok`` for each plan head: ``[B, Hp, C, L, D]``."""
+        return x[self.bidx, self.kv_head, tok]
+
+    def q_rows(self, x, c0, c1):
+        """``[B, Hq, Nq_pad, ...]`` -> ``[B, Hp, C, r*bq, ...]`` for query blocks [c0, c1)."""
+        sl = x[:, :, c0 * self.bq: c1 * self.bq]
+        C = c1 - c0
+        sl = sl.reshape(self.B, self.Hp, self.r, C, self.bq, *x.shape[3:])
+        return sl.transpose(2, 3).reshape(self.B, self.Hp, C, self.r * self.bq, *x.shape[3:])
+
+    def put_rows(self, dst, val, c0, c1):
+        """Inverse of ``q_rows``: write ``val`` into ``dst[:, :, c0*bq:c1*bq]``."""
+        C = c1 - c0
+        tail = val.shape[4:]
+        val = val.reshape(self.B, self.Hp, C, self.r, self.bq, *tail).transpose(2, 3)
+        dst[:, :, c0 * self.bq: c1 * self.bq] = val.reshape(self.B, self.Hq, C * self.bq, *tail)
+
+    def pad_q(self, x):
+        pad = self.Nqb * self.bq - self.Nq
+        if pad == 0:
+            return x
+        return torch.nn.functional.pad(x, (0, 0, 0, pad) if x.ndim == 4 else (0, pad))
+
+
+def _forward(q, k, v, lay: _Layout, key_padding_mask, scale):
+    qp = lay.pad_q(q)
+    out = torch.zeros(lay.B, lay.Hq, lay.Nqb * lay.bq, lay.D, dtype=torch.float32, device=q.device)
+    lse = torch.full((lay.B, lay.Hq, lay.Nqb * lay.bq), float("-inf"), device=q.device)
+    for c0, c1, kmax in lay.chunks():
+        if kmax == 0:
+            continue
+        tok, ok = lay.keys(c0, c1, kmax, key_padding_mask)
+        qb = lay.q_rows(qp, c0, c1).float()
+        kg, vg = lay.gather(k, tok).float(), lay.gather(v, tok).float()
+        s = (qb @ kg.transpose(-1, -2)) * scale
+        p, l_c = masked_softmax_stats(s, lay.allowed(c0, c1, tok, ok))
+        lay.put_rows(out, p @ vg, c0, c1)
+        lay.put_rows(lse, l_c, c0, c1)
+    return out[:, :, : lay.Nq].to(q.dtype), lse[:, :, : lay.Nq]
+
+
+def _backward(q, k, v, out, lse, dout, dlse, lay: _Layout, key_padding_mask, scale):
+    qp = lay.pad_q(q)
+    dop = lay.pad_q(dout.float())
+    lsep = lay.pad_q(lse)
+    delta = lay.pad_q((dout.float() * out.float()).sum(-1))  # rowsum(dO * O)
+    if dlse is not None:
+        delta = delta - lay.pad_q(dlse.float())
+    dq = torch.zeros(lay.B, lay.Hq, lay.Nqb * lay.bq, lay.D, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    for c0, c1, kmax in lay.chunks():
+        if kmax == 0:
+            continue
+        tok, ok = lay.keys(c0, c1, kmax, key_padding_mask)
+        qb = lay.q_rows(qp, c0, c1).float()
+        kg, vg = lay.gather(k, tok).float(), lay.gather(v, tok).float()
+        l_c = lay.q_rows(lsep, c0, c1)
+        finite = torch.isfinite(l_c)
+        s = (qb @ kg.transpose(-1, -2)) * scale
+        p = torch.exp(s - torch.where(finite, l_c, 0.0)[..., None])
+        p = p.masked_fill(~(lay.allowed(c0, c1, tok, ok) & finite[..., None]), 0.0)
+        do_c = lay.q_rows(dop, c0, c1)
+        dp = do_c @ vg.transpose(-1, -2)
+        ds = p * (dp - lay.q_rows(delta, c0, c1)[..., None]) * scale
+        lay.put_rows(dq, ds @ kg, c0, c1)
+        # gathered key rows may repeat across query blocks and plan heads: accumulate
+        where = (lay.bidx.expand_as(tok), lay.kv_head.expand_as(tok), tok)
+        dk.index_put_(where, ds.transpose(-1, -2) @ qb, accumulate=True)
+        dv.index_put_(where, p.transpose(-1, -2) @ do_c, accumulate=True)
+    return dq[:, :, : lay.Nq].to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _BlockedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, lay, key_padding_mask, scale):
+        out, lse = _forward(q, k, v, lay, key_padding_mask, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.lay, ctx.kpm, ctx.scale = lay, key_padding_mask, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.lay, ctx.kpm, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def _blocked(q, k, v, plan, *, key_padding_mask, scale, return_lse):
+    lay = _Layout(q.shape, k.shape, plan, q.device)
+    return _BlockedAttention.apply(q, k, v, lay, key_padding_mask, scale)
+
+
+BLOCKED = register_backend(Backend(
+    op="block_sparse", name="blocked", fn=_blocked, devices=("cpu", "cuda"),
+    dtypes=(torch.float32, torch.float16, torch.bfloat16), plan_kinds=("block",),
+    backward=True, lse=True,
+    description="torch gather of selected key blocks, fp32 math, recompute backward"))
+
+
+# -- FlexAttention (compiled) -------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _flex_unavailable() -> str | None:
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the torch build
+        return f"torch has no flex_attention ({e})"
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        return "torch.compile needs a C++ compiler on PATH"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def to_flex_block_mask(plan: BlockPlan, q_heads: int, key_padding_mask=None):
+    """A FlexAttention ``BlockMask`` from the plan's indices (no dense mask is built)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    idx, cnt = plan.kv_indices, plan.kv_counts
+    if plan.heads != q_heads:  # per-KV-head plan: flex wants one row per query head
+        idx = idx.repeat_interleave(q_heads // plan.heads, dim=1)
+        cnt = cnt.repeat_interleave(q_heads // plan.heads, dim=1)
+    offset, causal = plan.offset, plan.causal
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        ok = (kv_idx <= q_idx + offset) if causal else (kv_idx >= 0)
+        if key_padding_mask is not None:
+            ok = ok & key_padding_mask[b, kv_idx]
+        return ok
+
+    return BlockMask.from_kv_blocks(cnt.int(), idx.clamp(min=0).int(),
+                                    BLOCK_SIZE=(plan.block_q, plan.block_k), mask_mod=mask_mod,
+                                    seq_lengths=(plan.q_len, plan.kv_len))
+
+
+def _flex(q, k, v, plan, *, key_padding_mask, scale, return_lse):
+    mask = to_flex_block_mask(plan, q.shape[1], key_padding_mask)
+    out = _compiled_flex()(q, k, v, block_mask=mask, scale=scale,
+                           enable_gqa=q.shape[1] != k.shape[1])
+    return out, None
+
+
+def _flex_limits(req):
+    if req.device == "cpu" and req.has_padding:
+        return "key padding via a captured tensor recompiles per mask on CPU; use blocked"
+    return None
+
+
+FLEX = register_backend(Backend(
+    op="block_sparse", name="flex", fn=_flex, devices=("cpu",),
+    dtypes=(torch.float32, torch.bfloat16), plan_kinds=("block",), backward=False, lse=False,
+    available=_flex_unavailable, check=_flex_limits,
+    description="torch.compile(flex_attention) with a BlockMask from the plan (CPU: inference)"))
+
+
+def block_sparse(q, k, v, plan: BlockPlan, *, key_padding_mask=None, scale=None,
+                 return_lse: bool = False, backend: str | None = None):
+    """Attention of q ``[B, Hq, Nq, D]`` over k/v ``[B, Hkv, Nk, D]`` restricted to ``plan``.
+
+    Only the plan's key blocks are computed; the plan's causality (bottom-right) and
+    ``key_padding_mask`` (``[B, Nk]``, True = real) apply inside them. Returns ``out`` or
+    ``(out, lse)``; rows that see no key are zeros with lse = -inf.
+    """
+    if not isinstance(plan, BlockPlan):
+        raise TypeError(f"plan must be a BlockPlan, got {type(plan).__name__}")
+    check_qkv(q, k, v, causal=plan.causal, key_padding_mask=key_padding_mask, scale=scale)
+    plan.validate(q, k)
+    req = make_request("block_sparse", q, k, v, "block", return_lse=return_lse,
+                       key_padding_mask=key_padding_mask, causal=plan.causal,
+                       plan_heads=plan.heads)
+    impl = choose(req, backend)
+    out, lse = impl.fn(q, k, v, plan, key_padding_mask=key_padding_mask,
+                       scale=default_scale(q, scale), return_lse=return_lse)
+    return (out, lse) if return_lse else out

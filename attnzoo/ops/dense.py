@@ -1,0 +1,104 @@
+"""Dense attention: SDPA backend (CPU: the fused flash kernel, which also returns lse).
+
+FlashInfer joins through the same dispatch on CUDA (see ``attnzoo.ops.kernels``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_qkv, default_scale
+from .dispatch import Backend, choose, make_request, register_backend
+from .merge import merge_attention
+
+
+def _padding_bias(key_padding_mask, dtype):
+    """Additive ``[B, 1, 1, Nk]`` bias: 0 for real keys, -inf for padding (broadcast, not N x N)."""
+    if key_padding_mask is None:
+        return None
+    bias = torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device)
+    return bias.masked_fill(~key_padding_mask, float("-inf"))[:, None, None, :]
+
+
+def _rows_without_keys(key_padding_mask, q_len: int, causal: bool):
+    """Bool ``[B, 1, Nq]`` (or None): rows whose visible keys are all padding."""
+    if key_padding_mask is None:
+        return None
+    if not causal:
+        return (~key_padding_mask.any(-1))[:, None, None].expand(-1, 1, q_len)
+    seen = key_padding_mask.cumsum(-1)[:, -q_len:]  # real keys at or before each row's diagonal
+    return (seen == 0)[:, None, :]
+
+
+def _flash_cpu(q, k, v, causal, key_padding_mask, scale):
+    # aten's CPU flash kernel handles GQA natively (no K/V repeat) and returns lse, but its
+    # causal mask is top-left aligned and it reports lse = 0 for rows with no visible key.
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out, lse = op(q, k, v, 0.0, causal, attn_mask=_padding_bias(key_padding_mask, q.dtype),
+                  scale=scale)
+    empty = _rows_without_keys(key_padding_mask, q.shape[2], causal)
+    if empty is not None:
+        lse = lse.masked_fill(empty, float("-inf"))
+    return out, lse
+
+
+def _sdpa_cpu(q, k, v, *, causal, key_padding_mask, scale, return_lse):
+    nq, nk = q.shape[2], k.shape[2]
+    if not causal or nq == nk:
+        return _flash_cpu(q, k, v, causal, key_padding_mask, scale)
+    # Bottom-right causal with Nq < Nk: every query sees the whole prefix [0, Nk-Nq), and the
+    # suffix is a square causal problem; merge the two by lse instead of building a mask.
+    off = nk - nq
+    kpm_pre = kpm_suf = None
+    if key_padding_mask is not None:
+        kpm_pre, kpm_suf = key_padding_mask[:, :off], key_padding_mask[:, off:]
+    o1, l1 = _flash_cpu(q, k[:, :, :off], v[:, :, :off], False, kpm_pre, scale)
+    o2, l2 = _flash_cpu(q, k[:, :, off:], v[:, :, off:], True, kpm_suf, scale)
+    return merge_attention(o1, l1, o2, l2)
+
+
+def _sdpa_any(q, k, v, *, causal, key_padding_mask, scale, return_lse):
+    if q.device.type == "cpu":
+        return _sdpa_cpu(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+                         return_lse=return_lse)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return out, None
+
+
+def _sdpa_limits(req):
+    if req.device == "cpu":
+        return None
+    # Off CPU we only use the public SDPA entry point: no lse, top-left causal, and a padding
+    # mask would force a materialised bias. FlashInfer covers these on CUDA.
+    if req.needs_lse:
+        return "returns lse only on CPU"
+    if req.has_padding:
+        return "key_padding_mask only on CPU"
+    if req.causal and req.q_len != req.kv_len:
+        return "bottom-right causal with Nq < Nk only on CPU"
+    return None
+
+
+SDPA = register_backend(Backend(
+    op="dense", name="sdpa", fn=_sdpa_any, devices=("cpu", "cuda"),
+    dtypes=(torch.float32, torch.float16, torch.bfloat16), plan_kinds=("dense",),
+    backward=True, lse=True, check=_sdpa_limits,
+    description="torch SDPA; on CPU the fused flash kernel with lse, GQA without K/V repeat"))
+
+
+def dense(q, k, v, *, causal: bool = True, key_padding_mask=None, scale=None,
+          return_lse: bool = False, backend: str | None = None):
+    """Dense attention, q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D]``, bottom-right causal.
+
+    Returns ``out`` (q's dtype) or ``(out, lse)`` (lse fp32 ``[B, Hq, Nq]``, -inf where a row
+    sees no key; such rows are zeros).
+    """
+    check_qkv(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    req = make_request("dense", q, k, v, "dense", return_lse=return_lse,
+                       key_padding_mask=key_padding_mask, causal=causal)
+    impl = choose(req, backend)
+    out, lse = impl.fn(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
+                       scale=default_scale(q, scale), return_lse=return_lse)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,177 @@
+"""Backend capability declarations and first-fit dispatch with reasons.
+
+Each backend says which devices, dtypes, head dims and plan kinds it handles, whether it
+returns the log-sum-exp and supports backward, and how close to the fp32 reference it is
+per dtype. ``choose`` takes the first backend (in registration priority) that fits the
+request; when none fits it raises one error listing every backend and why it declined.
+
+Force a backend with the ``backend=`` argument of an op, or the environment variable
+``ATTNZOO_BACKEND`` (``"block_sparse=blocked,dense=sdpa"``). A forced backend that cannot
+run raises instead of silently falling back.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+__all__ = ["Backend", "Request", "NoBackendError", "register_backend", "backends", "choose",
+           "explain", "Tolerance"]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Max relative error vs the fp32 reference: max|x - ref| / max|ref|."""
+
+    out: float
+    lse: float
+    grad: float
+
+
+DEFAULT_TOLERANCES = {
+    torch.float32: Tolerance(out=1e-4, lse=1e-4, grad=1e-3),
+    torch.float16: Tolerance(out=5e-3, lse=2e-3, grad=1e-2),
+    torch.bfloat16: Tolerance(out=2e-2, lse=1e-2, grad=5e-2),
+}
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a call needs; built by the op from its inputs."""
+
+    op: str
+    device: str
+    dtype: torch.dtype
+    head_dim: int
+    plan_kind: str
+    needs_grad: bool = False
+    needs_lse: bool = False
+    has_padding: bool = False
+    causal: bool = True
+    q_len: int = 0
+    kv_len: int = 0
+    q_heads: int = 0
+    kv_heads: int = 0
+    plan_heads: int = 0
+
+
+@dataclass(frozen=True)
+class Backend:
+    op: str
+    name: str
+    fn: Callable
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    plan_kinds: tuple[str, ...]
+    backward: bool
+    lse: bool
+    head_dims: tuple[int, ...] | None = None  # None: any
+    padding: bool = True
+    description: str = ""
+    tolerances: dict = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
+    available: Callable[[], str | None] = lambda: None  # reason it cannot run on this machine
+    check: Callable[[Request], str | None] | None = None  # further request-specific limits
+
+    def why_not(self, req: Request) -> str | None:
+        """None if this backend can serve ``req``, else a short reason."""
+        reason = self.available()
+        if reason:
+            return reason
+        if req.device not in self.devices:
+            return f"device {req.device} not in {list(self.devices)}"
+        if req.dtype not in self.dtypes:
+            return f"dtype {req.dtype} not in {[str(d) for d in self.dtypes]}"
+        if self.head_dims is not None and req.head_dim not in self.head_dims:
+            return f"head dim {req.head_dim} not in {list(self.head_dims)}"
+        if req.plan_kind not in self.plan_kinds:
+            return f"plan kind {req.plan_kind!r} not in {list(self.plan_kinds)}"
+        if req.needs_grad and not self.backward:
+            return "no backward (inputs require grad)"
+        if req.needs_lse and not self.lse:
+            return "does not return lse (return_lse=True)"
+        if req.has_padding and not self.padding:
+            return "no key_padding_mask support"
+        return self.check(req) if self.check else None
+
+    def tolerance(self, dtype: torch.dtype) -> Tolerance:
+        return self.tolerances[dtype]
+
+
+class NoBackendError(RuntimeError):
+    pass
+
+
+_BACKENDS: dict[str, list[Backend]] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Add a backend; earlier registrations are preferred (first fit)."""
+    lst = _BACKENDS.setdefault(backend.op, [])
+    if any(b.name == backend.name for b in lst):
+        raise ValueError(f"backend {backend.name!r} already registered for op {backend.op!r}")
+    lst.append(backend)
+    return backend
+
+
+def backends(op: str | None = None) -> list[Backend]:
+    if op is None:
+        return [b for lst in _BACKENDS.values() for b in lst]
+    if op not in _BACKENDS:
+        raise ValueError(f"unknown op {op!r}; ops with backends: {sorted(_BACKENDS)}")
+    return list(_BACKENDS[op])
+
+
+def _forced(op: str, backend: str | None) -> str | None:
+    if backend is not None:
+        return backend
+    env = os.environ.get("ATTNZOO_BACKEND", "").strip()
+    for item in filter(None, (s.strip() for s in env.split(","))):
+        if "=" not in item:
+            raise ValueError(f"ATTNZOO_BACKEND entries must look like op=backend, got {item!r}")
+        k, v = (s.strip() for s in item.split("=", 1))
+        if k == op:
+            return v
+    return None
+
+
+def explain(req: Request) -> list[tuple[str, str | None]]:
+    """Every backend of ``req.op`` with None (fits) or the reason it declines."""
+    return [(b.name, b.why_not(req)) for b in backends(req.op)]
+
+
+def choose(req: Request, backend: str | None = None) -> Backend:
+    name = _forced(req.op, backend)
+    cands = backends(req.op)
+    if name is not None:
+        by_name = {b.name: b for b in cands}
+        if name not in by_name:
+            close = difflib.get_close_matches(name, list(by_name), n=1)
+            hint = f"; did you mean {close[0]!r}" if close else ""
+            raise ValueError(
+                f"backend {name!r} is not registered for op {req.op!r}{hint}. "
+                f"Registered: {sorted(by_name)}")
+        why = by_name[name].why_not(req)
+        if why:
+            raise NoBackendError(f"forced backend {name!r} for {req.op} cannot run this call: {why}")
+        return by_name[name]
+    for b in cands:
+        if b.why_not(req) is None:
+            return b
+    lines = "\n".join(f"  - {n}: {why}" for n, why in explain(req))
+    raise NoBackendError(
+        f"no {req.op} backend fits (device={req.device}, dtype={req.dtype}, head_dim="
+        f"{req.head_dim}, plan={req.plan_kind}, grad={req.needs_grad}, lse={req.needs_lse}):\n{lines}")
+
+
+def make_request(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan_kind: str, *,
+                 return_lse: bool, key_padding_mask, causal: bool, plan_heads: int = 0) -> Request:
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return Request(op=op, device=q.device.type, dtype=q.dtype, head_dim=q.shape[-1],
+                   plan_kind=plan_kind, needs_grad=needs_grad, needs_lse=return_lse,
+                   has_padding=key_padding_mask is not None, causal=causal, q_len=q.shape[2],
+                   kv_len=k.shape[2], q_heads=q.shape[1], kv_heads=k.shape[1],
+                   plan_heads=plan_heads or q.shape[1])
