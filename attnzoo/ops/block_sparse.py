@@ -14,6 +14,7 @@ Backends here (CUDA kernels register from ``attnzoo.ops.kernels``):
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 
 import torch
@@ -21,7 +22,6 @@ import torch
 from ..plans import BlockPlan
 from ._checks import check_qkv, default_scale
 from .dispatch import Backend, choose, make_request, register_backend
-from .merge import masked_softmax_stats
 
 # Upper bound on score elements materialised per chunk (fp32): bounds memory, keeps GEMMs big.
 CHUNK_ELEMENTS = 1 << 23
@@ -62,29 +62,59 @@ class _Layout:
             c0 = c1
 
     def keys(self, c0, c1, kmax, key_padding_mask):
-        """Token positions ``[B, Hp, C, L]`` of the gathered keys and which of them are usable."""
-        idx = self.indices[:, :, c0:c1, :kmax].long()
+        """Selected blocks ``[B, Hp, C, kmax]`` and token positions ``[B, Hp, C, L]`` of their keys,
+        with unusable keys (empty slot, past Nk, padding) moved to position ``BIG`` so that one
+        comparison against the query position masks both them and the causal future."""
+        blk = self.indices[:, :, c0:c1, :kmax].long()
         slot_ok = torch.arange(kmax, device=self.device) < self.counts[:, :, c0:c1, None]
-        tok = idx.clamp(min=0)[..., None] * self.bk + torch.arange(self.bk, device=self.device)
-        ok = slot_ok[..., None] & (tok < self.Nk)
-        tok = tok.clamp(max=self.Nk - 1).flatten(-2)
-        ok = ok.flatten(-2)
+        blk = torch.where(slot_ok, blk, 0)
+        tok = (blk[..., None] * self.bk + torch.arange(self.bk, device=self.device)).flatten(-2)
+        ok = slot_ok.repeat_interleave(self.bk, dim=-1) & (tok < self.Nk)
         if key_padding_mask is not None:
-            ok = ok & key_padding_mask[self.bidx, tok]
-        return tok, ok
+            ok = ok & key_padding_mask[self.bidx, tok.clamp(max=self.Nk - 1)]
+            first = 0
+        else:
+            first = self._first_masked_slot(c0, c1, blk, slot_ok)
+        return blk, torch.where(ok, tok, self.BIG), first
 
-    def allowed(self, c0, c1, tok, ok):
-        """Bool ``[B, Hp, C, r*bq, L]``: key usable and (if causal) not in the row's future."""
-        rows = torch.arange(self.r * self.bq, device=self.device) % self.bq
-        qpos = (torch.arange(c0, c1, device=self.device)[:, None] * self.bq + rows) + self.offset
-        allowed = ok[:, :, :, None, :]
+    def _first_masked_slot(self, c0, c1, blk, slot_ok) -> int:
+        """Smallest slot in the chunk whose block is not entirely visible to every row of its
+        query block (empty slot, partial last block, or crossing the causal diagonal). Slots
+        before it need no mask: indices are ascending, so masking is confined to the tail."""
+        first_row = torch.arange(c0, c1, device=self.device)[:, None] * self.bq + self.offset
+        end = (blk + 1) * self.bk  # one past the block's last key
+        needs = ~slot_ok | (end > self.Nk)
         if self.causal:
-            allowed = allowed & (tok[:, :, :, None, :] <= qpos[None, None, :, :, None])
-        return allowed
+            needs = needs | (end - 1 > first_row)
+        if not bool(needs.any()):
+            return blk.shape[-1]
+        first = torch.where(needs, torch.arange(blk.shape[-1], device=self.device), blk.shape[-1])
+        return int(first.amin())
 
-    def gather(self, x, tok):
-        """Rows of k or v ``[B, Hkv, Nk, D]`` at ``tok`` for each plan head: ``[B, Hp, C, L, D]``."""
-        return x[self.bidx, self.kv_head, tok]
+    BIG = 1 << 40
+
+    def masked(self, c0, c1, tok_eff):
+        """Bool ``[B, Hp, C, r*bq, L]``: True where the key must be excluded."""
+        rows = torch.arange(self.r * self.bq, device=self.device) % self.bq
+        qpos = torch.arange(c0, c1, device=self.device)[:, None] * self.bq + rows + self.offset
+        if not self.causal:
+            qpos = torch.full_like(qpos, self.BIG - 1)
+        return tok_eff[:, :, :, None, :] > qpos[None, None, :, :, None]
+
+    def gather(self, x_blocks, blk):
+        """Key blocks of ``x_blocks`` ``[B, Hkv, Nkb, bk, D]`` for each plan head: ``[B, Hp, C, L, D]``.
+
+        Indexes the KV head serving each plan head directly: K/V are never repeated to Hq."""
+        g = x_blocks[self.bidx, self.kv_head, blk]  # [B, Hp, C, kmax, bk, D]
+        return g.flatten(3, 4)
+
+    def kv_blocks(self, x):
+        """``[B, Hkv, Nk, D]`` -> ``[B, Hkv, Nkb, bk, D]`` (one O(N) pad when Nk % bk != 0)."""
+        nkb = -(-self.Nk // self.bk)
+        pad = nkb * self.bk - self.Nk
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+        return x.view(x.shape[0], x.shape[1], nkb, self.bk, x.shape[3])
 
     def q_rows(self, x, c0, c1):
         """``[B, Hq, Nq_pad, ...]`` -> ``[B, Hp, C, r*bq, ...]`` for query blocks [c0, c1)."""
@@ -107,19 +137,39 @@ class _Layout:
         return torch.nn.functional.pad(x, (0, 0, 0, pad) if x.ndim == 4 else (0, pad))
 
 
+def _scores(qb, kg, scale, lay, c0, c1, tok, first_slot):
+    s = torch.matmul(qb, kg.transpose(-1, -2)).mul_(scale)
+    tail = first_slot * lay.bk
+    if tail < s.shape[-1]:
+        s[..., tail:].masked_fill_(lay.masked(c0, c1, tok[..., tail:]), float("-inf"))
+    return s
+
+
+def _probs_(s, lse):
+    """In place: s -> exp(s - lse), with rows whose lse is -inf left as zeros."""
+    return s.sub_(torch.where(torch.isinf(lse), 0.0, lse)[..., None]).exp_()
+
+
 def _forward(q, k, v, lay: _Layout, key_padding_mask, scale):
     qp = lay.pad_q(q)
+    kb, vb = lay.kv_blocks(k), lay.kv_blocks(v)
     out = torch.zeros(lay.B, lay.Hq, lay.Nqb * lay.bq, lay.D, dtype=torch.float32, device=q.device)
     lse = torch.full((lay.B, lay.Hq, lay.Nqb * lay.bq), float("-inf"), device=q.device)
     for c0, c1, kmax in lay.chunks():
         if kmax == 0:
             continue
-        tok, ok = lay.keys(c0, c1, kmax, key_padding_mask)
+        blk, tok, first = lay.keys(c0, c1, kmax, key_padding_mask)
         qb = lay.q_rows(qp, c0, c1).float()
-        kg, vg = lay.gather(k, tok).float(), lay.gather(v, tok).float()
-        s = (qb @ kg.transpose(-1, -2)) * scale
-        p, l_c = masked_softmax_stats(s, lay.allowed(c0, c1, tok, ok))
-        lay.put_rows(out, p @ vg, c0, c1)
+        s = _scores(qb, lay.gather(kb, blk).float(), scale, lay, c0, c1, tok, first)
+        # one exp per score: e = exp(s - rowmax); normalise the (few) output rows afterwards
+        m = s.amax(-1)
+        m = torch.where(torch.isinf(m), 0.0, m)
+        e = s.sub_(m[..., None]).exp_()
+        z = e.sum(-1)
+        o_c = torch.matmul(e, lay.gather(vb, blk).float())
+        o_c = o_c.div_(torch.where(z > 0, z, 1.0)[..., None])
+        l_c = torch.where(z > 0, m + torch.log(z), float("-inf"))
+        lay.put_rows(out, o_c, c0, c1)
         lay.put_rows(lse, l_c, c0, c1)
     return out[:, :, : lay.Nq].to(q.dtype), lse[:, :, : lay.Nq]
 
@@ -131,28 +181,28 @@ def _backward(q, k, v, out, lse, dout, dlse, lay: _Layout, key_padding_mask, sca
     delta = lay.pad_q((dout.float() * out.float()).sum(-1))  # rowsum(dO * O)
     if dlse is not None:
         delta = delta - lay.pad_q(dlse.float())
+    kb, vb = lay.kv_blocks(k), lay.kv_blocks(v)
     dq = torch.zeros(lay.B, lay.Hq, lay.Nqb * lay.bq, lay.D, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    dkb = torch.zeros(kb.shape, dtype=torch.float32, device=k.device)
+    dvb = torch.zeros(vb.shape, dtype=torch.float32, device=v.device)
     for c0, c1, kmax in lay.chunks():
         if kmax == 0:
             continue
-        tok, ok = lay.keys(c0, c1, kmax, key_padding_mask)
+        blk, tok, first = lay.keys(c0, c1, kmax, key_padding_mask)
         qb = lay.q_rows(qp, c0, c1).float()
-        kg, vg = lay.gather(k, tok).float(), lay.gather(v, tok).float()
-        l_c = lay.q_rows(lsep, c0, c1)
-        finite = torch.isfinite(l_c)
-        s = (qb @ kg.transpose(-1, -2)) * scale
-        p = torch.exp(s - torch.where(finite, l_c, 0.0)[..., None])
-        p = p.masked_fill(~(lay.allowed(c0, c1, tok, ok) & finite[..., None]), 0.0)
+        kg, vg = lay.gather(kb, blk).float(), lay.gather(vb, blk).float()
+        p = _probs_(_scores(qb, kg, scale, lay, c0, c1, tok, first), lay.q_rows(lsep, c0, c1))
         do_c = lay.q_rows(dop, c0, c1)
-        dp = do_c @ vg.transpose(-1, -2)
-        ds = p * (dp - lay.q_rows(delta, c0, c1)[..., None]) * scale
-        lay.put_rows(dq, ds @ kg, c0, c1)
-        # gathered key rows may repeat across query blocks and plan heads: accumulate
-        where = (lay.bidx.expand_as(tok), lay.kv_head.expand_as(tok), tok)
-        dk.index_put_(where, ds.transpose(-1, -2) @ qb, accumulate=True)
-        dv.index_put_(where, p.transpose(-1, -2) @ do_c, accumulate=True)
+        dp = torch.matmul(do_c, vg.transpose(-1, -2))
+        ds = dp.sub_(lay.q_rows(delta, c0, c1)[..., None]).mul_(p).mul_(scale)
+        lay.put_rows(dq, torch.matmul(ds, kg), c0, c1)
+        # the same key block can be gathered for several query blocks and plan heads: accumulate
+        where = (lay.bidx.expand_as(blk), lay.kv_head.expand_as(blk), blk)
+        shape = (*blk.shape, lay.bk, lay.D)
+        dkb.index_put_(where, torch.matmul(ds.transpose(-1, -2), qb).view(shape), accumulate=True)
+        dvb.index_put_(where, torch.matmul(p.transpose(-1, -2), do_c).view(shape), accumulate=True)
+    dk = dkb.flatten(2, 3)[:, :, : lay.Nk]
+    dv = dvb.flatten(2, 3)[:, :, : lay.Nk]
     return dq[:, :, : lay.Nq].to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -178,13 +228,6 @@ def _blocked(q, k, v, plan, *, key_padding_mask, scale, return_lse):
     return _BlockedAttention.apply(q, k, v, lay, key_padding_mask, scale)
 
 
-BLOCKED = register_backend(Backend(
-    op="block_sparse", name="blocked", fn=_blocked, devices=("cpu", "cuda"),
-    dtypes=(torch.float32, torch.float16, torch.bfloat16), plan_kinds=("block",),
-    backward=True, lse=True,
-    description="torch gather of selected key blocks, fp32 math, recompute backward"))
-
-
 # -- FlexAttention (compiled) -------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=1)
@@ -201,7 +244,7 @@ def _flex_unavailable() -> str | None:
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=True)
 
 
 def to_flex_block_mask(plan: BlockPlan, q_heads: int, key_padding_mask=None):
@@ -220,7 +263,9 @@ def to_flex_block_mask(plan: BlockPlan, q_heads: int, key_padding_mask=None):
             ok = ok & key_padding_mask[b, kv_idx]
         return ok
 
-    return BlockMask.from_kv_blocks(cnt.int(), idx.clamp(min=0).int(),
+    # flex reads the index tensor's width as the number of key blocks
+    idx = torch.nn.functional.pad(idx.clamp(min=0), (0, plan.num_kv_blocks - idx.shape[-1]))
+    return BlockMask.from_kv_blocks(cnt.int(), idx.int(),
                                     BLOCK_SIZE=(plan.block_q, plan.block_k), mask_mod=mask_mod,
                                     seq_lengths=(plan.q_len, plan.kv_len))
 
@@ -232,17 +277,32 @@ def _flex(q, k, v, plan, *, key_padding_mask, scale, return_lse):
     return out, None
 
 
+def flex_min_len() -> int:
+    # Below this the one-off compile (~10 s per process) is not worth it; measured crossover
+    # on 2 cores is ~2-4K keys (bench/test_ops_bench.py).
+    return int(os.environ.get("ATTNZOO_FLEX_MIN_LEN", "4096"))
+
+
 def _flex_limits(req):
-    if req.device == "cpu" and req.has_padding:
-        return "key padding via a captured tensor recompiles per mask on CPU; use blocked"
+    if req.kv_len < flex_min_len():
+        return f"kv_len {req.kv_len} < {flex_min_len()}: compile cost not amortised (ATTNZOO_FLEX_MIN_LEN)"
     return None
 
 
 FLEX = register_backend(Backend(
     op="block_sparse", name="flex", fn=_flex, devices=("cpu",),
     dtypes=(torch.float32, torch.bfloat16), plan_kinds=("block",), backward=False, lse=False,
+    padding=False,  # a captured mask tensor would be baked into the compiled graph
     available=_flex_unavailable, check=_flex_limits,
     description="torch.compile(flex_attention) with a BlockMask from the plan (CPU: inference)"))
+
+
+# registered after flex: dispatch is first-fit, and flex only fits large inference calls
+BLOCKED = register_backend(Backend(
+    op="block_sparse", name="blocked", fn=_blocked, devices=("cpu", "cuda"),
+    dtypes=(torch.float32, torch.float16, torch.bfloat16), plan_kinds=("block",),
+    backward=True, lse=True,
+    description="torch gather of selected key blocks, fp32 math, recompute backward"))
 
 
 def block_sparse(q, k, v, plan: BlockPlan, *, key_padding_mask=None, scale=None,

@@ -31,16 +31,52 @@ def _rows_without_keys(key_padding_mask, q_len: int, causal: bool):
     return (seen == 0)[:, None, :]
 
 
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_CPU_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class _FlashCPU(torch.autograd.Function):
+    """aten's CPU flash kernel with a backward that also honours the lse gradient.
+
+    The kernel handles GQA natively (no K/V repeat) and returns lse, but its own autograd drops
+    d(lse), which callers need (merging partial attentions, routers). With dlse/ds = p:
+    dq += scale * dlse * (P @ K)   (one more forward with V := K)
+    dk += scale * P^T (dlse * Q)   (the dV output of the backward kernel with dO := dlse * Q)
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, bias, scale, empty):
+        out, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, bias, empty)
+        ctx.causal, ctx.scale = causal, scale
+        ctx.set_materialize_grads(False)
+        if empty is not None:  # the kernel reports lse = 0 for rows with no visible key
+            lse = lse.masked_fill(empty, float("-inf"))
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, bias, empty = ctx.saved_tensors
+        kw = dict(attn_mask=bias, scale=ctx.scale)
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _FLASH_CPU_BWD(dout.contiguous(), q, k, v, out, lse, 0.0, ctx.causal, **kw)
+        if dlse is not None:
+            if empty is not None:
+                dlse = dlse.masked_fill(empty, 0.0)
+            w = dlse[..., None] * ctx.scale
+            pk, _ = _FLASH_CPU(q, k, k, 0.0, ctx.causal, **kw)
+            dq = dq + (w * pk.float()).to(dq.dtype)
+            _, _, dk_lse = _FLASH_CPU_BWD((w * q.float()).to(q.dtype), q, k, v, out, lse, 0.0,
+                                          ctx.causal, **kw)
+            dk = dk + dk_lse
+        return dq, dk, dv, None, None, None, None
+
+
 def _flash_cpu(q, k, v, causal, key_padding_mask, scale):
-    # aten's CPU flash kernel handles GQA natively (no K/V repeat) and returns lse, but its
-    # causal mask is top-left aligned and it reports lse = 0 for rows with no visible key.
-    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    out, lse = op(q, k, v, 0.0, causal, attn_mask=_padding_bias(key_padding_mask, q.dtype),
-                  scale=scale)
+    # top-left causal only; callers handle the bottom-right alignment
     empty = _rows_without_keys(key_padding_mask, q.shape[2], causal)
-    if empty is not None:
-        lse = lse.masked_fill(empty, float("-inf"))
-    return out, lse
+    return _FlashCPU.apply(q, k, v, causal, _padding_bias(key_padding_mask, q.dtype), scale, empty)
 
 
 def _sdpa_cpu(q, k, v, *, causal, key_padding_mask, scale, return_lse):

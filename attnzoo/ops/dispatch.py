@@ -150,7 +150,7 @@ def choose(req: Request, backend: str | None = None) -> Backend:
         by_name = {b.name: b for b in cands}
         if name not in by_name:
             close = difflib.get_close_matches(name, list(by_name), n=1)
-            hint = f"; did you mean {close[0]!r}" if close else ""
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(
                 f"backend {name!r} is not registered for op {req.op!r}{hint}. "
                 f"Registered: {sorted(by_name)}")

@@ -1,0 +1,57 @@
+"""Ops as registered components, so stacks can name them: ``{op: dense}``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..plans import BlockPlan, DensePlan, TokenPlan
+from ..registry import register
+from . import token_sparse
+from .block_sparse import block_sparse
+from .dense import dense
+
+
+@register("op", "dense")
+@dataclass
+class Dense:
+    """Dense causal attention; accepts no plan or a DensePlan."""
+
+    backend: str | None = None
+    plan_kinds = ("dense",)
+
+    def __call__(self, q, k, v, plan=None, *, key_padding_mask=None, scale=None, return_lse=False):
+        if plan is not None and not isinstance(plan, DensePlan):
+            raise TypeError(f"op 'dense' takes a DensePlan or None, got {type(plan).__name__}")
+        causal = plan.causal if plan is not None else True
+        return dense(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+                     return_lse=return_lse, backend=self.backend)
+
+
+@register("op", "block_sparse")
+@dataclass
+class BlockSparse:
+    """Attention over the key blocks of a BlockPlan."""
+
+    backend: str | None = None
+    plan_kinds = ("block",)
+
+    def __call__(self, q, k, v, plan, *, key_padding_mask=None, scale=None, return_lse=False):
+        if not isinstance(plan, BlockPlan):
+            raise TypeError(f"op 'block_sparse' needs a BlockPlan, got {type(plan).__name__}")
+        return block_sparse(q, k, v, plan, key_padding_mask=key_padding_mask, scale=scale,
+                            return_lse=return_lse, backend=self.backend)
+
+
+@register("op", "token_sparse")
+@dataclass
+class TokenSparse:
+    """Compress to the TokenPlan's kept rows, dense causal attention, decompress."""
+
+    backend: str | None = None
+    plan_kinds = ("token",)
+
+    def __call__(self, q, k, v, plan, *, key_padding_mask=None, scale=None, return_lse=False):
+        if not isinstance(plan, TokenPlan):
+            raise TypeError(f"op 'token_sparse' needs a TokenPlan, got {type(plan).__name__}")
+        return token_sparse.attention(q, k, v, plan, key_padding_mask=key_padding_mask,
+                                      scale=scale, return_lse=return_lse, backend=self.backend)

@@ -1,0 +1,79 @@
+"""Shared helpers: relative error, random plans/inputs, tolerance lookup."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnzoo.plans import BlockPlan, TokenPlan
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|x - ref| / max|ref| (flash-linear-attention style, robust to tiny entries)."""
+    x, ref = x.detach().double(), ref.detach().double()
+    denom = ref.abs().max().clamp_min(1e-12)
+    return float((x - ref).abs().max() / denom)
+
+
+def assert_lse_close(lse, ref_lse, tol):
+    """Same -inf rows, finite rows within ``tol`` relative error."""
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "rows with no visible key differ"
+    fin = torch.isfinite(ref_lse)
+    if fin.any():
+        assert rel_err(lse[fin], ref_lse[fin]) <= tol
+
+
+def make_qkv(B, Hq, Hkv, Nq, Nk, D, dtype=torch.float32, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Nq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, Nk, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, Nk, D, generator=g).to(dtype)
+    if requires_grad:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    return q, k, v
+
+
+def padding_mask(B, Nk, kind: str, seed=0):
+    """None, or a [B, Nk] mask with left/right padding of varying length (batch 0 unpadded)."""
+    if kind == "none":
+        return None
+    g = torch.Generator().manual_seed(seed)
+    m = torch.ones(B, Nk, dtype=torch.bool)
+    for b in range(1, B):
+        n = int(torch.randint(1, max(2, Nk // 2), (1,), generator=g))
+        if kind == "left":
+            m[b, :n] = False
+        else:
+            m[b, Nk - n:] = False
+    return m
+
+
+def random_block_plan(B, H, Nq, Nk, bq, bk, p=0.4, seed=0, causal=True, poison=True):
+    """A random valid plan; unused index slots are filled with garbage (they must be ignored)."""
+    g = torch.Generator().manual_seed(seed)
+    full = BlockPlan.full(B, H, Nq, Nk, bq, bk, causal=causal).to_block_mask()
+    bm = (torch.rand(full.shape, generator=g) < p) & full
+    plan = BlockPlan.from_block_mask(bm, bq, bk, Nq, Nk, causal)
+    if poison:
+        slots = torch.arange(plan.max_blocks) >= plan.kv_counts[..., None]
+        junk = torch.randint(-5, plan.num_kv_blocks + 5, plan.kv_indices.shape, generator=g,
+                             dtype=plan.kv_indices.dtype)
+        plan = BlockPlan(torch.where(slots, junk, plan.kv_indices), plan.kv_counts, bq, bk, Nq, Nk,
+                         causal)
+    return plan
+
+
+def random_token_plan(B, H, N, keep=0.5, seed=0, key_padding_mask=None):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, H, N, generator=g) < keep
+    mask[..., -1] = True
+    if key_padding_mask is not None:
+        mask &= key_padding_mask[:, None, :]
+    return TokenPlan.from_keep_mask(mask)
+
+
+@pytest.fixture
+def flex_small(monkeypatch):
+    """Let the compiled flex backend accept small test shapes."""
+    monkeypatch.setenv("ATTNZOO_FLEX_MIN_LEN", "0")

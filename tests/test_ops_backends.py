@@ -1,0 +1,190 @@
+"""Every registered dense / block-sparse backend against the fp32 reference.
+
+Output, lse and (where the backend claims backward) gradients, with the per-dtype tolerances
+the backend declares. Cases cover batch > 1, GQA 1/3/4, lengths that are not multiples of
+the block, Nq < Nk (chunked prefill, decode), left/right padding and rows with no visible key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from attnzoo import ops
+from attnzoo.ops import dispatch
+from attnzoo.ops.dispatch import NoBackendError
+
+from .conftest import assert_lse_close, make_qkv, padding_mask, random_block_plan, rel_err
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int
+    Hq: int
+    Hkv: int
+    Nq: int
+    Nk: int
+    D: int
+    pad: str = "none"
+    causal: bool = True
+
+    def __str__(self):
+        c = "" if self.causal else "-noncausal"
+        return f"B{self.B}-H{self.Hq}:{self.Hkv}-N{self.Nq}x{self.Nk}-D{self.D}-pad{self.pad}{c}"
+
+
+CASES = [
+    Case(1, 4, 4, 1000, 1000, 64),
+    Case(3, 6, 2, 1023, 1023, 32, "right"),
+    Case(3, 12, 3, 1000, 1000, 64, "left"),  # left padding: early rows see no real key
+    Case(2, 8, 2, 200, 1023, 64, "right"),  # chunked prefill
+    Case(3, 4, 1, 1, 1000, 64, "left"),  # decode
+    Case(2, 3, 3, 300, 500, 32, "right", causal=False),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _devices():
+    return [pytest.param("cpu", id="cpu"),
+            pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+def _inputs(case: Case, dtype, device, grad):
+    q, k, v = make_qkv(case.B, case.Hq, case.Hkv, case.Nq, case.Nk, case.D, dtype, seed=hash(str(case)) % 1000)
+    q, k, v = (t.to(device).requires_grad_(grad) for t in (q, k, v))
+    kpm = padding_mask(case.B, case.Nk, case.pad)
+    return q, k, v, (kpm.to(device) if kpm is not None else None)
+
+
+def _check(run, q, k, v, kpm, plan, backend, dtype, grad):
+    """Run ``run`` (returns out, lse) and the reference; compare with declared tolerances."""
+    tol = backend.tolerance(dtype)
+    try:
+        out, lse = run(q, k, v)
+    except NoBackendError as e:
+        pytest.skip(str(e))
+    qr, kr, vr = (t.detach().float().requires_grad_(grad) for t in (q, k, v))
+    ref, ref_lse = ops.reference(qr, kr, vr, plan, key_padding_mask=kpm, return_lse=True)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) <= tol.out, f"out rel err {rel_err(out, ref):.2e} > {tol.out}"
+    if lse is not None:
+        assert lse.dtype == torch.float32
+        assert_lse_close(lse, ref_lse, tol.lse)
+    if grad:
+        g = torch.Generator().manual_seed(1)
+        dout = torch.randn(out.shape, generator=g)
+        dlse = torch.randn(ref_lse.shape, generator=g)
+        fin = torch.isfinite(ref_lse)
+        loss = (out.float() * dout).sum() + (lse.where(fin, 0.0) * dlse).sum()
+        ref_loss = (ref * dout).sum() + (ref_lse.where(fin, 0.0) * dlse).sum()
+        loss.backward()
+        ref_loss.backward()
+        for name, a, b in (("dq", q.grad, qr.grad), ("dk", k.grad, kr.grad), ("dv", v.grad, vr.grad)):
+            assert a.dtype == q.dtype
+            assert rel_err(a, b) <= tol.grad, f"{name} rel err {rel_err(a, b):.2e} > {tol.grad}"
+
+
+def _backend_params(op):
+    return [pytest.param(b, id=b.name) for b in dispatch.backends(op)]
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("backend", _backend_params("dense"))
+def test_dense_backend_matches_reference(backend, case, dtype, device):
+    grad = backend.backward and dtype != torch.float16
+    q, k, v, kpm = _inputs(case, dtype, device, grad)
+    run = lambda q, k, v: ops.dense(q, k, v, causal=case.causal, key_padding_mask=kpm,
+                                    return_lse=backend.lse, backend=backend.name)
+    wrapped = (lambda q, k, v: run(q, k, v)) if backend.lse else (lambda q, k, v: (run(q, k, v), None))
+    from attnzoo.plans import DensePlan
+    _check(wrapped, q, k, v, kpm, DensePlan(case.Nq, case.Nk, case.causal), backend, dtype, grad)
+
+
+BLOCKS = [(64, 64), (32, 64), (128, 32)]
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("per_kv_head", [False, True], ids=["plan-per-qhead", "plan-per-kvhead"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("backend", [b for b in _backend_params("block_sparse") if b.id != "flex"])
+def test_block_sparse_backend_matches_reference(backend, case, per_kv_head, dtype, device):
+    grad = backend.backward and dtype != torch.float16
+    q, k, v, kpm = _inputs(case, dtype, device, grad)
+    bq, bk = BLOCKS[(case.Nq + case.Hq) % len(BLOCKS)]
+    H = case.Hkv if per_kv_head else case.Hq
+    plan = random_block_plan(case.B, H, case.Nq, case.Nk, bq, bk, p=0.4, seed=case.Nk, causal=case.causal)
+    plan = type(plan)(plan.kv_indices.to(device), plan.kv_counts.to(device), bq, bk, case.Nq,
+                      case.Nk, case.causal)
+    lse_ok = backend.lse
+    run = lambda q, k, v: (ops.block_sparse(q, k, v, plan, key_padding_mask=kpm, return_lse=lse_ok,
+                                            backend=backend.name) if lse_ok else
+                           (ops.block_sparse(q, k, v, plan, key_padding_mask=kpm, backend=backend.name), None))
+    _check(run, q, k, v, kpm, plan, backend, dtype, grad)
+
+
+# The compiled flex backend: inference only, no padding; one compile per process, so a
+# handful of shapes (dynamic=True avoids a recompile per length).
+FLEX_CASES = [Case(1, 4, 4, 1000, 1000, 64), Case(2, 8, 2, 200, 1023, 64),
+              Case(3, 12, 3, 1023, 1023, 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", FLEX_CASES, ids=str)
+def test_flex_backend_matches_reference(case, dtype, flex_small):
+    backend = next(b for b in dispatch.backends("block_sparse") if b.name == "flex")
+    if backend.available():
+        pytest.skip(backend.available())
+    q, k, v, _ = _inputs(case, dtype, "cpu", False)
+    plan = random_block_plan(case.B, case.Hkv, case.Nq, case.Nk, 64, 64, p=0.3, seed=3)
+    _check(lambda q, k, v: (ops.block_sparse(q, k, v, plan, backend="flex"), None), q, k, v, None,
+           plan, backend, dtype, False)
+
+
+def test_full_block_plan_equals_dense():
+    """A plan that selects every causal block is dense attention."""
+    from attnzoo.plans import BlockPlan
+
+    q, k, v = make_qkv(2, 6, 2, 333, 517, 32)
+    plan = BlockPlan.full(2, 2, 333, 517, 64, 32)
+    assert plan.density() == pytest.approx(1.0)
+    a, la = ops.block_sparse(q, k, v, plan, return_lse=True)
+    b, lb = ops.dense(q, k, v, return_lse=True)
+    assert rel_err(a, b) <= 1e-5 and rel_err(la, lb) <= 1e-5
+
+
+def test_padding_content_is_ignored():
+    """Huge values at padded key positions must not leak into any output."""
+    from .conftest import random_block_plan
+
+    q, k, v = make_qkv(3, 4, 2, 300, 300, 32)
+    kpm = padding_mask(3, 300, "right")
+    plan = random_block_plan(3, 2, 300, 300, 64, 64, p=0.6)
+    k2, v2 = k.clone(), v.clone()
+    k2[~kpm[:, None, :].expand(-1, 2, -1)] = 1e4
+    v2[~kpm[:, None, :].expand(-1, 2, -1)] = -1e4
+    for run in (lambda k, v: ops.dense(q, k, v, key_padding_mask=kpm),
+                lambda k, v: ops.block_sparse(q, k, v, plan, key_padding_mask=kpm)):
+        assert torch.equal(run(k, v), run(k2, v2))
+
+
+def test_fully_masked_rows_are_zero_with_finite_grads():
+    q, k, v = make_qkv(2, 4, 2, 64, 64, 16, requires_grad=True)
+    kpm = torch.ones(2, 64, dtype=torch.bool)
+    kpm[1, :20] = False  # rows 0..19 of batch 1 see only padding
+    plan = random_block_plan(2, 4, 64, 64, 16, 16, p=1.0)
+    for fn in (lambda: ops.dense(q, k, v, key_padding_mask=kpm, return_lse=True),
+               lambda: ops.block_sparse(q, k, v, plan, key_padding_mask=kpm, return_lse=True)):
+        out, lse = fn()
+        assert torch.equal(out[1, :, :20], torch.zeros_like(out[1, :, :20]))
+        assert torch.isinf(lse[1, :, :20]).all() and torch.isfinite(lse[1, :, 20:]).all()
+        out.sum().backward()
+        assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+        for t in (q, k, v):
+            t.grad = None
