@@ -1,0 +1,86 @@
+"""Dispatch: capability declarations, first fit, forcing, and the reasons it gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnzoo import ops
+from attnzoo.cli import info_text, main
+from attnzoo.ops import dispatch
+from attnzoo.ops.dispatch import NoBackendError, Request
+
+from .conftest import make_qkv, random_block_plan
+
+
+def _req(**kw):
+    base = dict(op="block_sparse", device="cpu", dtype=torch.float32, head_dim=64, plan_kind="block",
+                q_len=8192, kv_len=8192, q_heads=8, kv_heads=2)
+    base.update(kw)
+    return Request(**base)
+
+
+def test_every_backend_declares_tolerances_for_its_dtypes():
+    for b in dispatch.backends():
+        for dt in b.dtypes:
+            tol = b.tolerance(dt)
+            assert 0 < tol.out <= 0.05 and 0 < tol.grad <= 0.1
+
+
+def test_first_fit_prefers_flex_for_long_inference_and_blocked_otherwise():
+    assert dispatch.choose(_req()).name == "flex"
+    assert dispatch.choose(_req(needs_grad=True)).name == "blocked"
+    assert dispatch.choose(_req(needs_lse=True)).name == "blocked"
+    assert dispatch.choose(_req(has_padding=True)).name == "blocked"
+    assert dispatch.choose(_req(kv_len=1000, q_len=1000)).name == "blocked"
+
+
+def test_reasons_name_every_backend():
+    reasons = dict(dispatch.explain(_req(needs_grad=True, dtype=torch.float16)))
+    assert reasons["flex"].startswith("dtype") and reasons["blocked"] is None
+    with pytest.raises(NoBackendError) as e:
+        dispatch.choose(_req(plan_kind="token"))
+    msg = str(e.value)
+    assert "flex:" in msg and "blocked:" in msg and "plan kind 'token'" in msg
+
+
+def test_cuda_request_declined_on_this_machine_with_reason():
+    if torch.cuda.is_available():
+        pytest.skip("machine has CUDA")
+    with pytest.raises(NoBackendError, match="flex: device cuda"):
+        dispatch.choose(_req(device="cuda", plan_kind="token"))
+
+
+def test_forcing_by_argument_and_environment(monkeypatch):
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 8)
+    plan = random_block_plan(1, 2, 64, 64, 16, 16)
+    with pytest.raises(ValueError, match="did you mean 'blocked'"):
+        ops.block_sparse(q, k, v, plan, backend="blockd")
+    with pytest.raises(NoBackendError, match="forced backend 'flex'.*does not return lse"):
+        ops.block_sparse(q, k, v, plan, backend="flex", return_lse=True)
+    monkeypatch.setenv("ATTNZOO_BACKEND", "block_sparse=nope")
+    with pytest.raises(ValueError, match="'nope' is not registered"):
+        ops.block_sparse(q, k, v, plan)
+    monkeypatch.setenv("ATTNZOO_BACKEND", "dense=sdpa,block_sparse=blocked")
+    ops.block_sparse(q, k, v, plan)
+    monkeypatch.setenv("ATTNZOO_BACKEND", "garbage")
+    with pytest.raises(ValueError, match="op=backend"):
+        ops.dense(q, k, v)
+
+
+def test_register_backend_rejects_duplicates():
+    b = dispatch.backends("dense")[0]
+    with pytest.raises(ValueError, match="already registered"):
+        dispatch.register_backend(b)
+    with pytest.raises(ValueError, match="unknown op"):
+        dispatch.backends("nope")
+
+
+def test_info_lists_backends_and_reasons(capsys):
+    text = info_text()
+    for line in ("dense/sdpa", "block_sparse/blocked", "block_sparse/flex", "torch"):
+        assert line in text
+    if not torch.cuda.is_available():
+        assert "cuda  unavailable: no CUDA device" in text
+    assert main(["info"]) == 0
+    assert "backends" in capsys.readouterr().out
