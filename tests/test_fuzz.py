@@ -52,7 +52,7 @@ def test_block_sparse_matches_reference(problem, with_grad):
         w = torch.randn_like(ref)
         (out * w).sum().backward()
         (ref * w).sum().backward()
-        for a, b in zip(qs, rs):
+        for a, b in zip(qs, rs, strict=True):
             assert torch.isfinite(a.grad).all()
             assert rel_err(a.grad, b.grad) <= 1e-3 or b.grad.abs().max() == 0
 

@@ -1,0 +1,33 @@
+"""Bench helpers: side-by-side ratios printed at the end of the run."""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+RESULTS: dict[str, dict[str, dict]] = defaultdict(dict)
+
+
+def record(group: str, name: str, benchmark, **info) -> None:
+    """Remember a finished benchmark's median for the ratio table."""
+    RESULTS[group][name] = {"median": benchmark.stats.stats.median, **info}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not RESULTS:
+        return
+    tr = terminalreporter
+    tr.section("attnzoo: ratios measured side by side in this run")
+    tr.write_line(f"{'group':<28} {'case':<34} {'median s':>9} {'speedup':>8} {'density':>8} "
+                  f"{'peak MiB':>9} backend")
+    for group, cases in RESULTS.items():
+        base = cases.get("dense", {}).get("median")
+        for name, r in cases.items():
+            ratio = f"{base / r['median']:.2f}x" if base else "-"
+            dens = f"{r['density']:.3f}" if "density" in r else "-"
+            peak = f"{r['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in r else "-"
+            tr.write_line(f"{group:<28} {name:<34} {r['median']:>9.3f} {ratio:>8} {dens:>8} {peak:>9} "
+                          f"{r.get('backend', '')}")
