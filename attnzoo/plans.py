@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DensePlan", "BlockPlan", "TokenPlan", "HeadPlan", "visible_pairs"]
+__all__ = ["DensePlan", "BlockPlan", "TokenPlan", "HeadPlan", "visible_pairs", "last_visible_block",
+           "causal_mask"]
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -62,6 +63,13 @@ def causal_mask(q_len: int, kv_len: int, device=None) -> torch.Tensor:
     """Dense bottom-right causal mask ``[q_len, kv_len]`` (True = visible). Tests/small N only."""
     qpos = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
     return torch.arange(kv_len, device=device)[None, :] <= qpos
+
+
+def last_visible_block(q_len: int, kv_len: int, block_q: int, block_k: int, device=None) -> torch.Tensor:
+    """``[ceil(q_len/block_q)]``: right-most key block each query block can see (bottom-right causal)."""
+    nqb = _cdiv(q_len, block_q)
+    last_row = torch.clamp((torch.arange(nqb, device=device) + 1) * block_q, max=q_len) - 1
+    return (last_row + kv_len - q_len) // block_k
 
 
 def visible_pairs(i0, i1, j0, j1, offset, causal: bool = True) -> torch.Tensor:
@@ -189,11 +197,8 @@ class BlockPlan:
 
     def last_visible_block(self) -> torch.Tensor:
         """``[Nqb]`` index of the right-most key block each query block can see (causal)."""
-        last_row = torch.clamp(
-            (torch.arange(self.num_q_blocks, device=self.kv_indices.device) + 1) * self.block_q,
-            max=self.q_len,
-        ) - 1
-        return (last_row + self.offset) // self.block_k
+        return last_visible_block(self.q_len, self.kv_len, self.block_q, self.block_k,
+                                  self.kv_indices.device)
 
     # -- constructors --------------------------------------------------------------------
     @classmethod
@@ -222,10 +227,8 @@ class BlockPlan:
         nqb, nkb = _cdiv(q_len, block_q), _cdiv(kv_len, block_k)
         mask = torch.ones(nqb, nkb, dtype=torch.bool, device=device)
         if causal:
-            tmp = cls(torch.zeros(1, 1, nqb, 1, dtype=torch.int32, device=device),
-                      torch.zeros(1, 1, nqb, dtype=torch.int32, device=device),
-                      block_q, block_k, q_len, kv_len, causal)
-            mask = torch.arange(nkb, device=device)[None, :] <= tmp.last_visible_block()[:, None]
+            last = last_visible_block(q_len, kv_len, block_q, block_k, device)
+            mask = torch.arange(nkb, device=device)[None, :] <= last[:, None]
         mask = mask.expand(batch, heads, nqb, nkb)
         return cls.from_block_mask(mask, block_q, block_k, q_len, kv_len, causal)
 

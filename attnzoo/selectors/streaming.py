@@ -1,0 +1,52 @@
+"""Streaming attention: attention sinks plus a local window (Elastic Attention's "SSA" mode)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..plans import BlockPlan
+from ..registry import register
+from .base import as_context, check_block, check_positive, check_qk
+
+
+@register("selector", "streaming")
+@dataclass
+class Streaming:
+    """Each query block sees the first ``sink`` tokens and the ``local`` tokens before its first
+    query, block-aligned (whole key blocks, so slightly more than ``local`` may be kept).
+
+    Works for prefill, chunked prefill and decode (Nq = 1: sink + the recent window of the cache).
+    The pattern is the same for every head; the plan is one per-KV-head view (no copies).
+    """
+
+    # a configuration for short sequences (tests, examples): the selector matrix uses it
+    small_config: ClassVar[dict] = {"sink": 32, "local": 64, "block_size": 32}
+
+    sink: int = 128
+    local: int = 1024
+    block_size: int = 64
+
+    def __post_init__(self):
+        check_positive("sink", self.sink, allow_zero=True)
+        check_positive("local", self.local, allow_zero=True)
+        check_block("block_size", self.block_size)
+
+    def __call__(self, q, k, ctx=None) -> BlockPlan:
+        ctx = as_context(ctx)
+        check_qk(q, k, ctx)
+        B, Hkv, Nq, Nk = q.shape[0], k.shape[1], q.shape[2], k.shape[2]
+        b = self.block_size
+        dev = q.device
+        nqb, nkb = -(-Nq // b), -(-Nk // b)
+        first_q = torch.arange(nqb, device=dev) * b + (Nk - Nq)  # key position of each block's first query
+        last_q = torch.clamp((torch.arange(nqb, device=dev) + 1) * b, max=Nq) - 1 + (Nk - Nq)
+        lo = torch.clamp(first_q - self.local, min=0) // b  # first block of the local window
+        hi = last_q // b  # diagonal block
+        col = torch.arange(nkb, device=dev)[None, :]
+        keep = ((col >= lo[:, None]) & (col <= hi[:, None])) | (col * b < self.sink)
+        keep = keep & (col <= hi[:, None])
+        mask = keep[None, None].expand(B, Hkv, nqb, nkb)
+        return BlockPlan.from_block_mask(mask, b, b, Nq, Nk)

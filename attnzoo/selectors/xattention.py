@@ -1,0 +1,141 @@
+"""XAttention (arXiv 2503.16428): block selection by strided antidiagonal scoring.
+
+Scoring, stride S, block b (tokens), per query head:
+  Q~[i] = concat_t Q[iS + S-1-t],  K~[j] = concat_t K[jS + t]   (t = 0..S-1)
+  so Q~ K~^T [i, j] is the antidiagonal sum of the S x S tile (i, j) of Q K^T, at 1/S the cost;
+  P = row-softmax(Q~ K~^T / (sqrt(D) S)) with the causal rule in reduced index space;
+  W[I, J] = sum of P over the (b/S) x (b/S) sub-grid of query block I and key block J.
+Selection, per (head, query block), threshold tau: keep the sink block and the diagonal block,
+then add the other causal blocks in descending W while the mass *before* adding one is below
+tau x (row mass of W). tau = 1 keeps every causal block.
+
+Better than the authors' code: any batch size and padding; GQA is scored without repeating K
+(the query group is folded into rows against its KV head); queries are scored in chunks, so
+memory never holds the (N/S) x (N/S) matrix; ``per_kv_head=True`` merges a group's selections
+into one per-KV-head plan (what FlashInfer's variable block-sparse kernel consumes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.merge import masked_softmax_stats
+from ..plans import BlockPlan, last_visible_block
+from ..registry import register
+from .base import as_context, check_block, check_fraction, check_positive, check_qk
+
+
+@register("selector", "xattention")
+@dataclass
+class XAttention:
+    # a configuration for short sequences (tests, examples): the selector matrix uses it
+    small_config: ClassVar[dict] = {"block_size": 32, "stride": 4, "chunk_size": 64}
+
+    threshold: float | list[float] = 0.9  # scalar, or one value per query head
+    stride: int = 8
+    block_size: int = 128
+    chunk_size: int = 2048  # query tokens scored at once (a multiple of block_size)
+    per_kv_head: bool = False
+    keep_sink: bool = True
+    keep_diagonal: bool = True
+
+    def __post_init__(self):
+        check_fraction("threshold", self.threshold)
+        check_block("block_size", self.block_size)
+        check_positive("stride", self.stride)
+        if self.block_size % self.stride:
+            raise ValueError(f"stride ({self.stride}) must divide block_size ({self.block_size})")
+        check_positive("chunk_size", self.chunk_size)
+        if self.chunk_size % self.block_size:
+            raise ValueError(f"chunk_size ({self.chunk_size}) must be a multiple of block_size "
+                             f"({self.block_size})")
+
+    # -- scoring -----------------------------------------------------------------------------
+    def block_scores(self, q, k, ctx=None):
+        """Yield ``(I0, I1, W)`` per query chunk: W ``[B, Hq, I1-I0, Nkb]`` block scores (fp32,
+        fp64 for fp64 inputs). Exposed for calibration and for a GPU scoring kernel."""
+        ctx = as_context(ctx)
+        check_qk(q, k, ctx)
+        B, Hq, Nq, D = q.shape
+        Hkv, Nk = k.shape[1], k.shape[2]
+        g, S, b = Hq // Hkv, self.stride, self.block_size
+        r = b // S  # reduced positions per block
+        nqb, nkb = -(-Nq // b), -(-Nk // b)
+        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        qp = F.pad(q.to(dt), (0, 0, 0, nqb * b - Nq))
+        kp = F.pad(k.to(dt), (0, 0, 0, nkb * b - Nk))
+        # reversed stride order for queries, natural for keys: dot products run along antidiagonals
+        qr = qp.view(B, Hq, nqb * r, S, D).flip(3).reshape(B, Hkv, g, nqb * r, S * D)
+        kr = kp.view(B, Hkv, nkb * r, S * D)
+        scale = 1.0 / (math.sqrt(D) * S)
+        dev = q.device
+        jr = torch.arange(nkb * r, device=dev)
+        key_ok = jr * S < Nk  # reduced key holds at least one real position
+        if ctx.key_padding_mask is not None:
+            real = F.pad(ctx.key_padding_mask, (0, nkb * b - Nk)).view(B, nkb * r, S).any(-1)
+            key_ok = key_ok[None] & real  # [B, Nk~]
+        else:
+            key_ok = key_ok[None]
+        shift = (Nk - Nq + S - 1) // S  # bottom-right alignment in reduced units
+        step = self.chunk_size // b
+        for I0 in range(0, nqb, step):
+            I1 = min(nqb, I0 + step)
+            ir = torch.arange(I0 * r, I1 * r, device=dev)
+            allowed = key_ok[:, None, :] & (ir * S < Nq)[None, :, None]  # [B, C~, Nk~]
+            allowed = allowed & (jr[None, None, :] <= ir[None, :, None] + shift)
+            qc = qr[:, :, :, I0 * r: I1 * r].reshape(B, Hkv, g * (I1 - I0) * r, S * D)
+            s = (qc @ kr.transpose(-1, -2)) * scale  # [B, Hkv, g*C~, Nk~]
+            s = s.view(B, Hq, (I1 - I0) * r, nkb * r)
+            p, _ = masked_softmax_stats(s, allowed[:, None])
+            w = p.view(B, Hq, I1 - I0, r, nkb, r).sum((3, 5))
+            yield I0, I1, w
+
+    # -- selection ---------------------------------------------------------------------------
+    def _tau(self, Hq: int, device, dtype) -> torch.Tensor:
+        tau = torch.as_tensor(self.threshold, dtype=dtype, device=device)
+        if tau.ndim == 0:
+            return tau.expand(Hq)
+        if tau.numel() != Hq:
+            raise ValueError(f"threshold has {tau.numel()} per-head values; q has {Hq} heads")
+        return tau
+
+    def select(self, w: torch.Tensor, last_visible: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """Bool block mask ``[B, H, C, Nkb]`` from block scores ``w`` (see module doc)."""
+        nkb = w.shape[-1]
+        col = torch.arange(nkb, device=w.device)
+        visible = col[None, :] <= last_visible[:, None]  # [C, Nkb]
+        forced = torch.zeros_like(visible)
+        if self.keep_sink:
+            forced = forced | (col[None, :] == 0)
+        if self.keep_diagonal:
+            forced = forced | (col[None, :] == last_visible[:, None])
+        forced = forced & visible
+        target = tau[None, :, None] * w.sum(-1)  # [B, H, C]
+        forced_mass = (w * forced).sum(-1)
+        others = w.masked_fill(~visible | forced, -1.0)
+        vals, order = others.sort(dim=-1, descending=True, stable=True)
+        mass = vals.clamp(min=0)
+        before = forced_mass[..., None] + mass.cumsum(-1) - mass
+        take = (vals >= 0) & ((before < target[..., None]) | (tau >= 1)[None, :, None, None])
+        chosen = torch.zeros_like(take).scatter(-1, order, take)
+        return chosen | forced
+
+    def __call__(self, q, k, ctx=None) -> BlockPlan:
+        ctx = as_context(ctx)
+        B, Hq, Nq, _ = q.shape
+        Hkv, Nk = k.shape[1], k.shape[2]
+        b = self.block_size
+        last = last_visible_block(Nq, Nk, b, b, q.device)
+        parts = []
+        for I0, I1, w in self.block_scores(q, k, ctx):
+            tau = self._tau(Hq, w.device, w.dtype)
+            parts.append(self.select(w, last[I0:I1], tau))
+        mask = torch.cat(parts, dim=2)
+        if self.per_kv_head:
+            mask = mask.view(B, Hkv, Hq // Hkv, *mask.shape[2:]).any(2)
+        return BlockPlan.from_block_mask(mask, b, b, Nq, Nk)

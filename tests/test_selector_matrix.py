@@ -1,0 +1,93 @@
+"""One matrix over every registered selector — including ones added later (import your module
+before the tests collect, as this file does with the README's example).
+
+Each selector runs at its ``small_config`` (if it declares one) on several shapes and must:
+return a Dense/Block/TokenPlan that validates; be pure (same input, same plan); treat batch
+elements independently; respect padding; and, run through the op for its plan kind, agree with
+``ops.reference`` given the same plan.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnzoo
+from attnzoo import ops
+from attnzoo.eval import attention_recall
+from attnzoo.ops import token_sparse
+from attnzoo.plans import BlockPlan, DensePlan, TokenPlan
+from attnzoo.selectors import Context
+
+from .conftest import assert_lse_close, make_qkv, padding_mask, rel_err
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+import vertical_slash  # noqa: E402,F401  (registers the README's example)
+
+SHAPES = [  # B, Hq, Hkv, Nq, Nk, pad
+    (2, 6, 2, 300, 300, "none"),
+    (3, 4, 4, 257, 257, "left"),
+    (2, 8, 2, 100, 333, "right"),  # chunked prefill
+]
+
+
+def build(name):
+    cls = attnzoo.registry.get("selector", name)
+    return attnzoo.create("selector", {"name": name, **getattr(cls, "small_config", {})})
+
+
+def run_plan(q, k, v, plan, kpm):
+    if isinstance(plan, BlockPlan):
+        return ops.block_sparse(q, k, v, plan, key_padding_mask=kpm, return_lse=True)
+    if isinstance(plan, TokenPlan):
+        return token_sparse.attention(q, k, v, plan, key_padding_mask=kpm, return_lse=True)
+    if isinstance(plan, DensePlan):
+        return ops.dense(q, k, v, causal=plan.causal, key_padding_mask=kpm, return_lse=True)
+    raise AssertionError(f"selector returned {type(plan).__name__}, not a plan")
+
+
+def plan_mask(plan):
+    return plan.to_mask() if not isinstance(plan, DensePlan) else None
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-H{}:{}-N{}x{}-{}".format(*s))
+@pytest.mark.parametrize("name", attnzoo.available("selector"))
+def test_selector_contract(name, shape):
+    B, Hq, Hkv, Nq, Nk, pad = shape
+    q, k, v = make_qkv(B, Hq, Hkv, Nq, Nk, 32, seed=7)
+    q, k = q * 2, k * 2
+    kpm = padding_mask(B, Nk, pad)
+    sel = build(name)
+    ctx = Context(key_padding_mask=kpm)
+    plan = sel(q, k, ctx)
+    assert isinstance(plan, (DensePlan, BlockPlan, TokenPlan))
+    plan.validate(q, k)
+    # pure
+    again = sel(q, k, ctx)
+    if plan_mask(plan) is not None:
+        assert torch.equal(plan_mask(plan), plan_mask(again))
+    # batch elements independent: permuting the batch permutes the plans
+    perm = torch.arange(B).flip(0)
+    permuted = sel(q[perm], k[perm], Context(key_padding_mask=None if kpm is None else kpm[perm]))
+    assert type(permuted) is type(plan)
+    if plan_mask(plan) is not None:
+        assert torch.equal(plan_mask(permuted), plan_mask(plan)[perm])
+    # the op for the plan's kind agrees with the reference under the same plan
+    out, lse = run_plan(q, k, v, plan, kpm)
+    ref, ref_lse = ops.reference(q, k, v, plan, key_padding_mask=kpm, return_lse=True)
+    assert rel_err(out, ref) <= 1e-4
+    assert_lse_close(lse, ref_lse, 1e-4)
+    r = attention_recall(q, k, plan, key_padding_mask=kpm)
+    assert 0.0 <= r <= 1.0 + 1e-6
+
+
+def test_readme_example_is_the_file_and_is_in_the_matrix():
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    assert (EXAMPLES / "vertical_slash.py").read_text().strip() in readme
+    assert "vertical_slash" in attnzoo.available("selector")
+    ids = [p for p in attnzoo.available("selector")]
+    assert "vertical_slash" in ids  # the parametrised matrix above is built from this list
