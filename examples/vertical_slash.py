@@ -29,7 +29,7 @@ class VerticalSlash:
         Hkv, Nk, b, dev = k.shape[1], k.shape[2], self.block_size, q.device
         n = min(self.last_q, Nq)
         qpos = torch.arange(Nk - n, Nk, device=dev)  # key positions of the last n queries
-        s = torch.einsum("bhgqd,bhkd->bhgqk", q[:, :, -n:].float().view(B, Hkv, Hq // Hkv, n, D), k.float())
+        s = torch.einsum("bhgqd,bhkd->bhgqk", q[:, :, -n:].float().reshape(B, Hkv, Hq // Hkv, n, D), k.float())
         s = s.masked_fill(torch.arange(Nk, device=dev) > qpos[:, None], float("-inf"))
         a = torch.softmax(s / D**0.5, -1).sum((2, 3))  # [B, Hkv, Nk]: mass per key over group and rows
         nkb, nqb = -(-Nk // b), -(-Nq // b)

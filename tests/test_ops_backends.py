@@ -188,3 +188,16 @@ def test_fully_masked_rows_are_zero_with_finite_grads():
         assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
         for t in (q, k, v):
             t.grad = None
+
+
+def test_ops_accept_hf_layout_and_match_contiguous():
+    """transformers hands attention functions transposed, non-contiguous q/k/v."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 130, h, 16, generator=g).transpose(1, 2) for h in (6, 2, 2))
+    kpm = padding_mask(2, 130, "left")
+    plan = random_block_plan(2, 2, 130, 130, 32, 32, p=0.5)
+    qc, kc, vc = (t.contiguous() for t in (q, k, v))
+    for backend in ("blocked", None):
+        a = ops.block_sparse(q, k, v, plan, key_padding_mask=kpm, backend=backend)
+        assert torch.equal(a, ops.block_sparse(qc, kc, vc, plan, key_padding_mask=kpm, backend=backend))
+    assert rel_err(ops.dense(q, k, v, key_padding_mask=kpm), ops.dense(qc, kc, vc, key_padding_mask=kpm)) < 1e-6

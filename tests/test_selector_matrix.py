@@ -91,3 +91,20 @@ def test_readme_example_is_the_file_and_is_in_the_matrix():
     assert "vertical_slash" in attnzoo.available("selector")
     ids = [p for p in attnzoo.available("selector")]
     assert "vertical_slash" in ids  # the parametrised matrix above is built from this list
+
+
+@pytest.mark.parametrize("name", attnzoo.available("selector"))
+def test_selector_accepts_hf_layout(name):
+    """transformers hands attention functions transposed, non-contiguous q/k/v."""
+    B, H, Hkv, N, D = 2, 4, 2, 200, 16
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(B, N, H, D, generator=g) * 2).transpose(1, 2)
+    k = (torch.randn(B, N, Hkv, D, generator=g) * 2).transpose(1, 2)
+    v = torch.randn(B, N, Hkv, D, generator=g).transpose(1, 2)
+    assert not q.is_contiguous()
+    plan = build(name)(q, k)
+    contiguous = build(name)(q.contiguous(), k.contiguous())
+    if plan_mask(plan) is not None:
+        assert torch.equal(plan_mask(plan), plan_mask(contiguous))
+    out, _ = run_plan(q, k, v, plan, None)
+    assert rel_err(out, ops.reference(q, k, v, plan)) <= 1e-4

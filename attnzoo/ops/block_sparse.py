@@ -114,7 +114,7 @@ class _Layout:
         pad = nkb * self.bk - self.Nk
         if pad:
             x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-        return x.view(x.shape[0], x.shape[1], nkb, self.bk, x.shape[3])
+        return x.reshape(x.shape[0], x.shape[1], nkb, self.bk, x.shape[3])
 
     def q_rows(self, x, c0, c1):
         """``[B, Hq, Nq_pad, ...]`` -> ``[B, Hp, C, r*bq, ...]`` for query blocks [c0, c1)."""

@@ -55,9 +55,9 @@ class TopKBlocks:
         off = Nk - Nq
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
         dev = q.device
-        kp = F.pad(k.to(dt), (0, 0, 0, nkb * b - Nk)).view(B, Hkv, nkb, b, D)
+        kp = F.pad(k.to(dt), (0, 0, 0, nkb * b - Nk)).reshape(B, Hkv, nkb, b, D)
         if ctx.key_padding_mask is not None:
-            real = F.pad(ctx.key_padding_mask, (0, nkb * b - Nk)).view(B, 1, nkb, b, 1).to(dt)
+            real = F.pad(ctx.key_padding_mask, (0, nkb * b - Nk)).reshape(B, 1, nkb, b, 1).to(dt)
             kmean = (kp * real).sum(3) / real.sum(3).clamp(min=1)
             block_real = real.view(B, nkb, b).any(-1)  # [B, Nkb]
         else:

@@ -70,14 +70,14 @@ class XAttention:
         qp = F.pad(q.to(dt), (0, 0, 0, nqb * b - Nq))
         kp = F.pad(k.to(dt), (0, 0, 0, nkb * b - Nk))
         # reversed stride order for queries, natural for keys: dot products run along antidiagonals
-        qr = qp.view(B, Hq, nqb * r, S, D).flip(3).reshape(B, Hkv, g, nqb * r, S * D)
-        kr = kp.view(B, Hkv, nkb * r, S * D)
+        qr = qp.reshape(B, Hq, nqb * r, S, D).flip(3).reshape(B, Hkv, g, nqb * r, S * D)
+        kr = kp.reshape(B, Hkv, nkb * r, S * D)
         scale = 1.0 / (math.sqrt(D) * S)
         dev = q.device
         jr = torch.arange(nkb * r, device=dev)
         key_ok = jr * S < Nk  # reduced key holds at least one real position
         if ctx.key_padding_mask is not None:
-            real = F.pad(ctx.key_padding_mask, (0, nkb * b - Nk)).view(B, nkb * r, S).any(-1)
+            real = F.pad(ctx.key_padding_mask, (0, nkb * b - Nk)).reshape(B, nkb * r, S).any(-1)
             key_ok = key_ok[None] & real  # [B, Nk~]
         else:
             key_ok = key_ok[None]

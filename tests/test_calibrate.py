@@ -1,0 +1,91 @@
+"""Calibration tools on a tiny random Llama, and their building blocks on hand-made inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnzoo.integrations.hf import capture_qk, decoder_layers
+from attnzoo.selectors.calibrate import (calibrate_thresholds, choose_sparse_layers, exact_block_mass,
+                                         head_thresholds, load_calibration, save_calibration)
+
+from .conftest import make_qkv, padding_mask
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_exact_block_mass_matches_dense_softmax():
+    q, k, _ = make_qkv(2, 4, 2, 70, 100, 8)
+    kpm = padding_mask(2, 100, "left")
+    m = exact_block_mass(q, k, 16, kpm, chunk=32)
+    s = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) / 8**0.5
+    allowed = (torch.arange(100)[None, :] <= torch.arange(70)[:, None] + 30) & kpm[:, None, None, :]
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0)
+    p = torch.nn.functional.pad(p, (0, 12, 0, 10))
+    expected = p.view(2, 4, 5, 16, 7, 16).sum((3, 5))
+    torch.testing.assert_close(m, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_head_thresholds_hand_example():
+    # one head, 3 query blocks x 3 key blocks, block 1 token: rows 0 and 1 are all forced
+    exact = torch.tensor([[[[1.0, 0, 0], [0.5, 0.5, 0], [0.5, 0.1, 0.4]]]])
+    w = torch.tensor([[[[1.0, 0, 0], [0.6, 0.4, 0], [0.3, 0.2, 0.5]]]])
+    # row 2: forced {0, 2} carry 0.9 of the exact mass, so recall 0.95 needs block 1 (w = 0.2):
+    # tau = estimated mass >= 0.2 over all = (1 + 0.6 + 0.4 + 0.3 + 0.2 + 0.5) / 3.0 = 1.0
+    assert head_thresholds(w, exact, 0.95, 3, 3, 1).item() == pytest.approx(1.0)
+    # recall 0.9 is met by the forced blocks alone: tau = forced share of the estimate
+    forced_share = (1.0 + (0.6 + 0.4) + (0.3 + 0.5)) / 3.0  # sink + diagonal of each row
+    assert head_thresholds(w, exact, 0.9, 3, 3, 1).item() == pytest.approx(forced_share)
+
+
+def test_capture_qk_returns_every_layer_and_restores(tiny_llama):
+    before = tiny_llama.config._attn_implementation
+    ids = torch.randint(0, 128, (2, 40))
+    got = capture_qk(tiny_llama, input_ids=ids)
+    assert sorted(got) == [0, 1, 2]
+    q, k = got[0]
+    assert q.shape == (2, 4, 40, 16) and k.shape == (2, 2, 40, 16)
+    assert tiny_llama.config._attn_implementation == before
+
+
+def test_calibrate_thresholds_shape_monotone_and_roundtrip(tiny_llama, tmp_path):
+    texts = [torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    lo = calibrate_thresholds(tiny_llama, texts, stride=4, block_size=16, target_recall=0.5)
+    hi = calibrate_thresholds(tiny_llama, texts, stride=4, block_size=16, target_recall=0.95)
+    assert sorted(lo["thresholds"]) == [0, 1, 2]
+    for layer in range(3):
+        a, b = lo["thresholds"][layer], hi["thresholds"][layer]
+        assert len(a) == 4 and all(0 < x <= 1 for x in a + b)
+        assert all(x <= y + 1e-9 for x, y in zip(a, b, strict=True)), "higher recall never lowers tau"
+    one = calibrate_thresholds(tiny_llama, texts[:1], stride=4, block_size=16, target_recall=0.9)
+    two = calibrate_thresholds(tiny_llama, texts, stride=4, block_size=16, target_recall=0.9)
+    for layer in range(3):  # max over texts
+        assert all(x <= y + 1e-9 for x, y in zip(one["thresholds"][layer], two["thresholds"][layer], strict=True))
+    path = save_calibration(two, tmp_path / "tau.yaml")
+    assert load_calibration(path) == two
+    with pytest.raises(ValueError, match="target_recall"):
+        calibrate_thresholds(tiny_llama, texts, target_recall=0)
+
+
+def test_choose_sparse_layers(tiny_llama, tmp_path):
+    ids = torch.randint(0, 128, (1, 64))
+    res = choose_sparse_layers(tiny_llama, ids)
+    assert len(res["drift"]) == len(decoder_layers(tiny_llama)) == 3
+    assert min(res["drift"]) == 0.0 and max(res["drift"]) == pytest.approx(1.0)
+    assert 1 <= len(res["sparse_layers"]) <= 3
+    calm = sorted(range(3), key=lambda i: res["drift"][i])
+    assert calm[0] in res["sparse_layers"] and calm[-1] not in res["sparse_layers"]
+    mask = torch.ones(1, 64, dtype=torch.long)
+    assert choose_sparse_layers(tiny_llama, {"input_ids": ids, "attention_mask": mask})["sparse_layers"] == \
+        res["sparse_layers"]
+    assert load_calibration(save_calibration(res, tmp_path / "layers.yaml")) == res
+    with pytest.raises(ValueError, match="quantile"):
+        choose_sparse_layers(tiny_llama, ids, quantile=0)
