@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from attnzoo.integrations.hf import capture_qk, decoder_layers
-from attnzoo.selectors.calibrate import (calibrate_thresholds, choose_sparse_layers, exact_block_mass,
-                                         head_thresholds, load_calibration, save_calibration)
+from attnzoo.selectors.calibrate import (
+    calibrate_thresholds,
+    choose_sparse_layers,
+    exact_block_mass,
+    head_thresholds,
+    load_calibration,
+    save_calibration,
+)
 
 from .conftest import make_qkv, padding_mask
 
