@@ -38,3 +38,14 @@ def masked_softmax_stats(scores: torch.Tensor, allowed: torch.Tensor):
     p = e / z_safe
     lse = torch.where(nonempty, m + torch.log(z_safe), torch.full_like(z, float("-inf")))
     return p, lse.squeeze(-1)
+
+
+def masked_softmax_(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Row softmax of ``scores`` over ``allowed`` (bool, broadcastable), overwriting ``scores``.
+
+    Rows with nothing allowed come out as zeros. Two passes (fused softmax, NaN cleanup) instead
+    of the six of ``masked_softmax_stats``: for selectors' estimate matrices, which need no lse
+    and no gradient.
+    """
+    scores.masked_fill_(~allowed, float("-inf"))
+    return torch.softmax(scores, -1).nan_to_num_(0.0)

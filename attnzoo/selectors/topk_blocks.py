@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..ops.merge import masked_softmax_stats
+from ..ops.merge import masked_softmax_
 from ..plans import BlockPlan, last_visible_block
 from ..registry import register
 from .base import as_context, check_block, check_positive, check_qk
@@ -73,22 +73,23 @@ class TopKBlocks:
         scale = 1.0 / math.sqrt(D)
         step = self.chunk_size // b
         parts = []
+        qp = qp * scale  # on q: far smaller than the score matrix
         for I0 in range(0, nqb, step):
             I1 = min(nqb, I0 + step)
             C = I1 - I0
+            ncol = int(last[I1 - 1]) + 1  # blocks right of the chunk's diagonal are never candidates
             qc = qp[:, :, I0 * b: I1 * b].reshape(B, Hkv, g * C * b, D)
-            s = (qc @ kmean.transpose(-1, -2)) * scale  # [B, Hkv, g*C*b, Nkb]
-            s = s.view(B, Hkv, g, C, b, nkb)
+            s = (qc @ kmean[:, :, :ncol].transpose(-1, -2)).view(B, Hkv, g, C, b, ncol)
             rows_real = (torch.arange(I0 * b, I1 * b, device=dev) < Nq).view(C, b)
-            allowed = past[I0:I1, None, :] & rows_real[:, :, None]  # [C, b, Nkb]
-            allowed = allowed[None, None, None] & block_real[:, None, None, None, None, :]
-            p, _ = masked_softmax_stats(s, allowed)
-            score = p.sum((2, 4))  # [B, Hkv, C, Nkb]: over the group's heads and the block's queries
-            n_own = own[I0:I1].sum(-1)  # [C]
-            n_pick = (self.top_k - n_own).clamp(min=0)
-            cand = past[I0:I1][None, None] & block_real[:, None, None, :]
+            past_c, own_c, real_c = past[I0:I1, :ncol], own[I0:I1, :ncol], block_real[:, :ncol]
+            allowed = (past_c[:, None, :] & rows_real[:, :, None])[None, None, None]
+            allowed = allowed & real_c[:, None, None, None, None, :]
+            p = masked_softmax_(s, allowed)
+            score = p.sum(4).sum(2)  # [B, Hkv, C, ncol]: over the block's queries, then the group's heads
+            n_pick = (self.top_k - own_c.sum(-1)).clamp(min=0)  # [C]
+            cand = past_c[None, None] & real_c[:, None, None, :]
             ranked = score.masked_fill(~cand, -1.0).argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
             pick = cand & (ranked < n_pick[None, None, :, None])
-            parts.append(pick | own[I0:I1][None, None])
+            parts.append(F.pad(pick | own_c[None, None], (0, nkb - ncol)))
         mask = torch.cat(parts, dim=2)
         return BlockPlan.from_block_mask(mask, b, b, Nq, Nk)

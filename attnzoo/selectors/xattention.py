@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..ops.merge import masked_softmax_stats
+from ..ops.merge import masked_softmax_
 from ..plans import BlockPlan, last_visible_block
 from ..registry import register
 from .base import as_context, check_block, check_fraction, check_positive, check_qk
@@ -83,17 +83,20 @@ class XAttention:
             key_ok = key_ok[None]
         shift = (Nk - Nq + S - 1) // S  # bottom-right alignment in reduced units
         step = self.chunk_size // b
+        qr = qr * scale  # on q: far smaller than the score matrix
         for I0 in range(0, nqb, step):
             I1 = min(nqb, I0 + step)
+            # columns right of the chunk's last reduced diagonal are all masked: skip them
+            ncol = min(nkb, -(-(I1 * r + shift) // r)) * r
             ir = torch.arange(I0 * r, I1 * r, device=dev)
-            allowed = key_ok[:, None, :] & (ir * S < Nq)[None, :, None]  # [B, C~, Nk~]
-            allowed = allowed & (jr[None, None, :] <= ir[None, :, None] + shift)
+            allowed = key_ok[:, None, :ncol] & (ir * S < Nq)[None, :, None]  # [B, C~, ncol]
+            allowed = allowed & (jr[None, None, :ncol] <= ir[None, :, None] + shift)
             qc = qr[:, :, :, I0 * r: I1 * r].reshape(B, Hkv, g * (I1 - I0) * r, S * D)
-            s = (qc @ kr.transpose(-1, -2)) * scale  # [B, Hkv, g*C~, Nk~]
-            s = s.view(B, Hq, (I1 - I0) * r, nkb * r)
-            p, _ = masked_softmax_stats(s, allowed[:, None])
-            w = p.view(B, Hq, I1 - I0, r, nkb, r).sum((3, 5))
-            yield I0, I1, w
+            s = qc @ kr[:, :, :ncol].transpose(-1, -2)  # [B, Hkv, g*C~, ncol]
+            s = s.view(B, Hq, (I1 - I0) * r, ncol)
+            p = masked_softmax_(s, allowed[:, None])
+            w = p.view(B, Hq, I1 - I0, r, ncol // r, r).sum((3, 5))
+            yield I0, I1, F.pad(w, (0, nkb - ncol // r))
 
     # -- selection ---------------------------------------------------------------------------
     def _tau(self, Hq: int, device, dtype) -> torch.Tensor:

