@@ -6,11 +6,13 @@ is an op (``attnzoo.ops``) whose backend is chosen by capability (``attnzoo.ops.
 
 from . import ops, plans
 from .config import ConfigError, dump_config, load_config
+from .integrations.hf import patch
 from .plans import BlockPlan, DensePlan, HeadPlan, TokenPlan
 from .registry import available, create, register, to_config
+from .stack import LayerStack, build
 
 __version__ = "0.1.0"
 
 __all__ = ["ops", "plans", "BlockPlan", "DensePlan", "HeadPlan", "TokenPlan", "register",
            "create", "available", "to_config", "load_config", "dump_config", "ConfigError",
-           "__version__"]
+           "build", "patch", "LayerStack", "__version__"]

@@ -46,7 +46,15 @@ def load_embedded(dtype: torch.dtype = torch.float32, cache_dir=None):
             if importlib.util.find_spec(dep) is None:
                 raise ModuleNotFoundError(f"loading the GGUF needs {dep!r}: {INSTALL_HINT}")
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # GGUF weights arrive de-quantised, but the model stays marked as quantised and refuses
+        # save_pretrained; copy them into a plain model built from the same config.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        del loaded
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".convert-"))
         try:  # write elsewhere, then rename: a killed conversion never leaves a half cache

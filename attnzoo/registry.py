@@ -122,5 +122,5 @@ def _load_builtins() -> None:
     if _LOADED:
         return
     _LOADED = True
-    from . import selectors  # noqa: F401
+    from . import routers, selectors  # noqa: F401
     from .ops import components  # noqa: F401

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -19,9 +21,20 @@ def record(group: str, name: str, benchmark, **info) -> None:
     RESULTS[group][name] = {"median": benchmark.stats.stats.median, **info}
 
 
+def _markdown(rows) -> str:
+    import torch
+
+    head = (f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads.\nCommand: `{' '.join(sys.argv)}`\n\n"
+            "| group | case | median s | speedup vs dense | share of dense | density | recall | peak MiB | backend |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
+    return head + "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
+
+
 def pytest_terminal_summary(terminalreporter):
     if not RESULTS:
         return
+    rows = []
     tr = terminalreporter
     tr.section("attnzoo: ratios measured side by side in this run")
     tr.write_line(f"{'group':<28} {'case':<34} {'median s':>9} {'speedup':>8} {'share':>7} {'density':>8} "
@@ -36,3 +49,9 @@ def pytest_terminal_summary(terminalreporter):
             peak = f"{r['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in r else "-"
             tr.write_line(f"{group:<28} {name:<34} {r['median']:>9.3f} {ratio:>8} {share:>7} {dens:>8} "
                           f"{recall:>7} {peak:>9} {r.get('backend', '')}")
+            rows.append([group, name, f"{r['median']:.3f}", ratio, share, dens, recall, peak, r.get("backend", "")])
+    out = os.environ.get("ATTNZOO_BENCH_OUT")
+    if out:
+        with open(out, "w") as f:
+            f.write(_markdown(rows))
+        tr.write_line(f"wrote {out}")

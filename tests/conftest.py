@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from attnzoo.plans import BlockPlan, TokenPlan
@@ -72,8 +71,3 @@ def random_token_plan(B, H, N, keep=0.5, seed=0, key_padding_mask=None):
         mask &= key_padding_mask[:, None, :]
     return TokenPlan.from_keep_mask(mask)
 
-
-@pytest.fixture
-def flex_small(monkeypatch):
-    """Let the compiled flex backend accept small test shapes."""
-    monkeypatch.setenv("ATTNZOO_FLEX_MIN_LEN", "0")

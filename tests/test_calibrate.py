@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attnzoo.integrations.hf import capture_qk, decoder_layers
-from attnzoo.selectors.calibrate import (
+from attnzoo.selectors.calibrate import (  # noqa: I001
     calibrate_thresholds,
     choose_sparse_layers,
     exact_block_mass,
@@ -77,6 +77,14 @@ def test_calibrate_thresholds_shape_monotone_and_roundtrip(tiny_llama, tmp_path)
         assert all(x <= y + 1e-9 for x, y in zip(one["thresholds"][layer], two["thresholds"][layer], strict=True))
     path = save_calibration(two, tmp_path / "tau.yaml")
     assert load_calibration(path) == two
+    import attnzoo
+    from attnzoo.selectors.calibrate import xattention_layer_configs
+
+    cfgs = xattention_layer_configs(load_calibration(path))
+    sel = attnzoo.create("selector", cfgs[1])
+    assert sel.threshold == two["thresholds"][1] and sel.block_size == 16
+    q, k = capture_qk(tiny_llama, input_ids=texts[0])[1]
+    assert sel(q, k).heads == 4  # per-head thresholds applied to that layer's 4 query heads
     with pytest.raises(ValueError, match="target_recall"):
         calibrate_thresholds(tiny_llama, texts, target_recall=0)
 

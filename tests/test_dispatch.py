@@ -27,8 +27,13 @@ def test_every_backend_declares_tolerances_for_its_dtypes():
             assert 0 < tol.out <= 0.05 and 0 < tol.grad <= 0.1
 
 
-def test_first_fit_prefers_flex_for_long_inference_and_blocked_otherwise():
+def test_first_fit_prefers_flex_where_it_measured_faster():
     assert dispatch.choose(_req()).name == "flex"
+    assert dispatch.choose(_req(plan_density=0.1)).name == "flex"
+    assert dispatch.choose(_req(plan_density=0.5)).name == "blocked"
+    assert dispatch.choose(_req(kv_len=16384, q_len=16384)).name == "blocked"
+    # a preference is not a capability: forcing flex on a short dense-ish plan still runs it
+    assert dispatch.choose(_req(kv_len=100, q_len=100, plan_density=0.9), backend="flex").name == "flex"
     assert dispatch.choose(_req(needs_grad=True)).name == "blocked"
     assert dispatch.choose(_req(needs_lse=True)).name == "blocked"
     assert dispatch.choose(_req(has_padding=True)).name == "blocked"

@@ -137,7 +137,7 @@ FLEX_CASES = [Case(1, 4, 4, 1000, 1000, 64), Case(2, 8, 2, 200, 1023, 64),
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", FLEX_CASES, ids=str)
-def test_flex_backend_matches_reference(case, dtype, flex_small):
+def test_flex_backend_matches_reference(case, dtype):
     backend = next(b for b in dispatch.backends("block_sparse") if b.name == "flex")
     if backend.available():
         pytest.skip(backend.available())

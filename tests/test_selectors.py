@@ -38,11 +38,12 @@ def xattention_slow(q, k, tau, S, b, kpm=None):
             for i in range(nq_r):
                 for j in range(nk_r):
                     A[i, j] = sum(float(Q[i * S + S - 1 - t] @ K[j * S + t])
-                                  for t in range(S) if i * S + S - 1 - t < Nq and j * S + t < Nk)
+                                  for t in range(S) if i * S + S - 1 - t < Nq and j * S + t < Nk
+                                  and (kpm is None or (kpm[bi, j * S + t] and kpm[bi, Nk - Nq + i * S + S - 1 - t])))
             P = torch.zeros_like(A)
             for i in range(nq_r):
-                if i * S >= Nq:
-                    continue
+                if i * S >= Nq or (kpm is not None and not kpm[bi, Nk - Nq + i * S: Nk - Nq + i * S + S].any()):
+                    continue  # rows without a real query vote for nothing
                 js = [j for j in range(nk_r) if j <= i + shift and j * S < Nk
                       and (kpm is None or kpm[bi, j * S: j * S + S].any())]
                 if not js:
@@ -75,9 +76,10 @@ def xattention_slow(q, k, tau, S, b, kpm=None):
     (1, 3, 1, 70, 100, 4, 16, 0.7),  # chunked prefill, lengths not multiples of the block
     (2, 2, 2, 64, 64, 8, 16, [0.5, 1.0]),  # per-head thresholds
 ])
-def test_xattention_matches_slow_reference(B, Hq, Hkv, Nq, Nk, S, b, tau):
+@pytest.mark.parametrize("pad", ["left", "right"])
+def test_xattention_matches_slow_reference(B, Hq, Hkv, Nq, Nk, S, b, tau, pad):
     q, k = _qk(B, Hq, Hkv, Nq, Nk, 8, seed=Nq)
-    kpm = padding_mask(B, Nk, "left")
+    kpm = padding_mask(B, Nk, pad)
     sel = attnzoo.create("selector", {"name": "xattention", "threshold": tau, "stride": S,
                                       "block_size": b, "chunk_size": 2 * b})
     plan = sel(q, k, Context(key_padding_mask=kpm))
@@ -284,3 +286,33 @@ def test_block_plan_types():
     q, k = _qk(1, 2, 2, 64, 64, 8)
     for name in ("xattention", "streaming", "topk_blocks"):
         assert isinstance(attnzoo.create("selector", name)(q, k), BlockPlan)
+
+
+def test_topk_chunked_equals_unchunked_and_budget():
+    q, k = _qk(2, 6, 2, 300, 300, 16, seed=3)
+    mk = lambda c: attnzoo.create("selector", {"name": "topk_blocks", "block_size": 16, "top_k": 5, "chunk_size": c})
+    a, b = mk(16)(q, k), mk(4096)(q, k)
+    assert torch.equal(a.to_block_mask(), b.to_block_mask())
+    assert int(a.kv_counts.max()) == 5
+    diag = torch.arange(a.num_q_blocks)
+    assert a.to_block_mask()[..., diag, diag].all(), "own block kept"
+
+
+@pytest.mark.parametrize("name", ["xattention", "streaming", "topk_blocks", "token_coverage"])
+def test_padding_does_not_change_plans(name):
+    """A right-padded sequence (garbage in the padding) gets the same plan as the sequence alone."""
+    cls = attnzoo.registry.get("selector", name)
+    sel = attnzoo.create("selector", {"name": name, **cls.small_config})
+    n, N = 203, 260
+    q, k = _qk(1, 4, 2, N, N, 16, seed=9)
+    q[:, :, n:], k[:, :, n:] = 50.0, -50.0  # garbage that would dominate if it leaked
+    kpm = torch.zeros(1, N, dtype=torch.bool)
+    kpm[:, :n] = True
+    padded = sel(q, k, Context(key_padding_mask=kpm))
+    alone = sel(q[:, :, :n].contiguous(), k[:, :, :n].contiguous())
+    assert type(padded) is type(alone)
+    if isinstance(alone, BlockPlan):
+        assert torch.equal(padded.to_mask()[..., :n, :n], alone.to_mask())
+    elif isinstance(alone, TokenPlan):
+        assert torch.equal(padded.keep_mask()[..., :n], alone.keep_mask())
+        assert not padded.keep_mask()[..., n:].any()

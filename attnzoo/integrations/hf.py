@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import re
 
 import torch
 from torch import nn
@@ -67,3 +68,69 @@ def capture_qk(model: nn.Module, **inputs) -> dict[int, tuple[torch.Tensor, torc
     with use_attention(model, fn, prefix="attnzoo_capture"):
         model(**inputs, use_cache=False)
     return captured
+
+
+def _key_padding(attention_mask, key: torch.Tensor):
+    """``[B, Nk]`` real-token mask from the bool ``[B, 1, Nq, Nk]`` mask transformers builds with
+    the SDPA mask function, or None when nothing is padded. The last query row sees every key
+    before it, so its row is the padding mask whatever the causal pattern above it."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype != torch.bool:
+        raise TypeError(f"attnzoo expects the bool SDPA mask, got {attention_mask.dtype}")
+    kpm = attention_mask[:, 0, -1, :]
+    if kpm.shape[-1] != key.shape[2]:
+        raise ValueError(f"attention mask covers {kpm.shape[-1]} keys, key has {key.shape[2]}")
+    return None if bool(kpm.all()) else kpm
+
+
+def _attention_modules(model: nn.Module):
+    for mod in model.modules():
+        if isinstance(getattr(mod, "layer_idx", None), int) and hasattr(mod, "k_proj"):
+            yield mod
+
+
+@contextlib.contextmanager
+def patch(model: nn.Module, stack):
+    """Run ``model`` with the attention ``stack`` (anything ``attnzoo.build`` takes) inside the
+    block; the previous attention implementation is restored on exit, also after an exception.
+
+    Each attention call finds its layer through ``module.layer_idx`` and runs that layer's node.
+    Routers that need pre-RoPE keys get them from a forward hook on ``k_proj`` (``k_norm`` where
+    the model has one). A call with one query against a longer cache is a decode step: routers
+    reuse their prefill decision for the layer, and prefill-only selectors attend densely.
+    """
+    from ..stack import CallContext, build
+
+    stack = build(stack)
+    stack.check_num_layers(len(decoder_layers(model)))
+    needs_keys = any(getattr(getattr(n, "router", None), "needs_pre_rope_keys", False) for n in stack.nodes())
+    keys: dict[int, torch.Tensor] = {}
+    caches: dict[int, dict] = {}
+    hooks = []
+    if needs_keys:
+        for attn in _attention_modules(model):
+            src = getattr(attn, "k_norm", None) or attn.k_proj
+            head_dim = getattr(attn, "head_dim", None) or model.config.head_dim
+
+            def hook(module, args, output, idx=attn.layer_idx, d=head_dim):
+                keys[idx] = output.detach().reshape(*output.shape[:2], -1, d)  # [B, N, Hkv, D]
+
+            hooks.append(src.register_forward_hook(hook))
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        layer = module.layer_idx
+        decode = query.shape[2] == 1 and key.shape[2] > 1
+        if not decode:
+            caches[layer] = {}  # a new prompt: routers decide again
+        ctx = CallContext(key_padding_mask=_key_padding(attention_mask, key), layer_idx=layer, scale=scaling,
+                          pre_rope_keys=keys.get(layer), cache=caches.setdefault(layer, {}), decode=decode)
+        out = stack.node_for(layer)(query, key, value, ctx)
+        return out.transpose(1, 2).contiguous(), None
+
+    try:
+        with use_attention(model, attention, prefix=f"attnzoo_{re.sub(r'[^A-Za-z0-9_]', '_', stack.name)}"):
+            yield model
+    finally:
+        for h in hooks:
+            h.remove()

@@ -277,15 +277,24 @@ def _flex(q, k, v, plan, *, key_padding_mask, scale, return_lse):
     return out, None
 
 
+# Where compiled flex beats the blocked backend on CPU, from bench/test_ops_bench.py on the 2-core
+# development machine (four runs, bench/results/cpu-ops.md): below ~4K keys the one-off compile
+# (~10 s per process) is not amortised; above 8K keys and above density ~0.3 blocked was faster.
+FLEX_MAX_LEN = 8192
+FLEX_MAX_DENSITY = 0.3
+
+
 def flex_min_len() -> int:
-    # Below this the one-off compile (~10 s per process) is not worth it; measured crossover
-    # on 2 cores is ~2-4K keys (bench/test_ops_bench.py).
     return int(os.environ.get("ATTNZOO_FLEX_MIN_LEN", "4096"))
 
 
-def _flex_limits(req):
+def _flex_preference(req):
     if req.kv_len < flex_min_len():
         return f"kv_len {req.kv_len} < {flex_min_len()}: compile cost not amortised (ATTNZOO_FLEX_MIN_LEN)"
+    if req.kv_len > FLEX_MAX_LEN:
+        return f"kv_len {req.kv_len} > {FLEX_MAX_LEN}: blocked measured faster on CPU"
+    if req.plan_density is not None and req.plan_density > FLEX_MAX_DENSITY:
+        return f"plan density {req.plan_density:.2f} > {FLEX_MAX_DENSITY}: blocked measured faster on CPU"
     return None
 
 
@@ -293,7 +302,7 @@ FLEX = register_backend(Backend(
     op="block_sparse", name="flex", fn=_flex, devices=("cpu",),
     dtypes=(torch.float32, torch.bfloat16), plan_kinds=("block",), backward=False, lse=False,
     padding=False,  # a captured mask tensor would be baked into the compiled graph
-    available=_flex_unavailable, check=_flex_limits,
+    available=_flex_unavailable, prefer=_flex_preference,
     description="torch.compile(flex_attention) with a BlockMask from the plan (CPU: inference)"))
 
 
@@ -319,7 +328,7 @@ def block_sparse(q, k, v, plan: BlockPlan, *, key_padding_mask=None, scale=None,
     plan.validate(q, k)
     req = make_request("block_sparse", q, k, v, "block", return_lse=return_lse,
                        key_padding_mask=key_padding_mask, causal=plan.causal,
-                       plan_heads=plan.heads)
+                       plan_heads=plan.heads, plan_density=plan.density())
     impl = choose(req, backend)
     out, lse = impl.fn(q, k, v, plan, key_padding_mask=key_padding_mask,
                        scale=default_scale(q, scale), return_lse=return_lse)

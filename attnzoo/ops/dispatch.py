@@ -57,6 +57,7 @@ class Request:
     q_heads: int = 0
     kv_heads: int = 0
     plan_heads: int = 0
+    plan_density: float | None = None
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,11 @@ class Backend:
     tolerances: dict = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
     available: Callable[[], str | None] = lambda: None  # reason it cannot run on this machine
     check: Callable[[Request], str | None] | None = None  # further request-specific limits
+    # a measured performance preference: consulted for automatic choice, ignored when forced
+    prefer: Callable[[Request], str | None] | None = None
 
-    def why_not(self, req: Request) -> str | None:
-        """None if this backend can serve ``req``, else a short reason."""
+    def why_not(self, req: Request, forced: bool = False) -> str | None:
+        """None if this backend can serve ``req`` (and, unless forced, prefers to), else why not."""
         reason = self.available()
         if reason:
             return reason
@@ -95,7 +98,10 @@ class Backend:
             return "does not return lse (return_lse=True)"
         if req.has_padding and not self.padding:
             return "no key_padding_mask support"
-        return self.check(req) if self.check else None
+        reason = self.check(req) if self.check else None
+        if reason is None and not forced and self.prefer is not None:
+            reason = self.prefer(req)
+        return reason
 
     def tolerance(self, dtype: torch.dtype) -> Tolerance:
         return self.tolerances[dtype]
@@ -154,7 +160,7 @@ def choose(req: Request, backend: str | None = None) -> Backend:
             raise ValueError(
                 f"backend {name!r} is not registered for op {req.op!r}{hint}. "
                 f"Registered: {sorted(by_name)}")
-        why = by_name[name].why_not(req)
+        why = by_name[name].why_not(req, forced=True)
         if why:
             raise NoBackendError(f"forced backend {name!r} for {req.op} cannot run this call: {why}")
         return by_name[name]
@@ -168,10 +174,11 @@ def choose(req: Request, backend: str | None = None) -> Backend:
 
 
 def make_request(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan_kind: str, *,
-                 return_lse: bool, key_padding_mask, causal: bool, plan_heads: int = 0) -> Request:
+                 return_lse: bool, key_padding_mask, causal: bool, plan_heads: int = 0,
+                 plan_density: float | None = None) -> Request:
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return Request(op=op, device=q.device.type, dtype=q.dtype, head_dim=q.shape[-1],
                    plan_kind=plan_kind, needs_grad=needs_grad, needs_lse=return_lse,
                    has_padding=key_padding_mask is not None, causal=causal, q_len=q.shape[2],
                    kv_len=k.shape[2], q_heads=q.shape[1], kv_heads=k.shape[1],
-                   plan_heads=plan_heads or q.shape[1])
+                   plan_heads=plan_heads or q.shape[1], plan_density=plan_density)

@@ -25,7 +25,7 @@ from .base import Context
 from .xattention import XAttention
 
 __all__ = ["exact_block_mass", "head_thresholds", "calibrate_thresholds", "choose_sparse_layers",
-           "save_calibration", "load_calibration"]
+           "xattention_layer_configs", "save_calibration", "load_calibration"]
 
 
 @torch.no_grad()
@@ -157,6 +157,16 @@ def choose_sparse_layers(model, inputs, *, quantile: float = 0.5) -> dict:
         "drift": [round(float(x), 6) for x in norm],
         "sparse_layers": [i for i, x in enumerate(norm.tolist()) if x <= float(cut) + 1e-12],
     }
+
+
+def xattention_layer_configs(calibration: dict, **overrides) -> dict[int, dict]:
+    """``{layer: {"name": "xattention", "threshold": [tau per head], ...}}`` from a threshold
+    calibration, ready for ``attnzoo.create("selector", ...)`` or a stack's per-layer nodes."""
+    if calibration.get("method") != "xattention_thresholds":
+        raise ValueError("expected a calibration made by calibrate_thresholds")
+    base = {"name": "xattention", "stride": calibration["stride"], "block_size": calibration["block_size"]}
+    return {int(layer): {**base, "threshold": list(taus), **overrides}
+            for layer, taus in calibration["thresholds"].items()}
 
 
 def save_calibration(result: dict, path) -> Path:

@@ -23,6 +23,8 @@ class Streaming:
     """
 
     # a configuration for short sequences (tests, examples): the selector matrix uses it
+    plan_kind: ClassVar[str] = "block"
+    decode: ClassVar[str] = "plan"  # keeps its window over the cache while decoding
     small_config: ClassVar[dict] = {"sink": 32, "local": 64, "block_size": 32}
 
     sink: int = 128

@@ -34,6 +34,7 @@ from .base import as_context, check_fraction, check_positive, check_qk
 @dataclass
 class TokenCoverage:
     # a configuration for short sequences (tests, examples): the selector matrix uses it
+    plan_kind: ClassVar[str] = "token"
     small_config: ClassVar[dict] = {"coverage": 0.05, "window": 32, "min_tokens": 64}
 
     coverage: float = 0.005

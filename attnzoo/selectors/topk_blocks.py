@@ -30,6 +30,7 @@ from .base import as_context, check_block, check_positive, check_qk
 @dataclass
 class TopKBlocks:
     # a configuration for short sequences (tests, examples): the selector matrix uses it
+    plan_kind: ClassVar[str] = "block"
     small_config: ClassVar[dict] = {"block_size": 16, "top_k": 4, "chunk_size": 64}
 
     block_size: int = 16
@@ -64,6 +65,9 @@ class TopKBlocks:
             kmean = kp.mean(3)
             block_real = torch.ones(B, nkb, dtype=torch.bool, device=dev)
         qp = F.pad(q.to(dt), (0, 0, 0, nqb * b - Nq))
+        q_real = torch.arange(nqb * b, device=dev)[None] < Nq  # [1 or B, Nq padded]
+        if ctx.key_padding_mask is not None:
+            q_real = q_real & F.pad(ctx.key_padding_mask[:, Nk - Nq:], (0, nqb * b - Nq))
         last = last_visible_block(Nq, Nk, b, b, dev)  # [Nqb]
         first_q = torch.arange(nqb, device=dev) * b + off
         col = torch.arange(nkb, device=dev)
@@ -80,9 +84,9 @@ class TopKBlocks:
             ncol = int(last[I1 - 1]) + 1  # blocks right of the chunk's diagonal are never candidates
             qc = qp[:, :, I0 * b: I1 * b].reshape(B, Hkv, g * C * b, D)
             s = (qc @ kmean[:, :, :ncol].transpose(-1, -2)).view(B, Hkv, g, C, b, ncol)
-            rows_real = (torch.arange(I0 * b, I1 * b, device=dev) < Nq).view(C, b)
+            rows_real = q_real[:, I0 * b: I1 * b].reshape(-1, 1, 1, C, b, 1)  # padded rows vote for nothing
             past_c, own_c, real_c = past[I0:I1, :ncol], own[I0:I1, :ncol], block_real[:, :ncol]
-            allowed = (past_c[:, None, :] & rows_real[:, :, None])[None, None, None]
+            allowed = past_c[None, None, None, :, None, :] & rows_real
             allowed = allowed & real_c[:, None, None, None, None, :]
             p = masked_softmax_(s, allowed)
             score = p.sum(4).sum(2)  # [B, Hkv, C, ncol]: over the block's queries, then the group's heads

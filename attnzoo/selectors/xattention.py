@@ -34,6 +34,7 @@ from .base import as_context, check_block, check_fraction, check_positive, check
 @dataclass
 class XAttention:
     # a configuration for short sequences (tests, examples): the selector matrix uses it
+    plan_kind: ClassVar[str] = "block"
     small_config: ClassVar[dict] = {"block_size": 32, "stride": 4, "chunk_size": 64}
 
     threshold: float | list[float] = 0.9  # scalar, or one value per query head
@@ -67,8 +68,14 @@ class XAttention:
         r = b // S  # reduced positions per block
         nqb, nkb = -(-Nq // b), -(-Nk // b)
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        qp = F.pad(q.to(dt), (0, 0, 0, nqb * b - Nq))
-        kp = F.pad(k.to(dt), (0, 0, 0, nkb * b - Nk))
+        qd, kd = q.to(dt), k.to(dt)
+        if ctx.key_padding_mask is not None:
+            # padded positions contribute nothing to a stride group's antidiagonal sums, so a
+            # padded sequence scores exactly like the same sequence alone
+            kd = kd * ctx.key_padding_mask[:, None, :, None]
+            qd = qd * ctx.key_padding_mask[:, None, Nk - Nq:, None]
+        qp = F.pad(qd, (0, 0, 0, nqb * b - Nq))
+        kp = F.pad(kd, (0, 0, 0, nkb * b - Nk))
         # reversed stride order for queries, natural for keys: dot products run along antidiagonals
         qr = qp.reshape(B, Hq, nqb * r, S, D).flip(3).reshape(B, Hkv, g, nqb * r, S * D)
         kr = kp.reshape(B, Hkv, nkb * r, S * D)
@@ -76,9 +83,13 @@ class XAttention:
         dev = q.device
         jr = torch.arange(nkb * r, device=dev)
         key_ok = jr * S < Nk  # reduced key holds at least one real position
+        q_ok = (torch.arange(nqb * r, device=dev) * S < Nq)[None]  # [1 or B, Nq~]
         if ctx.key_padding_mask is not None:
             real = F.pad(ctx.key_padding_mask, (0, nkb * b - Nk)).reshape(B, nkb * r, S).any(-1)
             key_ok = key_ok[None] & real  # [B, Nk~]
+            # padded query rows vote for no block (they would spread uniform mass over all of them)
+            q_real = F.pad(ctx.key_padding_mask[:, Nk - Nq:], (0, nqb * b - Nq)).reshape(B, nqb * r, S).any(-1)
+            q_ok = q_ok & q_real
         else:
             key_ok = key_ok[None]
         shift = (Nk - Nq + S - 1) // S  # bottom-right alignment in reduced units
@@ -89,7 +100,7 @@ class XAttention:
             # columns right of the chunk's last reduced diagonal are all masked: skip them
             ncol = min(nkb, -(-(I1 * r + shift) // r)) * r
             ir = torch.arange(I0 * r, I1 * r, device=dev)
-            allowed = key_ok[:, None, :ncol] & (ir * S < Nq)[None, :, None]  # [B, C~, ncol]
+            allowed = key_ok[:, None, :ncol] & q_ok[:, I0 * r: I1 * r, None]  # [B, C~, ncol]
             allowed = allowed & (jr[None, None, :ncol] <= ir[None, :, None] + shift)
             qc = qr[:, :, :, I0 * r: I1 * r].reshape(B, Hkv, g * (I1 - I0) * r, S * D)
             s = qc @ kr[:, :, :ncol].transpose(-1, -2)  # [B, Hkv, g*C~, ncol]

@@ -1,0 +1,323 @@
+"""Declarative attention stacks: a tree of nodes per layer, built from dicts or YAML.
+
+Node grammar (recursive)::
+
+    {op: dense}                                                  Branch, no selector
+    {selector: {name: xattention, threshold: 0.9}, op: block_sparse}    Branch
+    {router: {name: table, ...}, branches: {full: NODE, sparse: NODE}}  Routed
+    {compress: {name: token_coverage}, inner: NODE}                     Compressed
+
+A stack: ``{name, default: NODE, layers: {"0-1": NODE, "15-28": NODE}}``. ``build`` checks every
+name, key, type and plan-kind pairing up front and reports the dotted path of the first problem.
+
+Data flows one way: selector -> plan -> op. A Routed node asks its router for a HeadPlan
+(one branch per batch element and KV head), then runs *one call per branch* on exactly the
+(batch, KV head) pairs routed to it, folded into the batch dimension, and writes the outputs
+back in head order. A Compressed node gathers each head's kept tokens, runs its inner node on
+the shorter tensors and scatters the result back (dropped tokens get zeros).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .config import ConfigError, dump_config, load_config, suggest
+from .ops import dense as dense_op
+from .ops import token_sparse
+from .plans import DensePlan, HeadPlan, TokenPlan
+from .registry import create, to_config
+from .selectors.base import Context
+
+__all__ = ["CallContext", "Branch", "Routed", "Compressed", "LayerStack", "build"]
+
+
+@dataclass
+class CallContext:
+    """What one attention call knows besides q/k/v. ``cache`` is the per-layer state object
+    (router decisions made at prefill and reused while decoding)."""
+
+    key_padding_mask: torch.Tensor | None = None  # [B, Nk], True = real
+    layer_idx: int | None = None
+    scale: float | None = None
+    pre_rope_keys: torch.Tensor | None = None  # [B, N, Hkv, D], for routers that need them
+    cache: dict | None = None
+    decode: bool = False  # one new query against a cache
+
+    def selector_context(self) -> Context:
+        return Context(key_padding_mask=self.key_padding_mask, layer_idx=self.layer_idx)
+
+
+class Node:
+    def __call__(self, q, k, v, ctx: CallContext) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def to_config(self) -> dict:  # pragma: no cover
+        raise NotImplementedError
+
+    def children(self) -> list[Node]:
+        return []
+
+    def walk(self):
+        yield self
+        for c in self.children():
+            yield from c.walk()
+
+
+@dataclass
+class Branch(Node):
+    op: object
+    selector: object | None = None
+
+    def __call__(self, q, k, v, ctx: CallContext) -> torch.Tensor:
+        if self.selector is None:
+            return self.op(q, k, v, None, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
+        if ctx.decode and getattr(self.selector, "decode", "dense") == "dense":
+            # prefill-only methods attend densely over the whole cache while decoding
+            return dense_op(q, k, v, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
+        plan = self.selector(q, k, ctx.selector_context())
+        if isinstance(plan, DensePlan) and "dense" not in self.op.plan_kinds:
+            return dense_op(q, k, v, causal=plan.causal, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
+        return self.op(q, k, v, plan, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
+
+    def to_config(self) -> dict:
+        out = {}
+        if self.selector is not None:
+            out["selector"] = to_config(self.selector)
+        out["op"] = to_config(self.op)
+        return out
+
+
+@dataclass
+class Routed(Node):
+    router: object
+    branches: dict[str, Node]
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self.branches)
+
+    def children(self):
+        return list(self.branches.values())
+
+    def decide(self, q, k, ctx: CallContext) -> HeadPlan:
+        key = ("head_plan", id(self))
+        if ctx.decode and ctx.cache is not None and key in ctx.cache:
+            return ctx.cache[key]  # decided once at prefill, reused for every decode step
+        plan = self.router(q, k, ctx, self.labels)
+        if not isinstance(plan, HeadPlan) or plan.labels != self.labels:
+            raise ValueError(f"router {type(self.router).__name__} must return a HeadPlan over {self.labels}")
+        plan.validate(q, k)
+        if ctx.cache is not None:
+            ctx.cache[key] = plan
+        return plan
+
+    def __call__(self, q, k, v, ctx: CallContext) -> torch.Tensor:
+        plan = self.decide(q, k, ctx)
+        B, Hq, Nq, D = q.shape
+        Hkv = k.shape[1]
+        g = Hq // Hkv
+        out = None
+        for i, label in enumerate(self.labels):
+            chosen = plan.branch == i  # [B, Hkv]
+            n = int(chosen.sum())
+            if n == 0:
+                continue
+            node = self.branches[label]
+            if n == B * Hkv:
+                return node(q, k, v, ctx)
+            if out is None:
+                out = q.new_zeros(B, Hkv, g, Nq, D)
+            b, h = chosen.nonzero(as_tuple=True)
+            sub = replace(
+                ctx,
+                key_padding_mask=None if ctx.key_padding_mask is None else ctx.key_padding_mask[b],
+                pre_rope_keys=None if ctx.pre_rope_keys is None else ctx.pre_rope_keys[b, :, h, None],
+                cache=None,  # nested routers decide per call inside a sub-batch
+            )
+            qs = q.reshape(B, Hkv, g, Nq, D)[b, h]  # [n, g, Nq, D]: the pairs become the batch
+            o = node(qs, k[b, h][:, None], v[b, h][:, None], sub)
+            out[b, h] = o.to(out.dtype)
+        return out.reshape(B, Hq, Nq, D)
+
+    def to_config(self) -> dict:
+        return {"router": to_config(self.router), "branches": {k: n.to_config() for k, n in self.branches.items()}}
+
+
+@dataclass
+class Compressed(Node):
+    compress: object
+    inner: Node
+
+    def children(self):
+        return [self.inner]
+
+    def __call__(self, q, k, v, ctx: CallContext) -> torch.Tensor:
+        if ctx.decode:
+            return self.inner(q, k, v, ctx)  # the cache holds uncompressed K/V
+        plan = self.compress(q, k, ctx.selector_context())
+        if isinstance(plan, DensePlan):
+            return self.inner(q, k, v, ctx)
+        if not isinstance(plan, TokenPlan):
+            raise TypeError(f"compress selector returned {type(plan).__name__}, expected a TokenPlan")
+        qc, kc, vc = token_sparse.compress(q, k, v, plan, key_padding_mask=ctx.key_padding_mask)
+        # kept tokens are real tokens; shorter heads' tail slots sit after every real row (causal)
+        inner = replace(ctx, key_padding_mask=None, pre_rope_keys=None)
+        oc = self.inner(qc, kc, vc, inner)
+        return token_sparse.decompress(oc, plan, q.shape[2])
+
+    def to_config(self) -> dict:
+        return {"compress": to_config(self.compress), "inner": self.inner.to_config()}
+
+
+@dataclass
+class LayerStack:
+    name: str
+    default: Node
+    layers: dict[tuple[int, int], Node] = field(default_factory=dict)
+    description: str = ""
+
+    def node_for(self, layer_idx: int) -> Node:
+        for (lo, hi), node in self.layers.items():
+            if lo <= layer_idx <= hi:
+                return node
+        return self.default
+
+    def check_num_layers(self, num_layers: int) -> None:
+        for lo, hi in self.layers:
+            if hi >= num_layers:
+                raise ValueError(f"stack {self.name!r}: layer range {_range_key(lo, hi)} is outside the "
+                                 f"model's {num_layers} layers (0-{num_layers - 1})")
+
+    def nodes(self):
+        for node in [self.default, *self.layers.values()]:
+            yield from node.walk()
+
+    def to_config(self) -> dict:
+        out = {"name": self.name}
+        if self.description:
+            out["description"] = self.description
+        out["default"] = self.default.to_config()
+        if self.layers:
+            out["layers"] = {_range_key(lo, hi): n.to_config() for (lo, hi), n in self.layers.items()}
+        return out
+
+    def to_yaml(self) -> str:
+        return dump_config(self.to_config())
+
+    def __repr__(self) -> str:
+        parts = [f"default={_describe(self.default)}"]
+        parts += [f"{_range_key(lo, hi)}={_describe(n)}" for (lo, hi), n in self.layers.items()]
+        return f"LayerStack({self.name!r}: {', '.join(parts)})"
+
+
+def _describe(node: Node) -> str:
+    if isinstance(node, Branch):
+        sel = f"{node.selector.registry_name}->" if node.selector is not None else ""
+        return sel + node.op.registry_name
+    if isinstance(node, Routed):
+        inner = ", ".join(f"{k}: {_describe(n)}" for k, n in node.branches.items())
+        return f"{node.router.registry_name}{{{inner}}}"
+    if isinstance(node, Compressed):
+        return f"{node.compress.registry_name}[{_describe(node.inner)}]"
+    return type(node).__name__
+
+
+def _range_key(lo: int, hi: int) -> str:
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+# -- building ------------------------------------------------------------------------------------
+
+NODE_SHAPES = {
+    frozenset({"op"}): "branch",
+    frozenset({"op", "selector"}): "branch",
+    frozenset({"router", "branches"}): "routed",
+    frozenset({"compress", "inner"}): "compressed",
+}
+NODE_KEYS = ("op", "selector", "router", "branches", "compress", "inner")
+SHAPES_HELP = "{op}, {selector, op}, {router, branches}, {compress, inner}"
+
+
+def build_node(spec, path: str) -> Node:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: a node must be a mapping like {SHAPES_HELP}, got {spec!r}")
+    for key in spec:
+        if key not in NODE_KEYS:
+            raise ConfigError(f"{path}.{key}: unknown node key{suggest(key, NODE_KEYS)}. Node shapes: {SHAPES_HELP}")
+    kind = NODE_SHAPES.get(frozenset(spec))
+    if kind is None:
+        raise ConfigError(f"{path}: keys {sorted(spec)} do not form a node. Node shapes: {SHAPES_HELP}")
+    if kind == "branch":
+        op = create("op", spec["op"], f"{path}.op")
+        selector = create("selector", spec["selector"], f"{path}.selector") if "selector" in spec else None
+        kind_out = "dense" if selector is None else getattr(selector, "plan_kind", None)
+        if kind_out is not None and kind_out not in op.plan_kinds:
+            who = "a branch without a selector" if selector is None else f"selector {selector.registry_name!r}"
+            raise ConfigError(f"{path}.op: op {op.registry_name!r} cannot run {kind_out!r} plans from {who} "
+                              f"(it takes {list(op.plan_kinds)})")
+        return Branch(op=op, selector=selector)
+    if kind == "routed":
+        branches = spec["branches"]
+        if not isinstance(branches, dict) or not branches:
+            raise ConfigError(f"{path}.branches: expected a non-empty mapping label -> node")
+        nodes = {}
+        for label, sub in branches.items():
+            if not isinstance(label, str) or not re.fullmatch(r"[A-Za-z_][\w-]*", label):
+                raise ConfigError(f"{path}.branches: branch label {label!r} must be a name")
+            nodes[label] = build_node(sub, f"{path}.branches.{label}")
+        router = create("router", spec["router"], f"{path}.router")
+        router.check_labels(tuple(nodes), f"{path}.router")
+        return Routed(router=router, branches=nodes)
+    compress = create("selector", spec["compress"], f"{path}.compress")
+    if getattr(compress, "plan_kind", None) != "token":
+        raise ConfigError(f"{path}.compress: selector {compress.registry_name!r} does not choose tokens "
+                          f"(needs a token selector such as 'token_coverage')")
+    inner = build_node(spec["inner"], f"{path}.inner")
+    if any(isinstance(n, Routed) for n in inner.walk()):
+        raise ConfigError(f"{path}.inner: routers inside a compressed node are not supported (they need "
+                          f"pre-RoPE keys of the full sequence)")
+    return Compressed(compress=compress, inner=inner)
+
+
+def _parse_range(key, path: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(key))
+    if not m:
+        raise ConfigError(f"{path}: layer range {key!r} must look like '3' or '0-11'")
+    lo = int(m.group(1))
+    hi = int(m.group(2)) if m.group(2) is not None else lo
+    if hi < lo:
+        raise ConfigError(f"{path}: layer range {key!r} is empty (end before start)")
+    return lo, hi
+
+
+STACK_KEYS = ("name", "description", "default", "layers")
+
+
+def build(src) -> LayerStack:
+    """A LayerStack from a dict, a YAML/JSON path, YAML text, ``"preset:NAME"``, or a LayerStack."""
+    if isinstance(src, LayerStack):
+        return src
+    cfg = load_config(src)
+    for key in cfg:
+        if key not in STACK_KEYS:
+            raise ConfigError(f"{key}: unknown stack key{suggest(key, STACK_KEYS)}. Valid keys: {list(STACK_KEYS)}")
+    if "default" not in cfg:
+        raise ConfigError("default: missing; a stack needs a default node, e.g. {op: dense}")
+    name = cfg.get("name", "stack")
+    if not isinstance(name, str):
+        raise ConfigError(f"name: expected a string, got {name!r}")
+    default = build_node(cfg["default"], "default")
+    layers = {}
+    raw = cfg.get("layers") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"layers: expected a mapping of layer ranges to nodes, got {raw!r}")
+    for key, spec in raw.items():
+        rng = _parse_range(key, f"layers.{key}")
+        for other in layers:
+            if rng[0] <= other[1] and other[0] <= rng[1]:
+                raise ConfigError(f"layers.{key}: overlaps layer range {_range_key(*other)}")
+        layers[rng] = build_node(spec, f"layers.{key}")
+    return LayerStack(name=name, default=default, layers=layers, description=str(cfg.get("description", "")))
