@@ -213,3 +213,15 @@ def test_elastic_pooling_uses_first_and_last_real_tokens():
     pooled = pool_keys(keys, 2, kpm)
     assert pooled[0].item() == pytest.approx((0 + 1 + 8 + 9) / 4)
     assert pooled[1].item() == pytest.approx((4 + 5 + 8 + 9) / 4)
+
+
+def test_mixed_table_router_equals_each_heads_branch():
+    q, k, v = make_qkv(2, 6, 3, 160, 160, 16, seed=5)
+    kpm = padding_mask(2, 160, "right")
+    node = _routed({"name": "table", "heads": {7: ["sparse", "full", "sparse"]}}, full={"op": "dense"}, sparse=XATTN)
+    ctx = CallContext(key_padding_mask=kpm, layer_idx=7)
+    out = node(q, k, v, ctx)
+    full = node.branches["full"](q, k, v, ctx)
+    sparse = node.branches["sparse"](q, k, v, ctx)
+    for h, src in enumerate([sparse, full, sparse]):  # KV head h serves query heads 2h, 2h+1
+        assert torch.equal(out[:, 2 * h: 2 * h + 2], src[:, 2 * h: 2 * h + 2]), f"KV head {h}"
