@@ -21,11 +21,16 @@ def record(group: str, name: str, benchmark, **info) -> None:
     RESULTS[group][name] = {"median": benchmark.stats.stats.median, **info}
 
 
+def _command() -> str:
+    args = sys.argv[1:] if sys.argv[0].endswith(("pytest", "__main__.py")) else sys.argv
+    return " ".join(["python -m pytest", *args])
+
+
 def _markdown(rows) -> str:
     import torch
 
     head = (f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads.\nCommand: `{' '.join(sys.argv)}`\n\n"
+            f"{torch.get_num_threads()} threads.\nCommand: `{_command()}`\n\n"
             "| group | case | median s | speedup vs dense | share of dense | density | recall | peak MiB | backend |\n"
             "|---|---|---|---|---|---|---|---|---|\n")
     return head + "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"

@@ -81,7 +81,8 @@ def test_block_sparse(benchmark, qkv, n, density, backend):
     plan = plan_with_density(n, density)
     benchmark.group = f"N={n}"
     req = dispatch.make_request("block_sparse", q, k, v, "block", return_lse=False,
-                                key_padding_mask=None, causal=True, plan_heads=plan.heads)
+                                key_padding_mask=None, causal=True, plan_heads=plan.heads,
+                                plan_density=plan.density())  # exactly what ops.block_sparse asks
     chosen = dispatch.choose(req, None if backend == "auto" else backend).name
     fn = lambda: ops.block_sparse(q, k, v, plan, backend=None if backend == "auto" else backend)
     _run(benchmark, benchmark.group, f"block_sparse d={density} [{backend}]", fn,
