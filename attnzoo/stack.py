@@ -31,7 +31,26 @@ from .plans import DensePlan, HeadPlan, TokenPlan
 from .registry import create, to_config
 from .selectors.base import Context
 
-__all__ = ["CallContext", "Branch", "Routed", "Compressed", "LayerStack", "build"]
+__all__ = ["CallContext", "DensityMeter", "Branch", "Routed", "Compressed", "LayerStack", "build"]
+
+
+class DensityMeter:
+    """Attention density actually used during prefill, per layer: each Branch adds
+    ``share x density`` where share is the fraction of the layer's (batch, head) slots the call
+    covers; dense work counts 1.0, compressed nodes multiply in their token plan's density."""
+
+    def __init__(self):
+        self.layers: dict[int, float] = {}
+
+    def add(self, layer, share: float, density: float) -> None:
+        key = -1 if layer is None else layer
+        self.layers[key] = self.layers.get(key, 0.0) + share * density
+
+    def mean(self) -> float:
+        return sum(self.layers.values()) / len(self.layers) if self.layers else float("nan")
+
+    def reset(self) -> None:
+        self.layers.clear()
 
 
 @dataclass
@@ -45,6 +64,13 @@ class CallContext:
     pre_rope_keys: torch.Tensor | None = None  # [B, N, Hkv, D], for routers that need them
     cache: dict | None = None
     decode: bool = False  # one new query against a cache
+    meter: DensityMeter | None = None
+    share: float = 1.0  # fraction of the layer's (batch, head) slots this call covers
+    density_scale: float = 1.0  # multiplier from enclosing compressed nodes
+
+    def record(self, density: float) -> None:
+        if self.meter is not None and not self.decode:
+            self.meter.add(self.layer_idx, self.share, self.density_scale * density)
 
     def selector_context(self) -> Context:
         return Context(key_padding_mask=self.key_padding_mask, layer_idx=self.layer_idx)
@@ -73,11 +99,14 @@ class Branch(Node):
 
     def __call__(self, q, k, v, ctx: CallContext) -> torch.Tensor:
         if self.selector is None:
+            ctx.record(1.0)
             return self.op(q, k, v, None, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
         if ctx.decode and getattr(self.selector, "decode", "dense") == "dense":
             # prefill-only methods attend densely over the whole cache while decoding
             return dense_op(q, k, v, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
         plan = self.selector(q, k, ctx.selector_context())
+        if ctx.meter is not None:
+            ctx.record(plan.density())
         if isinstance(plan, DensePlan) and "dense" not in self.op.plan_kinds:
             return dense_op(q, k, v, causal=plan.causal, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
         return self.op(q, k, v, plan, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
@@ -136,6 +165,7 @@ class Routed(Node):
                 key_padding_mask=None if ctx.key_padding_mask is None else ctx.key_padding_mask[b],
                 pre_rope_keys=None if ctx.pre_rope_keys is None else ctx.pre_rope_keys[b, :, h, None],
                 cache=None,  # nested routers decide per call inside a sub-batch
+                share=ctx.share * n / (B * Hkv),
             )
             qs = q.reshape(B, Hkv, g, Nq, D)[b, h]  # [n, g, Nq, D]: the pairs become the batch
             o = node(qs, k[b, h][:, None], v[b, h][:, None], sub)
@@ -164,7 +194,8 @@ class Compressed(Node):
             raise TypeError(f"compress selector returned {type(plan).__name__}, expected a TokenPlan")
         qc, kc, vc = token_sparse.compress(q, k, v, plan, key_padding_mask=ctx.key_padding_mask)
         # kept tokens are real tokens; shorter heads' tail slots sit after every real row (causal)
-        inner = replace(ctx, key_padding_mask=None, pre_rope_keys=None)
+        inner = replace(ctx, key_padding_mask=None, pre_rope_keys=None,
+                        density_scale=ctx.density_scale * plan.density())
         oc = self.inner(qc, kc, vc, inner)
         return token_sparse.decompress(oc, plan, q.shape[2])
 

