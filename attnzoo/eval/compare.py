@@ -139,15 +139,13 @@ def pareto_plot(results: dict, path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
-    seen: dict[tuple, int] = {}
-    for name, r in results["presets"].items():
-        ax.scatter(r["density"], r["accuracy"], s=120 * r["prefill_ratio"] ** 2, alpha=0.7,
-                   marker="*" if name == "full" else "o", label=name)
-        spot = (round(r["density"], 2), round(r["accuracy"], 2))
-        k = seen[spot] = seen.get(spot, -1) + 1  # stack the labels of coinciding points
-        ax.annotate(f"{name} ({r['prefill_ratio']:.2f}x)", (r["density"], r["accuracy"]), fontsize=8,
-                    xytext=(8, 6 - 11 * k), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(9.5, 5.5), dpi=120)
+    markers = "*osDv^<>phX"
+    for i, (name, r) in enumerate(results["presets"].items()):
+        ax.scatter(r["density"], r["accuracy"], s=90 * r["prefill_ratio"] ** 2, alpha=0.75,
+                   marker=markers[i % len(markers)], edgecolors="black", linewidths=0.5,
+                   label=f"{name}: {r['prefill_ratio']:.2f}x prefill")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False, markerscale=0.7)
     ax.set_xlabel("mean attention density (fraction of causal pairs computed)")
     ax.set_ylabel("NIAH accuracy (exact match)")
     ax.set_xlim(0, 1.08)
