@@ -77,7 +77,8 @@ def test_router_decision_is_cached_for_decode():
     node = _routed({"name": "elastic", "head_dim": 16}, full={"op": "dense"}, sparse=STREAM)
     keys = torch.randn(1, 64, 2, 16)
     cache = {}
-    first = node.decide(q, k, CallContext(pre_rope_keys=keys, layer_idx=0, cache=cache))
+    with pytest.warns(UserWarning, match="no trained weights"):  # once per router
+        first = node.decide(q, k, CallContext(pre_rope_keys=keys, layer_idx=0, cache=cache))
     later = node.decide(q[:, :, -1:], k, CallContext(pre_rope_keys=torch.randn(1, 1, 2, 16) * 100, layer_idx=0,
                                                       cache=cache, decode=True))
     assert later is first

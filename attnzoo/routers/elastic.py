@@ -10,6 +10,7 @@ independently. Training (Gumbel straight-through, Lagrangian sparsity) builds on
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -60,6 +61,7 @@ class ElasticRouter:
     seed: int = 0  # initialisation of layers without weights (training starts here)
     needs_pre_rope_keys: ClassVar[bool] = True
     layers: nn.ModuleDict = field(init=False, repr=False, compare=False)
+    _warned: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self):
         if self.head_dim < 1 or self.pool_tokens < 1:
@@ -100,6 +102,11 @@ class ElasticRouter:
         if ctx.pre_rope_keys is None:
             raise ValueError("the elastic router needs pre-RoPE keys: run the model through attnzoo.patch, "
                              "which hooks k_proj (and k_norm)")
+        if self.weights is None and not self._warned:
+            warnings.warn("elastic router has no trained weights (weights: null): its head decisions come from "
+                          "randomly initialised MLPs; train one with attnzoo.training or load a weights file",
+                          stacklevel=2)
+            self._warned = True
         with torch.no_grad():
             z = self.logits(ctx.pre_rope_keys, ctx.layer_idx, ctx.key_padding_mask)
         fa = z[..., 1] > z[..., 0]
