@@ -110,7 +110,9 @@ def test_xattention_invariants():
     union = make(threshold=0.8, per_kv_head=True)(q, k)
     assert union.heads == 2
     assert torch.equal(union.to_block_mask(), a.view(2, 2, 2, *a.shape[2:]).any(2))
-    assert union.density() >= plans[0.6].density() - 1  # sanity; cost is reported in the note
+    # the union covers every member head, so it is at least as dense as the densest of its group
+    per_q = make(threshold=0.8)(q, k).density(reduce=False)  # [B, Hq]
+    assert (union.density(reduce=False) >= per_q.view(2, 2, 2).amax(-1) - 1e-12).all()
 
 
 @pytest.mark.parametrize("spec,match", [
