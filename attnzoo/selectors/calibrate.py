@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..config import dump_config, load_config
 from ..plans import last_visible_block
 from .base import Context
-from .xattention import XAttention
+from .xattention import XAttention, causal_block_sets
 
 __all__ = ["exact_block_mass", "head_thresholds", "calibrate_thresholds", "choose_sparse_layers",
            "xattention_layer_configs", "save_calibration", "load_calibration"]
@@ -58,9 +58,7 @@ def head_thresholds(w, exact, target_recall: float, q_len: int, kv_len: int, blo
     """Per-head tau ``[B, H]`` from estimated block scores ``w`` and exact block mass ``exact``
     (both ``[B, H, Nqb, Nkb]``), sink and diagonal blocks counted as always kept."""
     last = last_visible_block(q_len, kv_len, block_size, block_size, w.device)
-    col = torch.arange(w.shape[-1], device=w.device)
-    visible = col[None, :] <= last[:, None]
-    forced = visible & ((col[None, :] == 0) | (col[None, :] == last[:, None]))
+    visible, forced = causal_block_sets(last, w.shape[-1])
     row_total = exact.sum(-1, keepdim=True)
     need = target_recall * row_total - (exact * forced).sum(-1, keepdim=True)
     others = exact.masked_fill(~visible | forced, -1.0)

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from ..plans import BlockPlan
+from ..plans import BlockPlan, last_visible_block
 from ..registry import register
 from .base import as_context, check_block, check_positive, check_qk
 
@@ -44,9 +44,8 @@ class Streaming:
         dev = q.device
         nqb, nkb = -(-Nq // b), -(-Nk // b)
         first_q = torch.arange(nqb, device=dev) * b + (Nk - Nq)  # key position of each block's first query
-        last_q = torch.clamp((torch.arange(nqb, device=dev) + 1) * b, max=Nq) - 1 + (Nk - Nq)
         lo = torch.clamp(first_q - self.local, min=0) // b  # first block of the local window
-        hi = last_q // b  # diagonal block
+        hi = last_visible_block(Nq, Nk, b, b, dev)  # diagonal block
         col = torch.arange(nkb, device=dev)[None, :]
         keep = ((col >= lo[:, None]) & (col <= hi[:, None])) | (col * b < self.sink)
         keep = keep & (col <= hi[:, None])

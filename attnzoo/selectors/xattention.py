@@ -30,6 +30,20 @@ from ..registry import register
 from .base import as_context, check_block, check_fraction, check_positive, check_qk
 
 
+def causal_block_sets(last_visible: torch.Tensor, num_kv_blocks: int, keep_sink: bool = True,
+                      keep_diagonal: bool = True):
+    """Bool ``[C, Nkb]`` masks for query blocks whose right-most visible key block is
+    ``last_visible`` ``[C]``: the causally visible blocks, and those always kept (sink, diagonal)."""
+    col = torch.arange(num_kv_blocks, device=last_visible.device)[None, :]
+    visible = col <= last_visible[:, None]
+    forced = torch.zeros_like(visible)
+    if keep_sink:
+        forced = forced | (col == 0)
+    if keep_diagonal:
+        forced = forced | (col == last_visible[:, None])
+    return visible, forced & visible
+
+
 @register("selector", "xattention")
 @dataclass
 class XAttention:
@@ -120,15 +134,7 @@ class XAttention:
 
     def select(self, w: torch.Tensor, last_visible: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         """Bool block mask ``[B, H, C, Nkb]`` from block scores ``w`` (see module doc)."""
-        nkb = w.shape[-1]
-        col = torch.arange(nkb, device=w.device)
-        visible = col[None, :] <= last_visible[:, None]  # [C, Nkb]
-        forced = torch.zeros_like(visible)
-        if self.keep_sink:
-            forced = forced | (col[None, :] == 0)
-        if self.keep_diagonal:
-            forced = forced | (col[None, :] == last_visible[:, None])
-        forced = forced & visible
+        visible, forced = causal_block_sets(last_visible, w.shape[-1], self.keep_sink, self.keep_diagonal)
         target = tau[None, :, None] * w.sum(-1)  # [B, H, C]
         forced_mass = (w * forced).sum(-1)
         others = w.masked_fill(~visible | forced, -1.0)
