@@ -125,6 +125,21 @@ def test_patch_restores_after_exception(tiny):
     assert tiny.config._attn_implementation == before
 
 
+def test_attention_dropout_is_refused_not_ignored(tiny):
+    tiny.train()
+    tiny.config.attention_dropout = 0.1
+    for layer in tiny.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    try:
+        with pytest.raises(ValueError, match="no attention dropout"):
+            _logits(tiny, "preset:full", _ids(20))
+    finally:
+        tiny.eval()
+        for layer in tiny.model.layers:
+            layer.self_attn.attention_dropout = 0.0
+        tiny.config.attention_dropout = 0.0
+
+
 def test_patch_rejects_stacks_that_do_not_fit(tiny):
     with pytest.raises(ValueError, match="outside the model's 3 layers"):
         with attnzoo.patch(tiny, {"name": "x", "default": {"op": "dense"}, "layers": {"0-5": {"op": "dense"}}}):

@@ -115,7 +115,8 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
         r["accuracy_vs_full"] = r["accuracy"] / full["accuracy"] if full["accuracy"] else float("nan")
     return {
         "presets": rows,
-        "settings": {**{k: list(v) for k, v in settings.items()}, "max_new_tokens": max_new_tokens, "seed": seed,
+        "settings": {**{k: list(v) for k, v in settings.items()},
+                     "max_new_tokens": max_new_tokens or dict(MAX_NEW_TOKENS), "seed": seed,
                      "quick": quick, "model": "SmolLM2-135M-Instruct (embedded)"},
         "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "threads": torch.get_num_threads()},

@@ -120,6 +120,9 @@ def patch(model: nn.Module, stack, meter=None):
             hooks.append(src.register_forward_hook(hook))
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if dropout:
+            raise ValueError(f"attnzoo stacks implement no attention dropout, got dropout={dropout}; "
+                             "set the model's attention_dropout to 0")
         layer = module.layer_idx
         decode = query.shape[2] == 1 and key.shape[2] > 1
         if not decode:
