@@ -38,6 +38,8 @@ def info_text() -> str:
                 why = f"device not in {list(b.devices)}"
             elif reason:
                 why = reason
+            elif b.device_check and b.device_check(dev):
+                why = b.device_check(dev)
             elif dev == "cuda" and not torch.cuda.is_available():
                 why = "no CUDA device"
             else:

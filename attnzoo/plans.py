@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DensePlan", "BlockPlan", "TokenPlan", "HeadPlan", "visible_pairs", "last_visible_block",
-           "causal_mask"]
+__all__ = ["DensePlan", "BlockPlan", "TokenPlan", "HeadPlan", "MixedPlan", "visible_pairs",
+           "last_visible_block", "causal_mask", "streaming_block_mask"]
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -70,6 +70,19 @@ def last_visible_block(q_len: int, kv_len: int, block_q: int, block_k: int, devi
     nqb = _cdiv(q_len, block_q)
     last_row = torch.clamp((torch.arange(nqb, device=device) + 1) * block_q, max=q_len) - 1
     return (last_row + kv_len - q_len) // block_k
+
+
+def streaming_block_mask(q_len: int, kv_len: int, block: int, sink, local, device=None) -> torch.Tensor:
+    """Bool ``[..., Nqb, Nkb]`` of the sink + local-window rule (block-aligned, causal), for
+    ``sink``/``local`` token counts given as ints or broadcastable int tensors ``[...]``."""
+    nqb, nkb = _cdiv(q_len, block), _cdiv(kv_len, block)
+    sink = torch.as_tensor(sink, device=device)[..., None, None]
+    local = torch.as_tensor(local, device=device)[..., None, None]
+    first_q = (torch.arange(nqb, device=device) * block + (kv_len - q_len))[:, None]
+    lo = torch.clamp(first_q - local, min=0) // block  # first block of the local window
+    hi = last_visible_block(q_len, kv_len, block, block, device)[:, None]
+    col = torch.arange(nkb, device=device)[None, :]
+    return (((col >= lo) & (col <= hi)) | (col * block < sink)) & (col <= hi)
 
 
 def visible_pairs(i0, i1, j0, j1, offset, causal: bool = True) -> torch.Tensor:
@@ -438,6 +451,101 @@ class TokenPlan:
             f"TokenPlan(batch={self.batch}, heads={self.heads}, seq_len={self.seq_len}, "
             f"kept={kept}, density={self.density():.3f})"
         )
+
+
+MODES = ("dense", "streaming", "block")
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class MixedPlan:
+    """One mode per (batch, head) — what a routed layer computes, for single-launch kernels.
+
+    ``mode[b, h]`` indexes ``MODES``: dense (every causal block), streaming (the ``streaming``
+    selector's sink + local rule with ``sink[b, h]``/``local[b, h]`` tokens, given as ranges,
+    not index lists) or block (``block``'s indices for that head; its other rows are ignored).
+    Heads run over Hq, or Hkv when the plan is shared by each query group. Every mode uses the
+    plan's one block size.
+    """
+
+    mode: torch.Tensor  # [B, H] int
+    sink: torch.Tensor  # [B, H] tokens (streaming heads)
+    local: torch.Tensor  # [B, H] tokens (streaming heads)
+    block: BlockPlan | None
+    block_size: int
+    q_len: int
+    kv_len: int
+    causal: bool = True
+
+    kind = "mixed"
+
+    def __post_init__(self):
+        for name in ("block_size", "q_len", "kv_len"):
+            _check_int(name, getattr(self, name))
+        _check_causal_lengths(self.q_len, self.kv_len, self.causal)
+        for name in ("mode", "sink", "local"):
+            _check_index_tensor(name, getattr(self, name), 2)
+            if getattr(self, name).shape != self.mode.shape:
+                raise ValueError(f"{name} must be [B, H] = {tuple(self.mode.shape)}, "
+                                 f"got {tuple(getattr(self, name).shape)}")
+        if ((self.mode < 0) | (self.mode >= len(MODES))).any():
+            raise ValueError(f"mode values must index {MODES}")
+        if ((self.sink < 0) | (self.local < 0)).any():
+            raise ValueError("sink and local must be >= 0 tokens")
+        streaming = (self.mode == MODES.index("streaming")).any()
+        if streaming and not self.causal:
+            raise ValueError("streaming heads need causal=True")
+        if (self.mode == MODES.index("block")).any():
+            if self.block is None:
+                raise ValueError("block-mode heads need a BlockPlan in `block`")
+        if self.block is not None:
+            b = self.block
+            if (b.kv_counts.shape[:2] != self.mode.shape or (b.block_q, b.block_k) != (self.block_size,) * 2
+                    or (b.q_len, b.kv_len, b.causal) != (self.q_len, self.kv_len, self.causal)):
+                raise ValueError(
+                    f"block plan {b!r} does not match the mixed plan (heads {tuple(self.mode.shape)}, "
+                    f"block {self.block_size}, q_len {self.q_len}, kv_len {self.kv_len}, causal {self.causal})")
+
+    @property
+    def batch(self) -> int:
+        return self.mode.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.mode.shape[1]
+
+    def validate(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        if q.shape[2] != self.q_len or k.shape[2] != self.kv_len or q.shape[0] != self.batch:
+            raise ValueError(f"plan is for batch {self.batch}, q_len={self.q_len}, kv_len={self.kv_len}; "
+                             f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
+        _check_qk_heads(q, k, self.heads, "plan (mode)")
+        if self.mode.device != q.device:
+            raise ValueError(f"plan is on {self.mode.device}, q is on {q.device}")
+        if self.block is not None:
+            self.block.check_indices()
+
+    def to_block_plan(self) -> BlockPlan:
+        """The same pattern as index lists (block-level tensors, (N/b)^2 per head)."""
+        dev, bs = self.mode.device, self.block_size
+        dense = BlockPlan.full(1, 1, self.q_len, self.kv_len, bs, bs, self.causal, dev).to_block_mask()[0, 0]
+        stream = streaming_block_mask(self.q_len, self.kv_len, bs, self.sink, self.local, dev)
+        mask = torch.where((self.mode == MODES.index("streaming"))[..., None, None], stream, dense)
+        if self.block is not None:
+            mask = torch.where((self.mode == MODES.index("block"))[..., None, None],
+                               self.block.to_block_mask(), mask)
+        return BlockPlan.from_block_mask(mask, bs, bs, self.q_len, self.kv_len, self.causal)
+
+    def to_mask(self) -> torch.Tensor:
+        """Dense bool ``[B, H, Nq, Nk]``. Tests / small N only."""
+        return self.to_block_plan().to_mask()
+
+    def density(self, reduce: bool = True):
+        return self.to_block_plan().density(reduce)
+
+    def __repr__(self) -> str:
+        n = self.mode.numel()
+        shares = ", ".join(f"{m}={float((self.mode == i).sum()) / n:.2f}" for i, m in enumerate(MODES))
+        return (f"MixedPlan(batch={self.batch}, heads={self.heads}, q_len={self.q_len}, kv_len={self.kv_len}, "
+                f"block={self.block_size}, causal={self.causal}, {shares})")
 
 
 @dataclass(frozen=True, repr=False, eq=False)

@@ -13,8 +13,11 @@ name, key, type and plan-kind pairing up front and reports the dotted path of th
 Data flows one way: selector -> plan -> op. A Routed node asks its router for a HeadPlan
 (one branch per batch element and KV head), then runs *one call per branch* on exactly the
 (batch, KV head) pairs routed to it, folded into the batch dimension, and writes the outputs
-back in head order. A Compressed node gathers each head's kept tokens, runs its inner node on
-the shorter tensors and scatters the result back (dropped tokens get zeros).
+back in head order — unless every branch can be written as a head mode (dense, streaming
+ranges, block-sparse plan) and a single-launch ``mixed`` backend (Triton, on CUDA) takes the
+call: then the branches' plans are assembled into one MixedPlan and run in one launch.
+A Compressed node gathers each head's kept tokens, runs its inner node on the shorter tensors
+and scatters the result back (dropped tokens get zeros).
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ import torch
 
 from .config import ConfigError, dump_config, load_config, suggest
 from .ops import dense as dense_op
+from .ops import mixed as mixed_op
 from .ops import token_sparse
-from .plans import DensePlan, HeadPlan, TokenPlan
+from .ops.mixed import fused_backend
+from .plans import MODES, BlockPlan, DensePlan, HeadPlan, MixedPlan, TokenPlan
 from .registry import create, to_config
 from .selectors.base import Context
 
@@ -145,6 +150,9 @@ class Routed(Node):
 
     def __call__(self, q, k, v, ctx: CallContext) -> torch.Tensor:
         plan = self.decide(q, k, ctx)
+        fused = self._fused(q, k, v, plan, ctx)
+        if fused is not None:
+            return fused
         B, Hq, Nq, D = q.shape
         Hkv = k.shape[1]
         g = Hq // Hkv
@@ -160,20 +168,103 @@ class Routed(Node):
             if out is None:
                 out = q.new_zeros(B, Hkv, g, Nq, D)
             b, h = chosen.nonzero(as_tuple=True)
-            sub = replace(
-                ctx,
-                key_padding_mask=None if ctx.key_padding_mask is None else ctx.key_padding_mask[b],
-                pre_rope_keys=None if ctx.pre_rope_keys is None else ctx.pre_rope_keys[b, :, h, None],
-                cache=None,  # nested routers decide per call inside a sub-batch
-                share=ctx.share * n / (B * Hkv),
-            )
-            qs = q.reshape(B, Hkv, g, Nq, D)[b, h]  # [n, g, Nq, D]: the pairs become the batch
-            o = node(qs, k[b, h][:, None], v[b, h][:, None], sub)
+            qs, ks, vs, sub = self._fold(q, k, v, ctx, b, h)
+            o = node(qs, ks, vs, sub)
             out[b, h] = o.to(out.dtype)
         return out.reshape(B, Hq, Nq, D)
 
+    @staticmethod
+    def _fold(q, k, v, ctx, b, h):
+        """The (batch, KV head) pairs ``(b[i], h[i])`` as a batch of single-KV-head problems."""
+        B, Hq, Nq, D = q.shape
+        Hkv = k.shape[1]
+        sub = replace(
+            ctx,
+            key_padding_mask=None if ctx.key_padding_mask is None else ctx.key_padding_mask[b],
+            pre_rope_keys=None if ctx.pre_rope_keys is None else ctx.pre_rope_keys[b, :, h, None],
+            cache=None,  # nested routers decide per call inside a sub-batch
+            share=ctx.share * len(b) / (B * Hkv),
+        )
+        qs = q.reshape(B, Hkv, Hq // Hkv, Nq, D)[b, h]  # [n, g, Nq, D]: the pairs become the batch
+        return qs, k[b, h][:, None], v[b, h][:, None], sub
+
+    def _fused(self, q, k, v, plan: HeadPlan, ctx: CallContext) -> torch.Tensor | None:
+        """All branches in one mixed-mode launch, or None where that is not possible."""
+        if ctx.decode:
+            return None
+        used = [i for i in range(len(self.labels)) if bool((plan.branch == i).any())]
+        if len(used) < 2:
+            return None
+        modes = {i: _head_mode(self.branches[self.labels[i]]) for i in used}
+        if any(m is None for m in modes.values()):
+            return None
+        sizes = {m[1] for m in modes.values() if m[0] != "dense"}
+        if len(sizes) > 1:
+            return None  # one launch needs one block size across branches
+        bs = sizes.pop() if sizes else 64
+        backend = fused_backend(q, k, v, q.shape[1], bs, key_padding_mask=ctx.key_padding_mask)
+        if backend is None:
+            return None
+        mplan = self._mixed_plan(q, k, v, plan, ctx, modes, bs)
+        if ctx.meter is not None:
+            d = mplan.density(reduce=False).view(plan.branch.shape[0], plan.branch.shape[1], -1).mean(-1)
+            for i in used:
+                chosen = plan.branch == i
+                share = float(chosen.double().mean())
+                replace(ctx, share=ctx.share * share).record(float(d[chosen].mean()))
+        return mixed_op(q, k, v, mplan, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale,
+                        backend=backend.name)
+
+    def _mixed_plan(self, q, k, v, plan, ctx, modes, bs) -> MixedPlan:
+        B, Hq, Nq, _ = q.shape
+        Hkv, Nk = k.shape[1], k.shape[2]
+        g, nqb, dev = Hq // Hkv, -(-Nq // bs), q.device
+        mode = torch.zeros(B, Hkv, dtype=torch.int32, device=dev)
+        sink, local = torch.zeros_like(mode), torch.zeros_like(mode)
+        blocks = []  # (chosen mask, BlockPlan over the folded pairs)
+        for i, (kind, _) in modes.items():
+            chosen = plan.branch == i
+            if kind == "streaming":
+                r = self.branches[self.labels[i]].selector.ranges()
+                mode[chosen], sink[chosen], local[chosen] = MODES.index("streaming"), r["sink"], r["local"]
+            elif kind == "block":
+                b, h = chosen.nonzero(as_tuple=True)
+                qs, ks, _, sub = self._fold(q, k, v, ctx, b, h)
+                bp = self.branches[self.labels[i]].selector(qs, ks, sub.selector_context())
+                if isinstance(bp, BlockPlan):
+                    mode[chosen] = MODES.index("block")
+                    blocks.append((b, h, bp))
+        mode, sink, local = (x.repeat_interleave(g, dim=1) for x in (mode, sink, local))
+        block = None
+        if blocks:
+            kmax = max(bp.max_blocks for _, _, bp in blocks)
+            idx = torch.full((B, Hkv, g, nqb, kmax), -1, dtype=torch.int32, device=dev)
+            cnt = torch.zeros((B, Hkv, g, nqb), dtype=torch.int32, device=dev)
+            for b, h, bp in blocks:
+                # per-query-head plans have g heads; per-KV-head plans one, shared by the group
+                ki, kc = bp.kv_indices.to(torch.int32), bp.kv_counts.to(torch.int32)
+                idx[b, h, :, :, : bp.max_blocks] = ki.expand(-1, g, -1, -1)
+                cnt[b, h] = kc.expand(-1, g, -1)
+            block = BlockPlan(idx.flatten(1, 2), cnt.flatten(1, 2), bs, bs, Nq, Nk, True)
+        return MixedPlan(mode, sink, local, block, bs, Nq, Nk, True)
+
     def to_config(self) -> dict:
         return {"router": to_config(self.router), "branches": {k: n.to_config() for k, n in self.branches.items()}}
+
+
+def _head_mode(node) -> tuple[str, int | None] | None:
+    """("dense" | "streaming" | "block", block size) if ``node`` can run as a mixed-plan head mode."""
+    if not isinstance(node, Branch) or getattr(node.op, "backend", None) is not None:
+        return None  # other node types, or a branch whose user forced an op backend
+    kinds = getattr(node.op, "plan_kinds", ())
+    if node.selector is None:
+        return ("dense", None) if "dense" in kinds else None
+    if "block" not in kinds or getattr(node.selector, "plan_kind", None) != "block":
+        return None
+    if hasattr(node.selector, "ranges"):
+        return ("streaming", node.selector.ranges()["block_size"])
+    size = getattr(node.selector, "block_size", None)
+    return ("block", size) if isinstance(size, int) else None
 
 
 @dataclass

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+# Without a GPU the Triton kernels run under Triton's CPU interpreter. Triton reads the switch
+# when a kernel is defined; attnzoo imports its kernel modules lazily, at first call.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from attnzoo.plans import BlockPlan, TokenPlan
 

@@ -61,6 +61,10 @@ def _inputs(case: Case, dtype, device, grad):
 
 def _check(run, q, k, v, kpm, plan, backend, dtype, grad):
     """Run ``run`` (returns out, lse) and the reference; compare with declared tolerances."""
+    if backend.devices == ("cuda",) and q.device.type == "cpu":
+        pytest.skip("needs CUDA")
+    if backend.name == "triton" and q.device.type == "cpu":
+        pytest.skip("Triton on CPU runs under the interpreter in tests/test_kernels.py (small shapes)")
     tol = backend.tolerance(dtype)
     try:
         out, lse = run(q, k, v)

@@ -1,6 +1,6 @@
 """Block-sparse attention driven by a ``BlockPlan``.
 
-Backends here (CUDA kernels register from ``attnzoo.ops.kernels``):
+Backends here (the Triton and FlashInfer kernels register from ``attnzoo.ops.kernels``):
 
 - ``blocked``: portable torch. Query blocks are processed in chunks; for each chunk only the
   selected key blocks are gathered (per plan head, straight from the KV head that serves it,
@@ -328,7 +328,8 @@ def block_sparse(q, k, v, plan: BlockPlan, *, key_padding_mask=None, scale=None,
     plan.validate(q, k)
     req = make_request("block_sparse", q, k, v, "block", return_lse=return_lse,
                        key_padding_mask=key_padding_mask, causal=plan.causal,
-                       plan_heads=plan.heads, plan_density=plan.density())
+                       plan_heads=plan.heads, plan_density=plan.density(),
+                       block_size=(plan.block_q, plan.block_k))
     impl = choose(req, backend)
     out, lse = impl.fn(q, k, v, plan, key_padding_mask=key_padding_mask,
                        scale=default_scale(q, scale), return_lse=return_lse)

@@ -58,6 +58,7 @@ class Request:
     kv_heads: int = 0
     plan_heads: int = 0
     plan_density: float | None = None
+    block_size: tuple[int, int] | None = None  # (block_q, block_k) of a block plan
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class Backend:
     description: str = ""
     tolerances: dict = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
     available: Callable[[], str | None] = lambda: None  # reason it cannot run on this machine
+    device_check: Callable[[str], str | None] | None = None  # e.g. "CPU only under the interpreter"
     check: Callable[[Request], str | None] | None = None  # further request-specific limits
     # a measured performance preference: consulted for automatic choice, ignored when forced
     prefer: Callable[[Request], str | None] | None = None
@@ -86,6 +88,9 @@ class Backend:
             return reason
         if req.device not in self.devices:
             return f"device {req.device} not in {list(self.devices)}"
+        reason = self.device_check(req.device) if self.device_check else None
+        if reason:
+            return reason
         if req.dtype not in self.dtypes:
             return f"dtype {req.dtype} not in {[str(d) for d in self.dtypes]}"
         if self.head_dims is not None and req.head_dim not in self.head_dims:
@@ -114,12 +119,16 @@ class NoBackendError(RuntimeError):
 _BACKENDS: dict[str, list[Backend]] = {}
 
 
-def register_backend(backend: Backend) -> Backend:
-    """Add a backend; earlier registrations are preferred (first fit)."""
+def register_backend(backend: Backend, before: str | None = None) -> Backend:
+    """Add a backend; earlier registrations are preferred (first fit). ``before`` names a
+    registered backend of the same op to insert ahead of (faster kernels registered later)."""
     lst = _BACKENDS.setdefault(backend.op, [])
     if any(b.name == backend.name for b in lst):
         raise ValueError(f"backend {backend.name!r} already registered for op {backend.op!r}")
-    lst.append(backend)
+    names = [b.name for b in lst]
+    if before is not None and before not in names:
+        raise ValueError(f"backend {before!r} is not registered for op {backend.op!r}: {names}")
+    lst.insert(names.index(before) if before is not None else len(lst), backend)
     return backend
 
 
@@ -175,10 +184,10 @@ def choose(req: Request, backend: str | None = None) -> Backend:
 
 def make_request(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan_kind: str, *,
                  return_lse: bool, key_padding_mask, causal: bool, plan_heads: int = 0,
-                 plan_density: float | None = None) -> Request:
+                 plan_density: float | None = None, block_size: tuple[int, int] | None = None) -> Request:
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return Request(op=op, device=q.device.type, dtype=q.dtype, head_dim=q.shape[-1],
                    plan_kind=plan_kind, needs_grad=needs_grad, needs_lse=return_lse,
                    has_padding=key_padding_mask is not None, causal=causal, q_len=q.shape[2],
                    kv_len=k.shape[2], q_heads=q.shape[1], kv_heads=k.shape[1],
-                   plan_heads=plan_heads or q.shape[1], plan_density=plan_density)
+                   plan_heads=plan_heads or q.shape[1], plan_density=plan_density, block_size=block_size)

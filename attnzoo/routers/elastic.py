@@ -40,6 +40,9 @@ class ElasticRouterLayer(nn.Module):
 def pool_keys(keys: torch.Tensor, pool_tokens: int, key_padding_mask=None) -> torch.Tensor:
     """Mean of each head's keys over the first and last ``pool_tokens`` real tokens: ``[B, Hkv, D]``."""
     B, N = keys.shape[0], keys.shape[1]
+    if key_padding_mask is None and N >= 2 * pool_tokens:
+        # no padding: two slices, not a pass over all N tokens (this runs once per layer)
+        return torch.cat([keys[:, :pool_tokens], keys[:, N - pool_tokens:]], 1).mean(1)
     real = key_padding_mask if key_padding_mask is not None else torch.ones(B, N, dtype=torch.bool,
                                                                             device=keys.device)
     rank = real.cumsum(-1) - 1  # position among the real tokens

@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
-from ..plans import BlockPlan, last_visible_block
+from ..plans import BlockPlan, streaming_block_mask
 from ..registry import register
 from .base import as_context, check_block, check_positive, check_qk
 
@@ -40,14 +38,10 @@ class Streaming:
         ctx = as_context(ctx)
         check_qk(q, k, ctx)
         B, Hkv, Nq, Nk = q.shape[0], k.shape[1], q.shape[2], k.shape[2]
-        b = self.block_size
-        dev = q.device
-        nqb, nkb = -(-Nq // b), -(-Nk // b)
-        first_q = torch.arange(nqb, device=dev) * b + (Nk - Nq)  # key position of each block's first query
-        lo = torch.clamp(first_q - self.local, min=0) // b  # first block of the local window
-        hi = last_visible_block(Nq, Nk, b, b, dev)  # diagonal block
-        col = torch.arange(nkb, device=dev)[None, :]
-        keep = ((col >= lo[:, None]) & (col <= hi[:, None])) | (col * b < self.sink)
-        keep = keep & (col <= hi[:, None])
-        mask = keep[None, None].expand(B, Hkv, nqb, nkb)
-        return BlockPlan.from_block_mask(mask, b, b, Nq, Nk)
+        keep = streaming_block_mask(Nq, Nk, self.block_size, self.sink, self.local, q.device)
+        mask = keep[None, None].expand(B, Hkv, *keep.shape)
+        return BlockPlan.from_block_mask(mask, self.block_size, self.block_size, Nq, Nk)
+
+    def ranges(self) -> dict:
+        """The pattern as ranges (sink, local window, block size) for kernels that take them."""
+        return {"sink": self.sink, "local": self.local, "block_size": self.block_size}

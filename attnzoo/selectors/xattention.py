@@ -17,14 +17,12 @@ into one per-KV-head plan (what FlashInfer's variable block-sparse kernel consum
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from ..ops.merge import masked_softmax_
+from ..ops.antidiagonal import antidiagonal_block_scores
 from ..plans import BlockPlan, last_visible_block
 from ..registry import register
 from .base import as_context, check_block, check_fraction, check_positive, check_qk
@@ -73,55 +71,12 @@ class XAttention:
     # -- scoring -----------------------------------------------------------------------------
     def block_scores(self, q, k, ctx=None):
         """Yield ``(I0, I1, W)`` per query chunk: W ``[B, Hq, I1-I0, Nkb]`` block scores (fp32,
-        fp64 for fp64 inputs). Exposed for calibration and for a GPU scoring kernel."""
+        fp64 for fp64 inputs), from the ``antidiagonal_scores`` op (torch or Triton backend)."""
         ctx = as_context(ctx)
         check_qk(q, k, ctx)
-        B, Hq, Nq, D = q.shape
-        Hkv, Nk = k.shape[1], k.shape[2]
-        g, S, b = Hq // Hkv, self.stride, self.block_size
-        r = b // S  # reduced positions per block
-        nqb, nkb = -(-Nq // b), -(-Nk // b)
-        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        qd, kd = q.to(dt), k.to(dt)
-        if ctx.key_padding_mask is not None:
-            # padded positions contribute nothing to a stride group's antidiagonal sums, so a
-            # padded sequence scores exactly like the same sequence alone
-            kd = kd * ctx.key_padding_mask[:, None, :, None]
-            qd = qd * ctx.key_padding_mask[:, None, Nk - Nq:, None]
-        qp = F.pad(qd, (0, 0, 0, nqb * b - Nq))
-        kp = F.pad(kd, (0, 0, 0, nkb * b - Nk))
-        # reversed stride order for queries, natural for keys: dot products run along antidiagonals
-        qr = qp.reshape(B, Hq, nqb * r, S, D).flip(3).reshape(B, Hkv, g, nqb * r, S * D)
-        kr = kp.reshape(B, Hkv, nkb * r, S * D)
-        scale = 1.0 / (math.sqrt(D) * S)
-        dev = q.device
-        jr = torch.arange(nkb * r, device=dev)
-        key_ok = jr * S < Nk  # reduced key holds at least one real position
-        q_ok = (torch.arange(nqb * r, device=dev) * S < Nq)[None]  # [1 or B, Nq~]
-        if ctx.key_padding_mask is not None:
-            real = F.pad(ctx.key_padding_mask, (0, nkb * b - Nk)).reshape(B, nkb * r, S).any(-1)
-            key_ok = key_ok[None] & real  # [B, Nk~]
-            # padded query rows vote for no block (they would spread uniform mass over all of them)
-            q_real = F.pad(ctx.key_padding_mask[:, Nk - Nq:], (0, nqb * b - Nq)).reshape(B, nqb * r, S).any(-1)
-            q_ok = q_ok & q_real
-        else:
-            key_ok = key_ok[None]
-        shift = (Nk - Nq + S - 1) // S  # bottom-right alignment in reduced units
-        step = self.chunk_size // b
-        qr = qr * scale  # on q: far smaller than the score matrix
-        for I0 in range(0, nqb, step):
-            I1 = min(nqb, I0 + step)
-            # columns right of the chunk's last reduced diagonal are all masked: skip them
-            ncol = min(nkb, -(-(I1 * r + shift) // r)) * r
-            ir = torch.arange(I0 * r, I1 * r, device=dev)
-            allowed = key_ok[:, None, :ncol] & q_ok[:, I0 * r: I1 * r, None]  # [B, C~, ncol]
-            allowed = allowed & (jr[None, None, :ncol] <= ir[None, :, None] + shift)
-            qc = qr[:, :, :, I0 * r: I1 * r].reshape(B, Hkv, g * (I1 - I0) * r, S * D)
-            s = qc @ kr[:, :, :ncol].transpose(-1, -2)  # [B, Hkv, g*C~, ncol]
-            s = s.view(B, Hq, (I1 - I0) * r, ncol)
-            p = masked_softmax_(s, allowed[:, None])
-            w = p.view(B, Hq, I1 - I0, r, ncol // r, r).sum((3, 5))
-            yield I0, I1, F.pad(w, (0, nkb - ncol // r))
+        return antidiagonal_block_scores(q, k, stride=self.stride, block_size=self.block_size,
+                                         chunk_size=self.chunk_size,
+                                         key_padding_mask=ctx.key_padding_mask)
 
     # -- selection ---------------------------------------------------------------------------
     def _tau(self, Hq: int, device, dtype) -> torch.Tensor:

@@ -1,0 +1,71 @@
+"""GPU kernels: Triton (block-sparse / mixed-mode attention, XAttention scoring) and FlashInfer.
+
+Only capability declarations live here; the kernel modules are imported at first call, so that
+``import attnzoo`` needs neither triton nor flashinfer and Triton's interpreter switch
+(``TRITON_INTERPRET=1``, read when a kernel is defined) can still be set by tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..dispatch import Backend, register_backend
+from ._triton import interpreter_preference, tile, triton_missing, triton_reason
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_HEAD_DIMS = (16, 32, 64, 128, 256)  # tl.arange needs a power of two
+
+
+def _tiles_ok(req) -> str | None:
+    if req.block_size is not None and any(tile(b) is None for b in req.block_size):
+        return f"block sizes {req.block_size} must be multiples of 16"
+    return None
+
+
+def _block_sparse_triton(q, k, v, plan, *, key_padding_mask, scale, return_lse):
+    from .triton_attention import KernelPlan, attention
+    return attention(q, k, v, KernelPlan.from_block_plan(plan), key_padding_mask, scale)
+
+
+def _mixed_triton(q, k, v, plan, *, key_padding_mask, scale, return_lse):
+    from .triton_attention import KernelPlan, attention
+    return attention(q, k, v, KernelPlan.from_mixed_plan(plan), key_padding_mask, scale)
+
+
+_TRITON = dict(devices=("cuda", "cpu"), dtypes=_FLOATS, backward=True, lse=True, head_dims=_HEAD_DIMS,
+               available=triton_missing, device_check=triton_reason, check=_tiles_ok,
+               prefer=interpreter_preference)
+
+register_backend(Backend(
+    op="block_sparse", name="triton", fn=_block_sparse_triton, plan_kinds=("block",),
+    description="Triton flash attention over the plan's blocks; fp32 online softmax, fwd+bwd", **_TRITON),
+    before="flex")
+
+register_backend(Backend(
+    op="mixed", name="triton", fn=_mixed_triton, plan_kinds=("mixed",),
+    description="Triton: dense / streaming / block-sparse heads in one launch, fwd+bwd", **_TRITON),
+    before="blocked")
+
+
+def _scores_triton(q, k, **kw):
+    from .triton_scores import block_scores
+    return block_scores(q, k, **kw)
+
+
+def _scores_limits(req) -> str | None:
+    block, stride = req.block_size
+    r = block // stride
+    if r & (r - 1):
+        return f"block_size / stride = {r} must be a power of two"
+    return None
+
+
+register_backend(Backend(
+    op="antidiagonal_scores", name="triton", fn=_scores_triton, plan_kinds=("scores",),
+    description="Triton XAttention scoring: antidiagonal scores, softmax, block sums in one kernel",
+    **{**_TRITON, "backward": False, "lse": False, "check": _scores_limits}),
+    before="torch")
+
+# after Triton: for block-sparse calls both fit, Triton is tried first (it also takes padding,
+# per-query-head plans and backward)
+from . import flashinfer_backends  # noqa: E402,F401

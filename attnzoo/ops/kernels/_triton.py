@@ -1,0 +1,50 @@
+"""Triton availability and the interpreter switch, shared by every Triton kernel.
+
+Kernel modules are imported lazily (at first call): Triton reads ``TRITON_INTERPRET`` when a
+``@triton.jit`` function is defined, so importing them eagerly would freeze the mode at
+``import attnzoo`` time.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_missing() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'attnzoo[gpu]')"
+    return None
+
+
+def triton_reason(device: str) -> str | None:
+    """Why a Triton kernel cannot run on ``device`` here (None: it can)."""
+    missing = triton_missing()
+    if missing:
+        return missing
+    if device == "cpu" and not interpreting():
+        return "on CPU only under the Triton interpreter (TRITON_INTERPRET=1)"
+    return None
+
+
+def interpreter_preference(req) -> str | None:
+    # the interpreter is a test vehicle (~ms per tile): never pick it automatically
+    if req.device == "cpu":
+        return "Triton interpreter on CPU is for testing: force it with backend='triton'"
+    return None
+
+
+def tile(block: int, cap: int = 64) -> int | None:
+    """Largest power of two <= cap, >= 16, dividing ``block`` (None if there is none)."""
+    t = cap
+    while t >= 16:
+        if block % t == 0:
+            return t
+        t //= 2
+    return None

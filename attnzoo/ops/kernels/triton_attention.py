@@ -1,0 +1,404 @@
+"""Triton flash attention over per-head modes: dense, streaming (ranges) or block-sparse (indices).
+
+One kernel serves the ``block_sparse`` op (every head in block mode) and the ``mixed`` op (each
+head its own mode), so a routed layer runs in one launch. A program owns ``BLOCK_M`` query rows
+of one query head; it walks only the key blocks its head's mode names for that query block:
+
+- dense (0): blocks ``0 .. last visible``;
+- streaming (1): blocks ``[0, ceil(sink / bk))`` and ``[lo, last visible]`` with
+  ``lo = max(first query position - local, 0) // bk`` — the ``streaming`` selector's rule;
+- block (2): ``kv_indices[b, h, I, :kv_counts[b, h, I]]``.
+
+Inside a visited block the token-level rules still hold: bottom-right causal, key padding,
+keys past ``Nk``. Softmax is online in fp32 (exp2 domain); the kernel returns the output and the
+natural-log lse. GQA reads K/V through the KV head serving the query head (never repeated).
+
+Backward is query-major like the forward: each program recomputes P for its rows, writes dQ,
+and adds its dK/dV contributions with fp32 atomics (a key block may be chosen by many query
+blocks and heads; a key-major transposed plan would avoid the atomics and is left for later).
+
+Under ``TRITON_INTERPRET=1`` the dots are done on fp32-upcast operands: the interpreter
+multiplies raw bf16 bits otherwise. Imported lazily (see ``_triton``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton import interpreting, tile
+
+MODE_DENSE, MODE_STREAMING, MODE_BLOCK = 0, 1, 2
+LN2 = math.log(2.0)
+LOG2E = 1.0 / LN2
+
+
+@triton.jit
+def _walk(qb, mode, sink, local, Nq, Nk, offset,
+          PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr, CAUSAL: tl.constexpr):
+    """(last visible block, first local block, sink blocks walked) of query block ``qb``:
+    dense and block heads get lo = 0 and no sink part."""
+    nkb = (Nk + PLAN_BK - 1) // PLAN_BK
+    if CAUSAL:
+        last_row = tl.minimum((qb + 1) * PLAN_BQ, Nq) - 1
+        hi = tl.minimum((last_row + offset) // PLAN_BK, nkb - 1)
+    else:
+        hi = nkb - 1
+    is_stream = mode == 1
+    lo_s = tl.maximum(qb * PLAN_BQ + offset - local, 0) // PLAN_BK
+    lo = tl.where(is_stream, lo_s, 0)
+    s_ = tl.where(is_stream, tl.minimum((sink + PLAN_BK - 1) // PLAN_BK, lo_s), 0)
+    return hi, lo, s_
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, offs_m, offs_n, offs_d,
+              skb, skh, skn, svb, svh, svn, Nk, offset, q_first, qk_scale,
+              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """One online-softmax step over keys [n0, n0 + BLOCK_N)."""
+    kpos = n0 + offs_n
+    kt = tl.load(K + b * skb + hkv * skh + kpos[None, :] * skn + offs_d[:, None],
+                 mask=kpos[None, :] < Nk, other=0.0)
+    v = tl.load(V + b * svb + hkv * svh + kpos[:, None] * svn + offs_d[None, :],
+                mask=kpos[:, None] < Nk, other=0.0)
+    if UPCAST:
+        kt = kt.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+    needs_mask = n0 + BLOCK_N > Nk
+    if CAUSAL:
+        needs_mask = needs_mask | (n0 + BLOCK_N - 1 > q_first)
+    if HAS_KPM:
+        needs_mask = True
+    if needs_mask:
+        ok = kpos[None, :] < Nk
+        if CAUSAL:
+            ok = ok & (kpos[None, :] <= offs_m[:, None] + offset)
+        if HAS_KPM:
+            real = tl.load(KPM + b * Nk + kpos, mask=kpos < Nk, other=0)
+            ok = ok & (real[None, :] != 0)
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, MODE, SINK, LOCAL, IDX, CNT, KPM,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    sib, sih, siq, sis, scb, sch, scq,
+    Hq, Hkv, Hp, Nq, Nk, offset, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_CHECK: tl.constexpr,
+):
+    # last query tiles first: under causality they walk the most blocks (better tail balance)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    hq = pid_bh % Hq
+    hp = hq // (Hq // Hp)
+    hkv = hq // (Hq // Hkv)
+    m0 = pid_m * BLOCK_M
+    qb = m0 // PLAN_BQ
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q = tl.load(Q + b * sqb + hq * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+                mask=offs_m[:, None] < Nq, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    mode = tl.load(MODE + b * Hp + hp)
+    sink = tl.load(SINK + b * Hp + hp)
+    local = tl.load(LOCAL + b * Hp + hp)
+    hi, lo, s_ = _walk(qb, mode, sink, local, Nq, Nk, offset, PLAN_BQ, PLAN_BK, CAUSAL)
+    cnt = tl.load(CNT + b * scb + hp * sch + qb * scq, mask=mode == 2, other=0)
+    n_blocks = tl.where(mode == 2, cnt, s_ + hi - lo + 1)
+    idx_row = IDX + b * sib + hp * sih + qb * siq
+
+    q_first = m0 + offset
+    if CAUSAL:
+        limit = tl.minimum(Nk, tl.minimum(m0 + BLOCK_M, Nq) + offset)  # keys past it are unseen
+    else:
+        limit = Nk
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for j in range(0, n_blocks):
+        kb_sparse = tl.load(idx_row + j * sis, mask=mode == 2, other=0)
+        kb = tl.where(mode == 2, kb_sparse, tl.where(j < s_, j, lo + j - s_))
+        for sub in tl.static_range(PLAN_BK // BLOCK_N):
+            n0 = kb * PLAN_BK + sub * BLOCK_N
+            # a tile covering its whole query block sees part of every block walked (no branch,
+            # so loads pipeline); a smaller tile may lie wholly before the diagonal: skip those
+            if SKIP_CHECK:
+                if n0 < limit:
+                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, offs_m, offs_n, offs_d,
+                                              skb, skh, skn, svb, svh, svn, Nk, offset, q_first, qk_scale,
+                                              BLOCK_N, CAUSAL, HAS_KPM, UPCAST, DOT_PREC)
+            else:
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, offs_m, offs_n, offs_d,
+                                          skb, skh, skn, svb, svh, svn, Nk, offset, q_first, qk_scale,
+                                          BLOCK_N, CAUSAL, HAS_KPM, UPCAST, DOT_PREC)
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    row_ok = offs_m < Nq
+    tl.store(O + b * sob + hq * soh + offs_m[:, None] * son + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + pid_bh * Nq + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_tile(dq, q, do, lse2, delta, row_ok, K, V, KPM, DK, DV, b, hkv, kv_base, n0,
+              offs_m, offs_n, offs_d, skb, skh, skn, svb, svh, svn, Nk, offset, qk_scale, sm_scale,
+              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """Recompute P for keys [n0, n0 + BLOCK_N); return dQ += dS K, add dK/dV atomically."""
+    kpos = n0 + offs_n
+    k_ok = kpos < Nk
+    k = tl.load(K + b * skb + hkv * skh + kpos[:, None] * skn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+    v = tl.load(V + b * svb + hkv * svh + kpos[:, None] * svn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    ok = k_ok[None, :] & row_ok[:, None]
+    if CAUSAL:
+        ok = ok & (kpos[None, :] <= offs_m[:, None] + offset)
+    if HAS_KPM:
+        real = tl.load(KPM + b * Nk + kpos, mask=k_ok, other=0)
+        ok = ok & (real[None, :] != 0)
+    p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC) * sm_scale
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+    ptrs = (kv_base + kpos[:, None]) * HEAD_DIM + offs_d[None, :]
+    tl.atomic_add(DK + ptrs, dk, mask=k_ok[:, None])
+    tl.atomic_add(DV + ptrs, dv, mask=k_ok[:, None])
+    return dq
+
+
+@triton.jit
+def _bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, MODE, SINK, LOCAL, IDX, CNT, KPM,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+    sib, sih, siq, sis, scb, sch, scq,
+    Hq, Hkv, Hp, Nq, Nk, offset, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_CHECK: tl.constexpr,
+):
+    # last query tiles first: under causality they walk the most blocks (better tail balance)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    hq = pid_bh % Hq
+    hp = hq // (Hq // Hp)
+    hkv = hq // (Hq // Hkv)
+    m0 = pid_m * BLOCK_M
+    qb = m0 // PLAN_BQ
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Nq
+
+    q = tl.load(Q + b * sqb + hq * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + hq * sdh + offs_m[:, None] * sdn + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + pid_bh * Nq + offs_m, mask=row_ok, other=float("-inf"))
+    # rows that saw no key: P = exp2(s - inf) = 0 everywhere
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + pid_bh * Nq + offs_m, mask=row_ok, other=0.0)
+
+    mode = tl.load(MODE + b * Hp + hp)
+    sink = tl.load(SINK + b * Hp + hp)
+    local = tl.load(LOCAL + b * Hp + hp)
+    hi, lo, s_ = _walk(qb, mode, sink, local, Nq, Nk, offset, PLAN_BQ, PLAN_BK, CAUSAL)
+    cnt = tl.load(CNT + b * scb + hp * sch + qb * scq, mask=mode == 2, other=0)
+    n_blocks = tl.where(mode == 2, cnt, s_ + hi - lo + 1)
+    idx_row = IDX + b * sib + hp * sih + qb * siq
+    if CAUSAL:
+        limit = tl.minimum(Nk, tl.minimum(m0 + BLOCK_M, Nq) + offset)
+    else:
+        limit = Nk
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    kv_base = (b * Hkv + hkv) * Nk
+    for j in range(0, n_blocks):
+        kb_sparse = tl.load(idx_row + j * sis, mask=mode == 2, other=0)
+        kb = tl.where(mode == 2, kb_sparse, tl.where(j < s_, j, lo + j - s_))
+        for sub in tl.static_range(PLAN_BK // BLOCK_N):
+            n0 = kb * PLAN_BK + sub * BLOCK_N
+            if SKIP_CHECK:
+                if n0 < limit:
+                    dq = _bwd_tile(dq, q, do, lse2, delta, row_ok, K, V, KPM, DK, DV, b, hkv, kv_base, n0,
+                                   offs_m, offs_n, offs_d, skb, skh, skn, svb, svh, svn, Nk, offset,
+                                   qk_scale, sm_scale, HEAD_DIM, CAUSAL, HAS_KPM, UPCAST, DOT_PREC)
+            else:
+                dq = _bwd_tile(dq, q, do, lse2, delta, row_ok, K, V, KPM, DK, DV, b, hkv, kv_base, n0,
+                               offs_m, offs_n, offs_d, skb, skh, skn, svb, svh, svn, Nk, offset,
+                               qk_scale, sm_scale, HEAD_DIM, CAUSAL, HAS_KPM, UPCAST, DOT_PREC)
+
+    tl.store(DQ + (pid_bh * Nq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], dq * sm_scale,
+             mask=row_ok[:, None])
+
+
+class KernelPlan:
+    """The kernel's view of a plan: per (batch, plan head) mode, streaming ranges, and indices.
+
+    Built by ``from_block_plan`` (every head in block mode) or by the ``mixed`` op.
+    """
+
+    def __init__(self, mode, sink, local, indices, counts, block_q, block_k, causal):
+        self.mode = mode.to(torch.int32).contiguous()
+        self.sink = sink.to(torch.int32).contiguous()
+        self.local = local.to(torch.int32).contiguous()
+        self.indices = indices.to(torch.int32)
+        self.counts = counts.to(torch.int32)
+        self.block_q, self.block_k, self.causal = block_q, block_k, causal
+
+    @property
+    def heads(self) -> int:
+        return self.mode.shape[1]
+
+    @classmethod
+    def from_block_plan(cls, plan) -> KernelPlan:
+        B, H = plan.kv_counts.shape[:2]
+        dev = plan.kv_counts.device
+        mode = torch.full((B, H), MODE_BLOCK, dtype=torch.int32, device=dev)
+        zero = torch.zeros((B, H), dtype=torch.int32, device=dev)
+        return cls(mode, zero, zero, plan.kv_indices, plan.kv_counts, plan.block_q, plan.block_k,
+                   plan.causal)
+
+    @classmethod
+    def from_mixed_plan(cls, plan) -> KernelPlan:
+        if plan.block is not None:
+            idx, cnt = plan.block.kv_indices, plan.block.kv_counts
+        else:  # no block-mode head: a placeholder the kernel never reads
+            nqb = -(-plan.q_len // plan.block_size)
+            cnt = torch.zeros((*plan.mode.shape, nqb), dtype=torch.int32, device=plan.mode.device)
+            idx = cnt[..., None]
+        return cls(plan.mode, plan.sink, plan.local, idx, cnt, plan.block_size, plan.block_size,
+                   plan.causal)
+
+
+def _tiles(kp: KernelPlan, head_dim: int, backward: bool):
+    # forward: 128-row tiles (one per 128-token query block, no skip branch); backward keeps
+    # q, dO, K, V tiles and dK/dV partials on chip, so it needs the 64-row tile at D = 128
+    bm = tile(kp.block_q, 64 if interpreting() or backward else 128)
+    bn = tile(kp.block_k, 64)
+    if bm is None or bn is None:
+        raise ValueError(f"the Triton kernel needs block sizes divisible by 16, got "
+                         f"block_q={kp.block_q}, block_k={kp.block_k}")
+    return bm, bn
+
+
+def _common(q, k, v, kp: KernelPlan, key_padding_mask, scale, backward=False):
+    B, Hq, Nq, D = q.shape
+    Nk = k.shape[2]
+    bm, bn = _tiles(kp, D, backward)
+    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
+    upcast = interpreting() and q.dtype != torch.float32
+    meta = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, PLAN_BQ=kp.block_q, PLAN_BK=kp.block_k,
+                CAUSAL=kp.causal, HAS_KPM=kpm is not None, UPCAST=upcast,
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SKIP_CHECK=bm < kp.block_q)
+    if not interpreting():
+        meta.update(num_warps=8 if D > 64 else 4, num_stages=3 if D > 64 else 2)
+    grid = lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq)  # noqa: E731
+    plan_args = (kp.mode, kp.sink, kp.local, kp.indices, kp.counts, kpm if kpm is not None else kp.mode)
+    plan_strides = (*kp.indices.stride(), *kp.counts.stride())
+    sizes = (Hq, k.shape[1], kp.heads, Nq, Nk, Nk - Nq)
+    return grid, meta, plan_args, plan_strides, sizes
+
+
+def _launch(kernel, grid, meta, *args):
+    """Launch; if the tile does not fit in shared memory on this GPU, halve the query tile."""
+    while True:
+        try:
+            return kernel[grid](*args, **meta)
+        except triton.runtime.errors.OutOfResources:
+            if meta["BLOCK_M"] <= 16:
+                raise
+            bm = meta["BLOCK_M"] // 2
+            meta = {**meta, "BLOCK_M": bm, "SKIP_CHECK": bm < meta["PLAN_BQ"], "num_stages": 2}
+
+
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def forward(q, k, v, kp: KernelPlan, key_padding_mask, scale):
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    B, Hq, Nq, D = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+    grid, meta, plan_args, plan_strides, sizes = _common(q, k, v, kp, key_padding_mask, scale)
+    _launch(_fwd_kernel, grid, meta,
+            q, k, v, out, lse, *plan_args,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            *plan_strides, *sizes, scale * LOG2E)
+    return out, lse
+
+
+def backward(q, k, v, out, lse, dout, dlse, kp: KernelPlan, key_padding_mask, scale):
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    dout = dout.contiguous()
+    B, Hq, Nq, D = q.shape
+    delta = (dout.float() * out.float()).sum(-1)  # rowsum(dO * O), minus the lse gradient
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    dq = torch.empty((B, Hq, Nq, D), dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    grid, meta, plan_args, plan_strides, sizes = _common(q, k, v, kp, key_padding_mask, scale, backward=True)
+    _launch(_bwd_kernel, grid, meta,
+            q, k, v, dout, lse.contiguous(), delta, dq, dk, dv, *plan_args,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+            *plan_strides, *sizes, scale * LOG2E, scale)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _TritonAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, kp, key_padding_mask, scale):
+        out, lse = forward(q, k, v, kp, key_padding_mask, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.kp, ctx.kpm, ctx.scale = kp, key_padding_mask, scale
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = backward(q, k, v, out, lse, dout, dlse, ctx.kp, ctx.kpm, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def attention(q, k, v, kp: KernelPlan, key_padding_mask, scale):
+    """(out, lse) for q ``[B, Hq, Nq, D]`` and k/v ``[B, Hkv, Nk, D]`` under ``kp``."""
+    return _TritonAttention.apply(q, k, v, kp, key_padding_mask, scale)

@@ -1,0 +1,491 @@
+"""The GPU run, in one process: check every CUDA backend against the reference, then time them.
+
+    python3 bench/gpu/run.py --out DIR [--budget 540] [--quick]
+
+(``bench/gpu/run.sh`` installs carried wheels first and calls this.) Writes ``DIR/gpu.json``
+after every section, so a run cut short still returns what it measured, and ``DIR/gpu.md``:
+a machine header, the correctness table and every ratio against its goal. Timings are CUDA
+events, median of ``--reps`` (default 20) after warm-up, all ratios taken side by side in this
+one process. Sections past the time budget are skipped and listed as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from attnzoo import build, ops, patch  # noqa: E402
+from attnzoo.ops.antidiagonal import antidiagonal_block_scores  # noqa: E402
+from attnzoo.plans import BlockPlan, MixedPlan  # noqa: E402
+
+T0 = time.time()
+RESULTS: dict = {"sections": {}, "skipped": [], "errors": {}}
+ARGS = None
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cuda_time(fn, reps: int, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` runs (CUDA events), after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def rel_err(x, ref) -> float:
+    x, ref = x.detach().double(), ref.detach().double()
+    return float((x - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def random_plan(B, H, Nq, Nk, b, density, seed=0, device="cuda") -> BlockPlan:
+    """Random causal block plan with the sink and diagonal blocks kept, ~``density`` of blocks."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    full = BlockPlan.full(1, 1, Nq, Nk, b, b).to_block_mask()[0, 0]
+    nqb, nkb = full.shape
+    mask = (torch.rand(B, H, nqb, nkb, generator=g) < density) & full
+    last = BlockPlan.full(1, 1, Nq, Nk, b, b).last_visible_block()
+    mask[..., torch.arange(nqb), last] = True
+    mask[..., 0] = True
+    return BlockPlan.from_block_mask(mask.to(device), b, b, Nq, Nk)
+
+
+def section(name: str, est_s: float = 0.0):
+    """Decorator: run the section unless the budget is spent; record errors, save after each."""
+    def wrap(fn):
+        def run():
+            left = ARGS.budget - (time.time() - T0)
+            if left < est_s:
+                RESULTS["skipped"].append(f"{name} (needs ~{est_s:.0f} s, {left:.0f} s left)")
+                log(f"SKIP {name}: budget")
+                return
+            log(f"== {name}")
+            try:
+                RESULTS["sections"][name] = fn()
+            except Exception as e:  # one failing section must not lose the others
+                RESULTS["errors"][name] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+            save()
+        return run
+    return wrap
+
+
+# -- correctness ---------------------------------------------------------------------------------
+
+TOL_BF16 = {"out": 2e-2, "lse": 1e-2, "grad": 5e-2}
+
+
+def _check(out, lse, ref, ref_lse, grads=None, ref_grads=None) -> dict:
+    fin = torch.isfinite(ref_lse)
+    row = {"out": rel_err(out, ref),
+           "lse": rel_err(lse[fin], ref_lse[fin]) if lse is not None else None}
+    if grads is not None:
+        row["grad"] = max(rel_err(a, b) for a, b in zip(grads, ref_grads, strict=True))
+    row["ok"] = all(row[k] is None or row[k] <= TOL_BF16[k] for k in ("out", "lse", "grad") if k in row)
+    return row
+
+
+def _ref(q, k, v, plan, grad, dout=None):
+    qr, kr, vr = (t.detach().float().requires_grad_(grad) for t in (q, k, v))
+    out, lse = ops.reference(qr, kr, vr, plan, return_lse=True)
+    grads = None
+    if grad:
+        (out * dout).sum().backward()
+        grads = (qr.grad, kr.grad, vr.grad)
+    return out, lse, grads
+
+
+def correctness() -> list:
+    rows = []
+    dev = "cuda"
+    for D in (64, 128):
+        for Hq, Hkv in ((8, 2), (16, 2)):
+            for Nq, Nk in ((1000, 1000), (488, 1000)):
+                name = f"D{D} GQA{Hq // Hkv}:1 N{Nq}x{Nk}"
+                g = torch.Generator(device=dev).manual_seed(D + Hq + Nq)
+                q = torch.randn(2, Hq, Nq, D, device=dev, generator=g, dtype=torch.bfloat16)
+                k = torch.randn(2, Hkv, Nk, D, device=dev, generator=g, dtype=torch.bfloat16)
+                v = torch.randn(2, Hkv, Nk, D, device=dev, generator=g, dtype=torch.bfloat16)
+                dout = torch.randn(2, Hq, Nq, D, device=dev, generator=g)
+                qplan = random_plan(2, Hq, Nq, Nk, 128, 0.4, seed=1)
+                kvplan = random_plan(2, Hkv, Nq, Nk, 128, 0.4, seed=2)
+
+                def add(backend, plan, fn, grad):
+                    try:
+                        qg, kg, vg = (t.clone().requires_grad_(grad) for t in (q, k, v))
+                        out, lse = fn(qg, kg, vg, plan)
+                        grads = None
+                        if grad:
+                            (out.float() * dout).sum().backward()
+                            grads = (qg.grad, kg.grad, vg.grad)
+                        ref, ref_lse, ref_grads = _ref(q, k, v, plan, grad, dout)
+                        row = _check(out, lse, ref, ref_lse, grads, ref_grads)
+                    except Exception as e:
+                        row = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+                    rows.append({"case": name, "backend": backend, **row})
+                    log(f"  {name} {backend}: {rows[-1]}")
+
+                add("triton block_sparse fwd+bwd (q-head plan)", qplan,
+                    lambda q, k, v, p: ops.block_sparse(q, k, v, p, return_lse=True, backend="triton"), True)
+                add("triton block_sparse fwd+bwd (kv-head plan)", kvplan,
+                    lambda q, k, v, p: ops.block_sparse(q, k, v, p, return_lse=True, backend="triton"), True)
+                mode = (torch.arange(Hq, device=dev) % 3).int()[None].expand(2, Hq).contiguous()
+                mplan = MixedPlan(mode, torch.full_like(mode, 128), torch.full_like(mode, 256), qplan, 128, Nq, Nk)
+                add("triton mixed fwd+bwd (dense/streaming/block)", mplan,
+                    lambda q, k, v, p: ops.mixed(q, k, v, p, return_lse=True, backend="triton"), True)
+                add("flashinfer dense", None,
+                    lambda q, k, v, p: ops.dense(q, k, v, return_lse=True, backend="flashinfer"), False)
+                add("flashinfer var-block-sparse", kvplan,
+                    lambda q, k, v, p: ops.block_sparse(q, k, v, p, return_lse=True, backend="flashinfer"), False)
+                nodiag = kvplan.to_block_mask().clone()
+                diag = torch.nn.functional.one_hot(kvplan.last_visible_block()[1], nodiag.shape[-1]).bool()
+                nodiag[..., 1, :] &= ~diag
+                nodiag[..., 1, 0] = True
+                p2 = BlockPlan.from_block_mask(nodiag, 128, 128, Nq, Nk)
+                add("flashinfer var-block-sparse (split: a row without its diagonal)", p2,
+                    lambda q, k, v, p: ops.block_sparse(q, k, v, p, return_lse=True, backend="flashinfer"), False)
+                # XAttention scoring: Triton vs the torch backend (fp32 inputs to both)
+                try:
+                    kw = dict(stride=8, block_size=128, chunk_size=512)
+                    a = list(antidiagonal_block_scores(q.float(), k.float(), backend="torch", **kw))
+                    b = list(antidiagonal_block_scores(q, k, backend="triton", **kw))
+                    err = max(float((w1 - w2).abs().max()) for (_, _, w1), (_, _, w2) in zip(a, b, strict=True))
+                    rows.append({"case": name, "backend": "triton xattention scores (abs err vs torch fp32)",
+                                 "out": err, "ok": err <= 2e-2})
+                except Exception as e:
+                    rows.append({"case": name, "backend": "triton xattention scores", "ok": False,
+                                 "error": f"{type(e).__name__}: {e}"})
+                log(f"  {name} scores: {rows[-1]}")
+    return rows
+
+
+# -- speed ---------------------------------------------------------------------------------------
+
+B, HQ, HKV, D = 1, 32, 8, 128
+DENSE = "flashinfer"  # the dense baseline; falls back to SDPA if FlashInfer cannot run here
+
+
+def pick_dense_baseline() -> None:
+    global DENSE
+    try:
+        q, k, v = qkv(1024)
+        ops.dense(q, k, v, backend="flashinfer")
+        torch.cuda.synchronize()
+    except Exception as e:
+        DENSE = "sdpa"
+        RESULTS["errors"]["flashinfer dense probe"] = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    RESULTS["dense_baseline"] = DENSE
+    log(f"dense baseline: {DENSE}")
+
+
+def qkv(N, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    shape = lambda h: (B, h, N, D)
+    return (torch.randn(shape(HQ), device="cuda", generator=g, dtype=torch.bfloat16),
+            torch.randn(shape(HKV), device="cuda", generator=g, dtype=torch.bfloat16),
+            torch.randn(shape(HKV), device="cuda", generator=g, dtype=torch.bfloat16))
+
+
+def sdpa(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def dense_vs_sdpa() -> list:
+    rows = []
+    for N in ARGS.lengths:
+        q, k, v = qkv(N)
+        fi = cuda_time(lambda: ops.dense(q, k, v, backend="flashinfer"), ARGS.reps)
+        sd = cuda_time(lambda: sdpa(q, k, v), ARGS.reps)
+        flops = 4 * N * N * HQ * D / 2
+        rows.append({"N": N, "flashinfer_ms": fi, "sdpa_flash_ms": sd, "speedup": sd / fi,
+                     "flashinfer_tflops": flops / fi / 1e9, "sdpa_tflops": flops / sd / 1e9})
+        log(f"  N={N}: {rows[-1]}")
+    return rows
+
+
+def block_sparse_sweep() -> list:
+    rows = []
+    N = ARGS.sparse_len
+    q, k, v = qkv(N, 1)
+    dense = cuda_time(lambda: ops.dense(q, k, v, backend=DENSE), ARGS.reps)
+    for d in (0.25, 0.1, 0.05):
+        qplan = random_plan(B, HQ, N, N, 128, d, seed=3)
+        kvplan = random_plan(B, HKV, N, N, 128, d, seed=3)
+        row = {"N": N, "target_density": d, "density_qhead": qplan.density(), "density_kvhead": kvplan.density(),
+               "flashinfer_dense_ms": dense, "goal_speedup": 0.85 / d}
+        row["triton_ms"] = cuda_time(lambda: ops.block_sparse(q, k, v, qplan, backend="triton"), ARGS.reps)
+        row["triton_kvhead_ms"] = cuda_time(lambda: ops.block_sparse(q, k, v, kvplan, backend="triton"), ARGS.reps)
+        try:
+            row["flashinfer_ms"] = cuda_time(lambda: ops.block_sparse(q, k, v, kvplan, backend="flashinfer"),
+                                             max(5, ARGS.reps // 4), warmup=1)
+            from attnzoo.ops.kernels import flashinfer_backends as fib
+            call = fib.variable_block_calls(kvplan, 0)[0]
+            w = fib._wrapper("cuda")
+
+            def plan_only():
+                w.plan(call.block_mask_map, call.block_row_sz, call.block_col_sz, HQ, HKV, D, causal=call.causal,
+                       sm_scale=D ** -0.5, q_data_type=q.dtype, kv_data_type=k.dtype)
+            row["flashinfer_plan_ms"] = cuda_time(plan_only, 5, warmup=1)
+            plan_only()
+            qh, kh, vh = q[0], k[0].contiguous(), v[0].contiguous()
+            row["flashinfer_run_only_ms"] = cuda_time(lambda: w.run(qh, kh, vh), ARGS.reps)
+        except Exception as e:
+            row["flashinfer_error"] = f"{type(e).__name__}: {e}"
+        row["triton_speedup"] = dense / row["triton_ms"]
+        row["triton_kvhead_speedup"] = dense / row["triton_kvhead_ms"]
+        if "flashinfer_ms" in row:
+            row["flashinfer_speedup"] = dense / row["flashinfer_ms"]
+            row["flashinfer_run_only_speedup"] = dense / row["flashinfer_run_only_ms"]
+        rows.append(row)
+        log(f"  d={d}: {row}")
+    return rows
+
+
+def xattention_estimation() -> list:
+    from attnzoo.selectors.xattention import XAttention
+    rows = []
+    sel = XAttention(threshold=0.9, stride=8, block_size=128, chunk_size=16384)
+    for N in [n for n in ARGS.lengths if n >= 32768]:
+        q, k, v = qkv(N, 2)
+        dense = cuda_time(lambda: ops.dense(q, k, v, backend=DENSE), max(5, ARGS.reps // 2))
+        scores = cuda_time(lambda: [w for _, _, w in antidiagonal_block_scores(
+            q, k, stride=8, block_size=128, chunk_size=16384, backend="triton")], max(5, ARGS.reps // 2))
+        full = cuda_time(lambda: sel(q, k), max(5, ARGS.reps // 2))
+        rows.append({"N": N, "dense_ms": dense, "scores_ms": scores, "estimate_ms": full,
+                     "scores_share": scores / dense, "estimate_share": full / dense, "goal_share": 0.03})
+        log(f"  N={N}: {rows[-1]}")
+    return rows
+
+
+def mixed_vs_split() -> list:
+    N = ARGS.sparse_len
+    q, k, v = qkv(N, 4)
+    xa = random_plan(B, HQ, N, N, 128, 0.1, seed=5)
+    half = torch.arange(HQ, device="cuda") >= HQ // 2  # first half FA, second half XA
+    mode = torch.where(half, 2, 0).int()[None].contiguous()
+    mplan = MixedPlan(mode, torch.zeros_like(mode), torch.zeros_like(mode), xa, 128, N, N)
+    one = cuda_time(lambda: ops.mixed(q, k, v, mplan, backend="triton"), ARGS.reps)
+    # per mode: the FA heads (first half of the KV heads) through FlashInfer dense, the XA heads
+    # through Triton block-sparse, as the Routed node's split path runs them
+    h2 = HKV // 2
+    xa_half = BlockPlan(xa.kv_indices[:, HQ // 2:], xa.kv_counts[:, HQ // 2:], 128, 128, N, N)
+
+    def split(fa=DENSE):
+        o1 = ops.dense(q[:, : HQ // 2], k[:, :h2], v[:, :h2], backend=fa)
+        o2 = ops.block_sparse(q[:, HQ // 2:], k[:, h2:], v[:, h2:], xa_half, backend="triton")
+        return torch.cat([o1, o2], 1)
+    two = cuda_time(split, ARGS.reps)
+    dense_all = cuda_time(lambda: ops.dense(q, k, v, backend=DENSE), ARGS.reps)
+    row = {"N": N, "xa_density": xa.density(), "single_launch_ms": one, "per_mode_launches_ms": two,
+           "speedup": two / one, "goal_speedup": 2.5, "flashinfer_dense_all_heads_ms": dense_all,
+           "single_launch_vs_dense": dense_all / one}
+    log(f"  {row}")
+    return [row]
+
+
+def router_latency() -> list:
+    from attnzoo.routers.elastic import ElasticRouter
+    router = ElasticRouter(head_dim=D)
+    layer = router.layer(0).to("cuda").to(torch.bfloat16)
+    rows = []
+    for N in (32768, 131072):
+        keys = torch.randn(B, N, HKV, D, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            t = cuda_time(lambda: router.logits(keys, 0), 100, warmup=10)
+            mlp = cuda_time(lambda: layer(keys[:, :200].mean(1)), 100, warmup=10)
+        rows.append({"N": N, "router_ms": t, "mlp_only_ms": mlp, "goal_ms": 0.05})
+        log(f"  {rows[-1]}")
+    return rows
+
+
+def end_to_end() -> list:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                      head_dim=128, num_hidden_layers=ARGS.e2e_layers, vocab_size=128256,
+                      max_position_embeddings=131072, rope_theta=500000.0)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    half = ["fa"] * (HKV // 2) + ["sa"] * (HKV // 2)
+    xa = {"selector": {"name": "xattention", "threshold": 0.9, "stride": 8, "block_size": 128,
+                       "chunk_size": 16384}, "op": "block_sparse"}
+    st = {"selector": {"name": "streaming", "sink": 128, "local": 1024, "block_size": 128}, "op": "block_sparse"}
+    table = {"name": "table", "heads": {i: half for i in range(cfg.num_hidden_layers)}, "labels": None}
+    table.pop("labels")
+    presets = {
+        "full": {"default": {"op": "dense"}},
+        "xattention": {"default": xa},
+        "fa-xa (half heads each)": {"default": {"router": dict(table), "branches": {"fa": {"op": "dense"}, "sa": xa}}},
+        "xa-streaming (half heads each)": {"default": {"router": dict(table), "branches": {"fa": xa, "sa": st}}},
+    }
+    rows = []
+    for N in ARGS.e2e_lengths:
+        ids = torch.randint(0, cfg.vocab_size, (1, N), device="cuda")
+        times = {}
+        for name, stack in presets.items():
+            if time.time() - T0 > ARGS.budget - 20:
+                RESULTS["skipped"].append(f"e2e {name} N={N} (budget)")
+                continue
+            with torch.no_grad(), patch(model, build(stack)):
+                fwd = lambda: model(input_ids=ids, logits_to_keep=1, use_cache=False)
+                times[name] = cuda_time(fwd, ARGS.e2e_reps, warmup=1)
+            log(f"  N={N} {name}: {times[name]:.1f} ms")
+        row = {"N": N, "layers": cfg.num_hidden_layers, **{f"{k}_ms": t for k, t in times.items()}}
+        if "full" in times:
+            for k, t in times.items():
+                row[f"{k}_speedup"] = times["full"] / t
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
+# -- report --------------------------------------------------------------------------------------
+
+def header() -> dict:
+    p = torch.cuda.get_device_properties(0)
+    return {"gpu": p.name, "sms": p.multi_processor_count, "memory_gib": round(p.total_memory / 2 ** 30, 1),
+            "cuda": torch.version.cuda, "torch": torch.__version__, "triton": version("triton"),
+            "flashinfer": version("flashinfer-python"), "python": platform.python_version(),
+            "flashinfer_backend": os.environ.get("ATTNZOO_FLASHINFER_BACKEND", "fa2"),
+            "command": " ".join(sys.argv)}
+
+
+def markdown() -> str:
+    h = RESULTS.get("machine", {})
+    out = ["# attnzoo GPU run", "",
+           " | ".join(f"{k}: {v}" for k, v in h.items() if k != "command"), "",
+           f"command: `{h.get('command', '')}`", ""]
+    s = RESULTS["sections"]
+    if "correctness" in s:
+        out += ["## Correctness (bf16, vs fp32 reference; rel err = max|x-ref|/max|ref|)", "",
+                "| case | backend | out | lse | grad | ok |", "|---|---|---|---|---|---|"]
+        f = lambda x: "-" if x is None else f"{x:.1e}"
+        for r in s["correctness"]:
+            out.append(f"| {r['case']} | {r['backend']} | {f(r.get('out'))} | {f(r.get('lse'))} | "
+                       f"{f(r.get('grad'))} | {'yes' if r['ok'] else 'NO ' + r.get('error', '')} |")
+        out.append("")
+    goals = ["## Ratios against goals (B=1, Hq=32, Hkv=8, D=128, bf16, causal)", "",
+             "| measurement | value | goal | met |", "|---|---|---|---|"]
+    for r in s.get("dense_vs_sdpa", []):
+        goals.append(f"| FlashInfer dense vs SDPA flash, N={r['N']} ({r['flashinfer_ms']:.2f} vs "
+                     f"{r['sdpa_flash_ms']:.2f} ms) | {r['speedup']:.2f}x | report | - |")
+    for r in s.get("block_sparse", []):
+        for key, label in (("triton_speedup", "Triton (q-head plan)"),
+                           ("triton_kvhead_speedup", "Triton (kv-head plan)"),
+                           ("flashinfer_speedup", "FlashInfer var-BSR incl. plan"),
+                           ("flashinfer_run_only_speedup", "FlashInfer var-BSR run only")):
+            if key in r:
+                met = "yes" if r[key] >= r["goal_speedup"] else "no"
+                goals.append(f"| {label} vs FlashInfer dense, N={r['N']}, density {r['target_density']} | "
+                             f"{r[key]:.2f}x | >= {r['goal_speedup']:.1f}x | {met} |")
+    for r in s.get("xattention_estimation", []):
+        goals.append(f"| XAttention estimate / dense, N={r['N']} ({r['estimate_ms']:.1f} / {r['dense_ms']:.1f} ms; "
+                     f"scores kernel alone {100 * r['scores_share']:.1f}%) | {100 * r['estimate_share']:.1f}% | "
+                     f"<= 3% | {'yes' if r['estimate_share'] <= 0.03 else 'no'} |")
+    for r in s.get("mixed", []):
+        goals.append(f"| mixed single launch vs per-mode launches, half FA / half XA, N={r['N']} "
+                     f"({r['single_launch_ms']:.1f} vs {r['per_mode_launches_ms']:.1f} ms) | {r['speedup']:.2f}x | "
+                     f">= 2.5x | {'yes' if r['speedup'] >= 2.5 else 'no'} |")
+    for r in s.get("router", []):
+        goals.append(f"| Elastic router forward (pool + MLPs), N={r['N']} (MLPs alone {r['mlp_only_ms']:.3f} ms) | "
+                     f"{r['router_ms']:.3f} ms | <= 0.05 ms | {'yes' if r['router_ms'] <= 0.05 else 'no'} |")
+    e2e_goals = {"xa-streaming (half heads each)": (3.5, 131072), "fa-xa (half heads each)": (1.6, None)}
+    for r in s.get("end_to_end", []):
+        for name in ("xattention", "fa-xa (half heads each)", "xa-streaming (half heads each)"):
+            key = f"{name}_speedup"
+            if key not in r:
+                continue
+            goal, at = e2e_goals.get(name, (None, None))
+            applies = goal is not None and (at is None or at == r["N"])
+            goals.append(f"| prefill {name} vs full, {r['layers']}-layer Llama-3.1-8B shape, N={r['N']} "
+                         f"({r[name + '_ms']:.0f} vs {r['full_ms']:.0f} ms) | {r[key]:.2f}x | "
+                         f"{f'>= {goal}x' if applies else 'report'} | "
+                         f"{('yes' if r[key] >= goal else 'no') if applies else '-'} |")
+    out += goals + [""]
+    if RESULTS["skipped"]:
+        out += ["Skipped (time budget): " + "; ".join(RESULTS["skipped"]), ""]
+    if RESULTS["errors"]:
+        out += ["Errors: " + "; ".join(f"{k}: {v}" for k, v in RESULTS["errors"].items()), ""]
+    return "\n".join(out)
+
+
+def save() -> None:
+    out = Path(ARGS.out)
+    out.mkdir(parents=True, exist_ok=True)
+    RESULTS["elapsed_s"] = round(time.time() - T0, 1)
+    (out / "gpu.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+    (out / "gpu.md").write_text(markdown())
+
+
+def main(argv=None) -> int:
+    global ARGS
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench/results/gpu")
+    p.add_argument("--budget", type=float, default=540.0, help="seconds; later sections are skipped past it")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
+    p.add_argument("--sparse-len", type=int, default=65536)
+    p.add_argument("--e2e-lengths", type=int, nargs="+", default=[32768, 65536, 131072])
+    p.add_argument("--e2e-layers", type=int, default=4)
+    p.add_argument("--e2e-reps", type=int, default=3)
+    p.add_argument("--sections", nargs="+", default=["correctness", "dense_vs_sdpa", "block_sparse",
+                                                        "xattention_estimation", "mixed", "router", "end_to_end"])
+    ARGS = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs CUDA", file=sys.stderr)
+        return 2
+    os.environ.setdefault("ATTNZOO_CHECK_FINITE", "0")  # a NaN scan is a device sync per call
+    RESULTS["machine"] = header()
+    log(json.dumps(RESULTS["machine"]))
+    pick_dense_baseline()
+    table = {
+        "correctness": section("correctness", 30)(correctness),
+        "dense_vs_sdpa": section("dense_vs_sdpa", 30)(dense_vs_sdpa),
+        "block_sparse": section("block_sparse", 30)(block_sparse_sweep),
+        "xattention_estimation": section("xattention_estimation", 20)(xattention_estimation),
+        "mixed": section("mixed", 15)(mixed_vs_split),
+        "router": section("router", 5)(router_latency),
+        "end_to_end": section("end_to_end", 60)(end_to_end),
+    }
+    for name in ARGS.sections:
+        table[name]()
+    save()
+    log("done")
+    print(markdown())
+    return 0 if not RESULTS["errors"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,366 @@
+"""GPU kernels against the fp32 reference: Triton (on CUDA, or on CPU under TRITON_INTERPRET=1,
+set by conftest when there is no GPU) and the FlashInfer plan conversion (CPU, with an emulator
+of FlashInfer's documented gathered-causal rule; the kernels themselves need CUDA).
+
+Shapes are small: the interpreter takes milliseconds per tile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from attnzoo import build, ops
+from attnzoo.ops import dispatch
+from attnzoo.ops.antidiagonal import antidiagonal_block_scores
+from attnzoo.ops.kernels import flashinfer_backends as fib
+from attnzoo.ops.kernels._triton import triton_reason
+from attnzoo.plans import MODES, BlockPlan, MixedPlan
+from attnzoo.stack import CallContext
+
+from .conftest import assert_lse_close, make_qkv, padding_mask, random_block_plan, rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(triton_reason(DEVICE) is not None,
+                                  reason=f"Triton cannot run here: {triton_reason(DEVICE)}")
+TOL = {torch.float32: (1e-4, 1e-4, 1e-3), torch.bfloat16: (2e-2, 1e-2, 5e-2),
+       torch.float16: (5e-3, 2e-3, 1e-2)}
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int
+    Hq: int
+    Hkv: int
+    Nq: int
+    Nk: int
+    D: int
+    pad: str = "none"
+    causal: bool = True
+    block: tuple = (32, 32)
+
+    def __str__(self):
+        return (f"B{self.B}-H{self.Hq}:{self.Hkv}-N{self.Nq}x{self.Nk}-D{self.D}-{self.pad}"
+                f"{'' if self.causal else '-noncausal'}-b{self.block[0]}x{self.block[1]}")
+
+
+CASES = [
+    Case(1, 2, 2, 64, 64, 16),
+    Case(2, 4, 2, 100, 100, 32, "right"),  # GQA 2, ragged length, padding
+    Case(2, 4, 1, 70, 100, 16, "left", block=(32, 16)),  # Nq < Nk, left padding, bq != bk
+    Case(2, 2, 1, 1, 90, 64, "right"),  # decode
+    Case(1, 3, 3, 50, 80, 32, causal=False, block=(16, 32)),
+    Case(1, 2, 1, 200, 200, 16, "right", block=(128, 32)),  # tile smaller than the query block
+]
+
+
+def _qkv(case, dtype, grad, seed=0):
+    q, k, v = make_qkv(case.B, case.Hq, case.Hkv, case.Nq, case.Nk, case.D, dtype, seed=seed)
+    q, k, v = (t.to(DEVICE).requires_grad_(grad) for t in (q, k, v))
+    kpm = padding_mask(case.B, case.Nk, case.pad)
+    return q, k, v, None if kpm is None else kpm.to(DEVICE)
+
+
+def _compare(out, lse, q, k, v, kpm, plan, dtype, grad):
+    tol_out, tol_lse, tol_grad = TOL[dtype]
+    qr, kr, vr = (t.detach().float().requires_grad_(grad) for t in (q, k, v))
+    ref, ref_lse = ops.reference(qr, kr, vr, plan, key_padding_mask=kpm, return_lse=True)
+    assert out.dtype == q.dtype and torch.isfinite(out).all()
+    assert rel_err(out, ref) <= tol_out, f"out rel err {rel_err(out, ref):.2e}"
+    assert_lse_close(lse, ref_lse, tol_lse)
+    if not grad:
+        return
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(out.shape, generator=g).to(DEVICE)
+    dlse = torch.randn(ref_lse.shape, generator=g).to(DEVICE)
+    fin = torch.isfinite(ref_lse)
+    ((out.float() * dout).sum() + (lse.where(fin, 0.0) * dlse).sum()).backward()
+    ((ref * dout).sum() + (ref_lse.where(fin, 0.0) * dlse).sum()).backward()
+    for name, a, b in (("dq", q.grad, qr.grad), ("dk", k.grad, kr.grad), ("dv", v.grad, vr.grad)):
+        assert rel_err(a, b) <= tol_grad, f"{name} rel err {rel_err(a, b):.2e}"
+
+
+def _plan_to(plan, device):
+    return BlockPlan(plan.kv_indices.to(device), plan.kv_counts.to(device), plan.block_q, plan.block_k,
+                     plan.q_len, plan.kv_len, plan.causal)
+
+
+# -- Triton block-sparse ------------------------------------------------------------------------
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("per_kv_head", [False, True], ids=["qhead", "kvhead"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_triton_block_sparse_matches_reference(case, per_kv_head, dtype):
+    grad = dtype != torch.float16
+    q, k, v, kpm = _qkv(case, dtype, grad, seed=case.Nk)
+    H = case.Hkv if per_kv_head else case.Hq
+    plan = _plan_to(random_block_plan(case.B, H, case.Nq, case.Nk, *case.block, p=0.5, seed=case.Nq,
+                                      causal=case.causal), DEVICE)
+    out, lse = ops.block_sparse(q, k, v, plan, key_padding_mask=kpm, return_lse=True, backend="triton")
+    _compare(out, lse, q, k, v, kpm, plan, dtype, grad)
+
+
+@needs_triton
+def test_triton_empty_plan_rows_are_zero_with_finite_grads():
+    case = Case(1, 2, 1, 64, 64, 16)
+    q, k, v, _ = _qkv(case, torch.float32, True)
+    mask = BlockPlan.full(1, 1, 64, 64, 32, 32).to_block_mask().clone()
+    mask[:, :, 1] = False  # the second query block selects nothing
+    plan = _plan_to(BlockPlan.from_block_mask(mask, 32, 32, 64, 64), DEVICE)
+    out, lse = ops.block_sparse(q, k, v, plan, return_lse=True, backend="triton")
+    assert (out[:, :, 32:] == 0).all() and torch.isinf(lse[:, :, 32:]).all()
+    _compare(out, lse, q, k, v, None, plan, torch.float32, True)
+
+
+# -- Triton mixed-mode --------------------------------------------------------------------------
+
+def _mixed_plan(case, B, H, modes, seed=0, sink=16, local=40):
+    g = torch.Generator().manual_seed(seed)
+    bs = case.block[0]
+    mode = torch.tensor(modes, dtype=torch.int32).view(1, H).expand(B, H).contiguous()
+    sink_t = torch.randint(0, 2 * sink, (B, H), generator=g, dtype=torch.int32)
+    local_t = torch.randint(0, 2 * local, (B, H), generator=g, dtype=torch.int32)
+    block = random_block_plan(B, H, case.Nq, case.Nk, bs, bs, p=0.4, seed=seed)
+    plan = MixedPlan(mode, sink_t, local_t, block, bs, case.Nq, case.Nk)
+    return MixedPlan(plan.mode.to(DEVICE), plan.sink.to(DEVICE), plan.local.to(DEVICE),
+                     _plan_to(block, DEVICE), bs, case.Nq, case.Nk)
+
+
+MIXED_CASES = [Case(2, 4, 4, 100, 100, 32, "right"), Case(2, 6, 2, 70, 130, 16, "left"),
+               Case(1, 4, 2, 1, 90, 32)]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", MIXED_CASES, ids=str)
+def test_triton_mixed_matches_reference(case, dtype):
+    """Every mode present: dense, streaming (random sink/local per head) and block-sparse."""
+    q, k, v, kpm = _qkv(case, dtype, True, seed=3)
+    H = case.Hq
+    modes = [i % len(MODES) for i in range(H)]
+    plan = _mixed_plan(case, case.B, H, modes, seed=case.Nk)
+    out, lse = ops.mixed(q, k, v, plan, key_padding_mask=kpm, return_lse=True, backend="triton")
+    _compare(out, lse, q, k, v, kpm, plan, dtype, True)
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_mixed_single_mode_equals_its_op(mode):
+    """All heads in one mode: dense == dense op, streaming == the streaming selector's plan."""
+    case = Case(1, 2, 2, 96, 96, 16)
+    q, k, v, _ = _qkv(case, torch.float32, False)
+    plan = _mixed_plan(case, 1, 2, [MODES.index(mode)] * 2)
+    out = ops.mixed(q, k, v, plan, backend="triton")
+    if mode == "dense":
+        ref = ops.dense(q, k, v)
+    elif mode == "streaming":
+        from attnzoo.selectors.streaming import Streaming
+        ref = torch.cat([ops.reference(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1],
+                                       Streaming(int(plan.sink[0, h]), int(plan.local[0, h]), 32)(
+                                           q[:, h:h + 1], k[:, h:h + 1])) for h in range(2)], 1)
+    else:
+        ref = ops.block_sparse(q, k, v, plan.block, backend="blocked")
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_portable_mixed_backend_matches_reference():
+    case = MIXED_CASES[1]
+    q, k, v, kpm = _qkv(case, torch.float32, True)
+    plan = _mixed_plan(case, case.B, case.Hq, [0, 1, 2, 2, 1, 0])
+    out, lse = ops.mixed(q, k, v, plan, key_padding_mask=kpm, return_lse=True, backend="blocked")
+    _compare(out, lse, q, k, v, kpm, plan, torch.float32, True)
+
+
+def test_mixed_plan_contract():
+    case = Case(2, 4, 2, 100, 100, 32)
+    plan = _mixed_plan(case, 2, 4, [0, 1, 2, 1])
+    assert "dense=0.25" in repr(plan) and "streaming=0.50" in repr(plan)
+    assert plan.to_mask().shape == (2, 4, 100, 100)
+    d = plan.density(reduce=False)
+    assert torch.allclose(d[:, 0], torch.ones(2, dtype=d.dtype, device=d.device)) and (d[:, 2] < 1).all()
+    with pytest.raises(ValueError, match="block-mode heads need a BlockPlan"):
+        MixedPlan(plan.mode, plan.sink, plan.local, None, 32, 100, 100)
+    with pytest.raises(ValueError, match="mode values"):
+        MixedPlan(plan.mode + 3, plan.sink, plan.local, plan.block, 32, 100, 100)
+    with pytest.raises(ValueError, match="local must be"):
+        MixedPlan(plan.mode, plan.sink, plan.local[:1], plan.block, 32, 100, 100)
+
+
+# -- Triton XAttention scoring ------------------------------------------------------------------
+
+SCORE_CASES = [
+    (Case(2, 4, 2, 100, 130, 32, "right"), 4, 32),
+    (Case(2, 2, 1, 96, 96, 16, "left"), 2, 32),
+    (Case(1, 2, 2, 200, 200, 64), 8, 128),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case,stride,block", SCORE_CASES, ids=lambda x: str(x))
+def test_triton_scores_match_torch(case, stride, block, dtype):
+    q, k, _, kpm = _qkv(case, dtype, False, seed=7)
+    kw = dict(stride=stride, block_size=block, chunk_size=2 * block, key_padding_mask=kpm)
+    ref = list(antidiagonal_block_scores(q.float(), k.float(), backend="torch", **kw))
+    got = list(antidiagonal_block_scores(q, k, backend="triton", **kw))
+    assert [(a, b) for a, b, _ in ref] == [(a, b) for a, b, _ in got]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for (_, _, w1), (_, _, w2) in zip(ref, got, strict=True):
+        assert w2.shape == w1.shape
+        assert (w2 - w1).abs().max() <= tol  # probabilities: absolute error
+
+
+@needs_triton
+def test_xattention_selector_same_plan_with_triton_scores(monkeypatch):
+    from attnzoo.selectors.xattention import XAttention
+    case = Case(2, 4, 2, 100, 130, 32, "right")
+    q, k, _, kpm = _qkv(case, torch.float32, False, seed=2)
+    sel = XAttention(threshold=0.8, stride=4, block_size=32, chunk_size=64)
+    from attnzoo.selectors.base import Context
+    ctx = Context(key_padding_mask=kpm)
+    monkeypatch.setenv("ATTNZOO_BACKEND", "antidiagonal_scores=torch")
+    a = sel(q, k, ctx)
+    monkeypatch.setenv("ATTNZOO_BACKEND", "antidiagonal_scores=triton")
+    b = sel(q, k, ctx)
+    assert torch.equal(a.to_block_mask(), b.to_block_mask())
+
+
+# -- a routed stack as one launch ---------------------------------------------------------------
+
+ROUTED = {"default": {"router": {"name": "table", "heads": {0: ["full", "sparse", "sparse", "full"]}},
+                      "branches": {"full": {"op": "dense"}, "sparse": None}}}
+
+
+@needs_triton
+@pytest.mark.parametrize("sparse", [
+    {"selector": {"name": "streaming", "sink": 32, "local": 32, "block_size": 32}, "op": "block_sparse"},
+    {"selector": {"name": "xattention", "stride": 4, "block_size": 32, "chunk_size": 64,
+                  "threshold": 0.8}, "op": "block_sparse"},
+], ids=["fa-streaming", "fa-xattention"])
+def test_routed_stack_single_launch_equals_per_branch(sparse, monkeypatch):
+    cfg = {"default": {**ROUTED["default"], "branches": {"full": {"op": "dense"}, "sparse": sparse}}}
+    stack = build(cfg)
+    case = Case(2, 8, 4, 100, 100, 32, "right")
+    q, k, v, kpm = _qkv(case, torch.float32, False, seed=5)
+    ctx = CallContext(key_padding_mask=kpm, layer_idx=0)
+    node = stack.node_for(0)
+    split = node(q, k, v, ctx)
+    calls = []
+    import attnzoo.stack as stack_mod
+    orig = stack_mod.mixed_op
+    monkeypatch.setattr(stack_mod, "mixed_op", lambda *a, **kw: calls.append(kw["backend"]) or orig(*a, **kw))
+    monkeypatch.setenv("ATTNZOO_BACKEND", "mixed=triton")
+    fused = node(q, k, v, ctx)
+    assert calls == ["triton"], "the routed layer did not run as one mixed launch"
+    assert rel_err(fused, split) <= 1e-5
+
+
+# -- FlashInfer: plan conversion (CPU) ----------------------------------------------------------
+
+def _emulate_flashinfer(call: fib.VariableBlockCall, q, k, v, scale):
+    """FlashInfer's documented semantics for one call, literally: per (KV head, row block),
+    gather the selected column blocks; with causal, row i of R rows sees gathered key j iff
+    j <= i + L - R. Returns (out [Hq, Nq, D], lse [Hq, Nq]) in fp32."""
+    Hq, Nq, D = q.shape
+    Hkv = k.shape[0]
+    g = Hq // Hkv
+    out = torch.zeros(Hq, Nq, D)
+    lse = torch.full((Hq, Nq), float("-inf"))
+    rstart = torch.cumsum(call.block_row_sz, 1) - call.block_row_sz
+    cstart = torch.cumsum(call.block_col_sz, 1) - call.block_col_sz
+    for h in range(Hkv):
+        for r in range(call.block_mask_map.shape[1]):
+            cols = call.block_mask_map[h, r].nonzero().flatten().tolist()
+            if not cols:
+                continue
+            keys = torch.cat([torch.arange(int(cstart[h, c]), int(cstart[h, c] + call.block_col_sz[h, c]))
+                              for c in cols])
+            r0, R = int(rstart[h, r]), int(call.block_row_sz[h, r])
+            L = len(keys)
+            for qh in range(h * g, (h + 1) * g):
+                s = q[qh, r0:r0 + R].float() @ k[h, keys].float().T * scale
+                if call.causal:
+                    ok = torch.arange(L)[None, :] <= torch.arange(R)[:, None] + L - R
+                    s = s.masked_fill(~ok, float("-inf"))
+                lse[qh, r0:r0 + R] = torch.logsumexp(s, -1)
+                out[qh, r0:r0 + R] = torch.softmax(s, -1) @ v[h, keys].float()
+    return out, lse
+
+
+@pytest.mark.parametrize("drop_diagonal", [False, True], ids=["diag-kept", "diag-dropped"])
+@pytest.mark.parametrize("Nq,Nk,causal", [(96, 96, True), (100, 100, True), (36, 100, True),
+                                          (50, 90, False)])
+def test_flashinfer_conversion_is_exact_under_its_causal_rule(Nq, Nk, causal, drop_diagonal):
+    Hq, Hkv, D, b = 4, 2, 16, 32
+    if causal and (Nk - Nq) % b:
+        Nk = Nq + b * ((Nk - Nq) // b)  # aligned geometry: what the backend accepts
+    plan = random_block_plan(2, Hkv, Nq, Nk, b, b, p=0.5, seed=Nq, causal=causal, poison=False)
+    mask = plan.to_block_mask()
+    if causal:
+        last = plan.last_visible_block()
+        diag = torch.zeros_like(mask)
+        diag[..., torch.arange(mask.shape[2]), last] = True
+        mask = (mask & ~diag) if drop_diagonal else (mask | diag)
+    plan = BlockPlan.from_block_mask(mask, b, b, Nq, Nk, causal)
+    q, k, v = make_qkv(2, Hq, Hkv, Nq, Nk, D, seed=1)
+    ref, ref_lse = ops.reference(q, k, v, plan, return_lse=True)
+    for bi in range(2):
+        calls = fib.variable_block_calls(plan, bi)
+        assert len(calls) == (2 if causal and drop_diagonal and mask[bi].any() else 1)
+        union = torch.zeros_like(calls[0].block_mask_map)
+        for c in calls:
+            assert c.block_mask_map.shape == (Hkv, -(-Nq // b), -(-Nk // b))
+            assert int(c.block_row_sz.sum(1)[0]) == Nq and int(c.block_col_sz.sum(1)[0]) == Nk
+            assert not (union & c.block_mask_map).any(), "a block is computed twice"
+            union |= c.block_mask_map
+        assert torch.equal(union, mask[bi]), "conversion does not round-trip the plan"
+        parts = [_emulate_flashinfer(c, q[bi], k[bi], v[bi], D ** -0.5) for c in calls]
+        o, lse = parts[0]
+        for o2, l2 in parts[1:]:
+            o, lse = ops.merge_attention(o, lse, o2, l2)
+        assert rel_err(o, ref[bi]) <= 1e-5
+        assert_lse_close(lse, ref_lse[bi], 1e-5)
+
+
+def test_flashinfer_declines_geometry_its_causal_rule_cannot_express():
+    assert "square blocks" in fib.geometry_reason((64, 32, 100, 100, True))
+    assert "aligned" in fib.geometry_reason((32, 32, 50, 100, True))
+    assert fib.geometry_reason((32, 32, 36, 100, True)) is None
+    assert fib.geometry_reason((64, 32, 50, 100, False)) is None
+    req = dispatch.Request(op="block_sparse", device="cuda", dtype=torch.bfloat16, head_dim=128,
+                           plan_kind="block", q_len=100, kv_len=100, q_heads=8, kv_heads=2, plan_heads=8,
+                           block_size=(64, 64))
+    assert "per-KV-head plan" in fib.FLASHINFER_BLOCK_SPARSE.check(req)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only declarations")
+def test_cuda_backends_unavailable_on_cpu_with_reasons():
+    from attnzoo.cli import info_text
+    text = info_text()
+    for name in ("dense/flashinfer", "block_sparse/flashinfer", "block_sparse/triton", "mixed/triton",
+                 "antidiagonal_scores/triton"):
+        assert name in text
+    req = dispatch.Request(op="dense", device="cpu", dtype=torch.bfloat16, head_dim=64, plan_kind="dense")
+    reasons = dict(dispatch.explain(req))
+    assert reasons["flashinfer"]  # declined, with a reason (not installed, or CUDA only)
+    assert "interpreter" in dict(dispatch.explain(dataclasses.replace(req, op="block_sparse", plan_kind="block",
+                                                                      block_size=(32, 32))))["triton"]
+
+
+@pytest.mark.skipif(fib.flashinfer_missing() is not None, reason="needs flashinfer")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("op", ["dense", "block_sparse"])
+def test_flashinfer_kernels_match_reference(op):
+    case = Case(2, 8, 2, 256, 256, 128)
+    q, k, v, _ = _qkv(case, torch.bfloat16, False)
+    if op == "dense":
+        out, lse = ops.dense(q, k, v, return_lse=True, backend="flashinfer")
+        plan = None
+    else:
+        plan = _plan_to(random_block_plan(2, 2, 256, 256, 64, 64, p=0.5, seed=3, poison=False), DEVICE)
+        out, lse = ops.block_sparse(q, k, v, plan, return_lse=True, backend="flashinfer")
+    _compare(out, lse, q, k, v, None, plan, torch.bfloat16, False)
