@@ -79,6 +79,52 @@ def compare(args) -> int:
     return 0
 
 
+def _load_model(name: str):
+    if name == "embedded":
+        from .models import load_embedded
+        return load_embedded()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+
+
+def _targets(text: str) -> dict:
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        if "=" not in item:
+            raise argparse.ArgumentTypeError(f"targets look like retrieval=0.6,other=1.0; got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = float(v)
+    return out
+
+
+def train(args) -> int:
+    from .training import train_elastic, train_ssa, training_samples
+
+    model, tok = _load_model(args.model)
+    samples = training_samples(tok, args.samples, lengths=args.lengths, seed=args.seed)
+    stack = _spec_or_none(args.stack)
+    if args.method == "ssa":
+        log = train_ssa(model, samples, sparse=stack, steps=args.steps, lr=args.lr or 1e-5, accum=args.batch,
+                        trainable=args.trainable, seed=args.seed, out_dir=args.out)
+        if args.out:
+            model.save_pretrained(args.out + "/model")
+            tok.save_pretrained(args.out + "/model")
+    else:
+        _, log = train_elastic(model, samples, sparse=stack, steps=args.steps, batch=args.batch, lr=args.lr or 5e-4,
+                               targets=args.targets, seed=args.seed, out_dir=args.out)
+    last = log.rows[-1]
+    print("last step: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
+    print(f"wrote {args.out}/log.jsonl, training.png" + (", router.pt" if args.method == "elastic" else ", model/"))
+    return 0
+
+
+def _spec_or_none(text):
+    if text is None:
+        return None
+    from .config import preset_names
+    return f"preset:{text}" if text in preset_names() else text
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="attnzoo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,7 +138,24 @@ def main(argv=None) -> int:
     c.add_argument("--quick", action="store_true", help="one short prompt per preset (CI smoke run)")
     c.add_argument("--max-new-tokens", type=int, help="greedy tokens per answer (default: 32, 64 for multivalue)")
     c.add_argument("--out", default="attnzoo-compare", help="folder for results.json and pareto.png")
+    t = sub.add_parser("train", help="SSA alignment training, or Elastic router training (frozen backbone)")
+    t.add_argument("method", choices=["ssa", "elastic"])
+    t.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M) or a local HF model folder")
+    t.add_argument("--stack", help="the sparse branch: a preset name or stack YAML (default: ssa topk_blocks 16x16; "
+                   "elastic streaming sink 64 + local 256)")
+    t.add_argument("--steps", type=int, default=100)
+    t.add_argument("--batch", type=int, default=4, help="samples per step (ssa: accumulation steps)")
+    t.add_argument("--samples", type=int, default=64, help="training samples drawn (retrieval and continuation)")
+    t.add_argument("--lengths", type=_csv(int), default=[512, 1024], help="sample lengths in tokens")
+    t.add_argument("--lr", type=float, help="default: ssa 1e-5, elastic 5e-4")
+    t.add_argument("--trainable", choices=["all", "attention"], default="all", help="ssa: which weights train")
+    t.add_argument("--targets", type=_targets, default=None, help="elastic: sparsity targets per task type, "
+                   "e.g. retrieval=0.6,other=1.0")
+    t.add_argument("--seed", type=int, default=100)
+    t.add_argument("--out", default="attnzoo-train", help="folder for log.jsonl, training.png and the weights")
     args = parser.parse_args(argv)
+    if args.command == "train":
+        return train(args)
     if args.command == "info":
         print(info_text())
     elif args.command == "compare":

@@ -91,6 +91,27 @@ def _attention_modules(model: nn.Module):
 
 
 @contextlib.contextmanager
+def pre_rope_key_hooks(model: nn.Module):
+    """Yield a dict that each forward fills with ``{layer_idx: keys [B, N, Hkv, D]}`` taken after
+    k_proj (k_norm where the model has one), before RoPE — what head routers read (detached)."""
+    keys: dict[int, torch.Tensor] = {}
+    hooks = []
+    for attn in _attention_modules(model):
+        src = getattr(attn, "k_norm", None) or attn.k_proj
+        head_dim = getattr(attn, "head_dim", None) or model.config.head_dim
+
+        def hook(module, args, output, idx=attn.layer_idx, d=head_dim):
+            keys[idx] = output.detach().reshape(*output.shape[:2], -1, d)
+
+        hooks.append(src.register_forward_hook(hook))
+    try:
+        yield keys
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@contextlib.contextmanager
 def patch(model: nn.Module, stack, meter=None):
     """Run ``model`` with the attention ``stack`` (anything ``attnzoo.build`` takes) inside the
     block; the previous attention implementation is restored on exit, also after an exception.
@@ -106,18 +127,8 @@ def patch(model: nn.Module, stack, meter=None):
     stack = build(stack)
     stack.check_num_layers(len(decoder_layers(model)))
     needs_keys = any(getattr(getattr(n, "router", None), "needs_pre_rope_keys", False) for n in stack.nodes())
-    keys: dict[int, torch.Tensor] = {}
     caches: dict[int, dict] = {}
-    hooks = []
-    if needs_keys:
-        for attn in _attention_modules(model):
-            src = getattr(attn, "k_norm", None) or attn.k_proj
-            head_dim = getattr(attn, "head_dim", None) or model.config.head_dim
-
-            def hook(module, args, output, idx=attn.layer_idx, d=head_dim):
-                keys[idx] = output.detach().reshape(*output.shape[:2], -1, d)  # [B, N, Hkv, D]
-
-            hooks.append(src.register_forward_hook(hook))
+    keys_ctx = pre_rope_key_hooks(model) if needs_keys else contextlib.nullcontext({})
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if dropout:
@@ -133,9 +144,6 @@ def patch(model: nn.Module, stack, meter=None):
         out = stack.node_for(layer)(query, key, value, ctx)
         return out.transpose(1, 2).contiguous(), None
 
-    try:
-        with use_attention(model, attention, prefix=f"attnzoo_{re.sub(r'[^A-Za-z0-9_]', '_', stack.name)}"):
-            yield model
-    finally:
-        for h in hooks:
-            h.remove()
+    with keys_ctx as keys, use_attention(model, attention,
+                                          prefix=f"attnzoo_{re.sub(r'[^A-Za-z0-9_]', '_', stack.name)}"):
+        yield model

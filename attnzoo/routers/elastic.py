@@ -52,10 +52,29 @@ def pool_keys(keys: torch.Tensor, pool_tokens: int, key_padding_mask=None) -> to
     return (keys * w).sum(1) / w.sum(1).clamp(min=1)
 
 
+WEIGHTS_DIR = Path(__file__).with_name("weights")
+
+
+def shipped_weights() -> list[str]:
+    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt"))
+
+
+def resolve_weights(name) -> Path:
+    """A weights file path, or the name of one shipped with attnzoo (``smollm2-135m``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = WEIGHTS_DIR / f"{name}.pt"
+    if shipped.is_file():
+        return shipped
+    raise ValueError(f"elastic router weights {str(name)!r}: no such file, and not a shipped name "
+                     f"{shipped_weights()}{suggest(str(name), shipped_weights())}")
+
+
 @register("router", "elastic")
 @dataclass
 class ElasticRouter:
-    weights: str | None = None  # a file written by save(); loaded with torch.load(weights_only=True)
+    weights: str | None = None  # a file written by save() or a shipped name; torch.load(weights_only=True)
     head_dim: int = 64
     full: str = "full"  # branch label FA heads run
     sparse: str = "sparse"  # branch label SA heads run
@@ -116,15 +135,18 @@ class ElasticRouter:
         branch = torch.where(fa, labels.index(self.full), labels.index(self.sparse))
         return HeadPlan(branch.to(k.device), labels)
 
-    def save(self, path) -> Path:
+    def save(self, path, dtype: torch.dtype | None = None) -> Path:
+        """Write the weights (optionally cast, e.g. fp16 to ship half the bytes)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
         torch.save({"format": "attnzoo.elastic_router/1", "head_dim": self.head_dim,
-                    "layers": {k: {n: t.detach().cpu() for n, t in m.state_dict().items()}
+                    "layers": {k: {n: cast(t.detach().cpu()) for n, t in m.state_dict().items()}
                                for k, m in self.layers.items()}}, path)
         return path
 
     def load(self, path) -> None:
+        path = resolve_weights(path)
         data = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(data, dict) or data.get("format") != "attnzoo.elastic_router/1":
             raise ValueError(f"{path}: not an attnzoo elastic router file")

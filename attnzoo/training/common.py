@@ -1,0 +1,101 @@
+"""Pieces both trainers share: a per-layer training attention function, schedules, logging."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..integrations.hf import _key_padding, decoder_layers, pre_rope_key_hooks, use_attention
+from ..stack import CallContext, build
+
+
+def layer_nodes(stack, model) -> list:
+    """One stack node per decoder layer of ``model`` (anything ``attnzoo.build`` takes)."""
+    stack = build(stack)
+    n = len(decoder_layers(model))
+    stack.check_num_layers(n)
+    return [stack.node_for(i) for i in range(n)]
+
+
+@contextlib.contextmanager
+def layer_attention(model, fn):
+    """Run ``model`` with ``fn(q, k, v, ctx: CallContext) -> out [B, Hq, N, D]`` as every layer's
+    attention (ctx carries the layer index, padding, scale and the layer's pre-RoPE keys)."""
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if dropout:
+            raise ValueError(f"attnzoo training implements no attention dropout, got {dropout}")
+        ctx = CallContext(key_padding_mask=_key_padding(attention_mask, key), layer_idx=module.layer_idx,
+                          scale=scaling, pre_rope_keys=keys.get(module.layer_idx))
+        return fn(query, key, value, ctx).transpose(1, 2).contiguous(), None
+
+    with pre_rope_key_hooks(model) as keys, use_attention(model, attention, prefix="attnzoo_train"):
+        yield
+
+
+def cosine_temperature(step: int, steps: int, start: float = 1.5, end: float = 1.0, frac: float = 0.6) -> float:
+    """Cosine decay from ``start`` to ``end`` over the first ``frac`` of the steps, then ``end``."""
+    horizon = frac * steps
+    if horizon <= 0 or step >= horizon:
+        return end
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * step / horizon))
+
+
+def warmup_cosine(step: int, steps: int, warmup: float = 0.2) -> float:
+    """Learning-rate multiplier: linear warm-up over ``warmup`` of the steps, then cosine to 0."""
+    w = max(1, int(round(warmup * steps)))
+    if step < w:
+        return (step + 1) / w
+    return 0.5 * (1.0 + math.cos(math.pi * (step - w) / max(1, steps - w)))
+
+
+class RunLog:
+    """Per-step records: kept in memory, appended to ``DIR/log.jsonl``, plotted to ``training.png``."""
+
+    def __init__(self, out_dir=None):
+        self.rows: list[dict] = []
+        self.out = Path(out_dir) if out_dir is not None else None
+        self.t0 = time.perf_counter()
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "log.jsonl").write_text("")
+
+    def add(self, row: dict) -> dict:
+        row = {**row, "seconds": round(time.perf_counter() - self.t0, 2)}
+        self.rows.append(row)
+        if self.out is not None:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return row
+
+    def plot(self, panels: dict[str, list[str]], title: str) -> Path | None:
+        """One subplot per panel, each plotting the listed keys against the step."""
+        if self.out is None or not self.rows:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+        steps = [r["step"] for r in self.rows]
+        for ax, (name, keys) in zip(axes[0], panels.items(), strict=True):
+            for key in keys:
+                ys = [r.get(key) for r in self.rows]
+                pts = [(s, y) for s, y in zip(steps, ys, strict=True) if y is not None]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), label=key, lw=1.2)
+            ax.set_title(name)
+            ax.set_xlabel("step")
+            ax.legend(fontsize=7)
+        fig.suptitle(title)
+        fig.tight_layout()
+        path = self.out / "training.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path

