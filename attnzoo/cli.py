@@ -111,7 +111,7 @@ def train(args) -> int:
             tok.save_pretrained(args.out + "/model")
     else:
         _, log = train_elastic(model, samples, sparse=stack, steps=args.steps, batch=args.batch, lr=args.lr or 5e-4,
-                               targets=args.targets, seed=args.seed, out_dir=args.out)
+                               lambda_lr=args.lambda_lr, targets=args.targets, seed=args.seed, out_dir=args.out)
     last = log.rows[-1]
     print("last step: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
     print(f"wrote {args.out}/log.jsonl, training.png" + (", router.pt" if args.method == "elastic" else ", model/"))
@@ -148,6 +148,8 @@ def main(argv=None) -> int:
     t.add_argument("--samples", type=int, default=64, help="training samples drawn (retrieval and continuation)")
     t.add_argument("--lengths", type=_csv(int), default=[512, 1024], help="sample lengths in tokens")
     t.add_argument("--lr", type=float, help="default: ssa 1e-5, elastic 5e-4")
+    t.add_argument("--lambda-lr", type=float, default=1e-3, help="elastic: multiplier ascent lr (paper: 1e-3 for "
+                   "300 steps x 48 samples; shorter runs need more, e.g. 0.05)")
     t.add_argument("--trainable", choices=["all", "attention"], default="all", help="ssa: which weights train")
     t.add_argument("--targets", type=_targets, default=None, help="elastic: sparsity targets per task type, "
                    "e.g. retrieval=0.6,other=1.0")

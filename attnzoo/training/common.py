@@ -8,8 +8,6 @@ import math
 import time
 from pathlib import Path
 
-import torch
-
 from ..integrations.hf import _key_padding, decoder_layers, pre_rope_key_hooks, use_attention
 from ..stack import CallContext, build
 
