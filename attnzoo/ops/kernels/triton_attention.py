@@ -37,21 +37,36 @@ LOG2E = 1.0 / LN2
 
 
 @triton.jit
-def _walk(qb, mode, sink, local, Nq, Nk, offset,
-          PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr, CAUSAL: tl.constexpr):
-    """(last visible block, first local block, sink blocks walked) of query block ``qb``:
-    dense and block heads get lo = 0 and no sink part."""
+def _row_walk(MODE, SINK, LOCAL, IDX, CNT, b, hp, Hp, qb, m0, Nq, Nk, offset, sib, sih, siq, scb, sch, scq,
+              BLOCK_M: tl.constexpr, PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr, CAUSAL: tl.constexpr):
+    """What query block ``qb`` of plan head ``hp`` walks under its mode: (mode, first local block,
+    sink blocks walked, number of blocks, index row, first key no row of the tile can see).
+    Dense and block heads have no sink part and lo = 0."""
+    mode = tl.load(MODE + b * Hp + hp)
+    sink = tl.load(SINK + b * Hp + hp)
+    local = tl.load(LOCAL + b * Hp + hp)
     nkb = (Nk + PLAN_BK - 1) // PLAN_BK
     if CAUSAL:
         last_row = tl.minimum((qb + 1) * PLAN_BQ, Nq) - 1
         hi = tl.minimum((last_row + offset) // PLAN_BK, nkb - 1)
+        limit = tl.minimum(Nk, tl.minimum(m0 + BLOCK_M, Nq) + offset)
     else:
         hi = nkb - 1
+        limit = Nk
     is_stream = mode == 1
     lo_s = tl.maximum(qb * PLAN_BQ + offset - local, 0) // PLAN_BK
     lo = tl.where(is_stream, lo_s, 0)
     s_ = tl.where(is_stream, tl.minimum((sink + PLAN_BK - 1) // PLAN_BK, lo_s), 0)
-    return hi, lo, s_
+    cnt = tl.load(CNT + b * scb + hp * sch + qb * scq, mask=mode == 2, other=0)
+    n_blocks = tl.where(mode == 2, cnt, s_ + hi - lo + 1)
+    return mode, lo, s_, n_blocks, IDX + b * sib + hp * sih + qb * siq, limit
+
+
+@triton.jit
+def _block_at(j, mode, lo, s_, idx_row, sis):
+    """The j-th key block walked: an index-list entry, or a position in the sink/local ranges."""
+    kb_sparse = tl.load(idx_row + j * sis, mask=mode == 2, other=0)
+    return tl.where(mode == 2, kb_sparse, tl.where(j < s_, j, lo + j - s_))
 
 
 @triton.jit
@@ -119,26 +134,16 @@ def _fwd_kernel(
     if UPCAST:
         q = q.to(tl.float32)
 
-    mode = tl.load(MODE + b * Hp + hp)
-    sink = tl.load(SINK + b * Hp + hp)
-    local = tl.load(LOCAL + b * Hp + hp)
-    hi, lo, s_ = _walk(qb, mode, sink, local, Nq, Nk, offset, PLAN_BQ, PLAN_BK, CAUSAL)
-    cnt = tl.load(CNT + b * scb + hp * sch + qb * scq, mask=mode == 2, other=0)
-    n_blocks = tl.where(mode == 2, cnt, s_ + hi - lo + 1)
-    idx_row = IDX + b * sib + hp * sih + qb * siq
-
+    mode, lo, s_, n_blocks, idx_row, limit = _row_walk(
+        MODE, SINK, LOCAL, IDX, CNT, b, hp, Hp, qb, m0, Nq, Nk, offset, sib, sih, siq, scb, sch, scq,
+        BLOCK_M, PLAN_BQ, PLAN_BK, CAUSAL)
     q_first = m0 + offset
-    if CAUSAL:
-        limit = tl.minimum(Nk, tl.minimum(m0 + BLOCK_M, Nq) + offset)  # keys past it are unseen
-    else:
-        limit = Nk
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for j in range(0, n_blocks):
-        kb_sparse = tl.load(idx_row + j * sis, mask=mode == 2, other=0)
-        kb = tl.where(mode == 2, kb_sparse, tl.where(j < s_, j, lo + j - s_))
+        kb = _block_at(j, mode, lo, s_, idx_row, sis)
         for sub in tl.static_range(PLAN_BK // BLOCK_N):
             n0 = kb * PLAN_BK + sub * BLOCK_N
             # a tile covering its whole query block sees part of every block walked (no branch,
@@ -230,23 +235,14 @@ def _bwd_kernel(
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(DELTA + pid_bh * Nq + offs_m, mask=row_ok, other=0.0)
 
-    mode = tl.load(MODE + b * Hp + hp)
-    sink = tl.load(SINK + b * Hp + hp)
-    local = tl.load(LOCAL + b * Hp + hp)
-    hi, lo, s_ = _walk(qb, mode, sink, local, Nq, Nk, offset, PLAN_BQ, PLAN_BK, CAUSAL)
-    cnt = tl.load(CNT + b * scb + hp * sch + qb * scq, mask=mode == 2, other=0)
-    n_blocks = tl.where(mode == 2, cnt, s_ + hi - lo + 1)
-    idx_row = IDX + b * sib + hp * sih + qb * siq
-    if CAUSAL:
-        limit = tl.minimum(Nk, tl.minimum(m0 + BLOCK_M, Nq) + offset)
-    else:
-        limit = Nk
+    mode, lo, s_, n_blocks, idx_row, limit = _row_walk(
+        MODE, SINK, LOCAL, IDX, CNT, b, hp, Hp, qb, m0, Nq, Nk, offset, sib, sih, siq, scb, sch, scq,
+        BLOCK_M, PLAN_BQ, PLAN_BK, CAUSAL)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     kv_base = (b * Hkv + hkv) * Nk
     for j in range(0, n_blocks):
-        kb_sparse = tl.load(idx_row + j * sis, mask=mode == 2, other=0)
-        kb = tl.where(mode == 2, kb_sparse, tl.where(j < s_, j, lo + j - s_))
+        kb = _block_at(j, mode, lo, s_, idx_row, sis)
         for sub in tl.static_range(PLAN_BK // BLOCK_N):
             n0 = kb * PLAN_BK + sub * BLOCK_N
             if SKIP_CHECK:
