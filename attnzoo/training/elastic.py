@@ -82,6 +82,9 @@ def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse
         raise ValueError("steps and batch must be >= 1")
     targets = dict(DEFAULT_TARGETS if targets is None else targets)
     for s in samples:
+        if s.input_ids.ndim != 2 or s.input_ids.shape[0] != 1:
+            raise ValueError(f"each Sample holds one sequence [1, N] (Omega is per sample), got "
+                             f"{tuple(s.input_ids.shape)}")
         if s.task_type not in targets:
             raise ValueError(f"no target for task type {s.task_type!r}; targets: {targets}")
     head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else \
