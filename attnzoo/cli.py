@@ -98,11 +98,15 @@ def _targets(text: str) -> dict:
 
 
 def train(args) -> int:
+    from .eval.compare import _spec
+    from .stack import build
     from .training import train_elastic, train_ssa, training_samples
 
+    stack = None if args.stack is None else _spec(args.stack)
+    if stack is not None:
+        build(stack)  # a bad name or file fails before the model loads
     model, tok = _load_model(args.model)
     samples = training_samples(tok, args.samples, lengths=args.lengths, seed=args.seed)
-    stack = _spec_or_none(args.stack)
     if args.method == "ssa":
         log = train_ssa(model, samples, sparse=stack, steps=args.steps, lr=args.lr or 1e-5, accum=args.batch,
                         trainable=args.trainable, seed=args.seed, out_dir=args.out)
@@ -116,13 +120,6 @@ def train(args) -> int:
     print("last step: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
     print(f"wrote {args.out}/log.jsonl, training.png" + (", router.pt" if args.method == "elastic" else ", model/"))
     return 0
-
-
-def _spec_or_none(text):
-    if text is None:
-        return None
-    from .config import preset_names
-    return f"preset:{text}" if text in preset_names() else text
 
 
 def main(argv=None) -> int:

@@ -22,6 +22,7 @@ from attnzoo.plans import MODES, BlockPlan, MixedPlan
 from attnzoo.stack import CallContext
 
 from .conftest import assert_lse_close, make_qkv, padding_mask, random_block_plan, rel_err
+from .test_ops_backends import Case as BackendCase
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(triton_reason(DEVICE) is not None,
@@ -31,20 +32,13 @@ TOL = {torch.float32: (1e-4, 1e-4, 1e-3), torch.bfloat16: (2e-2, 1e-2, 5e-2),
 
 
 @dataclass(frozen=True)
-class Case:
-    B: int
-    Hq: int
-    Hkv: int
-    Nq: int
-    Nk: int
-    D: int
-    pad: str = "none"
-    causal: bool = True
+class Case(BackendCase):
+    """The backend matrix's case plus the plan's block size (small shapes for the interpreter)."""
+
     block: tuple = (32, 32)
 
     def __str__(self):
-        return (f"B{self.B}-H{self.Hq}:{self.Hkv}-N{self.Nq}x{self.Nk}-D{self.D}-{self.pad}"
-                f"{'' if self.causal else '-noncausal'}-b{self.block[0]}x{self.block[1]}")
+        return f"{super().__str__()}-b{self.block[0]}x{self.block[1]}"
 
 
 CASES = [

@@ -90,11 +90,10 @@ def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse
     head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else \
         model.config.hidden_size // model.config.num_attention_heads
     router = router or ElasticRouter(head_dim=head_dim, seed=seed)
-    n_layers = len(layer_nodes({"default": {"op": "dense"}}, model))
-    for i in range(n_layers):
-        router.layer(i)
     sparse_nodes = layer_nodes(sparse or DEFAULT_SPARSE, model)
     full_nodes = layer_nodes(full or {"default": {"op": "dense"}}, model)
+    for i in range(len(full_nodes)):
+        router.layer(i)
     for p in model.parameters():
         p.requires_grad_(False)
     params = list(router.layers.parameters())
