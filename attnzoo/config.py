@@ -135,6 +135,20 @@ def preset_names() -> list[str]:
     return sorted(p.name.rsplit(".", 1)[0] for p in d.iterdir() if p.name.endswith(".yaml"))
 
 
+def _parse(text: str, where: str, json_text: bool = False):
+    """YAML (or JSON) text to Python data; a syntax error becomes one ConfigError naming ``where``
+    and the line, instead of the parser's traceback."""
+    try:
+        return json.loads(text) if json_text else yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML{at}: {problem}") from None
+
+
 def load_config(src) -> dict:
     """A config dict from a dict, a ``.yaml``/``.yml``/``.json`` path, YAML text, or
     ``"preset:NAME"`` (a file shipped in ``attnzoo/presets``)."""
@@ -145,16 +159,15 @@ def load_config(src) -> dict:
         p = Path(src)
         if not p.is_file():
             raise FileNotFoundError(f"config file not found: {p}")
-        text = p.read_text()
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        data = _parse(p.read_text(), str(p), json_text=p.suffix == ".json")
     elif isinstance(src, str) and src.startswith("preset:"):
         name = src.split(":", 1)[1]
         names = preset_names()
         if name not in names:
             raise ConfigError(f"unknown preset {name!r}{suggest(name, names)}. Presets: {names}")
-        data = yaml.safe_load((_preset_dir() / f"{name}.yaml").read_text())
+        data = _parse((_preset_dir() / f"{name}.yaml").read_text(), f"preset {name!r}")
     elif isinstance(src, str):
-        data = yaml.safe_load(src)
+        data = _parse(src, "YAML text")
     else:
         raise TypeError(f"config must be a dict, a path, YAML text or 'preset:NAME', got {type(src).__name__}")
     if not isinstance(data, dict):

@@ -237,6 +237,9 @@ class BlockPlan:
     def full(cls, batch: int, heads: int, q_len: int, kv_len: int, block_q: int, block_k: int,
              causal: bool = True, device=None) -> BlockPlan:
         """Every (causal-)visible block: dense attention written as a block plan."""
+        for name, value in (("batch", batch), ("heads", heads), ("q_len", q_len), ("kv_len", kv_len),
+                            ("block_q", block_q), ("block_k", block_k)):
+            _check_int(name, value)
         nqb, nkb = _cdiv(q_len, block_q), _cdiv(kv_len, block_k)
         mask = torch.ones(nqb, nkb, dtype=torch.bool, device=device)
         if causal:
@@ -416,6 +419,12 @@ class TokenPlan:
         _check_qk_heads(q, k, self.heads, "TokenPlan (indices)")
         if self.indices.device != q.device:
             raise ValueError(f"plan is on {self.indices.device}, q is on {q.device}")
+        self.check_indices()
+
+    def check_indices(self) -> None:
+        """Content checks: lengths in range, kept positions in range and strictly ascending."""
+        if self.lengths.device != self.indices.device:
+            raise ValueError("lengths and indices must be on the same device")
         idx, n = self.indices.long(), self.lengths.long()
         if ((n < 0) | (n > self.max_len)).any():
             raise ValueError(f"lengths must lie in [0, {self.max_len}] (indices.shape[-1])")
@@ -576,6 +585,10 @@ class HeadPlan:
             )
         if ((self.branch < 0) | (self.branch >= self.num_branches)).any():
             raise ValueError(f"HeadPlan.branch values must lie in [0, {self.num_branches})")
+
+    def select(self, b: int) -> HeadPlan:
+        """The plan of batch element ``b`` alone (batch 1)."""
+        return HeadPlan(self.branch[b:b + 1], self.labels)
 
     def to_mask(self) -> torch.Tensor:
         """One-hot bool ``[B, Hkv, num_branches]``."""

@@ -32,11 +32,12 @@ from .ops import dense as dense_op
 from .ops import mixed as mixed_op
 from .ops import token_sparse
 from .ops.mixed import fused_backend
+from .ops.padding import StartAligned, first_real
 from .plans import MODES, BlockPlan, DensePlan, HeadPlan, MixedPlan, TokenPlan
 from .registry import create, to_config
 from .selectors.base import Context
 
-__all__ = ["CallContext", "DensityMeter", "Branch", "Routed", "Compressed", "LayerStack", "build"]
+__all__ = ["CallContext", "DensityMeter", "Branch", "Routed", "Compressed", "LayerStack", "build", "run"]
 
 
 class DensityMeter:
@@ -109,7 +110,8 @@ class Branch(Node):
         if ctx.decode and getattr(self.selector, "decode", "dense") == "dense":
             # prefill-only methods attend densely over the whole cache while decoding
             return dense_op(q, k, v, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
-        plan = self.selector(q, k, ctx.selector_context())
+        with torch.no_grad():  # plans are discrete; a plugin selector must not build a graph either
+            plan = self.selector(q, k, ctx.selector_context())
         if ctx.meter is not None:
             ctx.record(plan.density())
         if isinstance(plan, DensePlan) and "dense" not in self.op.plan_kinds:
@@ -140,7 +142,8 @@ class Routed(Node):
         key = ("head_plan", id(self))
         if ctx.decode and ctx.cache is not None and key in ctx.cache:
             return ctx.cache[key]  # decided once at prefill, reused for every decode step
-        plan = self.router(q, k, ctx, self.labels)
+        with torch.no_grad():
+            plan = self.router(q, k, ctx, self.labels)
         if not isinstance(plan, HeadPlan) or plan.labels != self.labels:
             raise ValueError(f"router {type(self.router).__name__} must return a HeadPlan over {self.labels}")
         plan.validate(q, k)
@@ -230,7 +233,8 @@ class Routed(Node):
             elif kind == "block":
                 b, h = chosen.nonzero(as_tuple=True)
                 qs, ks, _, sub = self._fold(q, k, v, ctx, b, h)
-                bp = self.branches[self.labels[i]].selector(qs, ks, sub.selector_context())
+                with torch.no_grad():
+                    bp = self.branches[self.labels[i]].selector(qs, ks, sub.selector_context())
                 if isinstance(bp, BlockPlan):
                     mode[chosen] = MODES.index("block")
                     blocks.append((b, h, bp))
@@ -278,7 +282,8 @@ class Compressed(Node):
     def __call__(self, q, k, v, ctx: CallContext) -> torch.Tensor:
         if ctx.decode:
             return self.inner(q, k, v, ctx)  # the cache holds uncompressed K/V
-        plan = self.compress(q, k, ctx.selector_context())
+        with torch.no_grad():
+            plan = self.compress(q, k, ctx.selector_context())
         if isinstance(plan, DensePlan):
             return self.inner(q, k, v, ctx)
         if not isinstance(plan, TokenPlan):
@@ -301,6 +306,10 @@ class LayerStack:
     layers: dict[tuple[int, int], Node] = field(default_factory=dict)
     description: str = ""
 
+    def __call__(self, layer_idx: int, q, k, v, ctx: CallContext) -> torch.Tensor:
+        """Attention of one layer: its node, run through ``run`` (left padding handled)."""
+        return run(self.node_for(layer_idx), q, k, v, ctx)
+
     def node_for(self, layer_idx: int) -> Node:
         for (lo, hi), node in self.layers.items():
             if lo <= layer_idx <= hi:
@@ -312,6 +321,13 @@ class LayerStack:
             if hi >= num_layers:
                 raise ValueError(f"stack {self.name!r}: layer range {_range_key(lo, hi)} is outside the "
                                  f"model's {num_layers} layers (0-{num_layers - 1})")
+        for node in self.nodes():
+            check = getattr(getattr(node, "router", None), "check_num_layers", None)
+            if check is not None:
+                try:
+                    check(num_layers)
+                except ValueError as e:
+                    raise ValueError(f"stack {self.name!r}: {e}") from None
 
     def nodes(self):
         for node in [self.default, *self.layers.values()]:
@@ -349,6 +365,50 @@ def _describe(node: Node) -> str:
 
 def _range_key(lo: int, hi: int) -> str:
     return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+# -- running a layer -----------------------------------------------------------------------------
+
+def _places_blocks(node: Node, decode: bool) -> bool:
+    """Whether ``node`` lays anything out by position (a plan grid, a sink, token choices) in a
+    call of this kind: while decoding only selectors that keep a plan over the cache do."""
+    for n in node.walk():
+        if isinstance(n, Branch) and n.selector is not None:
+            if not decode or getattr(n.selector, "decode", "dense") == "plan":
+                return True
+        elif not decode and isinstance(n, (Routed, Compressed)):
+            return True
+    return False
+
+
+def run(node: Node, q, k, v, ctx: CallContext) -> torch.Tensor:
+    """Run one layer's ``node``, with left padding made invisible to its selectors.
+
+    Plans place blocks, strides and sinks from each sequence's first token. A left-padded sequence
+    would put them on its padding, so the layer would compute something other than the prompt
+    alone. Prefill (Nq == Nk) rolls every sequence to start at row 0 on the device (see
+    ``ops.padding``); a call with Nq < Nk that places blocks (chunked prefill, or a decode step of
+    a selector that keeps a plan, like ``streaming``) runs one sequence at a time on its real
+    suffix, which costs one host sync. Nodes that place nothing run unchanged.
+    """
+    kpm = ctx.key_padding_mask
+    if kpm is None or not _places_blocks(node, ctx.decode):
+        return node(q, k, v, ctx)
+    B, Nq, Nk = q.shape[0], q.shape[2], k.shape[2]
+    keys = ctx.pre_rope_keys
+    if Nq == Nk:
+        al = StartAligned(kpm)
+        sub = replace(ctx, key_padding_mask=al.mask, pre_rope_keys=None if keys is None else al.align(keys, 1))
+        return al.restore(node(al.align(q), al.align(k), al.align(v), sub))
+    outs = []
+    for b, start in enumerate(first_real(kpm).tolist()):
+        s = min(start, Nk - Nq)  # query rows are never cut
+        cache = None if ctx.cache is None else {key: val.select(b) if isinstance(val, HeadPlan) else val
+                                                for key, val in ctx.cache.items()}
+        sub = replace(ctx, key_padding_mask=kpm[b:b + 1, s:], cache=cache, share=ctx.share / B,
+                      pre_rope_keys=None if keys is None else keys[b:b + 1, s:])
+        outs.append(node(q[b:b + 1], k[b:b + 1, :, s:], v[b:b + 1, :, s:], sub))
+    return torch.cat(outs)
 
 
 # -- building ------------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ def patch(model: nn.Module, stack, meter=None):
         ctx = CallContext(key_padding_mask=_key_padding(attention_mask, key), layer_idx=layer, scale=scaling,
                           pre_rope_keys=keys.get(layer), cache=caches.setdefault(layer, {}), decode=decode,
                           meter=meter)
-        out = stack.node_for(layer)(query, key, value, ctx)
+        out = stack(layer, query, key, value, ctx)
         return out.transpose(1, 2).contiguous(), None
 
     with keys_ctx as keys, use_attention(model, attention,

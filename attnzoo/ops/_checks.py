@@ -19,6 +19,8 @@ def _finite_check_enabled() -> bool:
 def check_qkv(q, k, v, *, causal: bool = True, key_padding_mask=None, scale=None,
               dtypes=SUPPORTED_DTYPES) -> None:
     """Raise TypeError/ValueError naming the argument when q/k/v/mask/scale are unusable."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be True or False, got {causal!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -26,6 +28,8 @@ def check_qkv(q, k, v, *, causal: bool = True, key_padding_mask=None, scale=None
             raise ValueError(f"{name} must be [B, H, N, D], got shape {tuple(t.shape)}")
         if t.dtype not in dtypes:
             raise TypeError(f"{name} dtype must be one of {[str(d) for d in dtypes]}, got {t.dtype}")
+        if t.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device (no data): attention needs real tensors on cpu or cuda")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):

@@ -5,8 +5,10 @@ Stride S, block b, per query head:
   so Q~ K~^T [i, j] is the antidiagonal sum of the S x S tile (i, j) of Q K^T, at 1/S the cost;
   P = row-softmax(Q~ K~^T / (sqrt(D) S)) with the causal rule in reduced index space;
   W[I, J] = sum of P over the (b/S) x (b/S) sub-grid of query block I and key block J.
-Padded positions contribute nothing to a stride group, padded query rows do not vote, so a padded
-sequence scores exactly like the same sequence alone.
+Padded positions contribute nothing to a stride group and padded query rows do not vote, so a
+*right*-padded sequence scores exactly like the same sequence alone. Stride groups and blocks start
+at position 0, so left padding shifts them: ``attnzoo.stack.run`` rolls left-padded sequences to
+start at row 0 first (``ops.padding``).
 
 Backends: ``torch`` (below; GQA folded into rows, no K repeat, chunked over queries, causally
 dead columns skipped) and ``triton`` (``attnzoo.ops.kernels.triton_scores``).
@@ -33,7 +35,7 @@ def _torch_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_pa
     qd, kd = q.to(dt), k.to(dt)
     if key_padding_mask is not None:
         # padded positions contribute nothing to a stride group's antidiagonal sums, so a
-        # padded sequence scores exactly like the same sequence alone
+        # right-padded sequence scores exactly like the same sequence alone
         kd = kd * key_padding_mask[:, None, :, None]
         qd = qd * key_padding_mask[:, None, Nk - Nq:, None]
     qp = F.pad(qd, (0, 0, 0, nqb * b - Nq))
@@ -83,7 +85,12 @@ register_backend(Backend(
 def antidiagonal_block_scores(q, k, *, stride: int, block_size: int, chunk_size: int,
                               key_padding_mask=None, backend: str | None = None):
     """Iterator of ``(I0, I1, W)`` over query-block chunks; W ``[B, Hq, I1-I0, Nkb]`` (fp32, fp64
-    for fp64 inputs). Callers validate q/k (the selector does)."""
+    for fp64 inputs). Callers validate q/k (the selector does).
+
+    Scores feed a discrete selection, so they carry no gradient: q and k are detached, and the
+    call works (and dispatches the same backend) whether or not they require grad.
+    """
+    q, k = q.detach(), k.detach()
     req = make_request("antidiagonal_scores", q, k, k, "scores", return_lse=False,
                        key_padding_mask=key_padding_mask, causal=True,
                        block_size=(block_size, stride))

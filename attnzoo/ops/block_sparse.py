@@ -244,21 +244,40 @@ def _flex_unavailable() -> str | None:
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention, dynamic=True)
+    # fullgraph: a recompile past dynamo's limit (or any graph break) raises instead of silently
+    # running eager flex, which would ignore the BlockMask's index lists (see to_flex_block_mask)
+    return torch.compile(flex_attention, dynamic=True, fullgraph=True)
 
 
-def to_flex_block_mask(plan: BlockPlan, q_heads: int, key_padding_mask=None):
-    """A FlexAttention ``BlockMask`` from the plan's indices (no dense mask is built)."""
+_FLEX_FAILED: list[str] = []  # why compiled flex stopped working in this process, if it did
+
+
+def to_flex_block_mask(plan: BlockPlan, q_heads: int, key_padding_mask=None, selection_in_mask_mod: bool = True):
+    """A FlexAttention ``BlockMask`` from the plan's indices (no token-level N x N mask is built).
+
+    The compiled flex kernel walks the BlockMask's index lists, so unselected blocks cost nothing.
+    Eager flex evaluates only ``mask_mod`` over every pair: with ``selection_in_mask_mod`` (the
+    default) ``mask_mod`` also looks the block up in a block-level ``[B, H, Nqb, Nkb]`` table, so
+    the mask is right under eager flex too. The ``flex`` backend passes False because inductor's CPU
+    flex template cannot compile that lookup with dynamic shapes; it compiles with
+    ``fullgraph=True`` instead, so it can never run eagerly (see ``_flex``).
+    """
     from torch.nn.attention.flex_attention import BlockMask
 
     idx, cnt = plan.kv_indices, plan.kv_counts
-    if plan.heads != q_heads:  # per-KV-head plan: flex wants one row per query head
-        idx = idx.repeat_interleave(q_heads // plan.heads, dim=1)
-        cnt = cnt.repeat_interleave(q_heads // plan.heads, dim=1)
-    offset, causal = plan.offset, plan.causal
+    group = q_heads // plan.heads
+    if group != 1:  # per-KV-head plan: flex wants one row per query head
+        idx = idx.repeat_interleave(group, dim=1)
+        cnt = cnt.repeat_interleave(group, dim=1)
+    offset, causal, bq, bk = plan.offset, plan.causal, plan.block_q, plan.block_k
+    selected = plan.to_block_mask() if selection_in_mask_mod else None  # block level: (N/b)^2
 
     def mask_mod(b, h, q_idx, kv_idx):
-        ok = (kv_idx <= q_idx + offset) if causal else (kv_idx >= 0)
+        ok = kv_idx >= 0
+        if selected is not None:
+            ok = ok & selected[b, h // group, q_idx // bq, kv_idx // bk]
+        if causal:
+            ok = ok & (kv_idx <= q_idx + offset)
         if key_padding_mask is not None:
             ok = ok & key_padding_mask[b, kv_idx]
         return ok
@@ -271,10 +290,21 @@ def to_flex_block_mask(plan: BlockPlan, q_heads: int, key_padding_mask=None):
 
 
 def _flex(q, k, v, plan, *, key_padding_mask, scale, return_lse):
-    mask = to_flex_block_mask(plan, q.shape[1], key_padding_mask)
-    out = _compiled_flex()(q, k, v, block_mask=mask, scale=scale,
-                           enable_gqa=q.shape[1] != k.shape[1])
+    mask = to_flex_block_mask(plan, q.shape[1], key_padding_mask, selection_in_mask_mod=False)
+    try:
+        out = _compiled_flex()(q, k, v, block_mask=mask, scale=scale,
+                               enable_gqa=q.shape[1] != k.shape[1])
+    except Exception as e:  # noqa: BLE001 - any compile failure: stop using flex, stay correct
+        _FLEX_FAILED.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200])
+        return _blocked(q, k, v, plan, key_padding_mask=key_padding_mask, scale=scale, return_lse=return_lse)
     return out, None
+
+
+def _flex_unavailable_now() -> str | None:
+    reason = _flex_unavailable()
+    if reason is None and _FLEX_FAILED:
+        reason = f"torch.compile(flex_attention) failed earlier in this process ({_FLEX_FAILED[0]})"
+    return reason
 
 
 # Where compiled flex beats the blocked backend on CPU, from bench/test_ops_bench.py on the 2-core
@@ -302,7 +332,7 @@ FLEX = register_backend(Backend(
     op="block_sparse", name="flex", fn=_flex, devices=("cpu",),
     dtypes=(torch.float32, torch.bfloat16), plan_kinds=("block",), backward=False, lse=False,
     padding=False,  # a captured mask tensor would be baked into the compiled graph
-    available=_flex_unavailable, prefer=_flex_preference,
+    available=_flex_unavailable_now, prefer=_flex_preference,
     description="torch.compile(flex_attention) with a BlockMask from the plan (CPU: inference)"))
 
 

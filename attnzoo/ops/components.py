@@ -4,11 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config import suggest
 from ..plans import BlockPlan, DensePlan, TokenPlan
 from ..registry import register
 from . import token_sparse
 from .block_sparse import block_sparse
 from .dense import dense
+from .dispatch import backends
+
+
+def _check_backend(backend, op: str) -> None:
+    """A forced backend must exist for the op that runs it; checked when the stack is built, not
+    at the first call. (Whether it can run on this machine is dispatch's call, made per request.)"""
+    if backend is None:
+        return
+    names = [b.name for b in backends(op)]
+    if backend not in names:
+        raise ValueError(f"backend {backend!r} is not a backend of op {op!r}{suggest(backend, names)}. "
+                         f"Registered: {sorted(names)}")
 
 
 @register("op", "dense")
@@ -18,6 +31,9 @@ class Dense:
 
     backend: str | None = None
     plan_kinds = ("dense",)
+
+    def __post_init__(self):
+        _check_backend(self.backend, "dense")
 
     def __call__(self, q, k, v, plan=None, *, key_padding_mask=None, scale=None, return_lse=False):
         if plan is not None and not isinstance(plan, DensePlan):
@@ -35,6 +51,9 @@ class BlockSparse:
     backend: str | None = None
     plan_kinds = ("block",)
 
+    def __post_init__(self):
+        _check_backend(self.backend, "block_sparse")
+
     def __call__(self, q, k, v, plan, *, key_padding_mask=None, scale=None, return_lse=False):
         if not isinstance(plan, BlockPlan):
             raise TypeError(f"op 'block_sparse' needs a BlockPlan, got {type(plan).__name__}")
@@ -49,6 +68,9 @@ class TokenSparse:
 
     backend: str | None = None
     plan_kinds = ("token",)
+
+    def __post_init__(self):
+        _check_backend(self.backend, "dense")
 
     def __call__(self, q, k, v, plan, *, key_padding_mask=None, scale=None, return_lse=False):
         if not isinstance(plan, TokenPlan):

@@ -73,8 +73,15 @@ class _FlashCPU(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+def _unit_stride(x):
+    """aten's CPU flash kernel reads the head dim as contiguous whatever the stride says (it gives
+    wrong numbers for a transposed or strided last dim), so such inputs are copied first."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _flash_cpu(q, k, v, causal, key_padding_mask, scale):
     # top-left causal only; callers handle the bottom-right alignment
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     empty = _rows_without_keys(key_padding_mask, q.shape[2], causal)
     return _FlashCPU.apply(q, k, v, causal, _padding_bias(key_padding_mask, q.dtype), scale, empty)
 

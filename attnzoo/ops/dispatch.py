@@ -148,6 +148,11 @@ def _forced(op: str, backend: str | None) -> str | None:
         if "=" not in item:
             raise ValueError(f"ATTNZOO_BACKEND entries must look like op=backend, got {item!r}")
         k, v = (s.strip() for s in item.split("=", 1))
+        if k not in _BACKENDS:
+            close = difflib.get_close_matches(k, list(_BACKENDS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"ATTNZOO_BACKEND names op {k!r}, which has no backends{hint}. "
+                             f"Ops: {sorted(_BACKENDS)}")
         if k == op:
             return v
     return None

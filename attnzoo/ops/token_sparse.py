@@ -65,12 +65,22 @@ def decompress(out: torch.Tensor, plan: TokenPlan, seq_len: int | None = None, l
 
     With ``lse`` (``[B, Hq, N']``) also returns the full-length lse, -inf at dropped rows.
     """
+    if not isinstance(plan, TokenPlan):
+        raise TypeError(f"plan must be a TokenPlan, got {type(plan).__name__}")
+    plan.check_indices()
     seq_len = plan.seq_len if seq_len is None else seq_len
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int):
+        raise TypeError(f"seq_len must be an int or None, got {type(seq_len).__name__}")
     if seq_len != plan.seq_len:
         raise ValueError(f"seq_len {seq_len} does not match plan.seq_len {plan.seq_len}")
     if not isinstance(out, torch.Tensor) or out.ndim != 4:
         raise ValueError("out must be a tensor [B, Hq, N', D]")
     B, Hq, n, D = out.shape
+    if out.device != plan.indices.device:
+        raise ValueError(f"out is on {out.device}, the plan is on {plan.indices.device}")
+    if lse is not None and (not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (B, Hq, n)):
+        raise ValueError(f"lse must be a tensor [B, Hq, N'] = {(B, Hq, n)}, got "
+                         f"{tuple(lse.shape) if isinstance(lse, torch.Tensor) else type(lse).__name__}")
     if B != plan.batch or Hq % plan.heads or n != plan.max_len:
         raise ValueError(
             f"out {tuple(out.shape)} does not match plan (batch={plan.batch}, heads={plan.heads}, "

@@ -35,6 +35,13 @@ class TableRouter:
             if layer < 0 or not row:
                 raise ValueError(f"heads.{layer}: expected a non-empty list of branch labels for a layer >= 0")
 
+    def check_num_layers(self, num_layers: int) -> None:
+        """A row for a layer the model does not have is a mistake (a wrong model or a typo)."""
+        extra = sorted(layer for layer in self.heads if layer >= num_layers)
+        if extra:
+            raise ValueError(f"table router: heads lists layer(s) {extra}, but the model has {num_layers} layers "
+                             f"(0-{num_layers - 1})")
+
     def check_labels(self, labels: tuple[str, ...], path: str) -> None:
         used = {x for row in self.heads.values() for x in row} | ({self.default} if self.default else set())
         for label in sorted(used):

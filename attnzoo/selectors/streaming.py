@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from ..plans import BlockPlan, streaming_block_mask
 from ..registry import register
 from .base import as_context, check_block, check_positive, check_qk
@@ -34,6 +36,7 @@ class Streaming:
         check_positive("local", self.local, allow_zero=True)
         check_block("block_size", self.block_size)
 
+    @torch.no_grad()  # plans are discrete: selection never needs (or builds) a graph
     def __call__(self, q, k, ctx=None) -> BlockPlan:
         ctx = as_context(ctx)
         check_qk(q, k, ctx)

@@ -89,6 +89,7 @@ class TokenCoverage:
         keep[:, P:] = True
         return keep
 
+    @torch.no_grad()  # plans are discrete: selection never needs (or builds) a graph
     def __call__(self, q, k, ctx=None):
         ctx = as_context(ctx)
         check_qk(q, k, ctx)

@@ -46,6 +46,7 @@ class TopKBlocks:
             raise ValueError(f"chunk_size ({self.chunk_size}) must be a multiple of block_size "
                              f"({self.block_size})")
 
+    @torch.no_grad()  # plans are discrete: selection never needs (or builds) a graph
     def __call__(self, q, k, ctx=None) -> BlockPlan:
         ctx = as_context(ctx)
         check_qk(q, k, ctx)

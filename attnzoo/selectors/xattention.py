@@ -9,7 +9,8 @@ Selection, per (head, query block), threshold tau: keep the sink block and the d
 then add the other causal blocks in descending W while the mass *before* adding one is below
 tau x (row mass of W). tau = 1 keeps every causal block.
 
-Better than the authors' code: any batch size and padding; GQA is scored without repeating K
+Better than the authors' code: any batch size and padding (right padding here; the stack rolls
+left-padded sequences to start at row 0, see ``attnzoo.ops.padding``); GQA is scored without repeating K
 (the query group is folded into rows against its KV head); queries are scored in chunks, so
 memory never holds the (N/S) x (N/S) matrix; ``per_kv_head=True`` merges a group's selections
 into one per-KV-head plan (what FlashInfer's variable block-sparse kernel consumes).
@@ -100,8 +101,10 @@ class XAttention:
         chosen = torch.zeros_like(take).scatter(-1, order, take)
         return chosen | forced
 
+    @torch.no_grad()  # plans are discrete: selection never needs (or builds) a graph
     def __call__(self, q, k, ctx=None) -> BlockPlan:
         ctx = as_context(ctx)
+        check_qk(q, k, ctx)  # before unpacking shapes: a bad rank gets a message naming q or k
         B, Hq, Nq, _ = q.shape
         Hkv, Nk = k.shape[1], k.shape[2]
         b = self.block_size

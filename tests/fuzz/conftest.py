@@ -1,0 +1,77 @@
+"""The fuzz campaign's profiles, case counter and report.
+
+``ATTNZOO_FUZZ`` picks the hypothesis profile: ``ci`` (default: a few examples per target, seconds
+in CI) or ``long`` (the campaign: >= 10,000 cases across every target). Every check calls
+``count(target)``; at the end of the session the counts, the mismatches (failed tests), the time
+and the hypothesis seed are printed, and written as markdown to ``ATTNZOO_FUZZ_REPORT`` if set:
+
+    ATTNZOO_FUZZ=long ATTNZOO_FUZZ_REPORT=bench/results/fuzz.md \\
+        python -m pytest tests/fuzz -q -p no:randomly --hypothesis-seed=20261124
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import platform
+import time
+
+import torch
+from hypothesis import HealthCheck, settings
+
+PROFILE = os.environ.get("ATTNZOO_FUZZ", "ci")
+if PROFILE not in ("ci", "long"):
+    raise ValueError(f"ATTNZOO_FUZZ must be 'ci' or 'long', got {PROFILE!r}")
+
+_COMMON = dict(deadline=None, derandomize=False, print_blob=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
+                                      HealthCheck.data_too_large])
+settings.register_profile("attnzoo-ci", max_examples=10, **_COMMON)
+settings.register_profile("attnzoo-long", max_examples=100, **_COMMON)
+settings.load_profile(f"attnzoo-{PROFILE}")
+
+COUNTS: collections.Counter = collections.Counter()  # cases checked per target
+DECLINED: collections.Counter = collections.Counter()  # drawn cases a forced backend declined
+_T0 = time.time()
+
+
+def examples(ci: int, long: int) -> settings:
+    """Per-target example budget for the active profile."""
+    return settings(max_examples=ci if PROFILE == "ci" else long)
+
+
+def count(target: str) -> None:
+    COUNTS[target] += 1
+
+
+def declined(target: str) -> None:
+    DECLINED[target] += 1
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not COUNTS:
+        return
+    failed = session.testsfailed
+    seed = session.config.getoption("hypothesis_seed", default=None)
+    lines = [
+        f"# Fuzz campaign ({PROFILE} profile)",
+        "",
+        f"- cases checked: **{sum(COUNTS.values()):,}**, mismatching tests: **{failed}**"
+        f" (a mismatch fails its test; hypothesis shrinks it and prints the reproducer)",
+        f"- time: {time.time() - _T0:.0f} s, hypothesis seed: {seed if seed is not None else 'random'}",
+        f"- machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"torch {torch.__version__}",
+        "- command: `ATTNZOO_FUZZ=long ATTNZOO_FUZZ_REPORT=bench/results/fuzz.md python -m pytest tests/fuzz -q "
+        "--hypothesis-seed=20261124`",
+        "",
+        "| target | cases checked | declined by the forced backend |",
+        "|---|---|---|",
+    ]
+    for target in sorted(set(COUNTS) | set(DECLINED)):
+        lines.append(f"| {target} | {COUNTS[target]:,} | {DECLINED[target]:,} |")
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    path = os.environ.get("ATTNZOO_FUZZ_REPORT")
+    if path:
+        with open(path, "w") as f:
+            f.write(text)

@@ -1,0 +1,200 @@
+"""Every registered backend of every op, forced in turn in one process, against the fp32 reference.
+
+Random shapes (batch, GQA, ragged lengths, decode, chunked prefill, non-causal), padding (none,
+left, right, holes; whole sequences padded), memory layouts (transposed or strided head dim,
+sequence-major, expanded batch) and dtypes; gradients in fp32 where the backend claims backward.
+A backend that declines a drawn case (capability, not a bug) is counted as declined.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from attnzoo import ops
+from attnzoo.ops import dispatch, token_sparse
+from attnzoo.ops.antidiagonal import antidiagonal_block_scores
+from attnzoo.ops.dispatch import make_request
+
+from ..conftest import assert_lse_close, rel_err
+from .conftest import count, declined, examples
+from .strategies import block_plans, mixed_plans, problems, token_plans
+
+CPU = "cpu"
+
+
+def _backends(op):
+    """Backends that run on CPU tensors here (Triton under its interpreter; FlashInfer needs CUDA and
+    is checked by the GPU tests). The campaign runs on the CPU, where CI runs it."""
+    out = []
+    for b in dispatch.backends(op):
+        if b.available() is None and CPU in b.devices and (b.device_check is None or b.device_check(CPU) is None):
+            out.append(pytest.param(b, id=b.name))
+    return out
+
+
+def _leaves(p, grad):
+    return [t.detach().requires_grad_(grad) for t in (p.q, p.k, p.v)]
+
+
+def _compare(target, backend, p, run, plan, grad, lse_claimed=True):
+    """``run(q, k, v) -> (out, lse | None)`` against ``ops.reference`` under ``plan``."""
+    tol = backend.tolerance(p.q.dtype)
+    q, k, v = _leaves(p, grad)
+    out, lse = run(q, k, v)
+    qr, kr, vr = (t.detach().float().requires_grad_(grad) for t in (p.q, p.k, p.v))
+    ref, ref_lse = ops.reference(qr, kr, vr, plan, causal=p.causal, key_padding_mask=p.kpm, return_lse=True)
+    count(target)
+    assert out.shape == p.q.shape and out.dtype == p.q.dtype
+    assert torch.isfinite(out).all(), "non-finite output"
+    assert rel_err(out, ref) <= tol.out or ref.abs().max() == 0, f"out rel err {rel_err(out, ref):.2e}"
+    if lse is not None:
+        assert_lse_close(lse, ref_lse, tol.lse)
+    if grad:
+        g = torch.Generator().manual_seed(7)
+        dout = torch.randn(out.shape, generator=g).to(out.device)
+        fin = torch.isfinite(ref_lse)
+        dlse = torch.randn(ref_lse.shape, generator=g).to(out.device) * fin
+        loss = (out.float() * dout).sum() + ((lse.where(fin, 0.0) * dlse).sum() if lse is not None else 0)
+        ref_loss = (ref * dout).sum() + ((ref_lse.where(fin, 0.0) * dlse).sum() if lse is not None else 0)
+        loss.backward()
+        ref_loss.backward()
+        for name, a, b in (("dq", q.grad, qr.grad), ("dk", k.grad, kr.grad), ("dv", v.grad, vr.grad)):
+            assert torch.isfinite(a).all(), f"non-finite {name}"
+            assert rel_err(a, b) <= tol.grad or b.abs().max() == 0, f"{name} rel err {rel_err(a, b):.2e}"
+
+
+def _takes(backend, req, target) -> bool:
+    if backend.why_not(req, forced=True) is None:
+        return True
+    declined(target)
+    return False
+
+
+def _small(backend) -> dict:
+    """Triton on CPU runs in its interpreter (ms per tile): smaller problems, its tile sizes."""
+    if backend.name == "triton":
+        return dict(max_n=96, head_dims=(16, 32))
+    return {}
+
+
+@pytest.mark.parametrize("backend", _backends("dense"))
+@given(data=st.data())
+@examples(ci=12, long=2500)
+def test_dense_backend(backend, data):
+    p = data.draw(problems())
+    grad = p.q.dtype == torch.float32 and backend.backward and data.draw(st.booleans())
+    target = f"dense/{backend.name}"
+    req = make_request("dense", p.q.detach().requires_grad_(grad), p.k, p.v, "dense", return_lse=backend.lse,
+                       key_padding_mask=p.kpm, causal=p.causal)
+    if not _takes(backend, req, target):
+        return
+
+    def run(q, k, v):
+        res = ops.dense(q, k, v, causal=p.causal, key_padding_mask=p.kpm, return_lse=backend.lse,
+                        backend=backend.name)
+        return res if backend.lse else (res, None)
+
+    _compare(target, backend, p, run, None, grad)
+
+
+def _block_case(data, backend):
+    kw = _small(backend)
+    p = data.draw(problems(**kw))
+    blocks = (16, 32, 64) if backend.name == "triton" else (1, 4, 16, 32, 64)
+    plan = data.draw(block_plans(p, blocks=blocks))
+    return p, plan
+
+
+@pytest.mark.parametrize("backend", _backends("block_sparse"))
+@given(data=st.data())
+@examples(ci=12, long=2500)
+def test_block_sparse_backend(backend, data):
+    p, plan = _block_case(data, backend)
+    grad = p.q.dtype == torch.float32 and backend.backward and data.draw(st.booleans())
+    target = f"block_sparse/{backend.name}"
+    req = make_request("block_sparse", p.q.detach().requires_grad_(grad), p.k, p.v, "block",
+                       return_lse=backend.lse, key_padding_mask=p.kpm, causal=plan.causal, plan_heads=plan.heads,
+                       plan_density=plan.density(), block_size=(plan.block_q, plan.block_k))
+    if not _takes(backend, req, target):
+        return
+
+    def run(q, k, v):
+        try:
+            res = ops.block_sparse(q, k, v, plan, key_padding_mask=p.kpm, return_lse=backend.lse,
+                                   backend=backend.name)
+        except dispatch.NoBackendError as e:
+            # compiled flex stops after a compile failure (e.g. dynamo's recompile limit) and says so
+            assert backend.name == "flex" and "failed earlier in this process" in str(e), str(e)
+            declined(target)
+            return None, None
+        return res if backend.lse else (res, None)
+
+    if backend.name == "flex":
+        out, _ = run(p.q, p.k, p.v)
+        if out is None:
+            return
+    _compare(target, backend, p, run, plan, grad)
+
+
+@pytest.mark.parametrize("backend", _backends("mixed"))
+@given(data=st.data())
+@examples(ci=8, long=1000)
+def test_mixed_backend(backend, data):
+    p = data.draw(problems(causal=True, **{"head_dims": (16, 32), **_small(backend)}))
+    plan = data.draw(mixed_plans(p))
+    grad = p.q.dtype == torch.float32 and backend.backward and data.draw(st.booleans())
+    target = f"mixed/{backend.name}"
+    req = make_request("mixed", p.q.detach().requires_grad_(grad), p.k, p.v, "mixed", return_lse=True,
+                       key_padding_mask=p.kpm, causal=True, plan_heads=plan.heads,
+                       block_size=(plan.block_size, plan.block_size))
+    if not _takes(backend, req, target):
+        return
+    run = lambda q, k, v: ops.mixed(q, k, v, plan, key_padding_mask=p.kpm, return_lse=True, backend=backend.name)
+    _compare(target, backend, p, run, plan.to_block_plan(), grad)
+
+
+@given(data=st.data())
+@examples(ci=12, long=1000)
+def test_token_sparse_attention(data):
+    p = data.draw(problems(causal=True, square=True))  # a token plan is a prefill (self-attention) plan
+    plan = data.draw(token_plans(p))
+    grad = p.q.dtype == torch.float32 and data.draw(st.booleans())
+    backend = dispatch.choose(make_request("dense", p.q, p.k, p.v, "dense", return_lse=True, key_padding_mask=None,
+                                           causal=True))
+    run = lambda q, k, v: token_sparse.attention(q, k, v, plan, key_padding_mask=p.kpm, return_lse=True)
+    # reference: kept queries attend causally to kept keys of their head; dropped rows are zeros
+    _compare("token_sparse", backend, p, run, plan, grad)
+
+
+def _fp64_scores(q, k, kpm, stride, block, chunk):
+    parts = antidiagonal_block_scores(q.double(), k.double(), stride=stride, block_size=block, chunk_size=chunk,
+                                      key_padding_mask=kpm, backend="torch")
+    return torch.cat([w for _, _, w in parts], dim=2)
+
+
+@pytest.mark.parametrize("backend", _backends("antidiagonal_scores"))
+@given(data=st.data())
+@examples(ci=8, long=600)
+def test_antidiagonal_scores_backend(backend, data):
+    p = data.draw(problems(causal=True, **{"head_dims": (16, 32), **_small(backend)}))
+    block = data.draw(st.sampled_from([16, 32, 64]))
+    stride = data.draw(st.sampled_from([s for s in (2, 4, 8, 16) if block % s == 0 and s < block]))
+    chunk = block * data.draw(st.integers(1, 4))
+    target = f"antidiagonal_scores/{backend.name}"
+    req = make_request("antidiagonal_scores", p.q, p.k, p.k, "scores", return_lse=False, key_padding_mask=p.kpm,
+                       causal=True, block_size=(block, stride))
+    if not _takes(backend, req, target):
+        return
+    q = p.q.detach().requires_grad_(data.draw(st.booleans()))  # scores never need (or build) a graph
+    w = torch.cat([w for _, _, w in antidiagonal_block_scores(q, p.k, stride=stride, block_size=block,
+                                                              chunk_size=chunk, key_padding_mask=p.kpm,
+                                                              backend=backend.name)], dim=2)
+    ref = _fp64_scores(p.q, p.k, p.kpm, stride, block, chunk)
+    count(target)
+    assert not w.requires_grad
+    tol = backend.tolerance(p.q.dtype).out if p.q.dtype != torch.float32 else 1e-4
+    assert w.shape == ref.shape
+    assert rel_err(w, ref) <= max(tol, 1e-4) or ref.abs().max() == 0, f"rel err {rel_err(w, ref):.2e}"
