@@ -18,11 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DensePlan", "BlockPlan", "TokenPlan", "HeadPlan", "MixedPlan", "visible_pairs",
+from .settings import value_checks
+
+__all__ = ["DensePlan", "BlockPlan", "TokenPlan", "HeadPlan", "MixedPlan", "visible_pairs", "cdiv",
            "last_visible_block", "causal_mask", "streaming_block_mask"]
 
 
-def _cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -67,7 +69,7 @@ def causal_mask(q_len: int, kv_len: int, device=None) -> torch.Tensor:
 
 def last_visible_block(q_len: int, kv_len: int, block_q: int, block_k: int, device=None) -> torch.Tensor:
     """``[ceil(q_len/block_q)]``: right-most key block each query block can see (bottom-right causal)."""
-    nqb = _cdiv(q_len, block_q)
+    nqb = cdiv(q_len, block_q)
     last_row = torch.clamp((torch.arange(nqb, device=device) + 1) * block_q, max=q_len) - 1
     return (last_row + kv_len - q_len) // block_k
 
@@ -75,7 +77,7 @@ def last_visible_block(q_len: int, kv_len: int, block_q: int, block_k: int, devi
 def streaming_block_mask(q_len: int, kv_len: int, block: int, sink, local, device=None) -> torch.Tensor:
     """Bool ``[..., Nqb, Nkb]`` of the sink + local-window rule (block-aligned, causal), for
     ``sink``/``local`` token counts given as ints or broadcastable int tensors ``[...]``."""
-    nqb, nkb = _cdiv(q_len, block), _cdiv(kv_len, block)
+    nqb, nkb = cdiv(q_len, block), cdiv(kv_len, block)
     sink = torch.as_tensor(sink, device=device)[..., None, None]
     local = torch.as_tensor(local, device=device)[..., None, None]
     first_q = (torch.arange(nqb, device=device) * block + (kv_len - q_len))[:, None]
@@ -105,6 +107,14 @@ def visible_pairs(i0, i1, j0, j1, offset, causal: bool = True) -> torch.Tensor:
     ramp = n * (r0 - a + 1) + n * (n - 1) // 2
     full = (i1 - torch.maximum(i0, b)).clamp(min=0) * width
     return ramp + full
+
+
+def total_visible_pairs(q_len: int, kv_len: int, causal: bool = True) -> int:
+    """Query-key pairs visible under bottom-right causality (plain ints: no tensor, no sync)."""
+    if not causal:
+        return q_len * kv_len
+    off = kv_len - q_len  # row i sees min(i + off + 1, kv_len) keys; off >= 0 for causal plans
+    return q_len * (off + 1) + q_len * (q_len - 1) // 2
 
 
 @dataclass(frozen=True, repr=False, eq=False)
@@ -193,11 +203,11 @@ class BlockPlan:
 
     @property
     def num_q_blocks(self) -> int:
-        return _cdiv(self.q_len, self.block_q)
+        return cdiv(self.q_len, self.block_q)
 
     @property
     def num_kv_blocks(self) -> int:
-        return _cdiv(self.kv_len, self.block_k)
+        return cdiv(self.kv_len, self.block_k)
 
     @property
     def max_blocks(self) -> int:
@@ -216,17 +226,29 @@ class BlockPlan:
     # -- constructors --------------------------------------------------------------------
     @classmethod
     def from_block_mask(cls, block_mask: torch.Tensor, block_q: int, block_k: int, q_len: int,
-                        kv_len: int, causal: bool = True) -> BlockPlan:
-        """From a bool ``[B, H, Nqb, Nkb]`` block mask (block-level, so (N/b)^2, not N^2)."""
+                        kv_len: int, causal: bool = True, max_blocks: int | None = None) -> BlockPlan:
+        """From a bool ``[B, H, Nqb, Nkb]`` block mask (block-level, so (N/b)^2, not N^2).
+
+        ``max_blocks`` sizes ``kv_indices``' last dim; it must bound every row's count (a selector
+        that knows its budget passes it). Without it the width is exact where attnzoo reads tensor
+        values on the host (the CPU, see ``attnzoo.settings``) and ``Nkb`` elsewhere: finding the
+        exact width would read the counts, a host sync per plan on a GPU.
+        """
         if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
             raise TypeError("block_mask must be a bool torch.Tensor")
         if block_mask.ndim != 4:
             raise ValueError(f"block_mask must be [B, H, Nqb, Nkb], got {tuple(block_mask.shape)}")
-        nkb = _cdiv(kv_len, block_k)
+        nkb = cdiv(kv_len, block_k)
         if block_mask.shape[3] != nkb:
             raise ValueError(f"block_mask has {block_mask.shape[3]} key blocks, expected {nkb}")
         counts = block_mask.sum(-1, dtype=torch.int32)
-        kmax = max(int(counts.max()) if counts.numel() else 0, 1)
+        if max_blocks is not None:
+            _check_int("max_blocks", max_blocks)
+            kmax = min(max_blocks, nkb)
+        elif value_checks(block_mask.device):  # reading the counts is free where values may be read
+            kmax = max(int(counts.max()) if counts.numel() else 0, 1)
+        else:
+            kmax = max(nkb, 1)
         # stable sort puts the selected blocks first, in ascending order
         order = torch.sort((~block_mask).to(torch.uint8), dim=-1, stable=True).indices[..., :kmax]
         slot = torch.arange(kmax, device=block_mask.device)
@@ -240,7 +262,7 @@ class BlockPlan:
         for name, value in (("batch", batch), ("heads", heads), ("q_len", q_len), ("kv_len", kv_len),
                             ("block_q", block_q), ("block_k", block_k)):
             _check_int(name, value)
-        nqb, nkb = _cdiv(q_len, block_q), _cdiv(kv_len, block_k)
+        nqb, nkb = cdiv(q_len, block_q), cdiv(kv_len, block_k)
         mask = torch.ones(nqb, nkb, dtype=torch.bool, device=device)
         if causal:
             last = last_visible_block(q_len, kv_len, block_q, block_k, device)
@@ -261,7 +283,8 @@ class BlockPlan:
         _check_qk_heads(q, k, self.heads, "plan (kv_indices)")
         if self.kv_indices.device != q.device:
             raise ValueError(f"plan is on {self.kv_indices.device}, q is on {q.device}")
-        self.check_indices()
+        if value_checks(q.device):  # reads index values: a host sync on a GPU (see settings)
+            self.check_indices()
 
     def check_indices(self) -> None:
         """Content checks: counts in range, indices in range, strictly ascending, causal."""
@@ -322,7 +345,7 @@ class BlockPlan:
         return (pairs * valid).sum((-1, -2))
 
     def total_pairs(self) -> int:
-        return int(visible_pairs(0, self.q_len, 0, self.kv_len, self.offset, self.causal))
+        return total_visible_pairs(self.q_len, self.kv_len, self.causal)
 
     def density(self, reduce: bool = True):
         """Fraction of (causal-)visible pairs computed: a float, or ``[B, H]`` if not reduced."""
@@ -419,7 +442,8 @@ class TokenPlan:
         _check_qk_heads(q, k, self.heads, "TokenPlan (indices)")
         if self.indices.device != q.device:
             raise ValueError(f"plan is on {self.indices.device}, q is on {q.device}")
-        self.check_indices()
+        if value_checks(q.device):
+            self.check_indices()
 
     def check_indices(self) -> None:
         """Content checks: lengths in range, kept positions in range and strictly ascending."""
@@ -496,6 +520,20 @@ class MixedPlan:
             if getattr(self, name).shape != self.mode.shape:
                 raise ValueError(f"{name} must be [B, H] = {tuple(self.mode.shape)}, "
                                  f"got {tuple(getattr(self, name).shape)}")
+        if self.block is not None:
+            b = self.block
+            if (b.kv_counts.shape[:2] != self.mode.shape or (b.block_q, b.block_k) != (self.block_size,) * 2
+                    or (b.q_len, b.kv_len, b.causal) != (self.q_len, self.kv_len, self.causal)):
+                raise ValueError(
+                    f"block plan (heads {tuple(b.kv_counts.shape[:2])}, block {b.block_q}x{b.block_k}, q_len "
+                    f"{b.q_len}, kv_len {b.kv_len}, causal {b.causal}) does not match the mixed plan (heads "
+                    f"{tuple(self.mode.shape)}, block {self.block_size}, q_len {self.q_len}, kv_len "
+                    f"{self.kv_len}, causal {self.causal})")
+        if value_checks(self.mode.device):
+            self.check_values()
+
+    def check_values(self) -> None:
+        """Content checks (they read the mode/sink/local values: a host sync on a GPU)."""
         if ((self.mode < 0) | (self.mode >= len(MODES))).any():
             raise ValueError(f"mode values must index {MODES}")
         if ((self.sink < 0) | (self.local < 0)).any():
@@ -503,16 +541,8 @@ class MixedPlan:
         streaming = (self.mode == MODES.index("streaming")).any()
         if streaming and not self.causal:
             raise ValueError("streaming heads need causal=True")
-        if (self.mode == MODES.index("block")).any():
-            if self.block is None:
-                raise ValueError("block-mode heads need a BlockPlan in `block`")
-        if self.block is not None:
-            b = self.block
-            if (b.kv_counts.shape[:2] != self.mode.shape or (b.block_q, b.block_k) != (self.block_size,) * 2
-                    or (b.q_len, b.kv_len, b.causal) != (self.q_len, self.kv_len, self.causal)):
-                raise ValueError(
-                    f"block plan {b!r} does not match the mixed plan (heads {tuple(self.mode.shape)}, "
-                    f"block {self.block_size}, q_len {self.q_len}, kv_len {self.kv_len}, causal {self.causal})")
+        if (self.mode == MODES.index("block")).any() and self.block is None:
+            raise ValueError("block-mode heads need a BlockPlan in `block`")
 
     @property
     def batch(self) -> int:
@@ -529,8 +559,10 @@ class MixedPlan:
         _check_qk_heads(q, k, self.heads, "plan (mode)")
         if self.mode.device != q.device:
             raise ValueError(f"plan is on {self.mode.device}, q is on {q.device}")
-        if self.block is not None:
-            self.block.check_indices()
+        if value_checks(q.device):
+            self.check_values()
+            if self.block is not None:
+                self.block.check_indices()
 
     def to_block_plan(self) -> BlockPlan:
         """The same pattern as index lists (block-level tensors, (N/b)^2 per head)."""
@@ -583,7 +615,7 @@ class HeadPlan:
                 f"HeadPlan.branch must be [B, Hkv] = {(k.shape[0], k.shape[1])}, "
                 f"got {tuple(self.branch.shape)}"
             )
-        if ((self.branch < 0) | (self.branch >= self.num_branches)).any():
+        if value_checks(self.branch.device) and ((self.branch < 0) | (self.branch >= self.num_branches)).any():
             raise ValueError(f"HeadPlan.branch values must lie in [0, {self.num_branches})")
 
     def select(self, b: int) -> HeadPlan:

@@ -22,6 +22,7 @@ and scatters the result back (dropped tokens get zeros).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field, replace
 
@@ -31,9 +32,10 @@ from .config import ConfigError, dump_config, load_config, suggest
 from .ops import dense as dense_op
 from .ops import mixed as mixed_op
 from .ops import token_sparse
+from .ops.executor import HeadMode, branch_densities, common_block_size, mixed_plan, split_by_branch, uniform_plan
 from .ops.mixed import fused_backend
 from .ops.padding import StartAligned, first_real
-from .plans import MODES, BlockPlan, DensePlan, HeadPlan, MixedPlan, TokenPlan
+from .plans import BlockPlan, DensePlan, HeadPlan, TokenPlan
 from .registry import create, to_config
 from .selectors.base import Context
 
@@ -43,20 +45,28 @@ __all__ = ["CallContext", "DensityMeter", "Branch", "Routed", "Compressed", "Lay
 class DensityMeter:
     """Attention density actually used during prefill, per layer: each Branch adds
     ``share x density`` where share is the fraction of the layer's (batch, head) slots the call
-    covers; dense work counts 1.0, compressed nodes multiply in their token plan's density."""
+    covers; dense work counts 1.0, compressed nodes multiply in their token plan's density.
+
+    Densities are accumulated as device tensors where the plan lives on a GPU, so metering a
+    prefill adds no host sync; reading ``layers`` or ``mean()`` afterwards waits for them once."""
 
     def __init__(self):
-        self.layers: dict[int, float] = {}
+        self._sums: dict[int, float | torch.Tensor] = {}
 
-    def add(self, layer, share: float, density: float) -> None:
+    def add(self, layer, share, density) -> None:
         key = -1 if layer is None else layer
-        self.layers[key] = self.layers.get(key, 0.0) + share * density
+        self._sums[key] = self._sums.get(key, 0.0) + share * density
+
+    @property
+    def layers(self) -> dict[int, float]:
+        return {k: float(v) for k, v in self._sums.items()}
 
     def mean(self) -> float:
-        return sum(self.layers.values()) / len(self.layers) if self.layers else float("nan")
+        layers = self.layers
+        return sum(layers.values()) / len(layers) if layers else float("nan")
 
     def reset(self) -> None:
-        self.layers.clear()
+        self._sums.clear()
 
 
 @dataclass
@@ -80,6 +90,13 @@ class CallContext:
 
     def selector_context(self) -> Context:
         return Context(key_padding_mask=self.key_padding_mask, layer_idx=self.layer_idx)
+
+
+def density_of(plan):
+    """A plan's mean density without a host sync: a 0-dim device tensor (1.0 for dense plans)."""
+    if isinstance(plan, DensePlan):
+        return 1.0
+    return plan.density(reduce=False).mean()
 
 
 class Node:
@@ -110,13 +127,30 @@ class Branch(Node):
         if ctx.decode and getattr(self.selector, "decode", "dense") == "dense":
             # prefill-only methods attend densely over the whole cache while decoding
             return dense_op(q, k, v, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
+        ranged = self._as_ranges(q, k, v, ctx)
+        if ranged is not None:
+            return ranged
         with torch.no_grad():  # plans are discrete; a plugin selector must not build a graph either
             plan = self.selector(q, k, ctx.selector_context())
         if ctx.meter is not None:
-            ctx.record(plan.density())
+            ctx.record(density_of(plan))
         if isinstance(plan, DensePlan) and "dense" not in self.op.plan_kinds:
             return dense_op(q, k, v, causal=plan.causal, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
         return self.op(q, k, v, plan, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
+
+    def _as_ranges(self, q, k, v, ctx: CallContext):
+        """A selector whose pattern is a range rule (streaming) runs as one mixed launch over
+        ranges where a single-launch backend takes the call: no index lists, no selection."""
+        mode = _head_mode(self)
+        if mode is None or mode.kind != "streaming":
+            return None
+        backend = fused_backend(q, k, v, q.shape[1], mode.block_size, key_padding_mask=ctx.key_padding_mask)
+        if backend is None:
+            return None
+        plan = uniform_plan(mode, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
+        if ctx.meter is not None:
+            ctx.record(_uniform_density(mode, q.shape[2], k.shape[2]))
+        return mixed_op(q, k, v, plan, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale, backend=backend.name)
 
     def to_config(self) -> dict:
         out = {}
@@ -156,25 +190,14 @@ class Routed(Node):
         fused = self._fused(q, k, v, plan, ctx)
         if fused is not None:
             return fused
-        B, Hq, Nq, D = q.shape
-        Hkv = k.shape[1]
-        g = Hq // Hkv
-        out = None
-        for i, label in enumerate(self.labels):
-            chosen = plan.branch == i  # [B, Hkv]
-            n = int(chosen.sum())
-            if n == 0:
-                continue
-            node = self.branches[label]
-            if n == B * Hkv:
+
+        def run_branch(i, b, h):
+            node = self.branches[self.labels[i]]
+            if b is None:  # every pair takes this branch
                 return node(q, k, v, ctx)
-            if out is None:
-                out = q.new_zeros(B, Hkv, g, Nq, D)
-            b, h = chosen.nonzero(as_tuple=True)
-            qs, ks, vs, sub = self._fold(q, k, v, ctx, b, h)
-            o = node(qs, ks, vs, sub)
-            out[b, h] = o.to(out.dtype)
-        return out.reshape(B, Hq, Nq, D)
+            return node(*self._fold(q, k, v, ctx, b, h))
+
+        return split_by_branch(q, k, v, plan.branch, len(self.labels), run_branch)
 
     @staticmethod
     def _fold(q, k, v, ctx, b, h):
@@ -191,84 +214,63 @@ class Routed(Node):
         qs = q.reshape(B, Hkv, Hq // Hkv, Nq, D)[b, h]  # [n, g, Nq, D]: the pairs become the batch
         return qs, k[b, h][:, None], v[b, h][:, None], sub
 
+    def head_modes(self) -> list[HeadMode] | None:
+        """Every branch as a mixed-plan head mode, or None if one cannot be written as one."""
+        modes = [_head_mode(self.branches[label]) for label in self.labels]
+        return None if any(m is None for m in modes) else modes
+
     def _fused(self, q, k, v, plan: HeadPlan, ctx: CallContext) -> torch.Tensor | None:
-        """All branches in one mixed-mode launch, or None where that is not possible."""
+        """All branches in one mixed-mode launch (no host sync), or None where that is not possible."""
         if ctx.decode:
             return None
-        used = [i for i in range(len(self.labels)) if bool((plan.branch == i).any())]
-        if len(used) < 2:
+        modes = self.head_modes()
+        if modes is None:
             return None
-        modes = {i: _head_mode(self.branches[self.labels[i]]) for i in used}
-        if any(m is None for m in modes.values()):
-            return None
-        sizes = {m[1] for m in modes.values() if m[0] != "dense"}
-        if len(sizes) > 1:
+        bs = common_block_size(modes)
+        if bs is None:
             return None  # one launch needs one block size across branches
-        bs = sizes.pop() if sizes else 64
         backend = fused_backend(q, k, v, q.shape[1], bs, key_padding_mask=ctx.key_padding_mask)
         if backend is None:
             return None
-        mplan = self._mixed_plan(q, k, v, plan, ctx, modes, bs)
+        block_plans = {}
+        for i, m in enumerate(modes):
+            if m.kind == "block":  # computed for every head: picking the routed ones would need a sync
+                with torch.no_grad():
+                    bp = self.branches[self.labels[i]].selector(q, k, ctx.selector_context())
+                if not isinstance(bp, BlockPlan):
+                    return None  # e.g. a selector that fell back to a dense plan on a short input
+                block_plans[i] = bp
+        mplan = mixed_plan(plan.branch, modes, block_plans, q.shape[1], q.shape[2], k.shape[2], bs)
         if ctx.meter is not None:
-            d = mplan.density(reduce=False).view(plan.branch.shape[0], plan.branch.shape[1], -1).mean(-1)
-            for i in used:
-                chosen = plan.branch == i
-                share = float(chosen.double().mean())
-                replace(ctx, share=ctx.share * share).record(float(d[chosen].mean()))
+            for share, density in branch_densities(plan.branch, mplan, len(modes)):
+                replace(ctx, share=ctx.share * share).record(density)
         return mixed_op(q, k, v, mplan, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale,
                         backend=backend.name)
-
-    def _mixed_plan(self, q, k, v, plan, ctx, modes, bs) -> MixedPlan:
-        B, Hq, Nq, _ = q.shape
-        Hkv, Nk = k.shape[1], k.shape[2]
-        g, nqb, dev = Hq // Hkv, -(-Nq // bs), q.device
-        mode = torch.zeros(B, Hkv, dtype=torch.int32, device=dev)
-        sink, local = torch.zeros_like(mode), torch.zeros_like(mode)
-        blocks = []  # (chosen mask, BlockPlan over the folded pairs)
-        for i, (kind, _) in modes.items():
-            chosen = plan.branch == i
-            if kind == "streaming":
-                r = self.branches[self.labels[i]].selector.ranges()
-                mode[chosen], sink[chosen], local[chosen] = MODES.index("streaming"), r["sink"], r["local"]
-            elif kind == "block":
-                b, h = chosen.nonzero(as_tuple=True)
-                qs, ks, _, sub = self._fold(q, k, v, ctx, b, h)
-                with torch.no_grad():
-                    bp = self.branches[self.labels[i]].selector(qs, ks, sub.selector_context())
-                if isinstance(bp, BlockPlan):
-                    mode[chosen] = MODES.index("block")
-                    blocks.append((b, h, bp))
-        mode, sink, local = (x.repeat_interleave(g, dim=1) for x in (mode, sink, local))
-        block = None
-        if blocks:
-            kmax = max(bp.max_blocks for _, _, bp in blocks)
-            idx = torch.full((B, Hkv, g, nqb, kmax), -1, dtype=torch.int32, device=dev)
-            cnt = torch.zeros((B, Hkv, g, nqb), dtype=torch.int32, device=dev)
-            for b, h, bp in blocks:
-                # per-query-head plans have g heads; per-KV-head plans one, shared by the group
-                ki, kc = bp.kv_indices.to(torch.int32), bp.kv_counts.to(torch.int32)
-                idx[b, h, :, :, : bp.max_blocks] = ki.expand(-1, g, -1, -1)
-                cnt[b, h] = kc.expand(-1, g, -1)
-            block = BlockPlan(idx.flatten(1, 2), cnt.flatten(1, 2), bs, bs, Nq, Nk, True)
-        return MixedPlan(mode, sink, local, block, bs, Nq, Nk, True)
 
     def to_config(self) -> dict:
         return {"router": to_config(self.router), "branches": {k: n.to_config() for k, n in self.branches.items()}}
 
 
-def _head_mode(node) -> tuple[str, int | None] | None:
-    """("dense" | "streaming" | "block", block size) if ``node`` can run as a mixed-plan head mode."""
+@functools.lru_cache(maxsize=64)
+def _uniform_density(mode: HeadMode, q_len: int, kv_len: int) -> float:
+    """Density of a range rule: it depends on shapes only, so it is computed once on the CPU."""
+    return uniform_plan(mode, 1, 1, q_len, kv_len, torch.device("cpu")).density()
+
+
+def _head_mode(node) -> HeadMode | None:
+    """``node`` as a mixed-plan head mode, or None if it cannot run as one."""
     if not isinstance(node, Branch) or getattr(node.op, "backend", None) is not None:
         return None  # other node types, or a branch whose user forced an op backend
     kinds = getattr(node.op, "plan_kinds", ())
     if node.selector is None:
-        return ("dense", None) if "dense" in kinds else None
+        return HeadMode("dense") if "dense" in kinds else None
     if "block" not in kinds or getattr(node.selector, "plan_kind", None) != "block":
         return None
     if hasattr(node.selector, "ranges"):
-        return ("streaming", node.selector.ranges()["block_size"])
+        r = node.selector.ranges()
+        return HeadMode("streaming", r["block_size"], r["sink"], r["local"])
     size = getattr(node.selector, "block_size", None)
-    return ("block", size) if isinstance(size, int) else None
+    return HeadMode("block", size) if isinstance(size, int) else None
 
 
 @dataclass
@@ -291,7 +293,7 @@ class Compressed(Node):
         qc, kc, vc = token_sparse.compress(q, k, v, plan, key_padding_mask=ctx.key_padding_mask)
         # kept tokens are real tokens; shorter heads' tail slots sit after every real row (causal)
         inner = replace(ctx, key_padding_mask=None, pre_rope_keys=None,
-                        density_scale=ctx.density_scale * plan.density())
+                        density_scale=ctx.density_scale * density_of(plan))
         oc = self.inner(qc, kc, vc, inner)
         return token_sparse.decompress(oc, plan, q.shape[2])
 

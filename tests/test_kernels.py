@@ -110,6 +110,19 @@ def test_triton_empty_plan_rows_are_zero_with_finite_grads():
     _compare(out, lse, q, k, v, None, plan, torch.float32, True)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES[:5], ids=str)
+def test_triton_dense_matches_reference(case, dtype):
+    """dense/triton serves what SDPA on CUDA declines: lse, padding, 1 < Nq < Nk."""
+    grad = dtype == torch.float32
+    q, k, v, kpm = _qkv(case, dtype, grad, seed=case.Nq)
+    out, lse = ops.dense(q, k, v, causal=case.causal, key_padding_mask=kpm, return_lse=True, backend="triton")
+    from attnzoo.plans import DensePlan
+
+    _compare(out, lse, q, k, v, kpm, DensePlan(case.Nq, case.Nk, case.causal), dtype, grad)
+
+
 # -- Triton mixed-mode --------------------------------------------------------------------------
 
 def _mixed_plan(case, B, H, modes, seed=0, sink=16, local=40):
@@ -206,6 +219,45 @@ def test_triton_scores_match_torch(case, stride, block, dtype):
     for (_, _, w1), (_, _, w2) in zip(ref, got, strict=True):
         assert w2.shape == w1.shape
         assert (w2 - w1).abs().max() <= tol  # probabilities: absolute error
+
+
+POOLED_CASES = [
+    (Case(2, 4, 2, 100, 130, 32, "right"), 16),
+    (Case(2, 6, 2, 96, 96, 16, "left"), 32),
+    (Case(1, 2, 1, 70, 200, 32), 16),  # chunked prefill: Nq < Nk
+    (Case(2, 2, 2, 1, 90, 16, "right"), 16),  # decode: one query
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case,block", POOLED_CASES, ids=lambda x: str(x))
+def test_triton_pooled_scores_match_torch(case, block, dtype):
+    from attnzoo.ops.pooled import pooled_block_scores
+
+    q, k, _, kpm = _qkv(case, dtype, False, seed=5)
+    ref = pooled_block_scores(q.double(), k.double(), block_size=block, key_padding_mask=kpm, backend="torch")
+    got = pooled_block_scores(q, k, block_size=block, key_padding_mask=kpm, backend="triton")
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # sums of probabilities: absolute error
+    assert (got - ref).abs().max() <= tol
+    assert ref.abs().max() > 0 or case.Nq == 1
+
+
+@needs_triton
+def test_topk_selector_same_plan_with_triton_scores(monkeypatch):
+    from attnzoo.selectors.base import Context
+    from attnzoo.selectors.topk_blocks import TopKBlocks
+
+    case = Case(2, 4, 2, 150, 150, 32, "left")
+    q, k, _, kpm = _qkv(case, torch.float32, False, seed=4)
+    sel = TopKBlocks(block_size=16, top_k=3)
+    monkeypatch.setenv("ATTNZOO_BACKEND", "pooled_scores=torch")
+    a = sel(q, k, Context(key_padding_mask=kpm))
+    monkeypatch.setenv("ATTNZOO_BACKEND", "pooled_scores=triton")
+    b = sel(q, k, Context(key_padding_mask=kpm))
+    assert torch.equal(a.to_block_mask(), b.to_block_mask())
+    assert a.density() < 0.8  # the selection is really sparse here
 
 
 @needs_triton

@@ -7,13 +7,14 @@ import os
 
 import torch
 
+from ..settings import value_checks
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _finite_check_enabled() -> bool:
-    # On by default: a NaN inside attention silently poisons every later layer. Set
-    # ATTNZOO_CHECK_FINITE=0 to skip the O(N*D) scan (it forces a device sync on CUDA).
-    return os.environ.get("ATTNZOO_CHECK_FINITE", "1") != "0"
+def _finite_check_enabled(device) -> bool:
+    # a NaN inside attention silently poisons every later layer: scan where it is cheap
+    return os.environ.get("ATTNZOO_CHECK_FINITE", "1") != "0" and value_checks(device)
 
 
 def check_qkv(q, k, v, *, causal: bool = True, key_padding_mask=None, scale=None,
@@ -62,10 +63,10 @@ def check_qkv(q, k, v, *, causal: bool = True, key_padding_mask=None, scale=None
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
         if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale must be a finite positive float, got {scale}")
-    if _finite_check_enabled():
+    if _finite_check_enabled(q.device):
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not torch.isfinite(t).all():
-                raise ValueError(f"{name} contains NaN or Inf (set ATTNZOO_CHECK_FINITE=0 to skip this check)")
+                raise ValueError(f"{name} contains NaN or Inf (ATTNZOO_CHECK_VALUES=0 skips this check)")
 
 
 def default_scale(q: torch.Tensor, scale) -> float:

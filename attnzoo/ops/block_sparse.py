@@ -20,6 +20,7 @@ import shutil
 import torch
 
 from ..plans import BlockPlan
+from ..settings import value_checks
 from ._checks import check_qkv, default_scale
 from .dispatch import Backend, choose, make_request, register_backend
 
@@ -358,7 +359,9 @@ def block_sparse(q, k, v, plan: BlockPlan, *, key_padding_mask=None, scale=None,
     plan.validate(q, k)
     req = make_request("block_sparse", q, k, v, "block", return_lse=return_lse,
                        key_padding_mask=key_padding_mask, causal=plan.causal,
-                       plan_heads=plan.heads, plan_density=plan.density(),
+                       plan_heads=plan.heads,
+                       # only the CPU's flex preference reads it; elsewhere it would cost a host sync
+                       plan_density=plan.density() if value_checks(q.device) else None,
                        block_size=(plan.block_q, plan.block_k))
     impl = choose(req, backend)
     out, lse = impl.fn(q, k, v, plan, key_padding_mask=key_padding_mask,

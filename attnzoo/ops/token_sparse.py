@@ -101,6 +101,7 @@ def attention(q, k, v, plan: TokenPlan, *, key_padding_mask=None, scale=None,
                  return_lse: bool = False, backend: str | None = None):
     """compress -> causal dense attention on kept tokens -> decompress."""
     qc, kc, vc = compress(q, k, v, plan, key_padding_mask=key_padding_mask)
+    if not return_lse:  # asking for lse would rule out the fastest dense kernels on CUDA
+        return decompress(dense(qc, kc, vc, causal=True, scale=scale, backend=backend), plan, q.shape[2])
     oc, lc = dense(qc, kc, vc, causal=True, scale=scale, return_lse=True, backend=backend)
-    out, lse = decompress(oc, plan, q.shape[2], lse=lc)
-    return (out, lse) if return_lse else out
+    return decompress(oc, plan, q.shape[2], lse=lc)

@@ -43,7 +43,14 @@ class Streaming:
         B, Hkv, Nq, Nk = q.shape[0], k.shape[1], q.shape[2], k.shape[2]
         keep = streaming_block_mask(Nq, Nk, self.block_size, self.sink, self.local, q.device)
         mask = keep[None, None].expand(B, Hkv, *keep.shape)
-        return BlockPlan.from_block_mask(mask, self.block_size, self.block_size, Nq, Nk)
+        return BlockPlan.from_block_mask(mask, self.block_size, self.block_size, Nq, Nk,
+                                         max_blocks=self.max_blocks())
+
+    def max_blocks(self) -> int:
+        """Key blocks a query block keeps at most: the sink's, the window's, and the two partial
+        blocks at the window's edges (a static bound, so building the plan needs no host sync)."""
+        b = self.block_size
+        return -(-self.sink // b) + -(-self.local // b) + 2
 
     def ranges(self) -> dict:
         """The pattern as ranges (sink, local window, block size) for kernels that take them."""

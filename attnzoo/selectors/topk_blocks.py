@@ -13,14 +13,13 @@ Documented variant: the paper selects per query token; attnzoo selects per query
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from ..ops.merge import masked_softmax_
+from ..ops.pooled import past_blocks, pooled_block_scores
 from ..plans import BlockPlan, last_visible_block
 from ..registry import register
 from .base import as_context, check_block, check_positive, check_qk
@@ -50,51 +49,65 @@ class TopKBlocks:
     def __call__(self, q, k, ctx=None) -> BlockPlan:
         ctx = as_context(ctx)
         check_qk(q, k, ctx)
-        B, Hq, Nq, D = q.shape
-        Hkv, Nk = k.shape[1], k.shape[2]
-        g, b = Hq // Hkv, self.block_size
-        nqb, nkb = -(-Nq // b), -(-Nk // b)
-        off = Nk - Nq
-        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        dev = q.device
-        kp = F.pad(k.to(dt), (0, 0, 0, nkb * b - Nk)).reshape(B, Hkv, nkb, b, D)
+        Nq, Nk, b = q.shape[2], k.shape[2], self.block_size
+        score = pooled_block_scores(q, k, block_size=b, chunk_size=self.chunk_size,
+                                    key_padding_mask=ctx.key_padding_mask)  # [B, Hkv, Nqb, Nkb]
+        sets = _sets(Nq, Nk, b, self.top_k, q.device)
+        cand = sets.past[None, None]
         if ctx.key_padding_mask is not None:
-            real = F.pad(ctx.key_padding_mask, (0, nkb * b - Nk)).reshape(B, 1, nkb, b, 1).to(dt)
-            kmean = (kp * real).sum(3) / real.sum(3).clamp(min=1)
-            block_real = real.view(B, nkb, b).any(-1)  # [B, Nkb]
-        else:
-            kmean = kp.mean(3)
-            block_real = torch.ones(B, nkb, dtype=torch.bool, device=dev)
-        qp = F.pad(q.to(dt), (0, 0, 0, nqb * b - Nq))
-        q_real = torch.arange(nqb * b, device=dev)[None] < Nq  # [1 or B, Nq padded]
-        if ctx.key_padding_mask is not None:
-            q_real = q_real & F.pad(ctx.key_padding_mask[:, Nk - Nq:], (0, nqb * b - Nq))
-        last = last_visible_block(Nq, Nk, b, b, dev)  # [Nqb]
-        first_q = torch.arange(nqb, device=dev) * b + off
-        col = torch.arange(nkb, device=dev)
-        # complete past blocks: wholly before the block's first query and wholly inside Nk
-        past = ((col[None, :] + 1) * b - 1 <= first_q[:, None]) & ((col[None, :] + 1) * b <= Nk)
-        own = (col[None, :] <= last[:, None]) & ~past  # blocks crossing the causal frontier
-        scale = 1.0 / math.sqrt(D)
-        step = self.chunk_size // b
-        parts = []
-        qp = qp * scale  # on q: far smaller than the score matrix
-        for I0 in range(0, nqb, step):
-            I1 = min(nqb, I0 + step)
-            C = I1 - I0
-            ncol = int(last[I1 - 1]) + 1  # blocks right of the chunk's diagonal are never candidates
-            qc = qp[:, :, I0 * b: I1 * b].reshape(B, Hkv, g * C * b, D)
-            s = (qc @ kmean[:, :, :ncol].transpose(-1, -2)).view(B, Hkv, g, C, b, ncol)
-            rows_real = q_real[:, I0 * b: I1 * b].reshape(-1, 1, 1, C, b, 1)  # padded rows vote for nothing
-            past_c, own_c, real_c = past[I0:I1, :ncol], own[I0:I1, :ncol], block_real[:, :ncol]
-            allowed = past_c[None, None, None, :, None, :] & rows_real
-            allowed = allowed & real_c[:, None, None, None, None, :]
-            p = masked_softmax_(s, allowed)
-            score = p.sum(4).sum(2)  # [B, Hkv, C, ncol]: over the block's queries, then the group's heads
-            n_pick = (self.top_k - own_c.sum(-1)).clamp(min=0)  # [C]
-            cand = past_c[None, None] & real_c[:, None, None, :]
-            ranked = score.masked_fill(~cand, -1.0).argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
-            pick = cand & (ranked < n_pick[None, None, :, None])
-            parts.append(F.pad(pick | own_c[None, None], (0, nkb - ncol)))
-        mask = torch.cat(parts, dim=2)
-        return BlockPlan.from_block_mask(mask, b, b, Nq, Nk)
+            cand = cand & self._real_blocks(k, ctx.key_padding_mask)[:, None, None, :]
+        k_ = min(self.top_k, score.shape[-1])
+        if score.dtype == torch.float32:
+            # rank by score, ties to the lower block (what a stable descending sort gives): the
+            # score's fp32 bits (monotonic for floats >= 0) and the reversed column form one int64
+            # key, so no two keys tie and topk's tie order cannot matter -- one topk, no full sort
+            key = (score.clamp(min=0).view(torch.int32).long() << 24) | sets.reversed_col
+            ok, top_idx = torch.where(cand, key, -1).topk(k_, dim=-1)
+        else:  # fp64 scores (exact comparisons against slow references): a stable sort
+            s = torch.where(cand, score, -1.0)
+            top_idx = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :k_]
+            ok = s.gather(-1, top_idx)
+        # the own blocks count toward top_k; they lie right of every past block, so appending them
+        # after the picked past blocks and sorting once gives ascending indices
+        valid = (ok >= 0) & (sets.slot[:k_] < sets.n_pick)
+        picked = torch.where(valid, top_idx, _ABSENT)
+        idx = torch.cat([picked, sets.own_idx.expand(*picked.shape[:2], -1, -1)], -1).sort(-1).values
+        counts = valid.sum(-1, dtype=torch.int32) + sets.n_own
+        idx = torch.where(idx == _ABSENT, -1, idx).to(torch.int32)
+        return BlockPlan(idx, counts, b, b, Nq, Nk)
+
+    def _real_blocks(self, k, key_padding_mask):
+        """Bool ``[B, Nkb]``: key blocks holding at least one real key."""
+        nkb = -(-k.shape[2] // self.block_size)
+        pad = nkb * self.block_size - k.shape[2]
+        return torch.nn.functional.pad(key_padding_mask, (0, pad)).view(-1, nkb, self.block_size).any(-1)
+
+
+_ABSENT = 1 << 40  # sorts after every block index
+
+
+@dataclass(frozen=True)
+class _BlockSets:
+    past: torch.Tensor  # [Nqb, Nkb] bool: complete past blocks (the candidates)
+    own_idx: torch.Tensor  # [Nqb, 2] int64: blocks crossing the causal frontier, _ABSENT-padded
+    n_own: torch.Tensor  # [Nqb] int32
+    n_pick: torch.Tensor  # [Nqb, 1]: past blocks to pick (top_k minus the own blocks)
+    reversed_col: torch.Tensor  # [Nkb] int64: Nkb - 1 - column (the tie-break)
+    slot: torch.Tensor  # [top_k] int64
+
+
+@functools.lru_cache(maxsize=32)
+def _sets(q_len: int, kv_len: int, block: int, top_k: int, device) -> _BlockSets:
+    """Everything that depends on shapes only: built once per shape, reused by every layer."""
+    past = past_blocks(q_len, kv_len, block, device)
+    last = last_visible_block(q_len, kv_len, block, block, device)
+    nkb = past.shape[1]
+    col = torch.arange(nkb, device=device)
+    own = (col[None, :] <= last[:, None]) & ~past
+    n_own = own.sum(-1, dtype=torch.int32)
+    # own blocks are the last one or two visible columns: last - 1 (if own) and last
+    own_at = lambda c: torch.where(own.gather(1, c.clamp(min=0)[:, None])[:, 0] & (c >= 0), c, _ABSENT)  # noqa: E731
+    own_idx = torch.stack([own_at(last - 1), own_at(last)], -1)
+    assert bool((own.sum(-1) == (own_idx != _ABSENT).sum(-1)).all()), "own blocks beyond the last two columns"
+    return _BlockSets(past, own_idx, n_own, (top_k - n_own[:, None]).clamp(min=0), nkb - 1 - col,
+                      torch.arange(top_k, device=device))

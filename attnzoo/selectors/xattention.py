@@ -109,11 +109,9 @@ class XAttention:
         Hkv, Nk = k.shape[1], k.shape[2]
         b = self.block_size
         last = last_visible_block(Nq, Nk, b, b, q.device)
-        parts = []
-        for I0, I1, w in self.block_scores(q, k, ctx):
-            tau = self._tau(Hq, w.device, w.dtype)
-            parts.append(self.select(w, last[I0:I1], tau))
-        mask = torch.cat(parts, dim=2)
+        parts = list(self.block_scores(q, k, ctx))  # one chunk on a GPU (see the Triton scorer)
+        w = parts[0][2] if len(parts) == 1 else torch.cat([w for _, _, w in parts], dim=2)
+        mask = self.select(w, last, self._tau(Hq, w.device, w.dtype))  # every query block at once
         if self.per_kv_head:
             mask = mask.view(B, Hkv, Hq // Hkv, *mask.shape[2:]).any(2)
         return BlockPlan.from_block_mask(mask, b, b, Nq, Nk)

@@ -41,6 +41,18 @@ register_backend(Backend(
     description="Triton flash attention over the plan's blocks; fp32 online softmax, fwd+bwd", **_TRITON),
     before="flex")
 
+def _dense_triton(q, k, v, *, causal, key_padding_mask, scale, return_lse):
+    from .triton_attention import KernelPlan, attention
+    return attention(q, k, v, KernelPlan.dense(q.shape[0], q.shape[1], q.shape[2], causal, q.device),
+                     key_padding_mask, scale)
+
+
+# after sdpa_cuda and flashinfer: it serves what they decline (lse, padding, bottom-right causal
+# with 1 < Nq < Nk), at FA2-class speed
+register_backend(Backend(
+    op="dense", name="triton", fn=_dense_triton, plan_kinds=("dense",),
+    description="Triton flash attention, every head dense: lse, padding, any Nq <= Nk, fwd+bwd", **_TRITON))
+
 register_backend(Backend(
     op="mixed", name="triton", fn=_mixed_triton, plan_kinds=("mixed",),
     description="Triton: dense / streaming / block-sparse heads in one launch, fwd+bwd", **_TRITON),
@@ -64,6 +76,23 @@ register_backend(Backend(
     op="antidiagonal_scores", name="triton", fn=_scores_triton, plan_kinds=("scores",),
     description="Triton XAttention scoring: antidiagonal scores, softmax, block sums in one kernel",
     **{**_TRITON, "backward": False, "lse": False, "check": _scores_limits}),
+    before="torch")
+
+def _pooled_triton(q, k, **kw):
+    from .triton_pooled import pooled_scores
+    return pooled_scores(q, k, **kw)
+
+
+def _pooled_limits(req) -> str | None:
+    if req.block_size[0] % 16:
+        return f"block size {req.block_size[0]} must be a multiple of 16 (tensor-core tiles)"
+    return None
+
+
+register_backend(Backend(
+    op="pooled_scores", name="triton", fn=_pooled_triton, plan_kinds=("scores",),
+    description="Triton top-k block scores: q . pooled keys, softmax and block sums in one launch",
+    **{**_TRITON, "backward": False, "lse": False, "check": _pooled_limits}),
     before="torch")
 
 # after Triton: for block-sparse calls both fit, Triton is tried first (it also takes padding,

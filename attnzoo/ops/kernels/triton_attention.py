@@ -287,6 +287,14 @@ class KernelPlan:
                    plan.causal)
 
     @classmethod
+    def dense(cls, batch: int, heads: int, q_len: int, causal: bool, device) -> KernelPlan:
+        """Every head dense (walks every visible block; the tile size is the kernel's own)."""
+        mode = torch.full((batch, heads), MODE_DENSE, dtype=torch.int32, device=device)
+        nqb = -(-q_len // 128)
+        cnt = torch.zeros((batch, heads, nqb), dtype=torch.int32, device=device)
+        return cls(mode, mode, mode, cnt[..., None], cnt, 128, 128, causal)
+
+    @classmethod
     def from_mixed_plan(cls, plan) -> KernelPlan:
         if plan.block is not None:
             idx, cnt = plan.block.kv_indices, plan.block.kv_counts

@@ -1,0 +1,136 @@
+"""Running a routed layer's plans: one mixed launch, or one call per branch on its heads.
+
+The stack *describes* a routed layer (a router's ``HeadPlan`` and what each branch computes);
+this module *executes* it:
+
+- ``mixed_plan`` writes every branch as a head mode (dense, streaming ranges, block-sparse
+  indices) into one ``MixedPlan``, on the device and with no host synchronisation: the mode,
+  sink and local of each head are gathered from a per-branch table by the router's decision, and
+  block-mode heads take their rows of a block plan computed for every head (the selector runs on
+  all heads, because choosing a subset would need the decision on the host).
+- ``split_by_branch`` runs one call per branch on exactly the (batch, KV head) pairs routed to
+  it, folded into the batch dimension. Finding those pairs reads the decision: one host sync.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..plans import MODES, BlockPlan, MixedPlan, cdiv
+
+
+@dataclass(frozen=True)
+class HeadMode:
+    """What one branch of a routed layer computes, as a mixed-plan head mode."""
+
+    kind: str  # one of MODES
+    block_size: int | None = None  # streaming and block modes
+    sink: int = 0  # streaming
+    local: int = 0  # streaming
+
+    def __post_init__(self):
+        if self.kind not in MODES:
+            raise ValueError(f"head mode kind must be one of {MODES}, got {self.kind!r}")
+
+
+def common_block_size(modes: list[HeadMode], default: int = 64) -> int | None:
+    """The one block size a mixed plan of ``modes`` uses, or None if the branches disagree."""
+    sizes = {m.block_size for m in modes if m.kind != "dense"}
+    if len(sizes) > 1:
+        return None
+    return sizes.pop() if sizes else default
+
+
+def mixed_plan(branch: torch.Tensor, modes: list[HeadMode], block_plans: dict[int, BlockPlan],
+               q_heads: int, q_len: int, kv_len: int, block_size: int) -> MixedPlan:
+    """A per-query-head MixedPlan for the decision ``branch`` ``[B, Hkv]`` (index into ``modes``).
+
+    ``block_plans[i]`` is branch ``i``'s plan over *all* heads (per query or per KV head); a head
+    routed to a block branch takes its rows from it. No host synchronisation.
+    """
+    B, Hkv = branch.shape
+    g, dev = q_heads // Hkv, branch.device
+    table = torch.tensor([[MODES.index(m.kind), m.sink, m.local] for m in modes], dtype=torch.int32, device=dev)
+    per_head = table[branch.long()].repeat_interleave(g, dim=1)  # [B, Hq, 3]
+    mode, sink, local = per_head.unbind(-1)
+    block = None
+    if block_plans:
+        per_q = {i: _per_query_head(bp, q_heads) for i, bp in block_plans.items()}
+        if len(per_q) == 1:
+            (i, bp), = per_q.items()
+            block = bp
+        else:  # several block branches: each head keeps the rows of its own branch's plan
+            nkb = cdiv(kv_len, block_size)
+            chosen = branch.repeat_interleave(g, dim=1)[..., None, None]
+            mask = torch.zeros(B, q_heads, cdiv(q_len, block_size), nkb, dtype=torch.bool, device=dev)
+            for i, bp in per_q.items():
+                mask = torch.where(chosen == i, bp.to_block_mask(), mask)
+            block = BlockPlan.from_block_mask(mask, block_size, block_size, q_len, kv_len,
+                                              max_blocks=max(bp.max_blocks for bp in per_q.values()))
+    return MixedPlan(mode.contiguous(), sink.contiguous(), local.contiguous(), block, block_size, q_len, kv_len, True)
+
+
+@functools.lru_cache(maxsize=32)
+def uniform_plan(mode: HeadMode, batch: int, q_heads: int, q_len: int, kv_len: int, device: torch.device) -> MixedPlan:
+    """Every head under one range mode (dense or streaming), as a MixedPlan of per-head ranges.
+
+    A streaming layer needs no index lists: a single-launch kernel walks the sink and the window
+    arithmetically. The plan depends only on shapes, so it is built once and reused by every
+    layer of a forward (and by later forwards of the same shape): three small tensors per entry.
+    """
+    if mode.kind == "block":
+        raise ValueError("a block-mode plan depends on the inputs, not only on shapes")
+    bs = mode.block_size or 64
+    shape = (batch, q_heads)
+    full = lambda x: torch.full(shape, x, dtype=torch.int32, device=device)  # noqa: E731
+    return MixedPlan(full(MODES.index(mode.kind)), full(mode.sink), full(mode.local), None, bs, q_len, kv_len, True)
+
+
+def _per_query_head(plan: BlockPlan, q_heads: int) -> BlockPlan:
+    if plan.heads == q_heads:
+        return plan
+    g = q_heads // plan.heads
+    return BlockPlan(plan.kv_indices.repeat_interleave(g, dim=1), plan.kv_counts.repeat_interleave(g, dim=1),
+                     plan.block_q, plan.block_k, plan.q_len, plan.kv_len, plan.causal)
+
+
+def branch_densities(branch: torch.Tensor, plan: MixedPlan, n_branches: int):
+    """``[(share, density)]`` per branch as device tensors: the fraction of (batch, KV head) slots
+    routed to it and the mean density of their heads under ``plan``."""
+    B, Hkv = branch.shape
+    d = plan.density(reduce=False).view(B, Hkv, -1).mean(-1)
+    out = []
+    for i in range(n_branches):
+        chosen = (branch == i).double()
+        n = chosen.sum()
+        out.append((n / chosen.numel(), (d * chosen).sum() / n.clamp(min=1)))
+    return out
+
+
+def split_by_branch(q, k, v, branch: torch.Tensor, n_branches: int,
+                    run: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One call per branch on the (batch, KV head) pairs routed to it (a host sync to find them).
+
+    ``run(i, b, h)`` returns branch ``i``'s output for the pairs ``(b[j], h[j])``, each pair one
+    batch element of ``[n, g, Nq, D]``; outputs are written back in head order. A branch that
+    takes every pair is called once on the whole batch (``b``, ``h`` = None).
+    """
+    B, Hq, Nq, D = q.shape
+    Hkv = k.shape[1]
+    g = Hq // Hkv
+    counts = torch.bincount(branch.flatten().long(), minlength=n_branches).tolist()
+    out = None
+    for i, n in enumerate(counts):
+        if n == 0:
+            continue
+        if n == B * Hkv:
+            return run(i, None, None)
+        if out is None:
+            out = q.new_zeros(B, Hkv, g, Nq, D)
+        b, h = (branch == i).nonzero(as_tuple=True)
+        out[b, h] = run(i, b, h).to(out.dtype)
+    return out.reshape(B, Hq, Nq, D)

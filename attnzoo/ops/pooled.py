@@ -1,0 +1,102 @@
+"""Top-k block scores from mean-pooled keys (NSA's selection branch), as an op with backends.
+
+For query block I of KV head h (block b, bottom-right causal offset ``Nk - Nq``):
+
+    score[B, h, I, J] = sum over the group's query heads and the block's real query rows r of
+                        softmax_J( q_r . kmean_J / sqrt(D) )   over the *complete past* blocks J
+
+where ``kmean_J`` is the mean of block J's real keys and a complete past block lies wholly before
+the block's first query and inside Nk (``(J + 1) b - 1 <= I b + Nk - Nq`` and ``(J + 1) b <= Nk``).
+Blocks with no real key and padded query rows take no part. Returns fp32 (fp64 for fp64 inputs)
+``[B, Hkv, Nqb, Nkb]``; entries that are not candidates are 0.
+
+Backends: ``torch`` (chunks of query blocks, the score matrix per chunk) and ``triton``
+(``attnzoo.ops.kernels.triton_pooled``: one launch, scores never stored).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..plans import cdiv
+from .dispatch import DEFAULT_TOLERANCES, Backend, Tolerance, choose, make_request, register_backend
+from .merge import masked_softmax_
+
+
+def pooled_keys(k: torch.Tensor, block: int, key_padding_mask=None):
+    """``(kmean [B, Hkv, Nkb, D], block_real [B, Nkb] or None)``: each block's mean over its real
+    keys, and which blocks hold one (None without padding: every block does).
+
+    Without padding the last, partial block is averaged over ``block`` slots; it is never a
+    complete past block, so its mean is never used.
+    """
+    B, Hkv, Nk, D = k.shape
+    nkb = cdiv(Nk, block)
+    dt = torch.float64 if k.dtype == torch.float64 else torch.float32
+    kp = F.pad(k, (0, 0, 0, nkb * block - Nk)).view(B, Hkv, nkb, block, D)
+    if key_padding_mask is None:
+        return kp.mean(3, dtype=dt), None
+    real = F.pad(key_padding_mask.to(dt), (0, nkb * block - Nk)).view(B, 1, nkb, block, 1)
+    count = real.sum(3)
+    kmean = (kp.to(dt) * real).sum(3) / count.clamp(min=1)
+    return kmean, count[:, 0, :, 0] > 0
+
+
+def past_blocks(q_len: int, kv_len: int, block: int, device) -> torch.Tensor:
+    """Bool ``[Nqb, Nkb]``: key blocks wholly before each query block's first query and inside Nk."""
+    nqb, nkb = cdiv(q_len, block), cdiv(kv_len, block)
+    first_q = torch.arange(nqb, device=device)[:, None] * block + (kv_len - q_len)
+    end = (torch.arange(nkb, device=device)[None, :] + 1) * block
+    return (end - 1 <= first_q) & (end <= kv_len)
+
+
+def _torch_scores(q, k, *, block_size: int, chunk_size: int, key_padding_mask=None):
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    g, b = Hq // Hkv, block_size
+    nqb, nkb = cdiv(Nq, b), cdiv(Nk, b)
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kmean, block_real = pooled_keys(k, b, key_padding_mask)
+    qp = F.pad(q.to(dt), (0, 0, 0, nqb * b - Nq)) / math.sqrt(D)
+    q_real = torch.arange(nqb * b, device=q.device)[None] < Nq
+    if key_padding_mask is not None:
+        q_real = q_real & F.pad(key_padding_mask[:, Nk - Nq:], (0, nqb * b - Nq))
+    past = past_blocks(Nq, Nk, b, q.device)
+    out = torch.zeros(B, Hkv, nqb, nkb, dtype=dt, device=q.device)
+    step = chunk_size // b
+    for I0 in range(0, nqb, step):
+        I1 = min(nqb, I0 + step)
+        C = I1 - I0
+        # blocks right of the chunk's last query are never complete past blocks: skip them
+        ncol = min(nkb, max(0, ((I1 - 1) * b + Nk - Nq + 1) // b))
+        if ncol == 0:
+            continue
+        qc = qp[:, :, I0 * b: I1 * b].reshape(B, Hkv, g * C * b, D)
+        s = (qc @ kmean[:, :, :ncol].transpose(-1, -2)).view(B, Hkv, g, C, b, ncol)
+        rows_real = q_real[:, I0 * b: I1 * b].reshape(-1, 1, 1, C, b, 1)  # padded rows vote for nothing
+        allowed = past[None, None, None, I0:I1, None, :ncol] & rows_real
+        if block_real is not None:
+            allowed = allowed & block_real[:, None, None, None, None, :ncol]
+        out[:, :, I0:I1, :ncol] = masked_softmax_(s, allowed).sum(4).sum(2)
+    return out
+
+
+register_backend(Backend(
+    op="pooled_scores", name="torch", fn=_torch_scores, devices=("cpu", "cuda"),
+    dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64), plan_kinds=("scores",),
+    backward=False, lse=False, description="torch: q . pooled keys per chunk of query blocks, fp32 softmax",
+    tolerances={**DEFAULT_TOLERANCES, torch.float64: Tolerance(out=1e-10, lse=1e-10, grad=1e-10)}))
+
+
+def pooled_block_scores(q, k, *, block_size: int, chunk_size: int = 1024, key_padding_mask=None,
+                        backend: str | None = None) -> torch.Tensor:
+    """``[B, Hkv, Nqb, Nkb]`` top-k block scores (see the module doc). Scores feed a discrete
+    selection, so they carry no gradient (q and k are detached)."""
+    q, k = q.detach(), k.detach()
+    req = make_request("pooled_scores", q, k, k, "scores", return_lse=False, key_padding_mask=key_padding_mask,
+                       causal=True, block_size=(block_size, block_size))
+    impl = choose(req, backend)
+    return impl.fn(q, k, block_size=block_size, chunk_size=chunk_size, key_padding_mask=key_padding_mask)

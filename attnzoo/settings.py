@@ -1,0 +1,25 @@
+"""Switches read from the environment (a leaf module: plans and ops both read it)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def value_checks(device) -> bool:
+    """Whether attnzoo reads tensor values on the host for ``device``: the NaN/Inf scan of q/k/v,
+    the content checks of a plan's indices (ranges, order, causality), exact plan widths.
+
+    Shapes, dtypes and devices are always checked. Reading values costs nothing extra on the CPU
+    but blocks the host on a GPU (each check waits for the kernels before it), which makes a
+    prefill host-bound; so by default they run on the CPU only. ``ATTNZOO_CHECK_VALUES=1`` turns
+    them on everywhere (debugging a GPU run), ``0`` off everywhere. ``ATTNZOO_CHECK_FINITE=0``
+    (older name) also turns off the NaN scan.
+    """
+    env = os.environ.get("ATTNZOO_CHECK_VALUES", "auto")
+    if env not in ("auto", "0", "1"):
+        raise ValueError(f"ATTNZOO_CHECK_VALUES must be auto, 0 or 1, got {env!r}")
+    if env != "auto":
+        return env == "1"
+    return torch.device(device).type == "cpu"
