@@ -30,6 +30,8 @@ VIEWS = {
     "unflatten", "flatten", "lift_fresh", "view_as", "expand_as", "diagonal", "movedim", "numpy_T", "sym_size",
     "sym_stride", "sym_numel", "sym_storage_offset", "dim", "size", "stride", "is_contiguous", "_reshape_alias",
     "_to_copy_noop", "contiguous_noop",
+    # host-side scalars wrapped for an op (``torch.where(m, x, -1)``): no kernel
+    "scalar_tensor", "lift_fresh_copy",
 }
 
 

@@ -54,8 +54,7 @@ def mixed_plan(branch: torch.Tensor, modes: list[HeadMode], block_plans: dict[in
     """
     B, Hkv = branch.shape
     g, dev = q_heads // Hkv, branch.device
-    table = torch.tensor([[MODES.index(m.kind), m.sink, m.local] for m in modes], dtype=torch.int32, device=dev)
-    per_head = table[branch.long()].repeat_interleave(g, dim=1)  # [B, Hq, 3]
+    per_head = _mode_table(tuple(modes), dev)[branch.long()].repeat_interleave(g, dim=1)  # [B, Hq, 3]
     mode, sink, local = per_head.unbind(-1)
     block = None
     if block_plans:
@@ -88,6 +87,13 @@ def uniform_plan(mode: HeadMode, batch: int, q_heads: int, q_len: int, kv_len: i
     shape = (batch, q_heads)
     full = lambda x: torch.full(shape, x, dtype=torch.int32, device=device)  # noqa: E731
     return MixedPlan(full(MODES.index(mode.kind)), full(mode.sink), full(mode.local), None, bs, q_len, kv_len, True)
+
+
+@functools.lru_cache(maxsize=64)
+def _mode_table(modes: tuple[HeadMode, ...], device) -> torch.Tensor:
+    """``[branches, 3]`` (mode, sink, local) on ``device``: copied to a GPU once per layer kind, not per
+    call (a copy from host memory would block the host)."""
+    return torch.tensor([[MODES.index(m.kind), m.sink, m.local] for m in modes], dtype=torch.int32, device=device)
 
 
 def _per_query_head(plan: BlockPlan, q_heads: int) -> BlockPlan:

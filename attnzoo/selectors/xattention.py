@@ -18,6 +18,7 @@ into one per-KV-head plan (what FlashInfer's variable block-sparse kernel consum
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -108,10 +109,57 @@ class XAttention:
         B, Hq, Nq, _ = q.shape
         Hkv, Nk = k.shape[1], k.shape[2]
         b = self.block_size
-        last = last_visible_block(Nq, Nk, b, b, q.device)
         parts = list(self.block_scores(q, k, ctx))  # one chunk on a GPU (see the Triton scorer)
         w = parts[0][2] if len(parts) == 1 else torch.cat([w for _, _, w in parts], dim=2)
-        mask = self.select(w, last, self._tau(Hq, w.device, w.dtype))  # every query block at once
-        if self.per_kv_head:
+        if self.per_kv_head:  # the union of a group's selections: through the block mask
+            mask = self.select(w, last_visible_block(Nq, Nk, b, b, q.device), self._tau(Hq, w.device, w.dtype))
             mask = mask.view(B, Hkv, Hq // Hkv, *mask.shape[2:]).any(2)
-        return BlockPlan.from_block_mask(mask, b, b, Nq, Nk)
+            return BlockPlan.from_block_mask(mask, b, b, Nq, Nk)
+        return self._plan(w, Nq, Nk)
+
+    def _plan(self, w: torch.Tensor, Nq: int, Nk: int) -> BlockPlan:
+        """What ``select`` chooses, written straight into index lists (every query block at once,
+        no block mask, no host sync). The blocks taken by the threshold are a prefix of the
+        descending sort; the forced ones are appended and one sort of the short list orders them."""
+        sets = _sets(Nq, Nk, self.block_size, self.keep_sink, self.keep_diagonal, w.device)
+        tau, keep_all = self._target(w.shape[1], w.device, w.dtype)
+        target = tau * w.sum(-1, keepdim=True)  # [B, H, Nqb, 1]
+        forced_mass = (w * sets.forced).sum(-1, keepdim=True)
+        vals, order = torch.sort(w.masked_fill(sets.dropped, -1.0), dim=-1, descending=True, stable=True)
+        mass = vals.clamp(min=0)
+        take = (vals >= 0) & ((mass.cumsum(-1) - mass + forced_mass < target) | keep_all)
+        picked = torch.where(take, order, _ABSENT)
+        idx = torch.cat([picked, sets.forced_idx.expand(*w.shape[:2], -1, -1)], -1).sort(-1).values[..., :w.shape[-1]]
+        counts = take.sum(-1, dtype=torch.int32) + sets.n_forced
+        idx = torch.where(idx == _ABSENT, -1, idx).to(torch.int32)
+        return BlockPlan(idx, counts, self.block_size, self.block_size, Nq, Nk)
+
+    def _target(self, Hq: int, device, dtype):
+        """``[1, H, 1, 1]`` thresholds and where tau >= 1 (keep every block), cached per device."""
+        key = (Hq, str(device), dtype)
+        cache = self.__dict__.setdefault("_targets", {})
+        if key not in cache:
+            tau = self._tau(Hq, device, dtype).view(1, Hq, 1, 1)
+            cache[key] = (tau, tau >= 1)
+        return cache[key]
+
+
+_ABSENT = 1 << 40  # sorts after every block index
+
+
+@dataclass(frozen=True)
+class _Sets:
+    dropped: torch.Tensor  # [Nqb, Nkb] bool: not a candidate (invisible or forced)
+    forced: torch.Tensor  # [Nqb, Nkb] bool: always kept (sink, diagonal)
+    forced_idx: torch.Tensor  # [Nqb, 2] int64: the forced blocks, _ABSENT-padded
+    n_forced: torch.Tensor  # [Nqb] int32
+
+
+@functools.lru_cache(maxsize=32)
+def _sets(q_len: int, kv_len: int, block: int, keep_sink: bool, keep_diagonal: bool, device) -> _Sets:
+    """Everything that depends on shapes only: built once per shape, reused by every layer."""
+    last = last_visible_block(q_len, kv_len, block, block, device)
+    visible, forced = causal_block_sets(last, -(-kv_len // block), keep_sink, keep_diagonal)
+    sink = torch.full_like(last, 0 if keep_sink else _ABSENT)
+    diag = torch.where(torch.tensor(keep_diagonal, device=device) & ~((last == 0) & keep_sink), last, _ABSENT)
+    return _Sets(~visible | forced, forced, torch.stack([sink, diag], -1), forced.sum(-1, dtype=torch.int32))

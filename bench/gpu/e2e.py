@@ -1,0 +1,250 @@
+"""End to end on the real embedded model: every shipped preset against full attention, one process.
+
+    python3 bench/gpu/e2e.py --gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf --out DIR \\
+        [--lengths 8192 16384 32768 65536] [--presets full streaming ...] [--reps 5]
+
+The embedded SmolLM2-135M (bf16) prefills a real-text prompt (CPython's documentation, the NIAH
+haystack) of each length; past its 8K context it is extended with YaRN (the smallest power-of-two
+factor, ``attnzoo.models.extend_context``). For each length the presets are interleaved (every
+repeat runs every preset, in a rotated order), so a change in the machine's load cannot become a
+ratio. Reported per preset: prefill ms (median of ``--reps``, ``torch.cuda.synchronize`` around
+``model(ids, logits_to_keep=1)``), its spread, the ratio to ``full`` (PyTorch's default SDPA: the
+fastest dense attention on Hopper) measured in the same process, mean attention density, kernel
+launches and host syncs per prefill (``torch.profiler``: CUDA kernels, and CUDA synchronisation
+calls plus ``aten::_local_scalar_dense``), and the kernels one attention call of a middle layer
+launches (selection plus attention). Writes ``DIR/e2e.json`` after every length and ``DIR/e2e.md``.
+``--device cpu`` runs the same script on a CPU at small lengths (a smoke test of the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# this folder holds profile.py, which would shadow the standard library's profile module
+sys.path[:] = [x for x in sys.path if Path(x or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import attnzoo  # noqa: E402
+from attnzoo.config import preset_names  # noqa: E402
+from attnzoo.models import extend_context  # noqa: E402
+from attnzoo.stack import CallContext, DensityMeter  # noqa: E402
+
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:7.1f}s] {msg}", flush=True)
+
+
+def version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def load(gguf: Path, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    return model.to(device).eval(), tok
+
+
+def prompt_ids(tok, length: int) -> torch.Tensor:
+    """``length`` tokens of real text: a NIAH prompt, padded out with more documentation text if the
+    haystack slice is short (speed is measured here, not retrieval)."""
+    from attnzoo.eval.niah import haystack_text, make_prompt
+
+    ids = make_prompt(tok, "single", length, 0.5, seed=0).input_ids
+    if ids.shape[1] < length:
+        more = tok(haystack_text() * 2, add_special_tokens=False, return_tensors="pt").input_ids
+        ids = torch.cat([more[:, : length - ids.shape[1]], ids], 1)
+    return ids[:, -length:]
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def prefill(model, ids):
+    return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+
+
+@torch.no_grad()
+def timed(model, ids, device) -> float:
+    sync(device)
+    t = time.perf_counter()
+    prefill(model, ids)
+    sync(device)
+    return (time.perf_counter() - t) * 1e3
+
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense")
+
+
+def profile_counts(fn, device) -> dict:
+    """Kernels launched and host syncs in one call of ``fn`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    events = prof.events()
+    kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                  and not e.name.startswith(("Memcpy", "Memset")))
+    launches = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
+                                                   "cuLaunchKernelEx"))
+    syncs = {name: sum(1 for e in events if e.name == name) for name in SYNC_CALLS}
+    return {"kernels": kernels, "launch_calls": launches, "syncs": sum(syncs.values()),
+            "sync_detail": {k: v for k, v in syncs.items() if v}}
+
+
+def attention_call_counts(model, ids, stack, layer: int, device) -> dict:
+    """Kernels of one attention call (selection + attention) of ``layer``, on that layer's q/k/v."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from attnzoo.integrations.hf import pre_rope_key_hooks, use_attention
+
+    captured = {}
+
+    def grab(module, query, key, value, attention_mask, **kw):
+        if module.layer_idx == layer:
+            captured["qkv"] = (query, key, value, kw.get("scaling"))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+
+    with pre_rope_key_hooks(model) as keys, use_attention(model, grab, prefix="attnzoo_grab"), torch.no_grad():
+        prefill(model, ids)
+    q, k, v, scale = captured["qkv"]
+    ctx = lambda: CallContext(layer_idx=layer, scale=scale, pre_rope_keys=keys.get(layer), cache={})  # noqa: E731
+    with torch.no_grad():
+        stack(layer, q, k, v, ctx())  # warm: compiles, per-shape caches
+        return profile_counts(lambda: stack(layer, q, k, v, ctx()), device)
+
+
+def sync_debug_violations(model, ids, device) -> int | None:
+    """Host syncs reported by ``torch.cuda.set_sync_debug_mode('warn')`` during one prefill."""
+    if device != "cuda":
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            prefill(model, ids)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum(1 for w in caught if "synchroniz" in str(w.message).lower())
+
+
+def run_length(model, tok, length: int, presets: list[str], reps: int, device: str) -> dict:
+    factor = extend_context(model, length)
+    ids = prompt_ids(tok, length).to(device)
+    stacks = {p: attnzoo.build(f"preset:{p}") for p in presets}
+    layer = model.config.num_hidden_layers // 2
+    rows = {p: {"times": []} for p in presets}
+    for p in presets:  # warm-up: Triton compiles, per-shape caches; density and counts on the side
+        meter = DensityMeter()
+        with attnzoo.patch(model, stacks[p], meter=meter):
+            prefill(model, ids)
+            rows[p]["density"] = meter.mean()
+            rows[p]["prefill_counts"] = profile_counts(lambda: prefill(model, ids), device)  # noqa: B023
+            rows[p]["sync_debug_warnings"] = sync_debug_violations(model, ids, device)
+        rows[p]["attention_call"] = attention_call_counts(model, ids, stacks[p], layer, device)
+        log(f"  {length} {p}: density {rows[p]['density']:.3f}, {rows[p]['prefill_counts']['kernels']} kernels, "
+            f"{rows[p]['prefill_counts']['syncs']} syncs per prefill; layer {layer}: "
+            f"{rows[p]['attention_call']['kernels']} kernels, {rows[p]['attention_call']['syncs']} syncs")
+    for r in range(reps):
+        order = presets[r % len(presets):] + presets[: r % len(presets)]  # rotated every repeat
+        for p in order:
+            with attnzoo.patch(model, stacks[p]):
+                rows[p]["times"].append(timed(model, ids, device))
+    full = statistics.median(rows["full"]["times"]) if "full" in rows else None
+    for row in rows.values():
+        row["ms"] = statistics.median(row["times"])
+        if full is not None:
+            ratios = sorted(f / t for f, t in zip(rows["full"]["times"], row["times"], strict=True))
+            row["ratio"] = full / row["ms"]
+            row["ratio_range"] = [ratios[0], ratios[-1]]  # per-repeat ratios (same round)
+    log(f"== {length}: " + ", ".join(f"{p} {row['ms']:.1f} ms ({row.get('ratio', 0):.2f}x)" for p, row in rows.items()))
+    return {"length": length, "tokens": int(ids.shape[1]), "yarn_factor": factor, "layer_profiled": layer,
+            "presets": rows}
+
+
+def header(device) -> dict:
+    h = {"python": platform.python_version(), "torch": torch.__version__, "transformers": version("transformers"),
+         "triton": version("triton"), "attnzoo": attnzoo.__version__}
+    if device == "cuda":
+        h["gpu"] = torch.cuda.get_device_name()
+        h["cuda"] = torch.version.cuda
+    return h
+
+
+def markdown(result: dict) -> str:
+    h = result["machine"]
+    title = f"# End to end: the embedded SmolLM2-135M prefill, every preset vs full ({h.get('gpu', 'CPU')})"
+    lines = [title, "",
+             "Machine: " + ", ".join(f"{k} {v}" for k, v in h.items()), "",
+             f"Command: `{result['command']}`", "",
+             "Ratio = full's median prefill / the preset's, both measured in this process with presets interleaved; "
+             "the range is the lowest and highest per-repeat ratio. `full` is PyTorch's default SDPA. Kernels, syncs "
+             "are per prefill (torch.profiler); *layer call* is one attention call of the middle layer "
+             "(selection + attention).", ""]
+    for run in result["runs"]:
+        lines += [f"## {run['length']:,} tokens (YaRN x{run['yarn_factor']})" if run["yarn_factor"] > 1
+                  else f"## {run['length']:,} tokens (native context)", "",
+                  "| preset | prefill ms | vs full | range | density | kernels / prefill | syncs / prefill | "
+                  "sync-debug warnings | layer call: kernels | layer call: syncs |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for p, r in run["presets"].items():
+            rr = r.get("ratio_range", [float("nan")] * 2)
+            lines.append(f"| {p} | {r['ms']:.1f} | {r.get('ratio', float('nan')):.2f}x | {rr[0]:.2f}-{rr[1]:.2f} | "
+                         f"{r['density']:.3f} | {r['prefill_counts']['kernels']} | {r['prefill_counts']['syncs']} | "
+                         f"{r['sync_debug_warnings']} | {r['attention_call']['kernels']} | "
+                         f"{r['attention_call']['syncs']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gguf", type=Path, required=True, help="SmolLM2-135M-Instruct.Q4_1.gguf")
+    p.add_argument("--out", type=Path, default=Path("bench/results/gpu-e2e"))
+    p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    p.add_argument("--presets", nargs="+", default=None, help="default: every shipped preset")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if not args.gguf.is_file():
+        p.error(f"--gguf {args.gguf}: no such file")
+    presets = args.presets or preset_names()
+    if "full" in presets:
+        presets = ["full"] + [x for x in presets if x != "full"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    log(f"loading {args.gguf}")
+    model, tok = load(args.gguf, args.device)
+    result = {"machine": header(args.device), "command": "python3 " + " ".join(sys.argv), "runs": []}
+    for length in args.lengths:
+        result["runs"].append(run_length(model, tok, length, presets, args.reps, args.device))
+        (args.out / "e2e.json").write_text(json.dumps(result, indent=1))
+        (args.out / "e2e.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""The GPU prefill hot path: no host synchronisation, few launches per attention call.
+
+On CUDA: a prefill of each selector-based preset under ``torch.cuda.set_sync_debug_mode("error")``
+(any host sync raises) and the kernel count of one attention call from ``torch.profiler``.
+
+On the CPU the same code path runs (values are not read on the host: ``ATTNZOO_CHECK_VALUES=0``,
+as on a GPU; the Triton backends forced) with the kernels replaced by stubs that count one launch
+each, under ``OpProbe``: it flags every op that would wait for a GPU (``.item()``, ``nonzero``,
+boolean indexing, ...) and counts the ops that would launch a kernel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnzoo
+from attnzoo.stack import CallContext
+
+from .sync_probe import TracingProbe
+
+# selection + attention of one layer, per the hot-path issue
+LAUNCH_BOUND = {"streaming": 25, "topk-blocks": 25, "xattention": 40, "elastic-fa-streaming": 40,
+                "elastic-fa-xa": 60, "elastic-xa-streaming": 60}
+B, HQ, HKV, D = 1, 9, 3, 64  # the embedded SmolLM2's attention shape
+
+
+def _qkv(n, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, h, n, D, generator=g).to(device, dtype) for h in (HQ, HKV, HKV))
+    keys = torch.randn(B, n, HKV, D, generator=g).to(device, dtype)
+    return q, k, v, keys
+
+
+@pytest.fixture
+def stub_kernels(monkeypatch):
+    """Replace the Triton kernels by stubs with the wrappers' outputs; count their launches."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from attnzoo.ops.kernels import triton_attention, triton_pooled, triton_scores
+
+    launches = {"n": 0}
+
+    def attention(q, k, v, kp, key_padding_mask, scale):
+        launches["n"] += 1
+        with _disable_current_modes():  # the stub's own outputs are not launches of the code under test
+            return torch.zeros_like(q), torch.zeros(q.shape[:3])
+
+    def scores(q, k, *, stride, block_size, chunk_size, key_padding_mask=None):
+        launches["n"] += 2  # the output's zero fill and the kernel
+        nqb, nkb = -(-q.shape[2] // block_size), -(-k.shape[2] // block_size)
+        with _disable_current_modes():
+            w = torch.rand(q.shape[0], q.shape[1], nqb, nkb)
+        yield 0, nqb, w
+
+    def pooled(q, k, *, block_size, chunk_size, key_padding_mask=None):
+        from attnzoo.ops.pooled import pooled_keys
+
+        pooled_keys(k, block_size, key_padding_mask)  # the wrapper's own torch work
+        launches["n"] += 3  # zero fill, stats buffer, kernel
+        nqb, nkb = -(-q.shape[2] // block_size), -(-k.shape[2] // block_size)
+        with _disable_current_modes():
+            return torch.rand(q.shape[0], k.shape[1], nqb, nkb)
+
+    monkeypatch.setattr(triton_attention, "attention", attention)
+    monkeypatch.setattr(triton_scores, "block_scores", scores)
+    monkeypatch.setattr(triton_pooled, "pooled_scores", pooled)
+    monkeypatch.setenv("ATTNZOO_CHECK_VALUES", "0")
+    monkeypatch.setenv("ATTNZOO_BACKEND", "mixed=triton,block_sparse=triton,antidiagonal_scores=triton,"
+                                          "pooled_scores=triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return launches
+
+
+@pytest.mark.parametrize("preset", list(LAUNCH_BOUND))
+def test_attention_call_has_no_host_sync_and_few_launches(preset, stub_kernels):
+    pytest.importorskip("triton")
+    stack = attnzoo.build(f"preset:{preset}")
+    q, k, v, keys = _qkv(4096)
+    layer = 5
+    ctx = lambda: CallContext(layer_idx=layer, pre_rope_keys=keys, cache={})  # noqa: E731
+    stack(layer, q, k, v, ctx())  # first call: per-shape caches
+    stub_kernels["n"] = 0
+    with TracingProbe() as probe:
+        out = stack(layer, q, k, v, ctx())
+    assert out.shape == q.shape
+    assert not probe.syncs, f"host syncs: {dict(probe.sites)}"
+    launches = probe.launches + stub_kernels["n"]
+    assert launches <= LAUNCH_BOUND[preset], f"{launches} launches: {sorted(probe.ops.items(), key=lambda x: -x[1])}"
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _tiny_smollm_shaped():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=192, intermediate_size=256, num_hidden_layers=30,
+                      num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=D, max_position_embeddings=16384)
+    return LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+
+
+@needs_cuda
+@pytest.mark.parametrize("preset", list(LAUNCH_BOUND))
+def test_gpu_prefill_has_no_host_sync(preset):
+    model = _tiny_smollm_shaped()
+    ids = torch.randint(0, 256, (1, 8192), device="cuda")
+    with attnzoo.patch(model, f"preset:{preset}"), torch.no_grad():
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)  # warm-up: compiles, caches
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+@pytest.mark.parametrize("preset", list(LAUNCH_BOUND))
+def test_gpu_attention_call_kernel_count(preset):
+    from torch.profiler import ProfilerActivity, profile
+
+    stack = attnzoo.build(f"preset:{preset}")
+    q, k, v, keys = _qkv(8192, "cuda", torch.bfloat16)
+    ctx = lambda: CallContext(layer_idx=5, pre_rope_keys=keys, cache={})  # noqa: E731
+    with torch.no_grad():
+        stack(5, q, k, v, ctx())
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            stack(5, q, k, v, ctx())
+            torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.name.startswith(("Memcpy", "Memset"))]
+    assert len(kernels) <= LAUNCH_BOUND[preset], kernels
