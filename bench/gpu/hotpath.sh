@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The hot-path GPU run in two back-to-back calls (a call carries <= 64 MiB; the embedded GGUF is 98 MB):
+#   part a:  bash bench/gpu/hotpath.sh a   (carry .whl/gguf_a .whl/py)  GPU tests, keeps GGUF part 1 in /tmp
+#   part b:  bash bench/gpu/hotpath.sh b   (carry .whl/gguf_b .whl/py)  joins the GGUF, runs bench/gpu/e2e.py
+# .whl/gguf_a|b hold `split -b 49M SmolLM2-135M-Instruct.Q4_1.gguf` parts; .whl/py the gguf wheel.
+set -uo pipefail
+PART=${1:?usage: hotpath.sh a|b [e2e args...]}; shift
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/py/*.whl 2>/dev/null
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+if [ "$PART" = a ]; then
+  cp .whl/gguf_a/* /tmp/ && ls -la /tmp/gguf.part.*
+  timeout "${GPU_TEST_S:-240}" python3 -m pytest -q -p no:cacheprovider -x tests/test_hot_path.py tests/test_kernels.py \
+    2>&1 | tail -40 | tee "$OUT/pytest-gpu.txt"
+else
+  cat /tmp/gguf.part.aa .whl/gguf_b/gguf.part.ab > /tmp/SmolLM2-135M-Instruct.Q4_1.gguf && md5sum /tmp/*.gguf
+  python3 bench/gpu/e2e.py --gguf /tmp/SmolLM2-135M-Instruct.Q4_1.gguf --out "$OUT/e2e" "$@"
+fi
