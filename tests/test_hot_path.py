@@ -96,7 +96,7 @@ def _tiny_smollm_shaped():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=192, intermediate_size=256, num_hidden_layers=30,
+    cfg = LlamaConfig(vocab_size=256, hidden_size=HQ * D, intermediate_size=256, num_hidden_layers=30,
                       num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=D, max_position_embeddings=16384)
     return LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
 
