@@ -103,17 +103,34 @@ def _tiny_smollm_shaped():
 
 @needs_cuda
 @pytest.mark.parametrize("preset", list(LAUNCH_BOUND))
-def test_gpu_prefill_has_no_host_sync(preset):
+def test_gpu_prefill_has_no_host_sync(preset, monkeypatch):
+    """Every layer's attention call of a prefill runs under sync-debug "error". (Only attnzoo's calls:
+    transformers' own mask code syncs once per forward, outside them.)"""
+    from attnzoo.stack import LayerStack
+
     model = _tiny_smollm_shaped()
     ids = torch.randint(0, 256, (1, 8192), device="cuda")
-    with attnzoo.patch(model, f"preset:{preset}"), torch.no_grad():
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)  # warm-up: compiles, caches
-        torch.cuda.synchronize()
+    calls = {"n": 0}
+    strict = {"on": False}
+    inner = LayerStack.__call__
+
+    def checked(self, *args, **kwargs):
+        if not strict["on"]:
+            return inner(self, *args, **kwargs)
+        calls["n"] += 1
         torch.cuda.set_sync_debug_mode("error")
         try:
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            return inner(self, *args, **kwargs)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(LayerStack, "__call__", checked)
+    with attnzoo.patch(model, f"preset:{preset}"), torch.no_grad():
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)  # warm-up: compiles, per-shape caches
+        torch.cuda.synchronize()
+        strict["on"] = True
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    assert calls["n"] == model.config.num_hidden_layers
 
 
 @needs_cuda
