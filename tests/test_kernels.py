@@ -242,6 +242,13 @@ def test_triton_pooled_scores_match_torch(case, block, dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # sums of probabilities: absolute error
     assert (got - ref).abs().max() <= tol
     assert ref.abs().max() > 0 or case.Nq == 1
+    # the ranking keys the kernel writes: the same candidates, column tie-breaks and (decoded) scores
+    kw = dict(block_size=block, key_padding_mask=kpm, keys=True)
+    a, b = pooled_block_scores(q, k, backend="triton", **kw), pooled_block_scores(q.float(), k.float(),
+                                                                                   backend="torch", **kw)
+    assert torch.equal(a >= 0, b >= 0) and torch.equal(a[a >= 0] & 0xFFFFFF, b[b >= 0] & 0xFFFFFF)
+    decode = lambda x: (x[x >= 0] >> 24).to(torch.int32).view(torch.float32)  # noqa: E731
+    assert (decode(a) - decode(b)).abs().max() <= tol if (a >= 0).any() else True
 
 
 @needs_triton

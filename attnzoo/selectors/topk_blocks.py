@@ -50,20 +50,18 @@ class TopKBlocks:
         ctx = as_context(ctx)
         check_qk(q, k, ctx)
         Nq, Nk, b = q.shape[2], k.shape[2], self.block_size
-        score = pooled_block_scores(q, k, block_size=b, chunk_size=self.chunk_size,
-                                    key_padding_mask=ctx.key_padding_mask)  # [B, Hkv, Nqb, Nkb]
         sets = _sets(Nq, Nk, b, self.top_k, q.device)
-        cand = sets.past[None, None]
-        if ctx.key_padding_mask is not None:
-            cand = cand & self._real_blocks(k, ctx.key_padding_mask)[:, None, None, :]
-        k_ = min(self.top_k, score.shape[-1])
-        if score.dtype == torch.float32:
-            # rank by score, ties to the lower block (what a stable descending sort gives): the
-            # score's fp32 bits (monotonic for floats >= 0) and the reversed column form one int64
-            # key, so no two keys tie and topk's tie order cannot matter -- one topk, no full sort
-            key = (score.clamp(min=0).view(torch.int32).long() << 24) | sets.reversed_col
-            ok, top_idx = torch.where(cand, key, -1).topk(k_, dim=-1)
-        else:  # fp64 scores (exact comparisons against slow references): a stable sort
+        k_ = min(self.top_k, -(-Nk // b))
+        if q.dtype != torch.float64:  # ranking keys straight from the scorer (see ops.pooled.ranking_keys)
+            keys = pooled_block_scores(q, k, block_size=b, chunk_size=self.chunk_size,
+                                       key_padding_mask=ctx.key_padding_mask, keys=True)
+            ok, top_idx = keys.topk(k_, dim=-1)
+        else:  # fp64 (exact comparisons against slow references): scores and a stable sort
+            score = pooled_block_scores(q, k, block_size=b, chunk_size=self.chunk_size,
+                                        key_padding_mask=ctx.key_padding_mask)
+            cand = sets.past[None, None]
+            if ctx.key_padding_mask is not None:
+                cand = cand & self._real_blocks(k, ctx.key_padding_mask)[:, None, None, :]
             s = torch.where(cand, score, -1.0)
             top_idx = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :k_]
             ok = s.gather(-1, top_idx)
@@ -92,7 +90,6 @@ class _BlockSets:
     own_idx: torch.Tensor  # [Nqb, 2] int64: blocks crossing the causal frontier, _ABSENT-padded
     n_own: torch.Tensor  # [Nqb] int32
     n_pick: torch.Tensor  # [Nqb, 1]: past blocks to pick (top_k minus the own blocks)
-    reversed_col: torch.Tensor  # [Nkb] int64: Nkb - 1 - column (the tie-break)
     slot: torch.Tensor  # [top_k] int64
 
 
@@ -109,5 +106,4 @@ def _sets(q_len: int, kv_len: int, block: int, top_k: int, device) -> _BlockSets
     own_at = lambda c: torch.where(own.gather(1, c.clamp(min=0)[:, None])[:, 0] & (c >= 0), c, _ABSENT)  # noqa: E731
     own_idx = torch.stack([own_at(last - 1), own_at(last)], -1)
     assert bool((own.sum(-1) == (own_idx != _ABSENT).sum(-1)).all()), "own blocks beyond the last two columns"
-    return _BlockSets(past, own_idx, n_own, (top_k - n_own[:, None]).clamp(min=0), nkb - 1 - col,
-                      torch.arange(top_k, device=device))
+    return _BlockSets(past, own_idx, n_own, (top_k - n_own[:, None]).clamp(min=0), torch.arange(top_k, device=device))

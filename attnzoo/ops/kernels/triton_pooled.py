@@ -62,7 +62,7 @@ def _pooled_kernel(
     Hq, Hkv, Nq, Nk, nqb, nkb, qk_scale,
     BLOCK: tl.constexpr, QB: tl.constexpr, HEAD_DIM: tl.constexpr, C_TILE: tl.constexpr,
     GROUP: tl.constexpr, SPLIT: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, KEYS: tl.constexpr,
 ):
     R: tl.constexpr = QB * BLOCK
     I0 = tl.program_id(0) * QB
@@ -115,11 +115,22 @@ def _pooled_kernel(
             s = _tile_scores(q, KM, k_base, cols, nkb, offs_d, skj, SPLIT, DOT_PREC) * qk_scale
             p = tl.where(ok, tl.exp2(s - m[:, None]) * inv_l[:, None], 0.0)
             acc += tl.sum(tl.reshape(p, [QB, BLOCK, C_TILE]), 1)
-        tl.store(out_rows[:, None] + cols[None, :], acc, mask=(qi[:, None] < nqb) & (cols[None, :] < nkb))
+        store = (qi[:, None] < nqb) & (cols[None, :] < nkb)
+        if KEYS:  # ops.pooled.ranking_keys, written here instead of in five more launches
+            end = (cols[None, :] + 1) * BLOCK
+            cand = (end - 1 <= qi[:, None] * BLOCK + offset) & (end <= Nk)
+            if HAS_KPM:
+                cand = cand & (tl.load(REAL + b * nkb + cols, mask=cols < nkb, other=0) != 0)[None, :]
+            bits = tl.maximum(acc, 0.0).to(tl.int32, bitcast=True).to(tl.int64)
+            key = (bits << 24) | (nkb - 1 - cols[None, :]).to(tl.int64)
+            tl.store(out_rows[:, None] + cols[None, :], tl.where(cand, key, -1), mask=store)
+        else:
+            tl.store(out_rows[:, None] + cols[None, :], acc, mask=store)
 
 
-def pooled_scores(q, k, *, block_size: int, chunk_size: int, key_padding_mask=None):
-    """``[B, Hkv, Nqb, Nkb]`` fp32 scores, as the torch backend (``chunk_size`` is not needed)."""
+def pooled_scores(q, k, *, block_size: int, chunk_size: int, key_padding_mask=None, keys: bool = False):
+    """``[B, Hkv, Nqb, Nkb]`` fp32 scores or int64 ranking keys, as the torch backend (``chunk_size``
+    is not needed: nothing of size Nq x Nkb is stored)."""
     if q.stride(-1) != 1:
         q = q.contiguous()
     B, Hq, Nq, D = q.shape
@@ -129,17 +140,21 @@ def pooled_scores(q, k, *, block_size: int, chunk_size: int, key_padding_mask=No
     kmean, real = pooled_keys(k, b, key_padding_mask)  # fp32 [B, Hkv, Nkb, D], bool [B, Nkb]
     upcast = interpreting() and q.dtype != torch.float32
     split = q.dtype != torch.float32 and not upcast
-    out = torch.zeros((B, Hkv, nqb, nkb), dtype=torch.float32, device=q.device)
+    if keys:  # blocks the kernel never reaches are not candidates
+        out = torch.full((B, Hkv, nqb, nkb), -1, dtype=torch.int64, device=q.device)
+    else:
+        out = torch.zeros((B, Hkv, nqb, nkb), dtype=torch.float32, device=q.device)
     stats = torch.empty((2, B, Hq, nqb * b), dtype=torch.float32, device=q.device)  # row max, 1 / row sum
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
     qb = max(1, (16 if interpreting() else 64) // b)
     meta = dict(BLOCK=b, QB=qb, HEAD_DIM=D, C_TILE=16 if interpreting() else 64, GROUP=Hq // Hkv, SPLIT=split,
-                HAS_KPM=kpm is not None, UPCAST=upcast, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+                HAS_KPM=kpm is not None, UPCAST=upcast, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                KEYS=keys)
     if not interpreting():
         meta.update(num_warps=4, num_stages=2)
     grid = (triton.cdiv(nqb, qb), B * Hkv)
-    real = out if real is None else real.to(torch.int8).contiguous()  # (not read without padding)
-    _pooled_kernel[grid](q, kmean, real, kpm if kpm is not None else out,
+    real = kmean if real is None else real.to(torch.int8).contiguous()  # (not read without padding)
+    _pooled_kernel[grid](q, kmean, real, kpm if kpm is not None else kmean,
                          stats[0], stats[1], out,
                          q.stride(0), q.stride(1), q.stride(2), kmean.stride(0), kmean.stride(1), kmean.stride(2),
                          out.stride(0), out.stride(1), out.stride(2),
