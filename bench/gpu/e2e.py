@@ -95,22 +95,36 @@ def timed(model, ids, device) -> float:
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense")
 
 
-def profile_counts(fn, device) -> dict:
-    """Kernels launched and host syncs in one call of ``fn`` (torch.profiler)."""
+def profile_counts(fn, device, top: int = 0) -> dict:
+    """Kernels launched and host syncs in one call of ``fn`` (torch.profiler); with ``top``, also the
+    wall time, the summed kernel time and the ``top`` ops by device time."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sync(device)
     with profile(activities=acts) as prof:
+        t = time.perf_counter()
         fn()
         sync(device)
+        wall = (time.perf_counter() - t) * 1e3
     events = prof.events()
     kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA
                   and not e.name.startswith(("Memcpy", "Memset")))
     launches = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
                                                    "cuLaunchKernelEx"))
     syncs = {name: sum(1 for e in events if e.name == name) for name in SYNC_CALLS}
-    return {"kernels": kernels, "launch_calls": launches, "syncs": sum(syncs.values()),
-            "sync_detail": {k: v for k, v in syncs.items() if v}}
+    out = {"kernels": kernels, "launch_calls": launches, "syncs": sum(syncs.values()),
+           "sync_detail": {k: v for k, v in syncs.items() if v}}
+    if top:
+        gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        out["wall_ms_profiled"] = wall
+        out["kernel_ms"] = sum(e.device_time for e in gpu) / 1e3
+        by = {}
+        for e in gpu:
+            name = e.name.split("<")[0].split("(")[0][-60:]
+            by[name] = by.get(name, 0.0) + e.device_time / 1e3
+        out["top_kernels_ms"] = dict(sorted(by.items(), key=lambda x: -x[1])[:top])
+    return out
 
 
 def attention_call_counts(model, ids, stack, layer: int, device) -> dict:
@@ -132,7 +146,14 @@ def attention_call_counts(model, ids, stack, layer: int, device) -> dict:
     ctx = lambda: CallContext(layer_idx=layer, scale=scale, pre_rope_keys=keys.get(layer), cache={})  # noqa: E731
     with torch.no_grad():
         stack(layer, q, k, v, ctx())  # warm: compiles, per-shape caches
-        return profile_counts(lambda: stack(layer, q, k, v, ctx()), device)
+        counts = profile_counts(lambda: stack(layer, q, k, v, ctx()), device, top=8)
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(10):
+            stack(layer, q, k, v, ctx())
+        sync(device)
+        counts["call_ms"] = (time.perf_counter() - t) * 1e2  # mean of 10 back-to-back calls
+        return counts
 
 
 def sync_debug_violations(model, ids, device) -> int | None:
@@ -162,12 +183,15 @@ def run_length(model, tok, length: int, presets: list[str], reps: int, device: s
         with attnzoo.patch(model, stacks[p], meter=meter):
             prefill(model, ids)
             rows[p]["density"] = meter.mean()
+        with attnzoo.patch(model, stacks[p]):  # counted without the density meter's own work
             rows[p]["prefill_counts"] = profile_counts(lambda: prefill(model, ids), device)  # noqa: B023
             rows[p]["sync_debug_warnings"] = sync_debug_violations(model, ids, device)
         rows[p]["attention_call"] = attention_call_counts(model, ids, stacks[p], layer, device)
         log(f"  {length} {p}: density {rows[p]['density']:.3f}, {rows[p]['prefill_counts']['kernels']} kernels, "
             f"{rows[p]['prefill_counts']['syncs']} syncs per prefill; layer {layer}: "
-            f"{rows[p]['attention_call']['kernels']} kernels, {rows[p]['attention_call']['syncs']} syncs")
+            f"{rows[p]['attention_call']['kernels']} kernels, {rows[p]['attention_call']['syncs']} syncs, "
+            f"{rows[p]['attention_call']['call_ms']:.3f} ms per call, kernels "
+            f"{rows[p]['attention_call'].get('kernel_ms', 0):.3f} ms: {rows[p]['attention_call'].get('top_kernels_ms')}")
     for r in range(reps):
         order = presets[r % len(presets):] + presets[: r % len(presets)]  # rotated every repeat
         for p in order:
