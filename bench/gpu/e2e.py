@@ -191,7 +191,8 @@ def run_length(model, tok, length: int, presets: list[str], reps: int, device: s
             f"{rows[p]['prefill_counts']['syncs']} syncs per prefill; layer {layer}: "
             f"{rows[p]['attention_call']['kernels']} kernels, {rows[p]['attention_call']['syncs']} syncs, "
             f"{rows[p]['attention_call']['call_ms']:.3f} ms per call, kernels "
-            f"{rows[p]['attention_call'].get('kernel_ms', 0):.3f} ms: {rows[p]['attention_call'].get('top_kernels_ms')}")
+            f"{rows[p]['attention_call'].get('kernel_ms', 0):.3f} ms: "
+            f"{rows[p]['attention_call'].get('top_kernels_ms')}")
     for r in range(reps):
         order = presets[r % len(presets):] + presets[: r % len(presets)]  # rotated every repeat
         for p in order:
