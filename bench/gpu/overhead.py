@@ -1,0 +1,65 @@
+"""Host-side cost of one attention call per preset on a GPU: wall time per call (back to back),
+device time of its kernels, and a cProfile of the host side. Finds where a call is host-bound.
+
+    python3 bench/gpu/overhead.py [--n 8192] [--calls 50] [--profile xattention ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path[:] = [x for x in sys.path if Path(x or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import attnzoo  # noqa: E402
+from attnzoo.stack import CallContext  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--n", type=int, default=8192)
+    p.add_argument("--calls", type=int, default=50)
+    p.add_argument("--presets", nargs="+", default=["full", "streaming", "topk-blocks", "xattention", "elastic-fa-xa"])
+    p.add_argument("--profile", nargs="*", default=[])
+    args = p.parse_args(argv)
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(1, h, args.n, 64, device=dev, generator=g, dtype=torch.bfloat16) for h in (9, 3, 3))
+    keys = torch.randn(1, args.n, 3, 64, device=dev, generator=g, dtype=torch.bfloat16)
+    for name in args.presets:
+        stack = attnzoo.build(f"preset:{name}")
+        ctx = lambda: CallContext(layer_idx=5, pre_rope_keys=keys, cache={})  # noqa: E731
+        with torch.no_grad():
+            for _ in range(3):
+                stack(5, q, k, v, ctx())
+            torch.cuda.synchronize()
+            t, c = time.perf_counter(), time.process_time()
+            for _ in range(args.calls):
+                stack(5, q, k, v, ctx())
+            host = (time.process_time() - c) / args.calls * 1e3
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t) / args.calls * 1e3
+            print(f"{name:16s} N={args.n}: {wall:.3f} ms per call (wall), host CPU {host:.3f} ms per call", flush=True)
+            if name in args.profile:
+                prof = cProfile.Profile()
+                prof.enable()
+                for _ in range(args.calls):
+                    stack(5, q, k, v, ctx())
+                torch.cuda.synchronize()
+                prof.disable()
+                out = io.StringIO()
+                pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+                print(out.getvalue()[-6000:])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
