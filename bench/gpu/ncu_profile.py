@@ -1,7 +1,7 @@
 """Kernels for an Nsight Compute look at the misses of the GPU run (one launch each):
 
     ncu --section SpeedOfLight --section Occupancy --section LaunchStats \\
-        -k regex:"_fwd_kernel|_scores_kernel" --launch-skip 2 --launch-count 2 python3 bench/gpu/profile.py
+        -k regex:"_fwd_kernel|_scores_kernel" --launch-skip 2 --launch-count 2 python3 bench/gpu/ncu_profile.py
 
 Triton block-sparse forward at 64K, density 0.05 (B=1, Hq=32, Hkv=8, D=128, bf16) and the
 XAttention scoring kernel at 32K (stride 8, block 128).
