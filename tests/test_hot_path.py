@@ -21,7 +21,7 @@ from .sync_probe import TracingProbe
 
 # selection + attention of one layer, per the hot-path issue
 LAUNCH_BOUND = {"streaming": 25, "topk-blocks": 25, "xattention": 40, "elastic-fa-streaming": 40,
-                "elastic-fa-xa": 60, "elastic-xa-streaming": 60}
+                "elastic-fa-xa": 40, "elastic-xa-streaming": 40}
 B, HQ, HKV, D = 1, 9, 3, 64  # the embedded SmolLM2's attention shape
 
 
@@ -37,7 +37,7 @@ def stub_kernels(monkeypatch):
     """Replace the Triton kernels by stubs with the wrappers' outputs; count their launches."""
     from torch.utils._python_dispatch import _disable_current_modes
 
-    from attnzoo.ops.kernels import triton_attention, triton_pooled, triton_scores
+    from attnzoo.ops.kernels import triton_attention, triton_pooled, triton_scores, triton_select
 
     launches = {"n": 0}
 
@@ -63,12 +63,20 @@ def stub_kernels(monkeypatch):
             out = torch.rand(q.shape[0], k.shape[1], nqb, nkb)
             return (out * 1e6).long() if keys else out
 
+    def select(rule, scores, **kw):
+        from attnzoo.ops.selection import _torch
+
+        launches["n"] += 1  # one program per row; the outputs are torch.empty
+        with _disable_current_modes():
+            return _torch(rule, scores, **kw)
+
+    monkeypatch.setattr(triton_select, "select", select)
     monkeypatch.setattr(triton_attention, "attention", attention)
     monkeypatch.setattr(triton_scores, "block_scores", scores)
     monkeypatch.setattr(triton_pooled, "pooled_scores", pooled)
     monkeypatch.setenv("ATTNZOO_CHECK_VALUES", "0")
     monkeypatch.setenv("ATTNZOO_BACKEND", "mixed=triton,block_sparse=triton,antidiagonal_scores=triton,"
-                                          "pooled_scores=triton")
+                                          "pooled_scores=triton,block_select=triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     return launches
 

@@ -268,6 +268,55 @@ def test_topk_selector_same_plan_with_triton_scores(monkeypatch):
 
 
 @needs_triton
+@pytest.mark.parametrize("nq,nk,b", [(300, 300, 32), (100, 333, 16), (64, 64, 64), (1, 200, 16)])
+@pytest.mark.parametrize("keep", [(True, True), (False, True), (True, False)], ids=lambda k: f"sink{k[0]}-diag{k[1]}")
+def test_triton_select_by_mass_equals_torch(nq, nk, b, keep):
+    from attnzoo.ops import selection
+    from attnzoo.plans import last_visible_block
+
+    nqb, nkb = -(-nq // b), -(-nk // b)
+    g = torch.Generator().manual_seed(nq + nk)
+    w = torch.rand(2, 3, nqb, nkb, generator=g) ** 3  # skewed, like attention mass
+    w[:, :, :, ::3] = 0.0  # exact zeros: candidates that tie
+    tau = torch.tensor([0.5, 0.9, 1.0]).view(1, 3, 1, 1)
+    last = last_visible_block(nq, nk, b, b).to(DEVICE)
+    args = (w.to(DEVICE), tau.to(DEVICE), (tau >= 1).to(DEVICE), last)
+    kw = dict(keep_sink=keep[0], keep_diagonal=keep[1])
+    i1, c1 = selection.by_mass(*args, backend="torch", **kw)
+    i2, c2 = selection.by_mass(*args, backend="triton", **kw)
+    p1, p2 = (BlockPlan(i, c, b, b, nq, nk) for i, c in ((i1, c1), (i2, c2)))
+    p1.check_indices()
+    p2.check_indices()
+    assert torch.equal(c1, c2) and torch.equal(p1.to_block_mask(), p2.to_block_mask())
+    assert 0 < p1.density() < 1 or nkb == 1
+
+
+@needs_triton
+@pytest.mark.parametrize("nq,nk,b,k", [(300, 300, 16, 4), (100, 333, 16, 3), (64, 64, 32, 8), (1, 200, 16, 2)])
+def test_triton_select_top_n_equals_torch(nq, nk, b, k):
+    from attnzoo.ops import selection
+    from attnzoo.ops.pooled import past_blocks, ranking_keys
+    from attnzoo.plans import last_visible_block
+
+    nqb, nkb = -(-nq // b), -(-nk // b)
+    g = torch.Generator().manual_seed(nq + k)
+    score = torch.rand(2, 2, nqb, nkb, generator=g)
+    score[:, :, :, 1::4] = 0.25  # ties
+    past = past_blocks(nq, nk, b, "cpu")
+    keys = ranking_keys(score, past[None, None]).to(DEVICE)
+    last = last_visible_block(nq, nk, b, b)
+    own_lo = past.sum(-1)
+    n_pick = (k - (last - own_lo + 1).clamp(min=0)).clamp(min=0)
+    args = (keys, n_pick.to(DEVICE), own_lo.to(DEVICE), last.to(DEVICE))
+    i1, c1 = selection.top_n(*args, width=k, backend="torch")
+    i2, c2 = selection.top_n(*args, width=k, backend="triton")
+    p1, p2 = (BlockPlan(i, c, b, b, nq, nk) for i, c in ((i1, c1), (i2, c2)))
+    p1.check_indices()
+    assert torch.equal(c1, c2) and torch.equal(p1.to_block_mask(), p2.to_block_mask())
+    assert int(c1.max()) <= max(k, 2)
+
+
+@needs_triton
 def test_xattention_selector_same_plan_with_triton_scores(monkeypatch):
     from attnzoo.selectors.xattention import XAttention
     case = Case(2, 4, 2, 100, 130, 32, "right")

@@ -20,6 +20,7 @@ from typing import ClassVar
 import torch
 
 from ..ops.pooled import past_blocks, pooled_block_scores
+from ..ops.selection import top_n
 from ..plans import BlockPlan, last_visible_block
 from ..registry import register
 from .base import as_context, check_block, check_positive, check_qk
@@ -51,27 +52,21 @@ class TopKBlocks:
         check_qk(q, k, ctx)
         Nq, Nk, b = q.shape[2], k.shape[2], self.block_size
         sets = _sets(Nq, Nk, b, self.top_k, q.device)
-        k_ = min(self.top_k, -(-Nk // b))
         if q.dtype != torch.float64:  # ranking keys straight from the scorer (see ops.pooled.ranking_keys)
             keys = pooled_block_scores(q, k, block_size=b, chunk_size=self.chunk_size,
                                        key_padding_mask=ctx.key_padding_mask, keys=True)
-            ok, top_idx = keys.topk(k_, dim=-1)
-        else:  # fp64 (exact comparisons against slow references): scores and a stable sort
+        else:  # fp64 (exact comparisons against slow references): the same keys from fp64 scores,
+            # ordered by a stable sort (fp64 scores do not fit a packed key)
             score = pooled_block_scores(q, k, block_size=b, chunk_size=self.chunk_size,
                                         key_padding_mask=ctx.key_padding_mask)
             cand = sets.past[None, None]
             if ctx.key_padding_mask is not None:
                 cand = cand & self._real_blocks(k, ctx.key_padding_mask)[:, None, None, :]
-            s = torch.where(cand, score, -1.0)
-            top_idx = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :k_]
-            ok = s.gather(-1, top_idx)
-        # the own blocks count toward top_k; they lie right of every past block, so appending them
-        # after the picked past blocks and sorting once gives ascending indices
-        valid = (ok >= 0) & (sets.slot[:k_] < sets.n_pick)
-        picked = torch.where(valid, top_idx, _ABSENT)
-        idx = torch.cat([picked, sets.own_idx.expand(*picked.shape[:2], -1, -1)], -1).sort(-1).values
-        counts = valid.sum(-1, dtype=torch.int32) + sets.n_own
-        idx = torch.where(idx == _ABSENT, -1, idx).to(torch.int32)
+            order = torch.sort(torch.where(cand, score, -1.0), dim=-1, descending=True, stable=True).indices
+            rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=q.device)
+                                                    .expand_as(order))
+            keys = torch.where(cand, order.shape[-1] - rank, -1)  # larger key = better rank
+        idx, counts = top_n(keys, sets.n_pick, sets.own_lo, sets.last, width=self.top_k)
         return BlockPlan(idx, counts, b, b, Nq, Nk)
 
     def _real_blocks(self, k, key_padding_mask):
@@ -81,16 +76,12 @@ class TopKBlocks:
         return torch.nn.functional.pad(key_padding_mask, (0, pad)).view(-1, nkb, self.block_size).any(-1)
 
 
-_ABSENT = 1 << 40  # sorts after every block index
-
-
 @dataclass(frozen=True)
 class _BlockSets:
     past: torch.Tensor  # [Nqb, Nkb] bool: complete past blocks (the candidates)
-    own_idx: torch.Tensor  # [Nqb, 2] int64: blocks crossing the causal frontier, _ABSENT-padded
-    n_own: torch.Tensor  # [Nqb] int32
-    n_pick: torch.Tensor  # [Nqb, 1]: past blocks to pick (top_k minus the own blocks)
-    slot: torch.Tensor  # [top_k] int64
+    last: torch.Tensor  # [Nqb]: last visible block
+    own_lo: torch.Tensor  # [Nqb]: first block crossing the causal frontier (own blocks: own_lo..last)
+    n_pick: torch.Tensor  # [Nqb]: past blocks to pick (top_k minus the own blocks)
 
 
 @functools.lru_cache(maxsize=32)
@@ -98,12 +89,6 @@ def _sets(q_len: int, kv_len: int, block: int, top_k: int, device) -> _BlockSets
     """Everything that depends on shapes only: built once per shape, reused by every layer."""
     past = past_blocks(q_len, kv_len, block, device)
     last = last_visible_block(q_len, kv_len, block, block, device)
-    nkb = past.shape[1]
-    col = torch.arange(nkb, device=device)
-    own = (col[None, :] <= last[:, None]) & ~past
-    n_own = own.sum(-1, dtype=torch.int32)
-    # own blocks are the last one or two visible columns: last - 1 (if own) and last
-    own_at = lambda c: torch.where(own.gather(1, c.clamp(min=0)[:, None])[:, 0] & (c >= 0), c, _ABSENT)  # noqa: E731
-    own_idx = torch.stack([own_at(last - 1), own_at(last)], -1)
-    assert bool((own.sum(-1) == (own_idx != _ABSENT).sum(-1)).all()), "own blocks beyond the last two columns"
-    return _BlockSets(past, own_idx, n_own, (top_k - n_own[:, None]).clamp(min=0), torch.arange(top_k, device=device))
+    own_lo = past.sum(-1)  # past blocks are a prefix of the columns, so the first own one follows them
+    n_own = (last - own_lo + 1).clamp(min=0)
+    return _BlockSets(past, last, own_lo, (top_k - n_own).clamp(min=0))

@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 
 from ..ops.antidiagonal import antidiagonal_block_scores
+from ..ops.selection import by_mass
 from ..plans import BlockPlan, last_visible_block
 from ..registry import register
 from .base import as_context, check_block, check_fraction, check_positive, check_qk
@@ -118,20 +119,11 @@ class XAttention:
         return self._plan(w, Nq, Nk)
 
     def _plan(self, w: torch.Tensor, Nq: int, Nk: int) -> BlockPlan:
-        """What ``select`` chooses, written straight into index lists (every query block at once,
-        no block mask, no host sync). The blocks taken by the threshold are a prefix of the
-        descending sort; the forced ones are appended and one sort of the short list orders them."""
-        sets = _sets(Nq, Nk, self.block_size, self.keep_sink, self.keep_diagonal, w.device)
+        """What ``select`` chooses, written straight into index lists by the ``block_select`` op
+        (every query block at once, no block mask, no host sync; one launch on a GPU)."""
         tau, keep_all = self._target(w.shape[1], w.device, w.dtype)
-        target = tau * w.sum(-1, keepdim=True)  # [B, H, Nqb, 1]
-        forced_mass = (w * sets.forced).sum(-1, keepdim=True)
-        vals, order = torch.sort(w.masked_fill(sets.dropped, -1.0), dim=-1, descending=True, stable=True)
-        mass = vals.clamp(min=0)
-        take = (vals >= 0) & ((mass.cumsum(-1) - mass + forced_mass < target) | keep_all)
-        picked = torch.where(take, order, _ABSENT)
-        idx = torch.cat([picked, sets.forced_idx.expand(*w.shape[:2], -1, -1)], -1).sort(-1).values[..., :w.shape[-1]]
-        counts = take.sum(-1, dtype=torch.int32) + sets.n_forced
-        idx = torch.where(idx == _ABSENT, -1, idx).to(torch.int32)
+        idx, counts = by_mass(w, tau, keep_all, _last(Nq, Nk, self.block_size, w.device),
+                              keep_sink=self.keep_sink, keep_diagonal=self.keep_diagonal)
         return BlockPlan(idx, counts, self.block_size, self.block_size, Nq, Nk)
 
     def _target(self, Hq: int, device, dtype):
@@ -144,22 +136,7 @@ class XAttention:
         return cache[key]
 
 
-_ABSENT = 1 << 40  # sorts after every block index
-
-
-@dataclass(frozen=True)
-class _Sets:
-    dropped: torch.Tensor  # [Nqb, Nkb] bool: not a candidate (invisible or forced)
-    forced: torch.Tensor  # [Nqb, Nkb] bool: always kept (sink, diagonal)
-    forced_idx: torch.Tensor  # [Nqb, 2] int64: the forced blocks, _ABSENT-padded
-    n_forced: torch.Tensor  # [Nqb] int32
-
-
 @functools.lru_cache(maxsize=32)
-def _sets(q_len: int, kv_len: int, block: int, keep_sink: bool, keep_diagonal: bool, device) -> _Sets:
-    """Everything that depends on shapes only: built once per shape, reused by every layer."""
-    last = last_visible_block(q_len, kv_len, block, block, device)
-    visible, forced = causal_block_sets(last, -(-kv_len // block), keep_sink, keep_diagonal)
-    sink = torch.full_like(last, 0 if keep_sink else _ABSENT)
-    diag = torch.where(torch.tensor(keep_diagonal, device=device) & ~((last == 0) & keep_sink), last, _ABSENT)
-    return _Sets(~visible | forced, forced, torch.stack([sink, diag], -1), forced.sum(-1, dtype=torch.int32))
+def _last(q_len: int, kv_len: int, block: int, device) -> torch.Tensor:
+    """Last visible key block per query block; shapes only, built once per shape."""
+    return last_visible_block(q_len, kv_len, block, block, device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import Backend, register_backend
+from ..selection import EXACT
 from ._triton import interpreter_preference, tile, triton_missing, triton_reason
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -93,6 +94,24 @@ register_backend(Backend(
     op="pooled_scores", name="triton", fn=_pooled_triton, plan_kinds=("scores",),
     description="Triton top-k block scores: q . pooled keys, softmax and block sums in one launch",
     **{**_TRITON, "backward": False, "lse": False, "check": _pooled_limits}),
+    before="torch")
+
+def _select_triton(rule, scores, **kw):
+    from .triton_select import select
+    return select(rule, scores, **kw)
+
+
+def _select_limits(req) -> str | None:
+    if req.dtype == torch.float64:
+        return "fp64 scores (exact comparisons) stay in torch"
+    return None
+
+
+register_backend(Backend(
+    op="block_select", name="triton", fn=_select_triton, plan_kinds=("scores",),
+    description="Triton: sort, threshold and index list of every row in one launch",
+    **{**_TRITON, "dtypes": (torch.float32, torch.float64, torch.int64), "head_dims": None, "backward": False,
+       "lse": False, "check": _select_limits, "tolerances": EXACT}),
     before="torch")
 
 # after Triton: for block-sparse calls both fit, Triton is tried first (it also takes padding,

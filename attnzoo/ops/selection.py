@@ -1,0 +1,98 @@
+"""Block selection from scores, written straight into a plan's index lists (an op with backends).
+
+Two rules, both per (batch, head, query block) row, both on the device with static shapes:
+
+- ``by_mass`` (XAttention): keep the forced blocks (sink 0 and the diagonal, when asked), then the
+  other causally visible blocks in descending score while the mass kept *before* adding one is
+  below ``tau[h]`` x the row's total (``tau >= 1`` keeps every visible block); ties go to the lower
+  block.
+- ``top_n`` (top-k blocks): from int64 ranking keys (``ops.pooled.ranking_keys``: -1 where a block
+  is not a candidate) keep the ``n_pick[I]`` largest, plus the forced blocks ``[own_lo[I], last[I]]``
+  (those crossing the causal frontier).
+
+Both return ``(kv_indices [B, H, Nqb, Kmax] int32, kv_counts [B, H, Nqb] int32)`` with ascending
+indices (slots past the count are unspecified). Backends: ``torch`` (sorts, cumsum, one more sort
+of the short list) and ``triton`` (``kernels.triton_select``: one launch, one program per row).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import Backend, Tolerance, choose, make_request, register_backend
+
+# a selection is exact: both backends must return the same blocks (tests compare plans for equality)
+EXACT = {dt: Tolerance(out=1e-12, lse=1e-12, grad=1e-12) for dt in (torch.float32, torch.float64, torch.int64)}
+
+_ABSENT = 1 << 40  # sorts after every block index
+
+
+def _finish(picked: torch.Tensor, forced_idx: torch.Tensor, counts: torch.Tensor, width: int):
+    """Ascending index lists from picked blocks (``_ABSENT`` elsewhere) and forced ones."""
+    idx = torch.cat([picked, forced_idx.expand(*picked.shape[:2], -1, -1)], -1).sort(-1).values[..., :width]
+    return torch.where(idx == _ABSENT, -1, idx).to(torch.int32), counts
+
+
+def _torch_by_mass(w, tau, keep_all, last, keep_sink: bool, keep_diagonal: bool):
+    nkb = w.shape[-1]
+    col = torch.arange(nkb, device=w.device)
+    visible = col[None, :] <= last[:, None]
+    forced = torch.zeros_like(visible)
+    if keep_sink:
+        forced = forced | (col[None, :] == 0)
+    if keep_diagonal:
+        forced = forced | (col[None, :] == last[:, None])
+    forced = forced & visible
+    w64 = w.double()  # masses in fp64: rounding cannot move the threshold between backends
+    target = tau.double() * w64.sum(-1, keepdim=True)
+    forced_mass = (w64 * forced).sum(-1, keepdim=True)
+    vals, order = torch.sort(w.masked_fill(~visible | forced, -1.0), dim=-1, descending=True, stable=True)
+    mass = vals.double().clamp(min=0)
+    take = (vals >= 0) & ((mass.cumsum(-1) - mass + forced_mass < target) | keep_all)
+    sink = torch.full_like(last, 0 if keep_sink else _ABSENT)
+    diag = last if keep_diagonal else torch.full_like(last, _ABSENT)
+    diag = torch.where((last == 0) & keep_sink, _ABSENT, diag)
+    counts = take.sum(-1, dtype=torch.int32) + forced.sum(-1, dtype=torch.int32)
+    return _finish(torch.where(take, order, _ABSENT), torch.stack([sink, diag], -1), counts, nkb)
+
+
+def _torch_top_n(keys, n_pick, own_lo, last, width: int):
+    k = min(int(width), keys.shape[-1])
+    ok, top = keys.topk(k, dim=-1)
+    valid = (ok >= 0) & (torch.arange(k, device=keys.device) < n_pick[:, None])
+    own_at = lambda c: torch.where((c >= own_lo) & (c >= 0), c, _ABSENT)  # noqa: E731
+    forced = torch.stack([own_at(last - 1), own_at(last)], -1)
+    counts = valid.sum(-1, dtype=torch.int32) + (last - own_lo + 1).clamp(min=0).to(torch.int32)
+    return _finish(torch.where(valid, top, _ABSENT), forced, counts, width + 2)
+
+
+def _torch(rule: str, scores, **kw):
+    return (_torch_by_mass if rule == "by_mass" else _torch_top_n)(scores, **kw)
+
+
+register_backend(Backend(
+    op="block_select", name="torch", fn=_torch, devices=("cpu", "cuda"),
+    dtypes=(torch.float32, torch.float64, torch.int64), plan_kinds=("scores",), backward=False, lse=False,
+    tolerances=EXACT, description="torch: sort, cumsum / topk, and one sort of the short index list"))
+
+
+def _request(scores):
+    return make_request("block_select", scores[:, :, :, None], scores[:, :, :1, None], scores[:, :, :1, None],
+                        "scores", return_lse=False, key_padding_mask=None, causal=False)
+
+
+def by_mass(w: torch.Tensor, tau: torch.Tensor, keep_all: torch.Tensor, last: torch.Tensor, *,
+            keep_sink: bool = True, keep_diagonal: bool = True, backend: str | None = None):
+    """XAttention's rule on block scores ``w`` ``[B, H, Nqb, Nkb]`` (fp32 or fp64). ``tau`` and
+    ``keep_all`` are ``[1, H, 1, 1]`` (threshold, tau >= 1); ``last`` ``[Nqb]`` the last visible block."""
+    impl = choose(_request(w), backend)
+    return impl.fn("by_mass", w, tau=tau, keep_all=keep_all, last=last, keep_sink=keep_sink,
+                   keep_diagonal=keep_diagonal)
+
+
+def top_n(keys: torch.Tensor, n_pick: torch.Tensor, own_lo: torch.Tensor, last: torch.Tensor, *, width: int,
+          backend: str | None = None):
+    """The top-k rule on int64 ranking keys ``[B, H, Nqb, Nkb]``: ``n_pick``, ``own_lo``, ``last`` are
+    ``[Nqb]``; ``width`` bounds the picked blocks (the list holds ``width + 2``)."""
+    impl = choose(_request(keys), backend)
+    return impl.fn("top_n", keys, n_pick=n_pick, own_lo=own_lo, last=last, width=width)
