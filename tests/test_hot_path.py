@@ -53,24 +53,26 @@ def stub_kernels(monkeypatch):
             w = torch.rand(q.shape[0], q.shape[1], nqb, nkb)
         yield 0, nqb, w
 
-    def pooled(q, k, *, block_size, chunk_size, key_padding_mask=None, keys=False):
+    def pooled(q, k, *, block_size, chunk_size, key_padding_mask=None, masked=False):
         from attnzoo.ops.pooled import pooled_keys
 
         pooled_keys(k, block_size, key_padding_mask)  # the wrapper's own torch work
         launches["n"] += 2  # the output's fill and the kernel (the stats buffer is torch.empty)
         nqb, nkb = -(-q.shape[2] // block_size), -(-k.shape[2] // block_size)
         with _disable_current_modes():
-            out = torch.rand(q.shape[0], k.shape[1], nqb, nkb)
-            return (out * 1e6).long() if keys else out
+            return torch.rand(q.shape[0], k.shape[1], nqb, nkb)
 
-    def select(rule, scores, **kw):
-        from attnzoo.ops.selection import _torch
+    def select_launch(rule, s, sv, so, width, tau=None, keep_all=None, last=None, n_pick=None, own_lo=None,
+                      keep_sink=True, keep_diagonal=True):
+        from attnzoo.ops import selection
 
-        launches["n"] += 1  # one program per row; the outputs are torch.empty
+        launches["n"] += 1  # one program per row; its outputs are torch.empty (the sort before it is counted)
         with _disable_current_modes():
-            return _torch(rule, scores, **kw)
+            if rule == "by_mass":
+                return selection._torch_by_mass(s, tau, keep_all, last, keep_sink, keep_diagonal)
+            return selection._torch_top_n(s, n_pick, own_lo, last, width - 2)
 
-    monkeypatch.setattr(triton_select, "select", select)
+    monkeypatch.setattr(triton_select, "_launch", select_launch)
     monkeypatch.setattr(triton_attention, "attention", attention)
     monkeypatch.setattr(triton_scores, "block_scores", scores)
     monkeypatch.setattr(triton_pooled, "pooled_scores", pooled)

@@ -65,7 +65,7 @@ def ranking_keys(score: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
     return torch.where(candidate, (score.float().clamp(min=0).view(torch.int32).long() << 24) | rev, -1)
 
 
-def _torch_scores(q, k, *, block_size: int, chunk_size: int, key_padding_mask=None, keys: bool = False):
+def _torch_scores(q, k, *, block_size: int, chunk_size: int, key_padding_mask=None, masked: bool = False):
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     g, b = Hq // Hkv, block_size
@@ -93,9 +93,9 @@ def _torch_scores(q, k, *, block_size: int, chunk_size: int, key_padding_mask=No
         if block_real is not None:
             allowed = allowed & block_real[:, None, None, None, None, :ncol]
         out[:, :, I0:I1, :ncol] = masked_softmax_(s, allowed).sum(4).sum(2)
-    if keys:
+    if masked:
         cand = past[None, None] if block_real is None else past[None, None] & block_real[:, None, None, :]
-        return ranking_keys(out, cand)
+        return out.masked_fill_(~cand, -1.0)
     return out
 
 
@@ -107,13 +107,12 @@ register_backend(Backend(
 
 
 def pooled_block_scores(q, k, *, block_size: int, chunk_size: int = 1024, key_padding_mask=None,
-                        keys: bool = False, backend: str | None = None) -> torch.Tensor:
-    """``[B, Hkv, Nqb, Nkb]`` top-k block scores (see the module doc), or with ``keys=True`` their
-    ``ranking_keys`` (int64; -1 for blocks that are not candidates), which the Triton backend writes
-    straight from the kernel. Scores feed a discrete selection, so they carry no gradient (q and k
-    are detached)."""
+                        masked: bool = False, backend: str | None = None) -> torch.Tensor:
+    """``[B, Hkv, Nqb, Nkb]`` top-k block scores (see the module doc); with ``masked=True`` blocks that
+    are not candidates hold -1 (the Triton backend writes that from the kernel). Scores feed a
+    discrete selection, so they carry no gradient (q and k are detached)."""
     q, k = q.detach(), k.detach()
     req = make_request("pooled_scores", q, k, k, "scores", return_lse=False, key_padding_mask=key_padding_mask,
                        causal=True, block_size=(block_size, block_size))
     impl = choose(req, backend)
-    return impl.fn(q, k, block_size=block_size, chunk_size=chunk_size, key_padding_mask=key_padding_mask, keys=keys)
+    return impl.fn(q, k, block_size=block_size, chunk_size=chunk_size, key_padding_mask=key_padding_mask, masked=masked)

@@ -6,13 +6,14 @@ Two rules, both per (batch, head, query block) row, both on the device with stat
   other causally visible blocks in descending score while the mass kept *before* adding one is
   below ``tau[h]`` x the row's total (``tau >= 1`` keeps every visible block); ties go to the lower
   block.
-- ``top_n`` (top-k blocks): from int64 ranking keys (``ops.pooled.ranking_keys``: -1 where a block
-  is not a candidate) keep the ``n_pick[I]`` largest, plus the forced blocks ``[own_lo[I], last[I]]``
+- ``top_n`` (top-k blocks): from scores that hold -1 where a block is not a candidate, keep the
+  ``n_pick[I]`` largest (ties to the lower block), plus the forced blocks ``[own_lo[I], last[I]]``
   (those crossing the causal frontier).
 
 Both return ``(kv_indices [B, H, Nqb, Kmax] int32, kv_counts [B, H, Nqb] int32)`` with ascending
 indices (slots past the count are unspecified). Backends: ``torch`` (sorts, cumsum, one more sort
-of the short list) and ``triton`` (``kernels.triton_select``: one launch, one program per row).
+of the short list) and ``triton`` (``kernels.triton_select``: torch's radix sort orders each row,
+one Triton program per row thresholds it and writes the index list).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from .dispatch import Backend, Tolerance, choose, make_request, register_backend
 
 # a selection is exact: both backends must return the same blocks (tests compare plans for equality)
-EXACT = {dt: Tolerance(out=1e-12, lse=1e-12, grad=1e-12) for dt in (torch.float32, torch.float64, torch.int64)}
+EXACT = {dt: Tolerance(out=1e-12, lse=1e-12, grad=1e-12) for dt in (torch.float32, torch.float64)}
 
 _ABSENT = 1 << 40  # sorts after every block index
 
@@ -56,10 +57,16 @@ def _torch_by_mass(w, tau, keep_all, last, keep_sink: bool, keep_diagonal: bool)
     return _finish(torch.where(take, order, _ABSENT), torch.stack([sink, diag], -1), counts, nkb)
 
 
-def _torch_top_n(keys, n_pick, own_lo, last, width: int):
-    k = min(int(width), keys.shape[-1])
-    ok, top = keys.topk(k, dim=-1)
-    valid = (ok >= 0) & (torch.arange(k, device=keys.device) < n_pick[:, None])
+def _torch_top_n(scores, n_pick, own_lo, last, width: int):
+    from .pooled import ranking_keys
+
+    k = min(int(width), scores.shape[-1])
+    if scores.dtype == torch.float64:  # exact comparisons: fp64 does not fit a packed key
+        top = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+        ok = scores.gather(-1, top)
+    else:
+        ok, top = ranking_keys(scores, scores >= 0).topk(k, dim=-1)  # ties to the lower block
+    valid = (ok >= 0) & (torch.arange(k, device=scores.device) < n_pick[:, None])
     own_at = lambda c: torch.where((c >= own_lo) & (c >= 0), c, _ABSENT)  # noqa: E731
     forced = torch.stack([own_at(last - 1), own_at(last)], -1)
     counts = valid.sum(-1, dtype=torch.int32) + (last - own_lo + 1).clamp(min=0).to(torch.int32)
@@ -72,7 +79,7 @@ def _torch(rule: str, scores, **kw):
 
 register_backend(Backend(
     op="block_select", name="torch", fn=_torch, devices=("cpu", "cuda"),
-    dtypes=(torch.float32, torch.float64, torch.int64), plan_kinds=("scores",), backward=False, lse=False,
+    dtypes=(torch.float32, torch.float64), plan_kinds=("scores",), backward=False, lse=False,
     tolerances=EXACT, description="torch: sort, cumsum / topk, and one sort of the short index list"))
 
 
@@ -90,9 +97,9 @@ def by_mass(w: torch.Tensor, tau: torch.Tensor, keep_all: torch.Tensor, last: to
                    keep_diagonal=keep_diagonal)
 
 
-def top_n(keys: torch.Tensor, n_pick: torch.Tensor, own_lo: torch.Tensor, last: torch.Tensor, *, width: int,
+def top_n(scores: torch.Tensor, n_pick: torch.Tensor, own_lo: torch.Tensor, last: torch.Tensor, *, width: int,
           backend: str | None = None):
-    """The top-k rule on int64 ranking keys ``[B, H, Nqb, Nkb]``: ``n_pick``, ``own_lo``, ``last`` are
-    ``[Nqb]``; ``width`` bounds the picked blocks (the list holds ``width + 2``)."""
-    impl = choose(_request(keys), backend)
-    return impl.fn("top_n", keys, n_pick=n_pick, own_lo=own_lo, last=last, width=width)
+    """The top-k rule on scores ``[B, H, Nqb, Nkb]`` (-1 at non-candidates): ``n_pick``, ``own_lo``,
+    ``last`` are ``[Nqb]``; ``width`` bounds the picked blocks (the list holds ``width + 2``)."""
+    impl = choose(_request(scores), backend)
+    return impl.fn("top_n", scores, n_pick=n_pick, own_lo=own_lo, last=last, width=width)

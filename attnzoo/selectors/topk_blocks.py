@@ -52,33 +52,15 @@ class TopKBlocks:
         check_qk(q, k, ctx)
         Nq, Nk, b = q.shape[2], k.shape[2], self.block_size
         sets = _sets(Nq, Nk, b, self.top_k, q.device)
-        if q.dtype != torch.float64:  # ranking keys straight from the scorer (see ops.pooled.ranking_keys)
-            keys = pooled_block_scores(q, k, block_size=b, chunk_size=self.chunk_size,
-                                       key_padding_mask=ctx.key_padding_mask, keys=True)
-        else:  # fp64 (exact comparisons against slow references): the same keys from fp64 scores,
-            # ordered by a stable sort (fp64 scores do not fit a packed key)
-            score = pooled_block_scores(q, k, block_size=b, chunk_size=self.chunk_size,
-                                        key_padding_mask=ctx.key_padding_mask)
-            cand = sets.past[None, None]
-            if ctx.key_padding_mask is not None:
-                cand = cand & self._real_blocks(k, ctx.key_padding_mask)[:, None, None, :]
-            order = torch.sort(torch.where(cand, score, -1.0), dim=-1, descending=True, stable=True).indices
-            rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=q.device)
-                                                    .expand_as(order))
-            keys = torch.where(cand, order.shape[-1] - rank, -1)  # larger key = better rank
-        idx, counts = top_n(keys, sets.n_pick, sets.own_lo, sets.last, width=self.top_k)
+        # -1 where a block is not a candidate (the Triton scorer writes it in the same launch)
+        score = pooled_block_scores(q, k, block_size=b, chunk_size=self.chunk_size,
+                                    key_padding_mask=ctx.key_padding_mask, masked=True)
+        idx, counts = top_n(score, sets.n_pick, sets.own_lo, sets.last, width=self.top_k)
         return BlockPlan(idx, counts, b, b, Nq, Nk)
-
-    def _real_blocks(self, k, key_padding_mask):
-        """Bool ``[B, Nkb]``: key blocks holding at least one real key."""
-        nkb = -(-k.shape[2] // self.block_size)
-        pad = nkb * self.block_size - k.shape[2]
-        return torch.nn.functional.pad(key_padding_mask, (0, pad)).view(-1, nkb, self.block_size).any(-1)
 
 
 @dataclass(frozen=True)
 class _BlockSets:
-    past: torch.Tensor  # [Nqb, Nkb] bool: complete past blocks (the candidates)
     last: torch.Tensor  # [Nqb]: last visible block
     own_lo: torch.Tensor  # [Nqb]: first block crossing the causal frontier (own blocks: own_lo..last)
     n_pick: torch.Tensor  # [Nqb]: past blocks to pick (top_k minus the own blocks)
@@ -91,4 +73,4 @@ def _sets(q_len: int, kv_len: int, block: int, top_k: int, device) -> _BlockSets
     last = last_visible_block(q_len, kv_len, block, block, device)
     own_lo = past.sum(-1)  # past blocks are a prefix of the columns, so the first own one follows them
     n_own = (last - own_lo + 1).clamp(min=0)
-    return _BlockSets(past, last, own_lo, (top_k - n_own).clamp(min=0))
+    return _BlockSets(last, own_lo, (top_k - n_own).clamp(min=0))

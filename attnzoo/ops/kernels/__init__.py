@@ -109,8 +109,8 @@ def _select_limits(req) -> str | None:
 
 register_backend(Backend(
     op="block_select", name="triton", fn=_select_triton, plan_kinds=("scores",),
-    description="Triton: sort, threshold and index list of every row in one launch",
-    **{**_TRITON, "dtypes": (torch.float32, torch.float64, torch.int64), "head_dims": None, "backward": False,
+    description="torch's radix sort per row, then one Triton program per row: threshold and index list",
+    **{**_TRITON, "dtypes": (torch.float32, torch.float64), "head_dims": None, "backward": False,
        "lse": False, "check": _select_limits, "tolerances": EXACT}),
     before="torch")
 

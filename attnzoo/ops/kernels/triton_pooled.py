@@ -62,7 +62,7 @@ def _pooled_kernel(
     Hq, Hkv, Nq, Nk, nqb, nkb, qk_scale,
     BLOCK: tl.constexpr, QB: tl.constexpr, HEAD_DIM: tl.constexpr, C_TILE: tl.constexpr,
     GROUP: tl.constexpr, SPLIT: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PREC: tl.constexpr, KEYS: tl.constexpr,
+    DOT_PREC: tl.constexpr, MASKED: tl.constexpr,
 ):
     R: tl.constexpr = QB * BLOCK
     I0 = tl.program_id(0) * QB
@@ -116,21 +116,18 @@ def _pooled_kernel(
             p = tl.where(ok, tl.exp2(s - m[:, None]) * inv_l[:, None], 0.0)
             acc += tl.sum(tl.reshape(p, [QB, BLOCK, C_TILE]), 1)
         store = (qi[:, None] < nqb) & (cols[None, :] < nkb)
-        if KEYS:  # ops.pooled.ranking_keys, written here instead of in five more launches
+        if MASKED:  # -1 where the block is not a candidate (what the selection reads)
             end = (cols[None, :] + 1) * BLOCK
             cand = (end - 1 <= qi[:, None] * BLOCK + offset) & (end <= Nk)
             if HAS_KPM:
                 cand = cand & (tl.load(REAL + b * nkb + cols, mask=cols < nkb, other=0) != 0)[None, :]
-            bits = tl.maximum(acc, 0.0).to(tl.int32, bitcast=True).to(tl.int64)
-            key = (bits << 24) | (nkb - 1 - cols[None, :]).to(tl.int64)
-            tl.store(out_rows[:, None] + cols[None, :], tl.where(cand, key, -1), mask=store)
-        else:
-            tl.store(out_rows[:, None] + cols[None, :], acc, mask=store)
+            acc = tl.where(cand, acc, -1.0)
+        tl.store(out_rows[:, None] + cols[None, :], acc, mask=store)
 
 
-def pooled_scores(q, k, *, block_size: int, chunk_size: int, key_padding_mask=None, keys: bool = False):
-    """``[B, Hkv, Nqb, Nkb]`` fp32 scores or int64 ranking keys, as the torch backend (``chunk_size``
-    is not needed: nothing of size Nq x Nkb is stored)."""
+def pooled_scores(q, k, *, block_size: int, chunk_size: int, key_padding_mask=None, masked: bool = False):
+    """``[B, Hkv, Nqb, Nkb]`` fp32 scores (-1 at non-candidates if ``masked``), as the torch backend
+    (``chunk_size`` is not needed: nothing of size Nq x Nkb is stored)."""
     if q.stride(-1) != 1:
         q = q.contiguous()
     B, Hq, Nq, D = q.shape
@@ -140,16 +137,14 @@ def pooled_scores(q, k, *, block_size: int, chunk_size: int, key_padding_mask=No
     kmean, real = pooled_keys(k, b, key_padding_mask)  # fp32 [B, Hkv, Nkb, D], bool [B, Nkb]
     upcast = interpreting() and q.dtype != torch.float32
     split = q.dtype != torch.float32 and not upcast
-    if keys:  # blocks the kernel never reaches are not candidates
-        out = torch.full((B, Hkv, nqb, nkb), -1, dtype=torch.int64, device=q.device)
-    else:
-        out = torch.zeros((B, Hkv, nqb, nkb), dtype=torch.float32, device=q.device)
+    # blocks the kernel never reaches are not candidates
+    out = torch.full((B, Hkv, nqb, nkb), -1.0 if masked else 0.0, dtype=torch.float32, device=q.device)
     stats = torch.empty((2, B, Hq, nqb * b), dtype=torch.float32, device=q.device)  # row max, 1 / row sum
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
     qb = max(1, (16 if interpreting() else 64) // b)
     meta = dict(BLOCK=b, QB=qb, HEAD_DIM=D, C_TILE=16 if interpreting() else 64, GROUP=Hq // Hkv, SPLIT=split,
                 HAS_KPM=kpm is not None, UPCAST=upcast, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-                KEYS=keys)
+                MASKED=masked)
     if not interpreting():
         meta.update(num_warps=4, num_stages=2)
     grid = (triton.cdiv(nqb, qb), B * Hkv)
