@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=50)
     p.add_argument("--presets", nargs="+", default=["full", "streaming", "topk-blocks", "xattention", "elastic-fa-xa"])
     p.add_argument("--profile", nargs="*", default=[])
+    p.add_argument("--kernels", action="store_true", help="device time per kernel (torch.profiler)")
     args = p.parse_args(argv)
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(0)
@@ -48,6 +49,20 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
             wall = (time.perf_counter() - t) / args.calls * 1e3
             print(f"{name:16s} N={args.n}: {wall:.3f} ms per call (wall), host CPU {host:.3f} ms per call", flush=True)
+            if args.kernels:
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        stack(5, q, k, v, ctx())
+                    torch.cuda.synchronize()
+                by = {}
+                for e in prof.events():
+                    if e.device_type == torch.autograd.DeviceType.CUDA:
+                        key = e.name.split("<")[0].split("(")[0][-45:]
+                        by[key] = by.get(key, 0.0) + e.device_time / 5e3
+                top = sorted(by.items(), key=lambda x: -x[1])[:6]
+                print("    kernels ms per call:", ", ".join(f"{k} {v:.3f}" for k, v in top), flush=True)
             if name in args.profile:
                 prof = cProfile.Profile()
                 prof.enable()
