@@ -119,10 +119,13 @@ class Node:
 class Branch(Node):
     op: object
     selector: object | None = None
+    dense_below: int = 0  # calls with fewer keys run dense attention (where sparse does not pay off)
 
     def __call__(self, q, k, v, ctx: CallContext) -> torch.Tensor:
-        if self.selector is None:
+        if self.selector is None or k.shape[2] < self.dense_below:
             ctx.record(1.0)
+            if self.selector is not None:
+                return dense_op(q, k, v, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
             return self.op(q, k, v, None, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
         if ctx.decode and getattr(self.selector, "decode", "dense") == "dense":
             # prefill-only methods attend densely over the whole cache while decoding
@@ -157,6 +160,8 @@ class Branch(Node):
         if self.selector is not None:
             out["selector"] = to_config(self.selector)
         out["op"] = to_config(self.op)
+        if self.dense_below:
+            out["dense_below"] = self.dense_below
         return out
 
 
@@ -164,6 +169,7 @@ class Branch(Node):
 class Routed(Node):
     router: object
     branches: dict[str, Node]
+    dense_below: int = 0  # calls with fewer keys run dense attention on every head, without routing
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -186,6 +192,9 @@ class Routed(Node):
         return plan
 
     def __call__(self, q, k, v, ctx: CallContext) -> torch.Tensor:
+        if k.shape[2] < self.dense_below:
+            ctx.record(1.0)
+            return dense_op(q, k, v, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
         plan = self.decide(q, k, ctx)
         fused = self._fused(q, k, v, plan, ctx)
         if fused is not None:
@@ -248,7 +257,10 @@ class Routed(Node):
                         backend=backend.name)
 
     def to_config(self) -> dict:
-        return {"router": to_config(self.router), "branches": {k: n.to_config() for k, n in self.branches.items()}}
+        out = {"router": to_config(self.router), "branches": {k: n.to_config() for k, n in self.branches.items()}}
+        if self.dense_below:
+            out["dense_below"] = self.dense_below
+        return out
 
 
 @functools.lru_cache(maxsize=64)
@@ -418,11 +430,13 @@ def run(node: Node, q, k, v, ctx: CallContext) -> torch.Tensor:
 NODE_SHAPES = {
     frozenset({"op"}): "branch",
     frozenset({"op", "selector"}): "branch",
+    frozenset({"op", "selector", "dense_below"}): "branch",
     frozenset({"router", "branches"}): "routed",
+    frozenset({"router", "branches", "dense_below"}): "routed",
     frozenset({"compress", "inner"}): "compressed",
 }
-NODE_KEYS = ("op", "selector", "router", "branches", "compress", "inner")
-SHAPES_HELP = "{op}, {selector, op}, {router, branches}, {compress, inner}"
+NODE_KEYS = ("op", "selector", "router", "branches", "compress", "inner", "dense_below")
+SHAPES_HELP = "{op}, {selector, op[, dense_below]}, {router, branches[, dense_below]}, {compress, inner}"
 
 
 def build_node(spec, path: str) -> Node:
@@ -442,7 +456,7 @@ def build_node(spec, path: str) -> Node:
             who = "a branch without a selector" if selector is None else f"selector {selector.registry_name!r}"
             raise ConfigError(f"{path}.op: op {op.registry_name!r} cannot run {kind_out!r} plans from {who} "
                               f"(it takes {list(op.plan_kinds)})")
-        return Branch(op=op, selector=selector)
+        return Branch(op=op, selector=selector, dense_below=_dense_below(spec, path))
     if kind == "routed":
         branches = spec["branches"]
         if not isinstance(branches, dict) or not branches:
@@ -454,7 +468,7 @@ def build_node(spec, path: str) -> Node:
             nodes[label] = build_node(sub, f"{path}.branches.{label}")
         router = create("router", spec["router"], f"{path}.router")
         router.check_labels(tuple(nodes), f"{path}.router")
-        return Routed(router=router, branches=nodes)
+        return Routed(router=router, branches=nodes, dense_below=_dense_below(spec, path))
     compress = create("selector", spec["compress"], f"{path}.compress")
     if getattr(compress, "plan_kind", None) != "token":
         raise ConfigError(f"{path}.compress: selector {compress.registry_name!r} does not choose tokens "
@@ -464,6 +478,13 @@ def build_node(spec, path: str) -> Node:
         raise ConfigError(f"{path}.inner: routers inside a compressed node are not supported (they need "
                           f"pre-RoPE keys of the full sequence)")
     return Compressed(compress=compress, inner=inner)
+
+
+def _dense_below(spec: dict, path: str) -> int:
+    value = spec.get("dense_below", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{path}.dense_below: expected a number of keys >= 0, got {value!r}")
+    return value
 
 
 def _parse_range(key, path: str) -> tuple[int, int]:

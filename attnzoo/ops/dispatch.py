@@ -129,6 +129,7 @@ def register_backend(backend: Backend, before: str | None = None) -> Backend:
     if before is not None and before not in names:
         raise ValueError(f"backend {before!r} is not registered for op {backend.op!r}: {names}")
     lst.insert(names.index(before) if before is not None else len(lst), backend)
+    _CHOSEN.clear()
     return backend
 
 
@@ -163,8 +164,25 @@ def explain(req: Request) -> list[tuple[str, str | None]]:
     return [(b.name, b.why_not(req)) for b in backends(req.op)]
 
 
+_CHOSEN: dict = {}  # (request, forced name) -> backend, for GPU requests (see choose)
+
+
 def choose(req: Request, backend: str | None = None) -> Backend:
     name = _forced(req.op, backend)
+    if req.device != "cpu":
+        # a GPU prefill asks the same question every layer; the answer depends only on the request
+        # and the registry (CPU answers also depend on the flex compile state, so they are not kept)
+        key = (req, name)
+        hit = _CHOSEN.get(key)
+        if hit is None:
+            hit = _CHOSEN[key] = _choose(req, name)
+            if len(_CHOSEN) > 4096:
+                _CHOSEN.clear()
+        return hit
+    return _choose(req, name)
+
+
+def _choose(req: Request, name: str | None) -> Backend:
     cands = backends(req.op)
     if name is not None:
         by_name = {b.name: b for b in cands}

@@ -74,18 +74,29 @@ def _launch(rule, s, sv, so, width, tau=None, keep_all=None, last=None, n_pick=N
     alloc = torch.full if interpreting() else (lambda shape, fill, **kw: torch.empty(shape, **kw))
     idx = alloc((B * H, nqb, width), -1, dtype=torch.int32, device=s.device)
     cnt = torch.empty((B * H, nqb), dtype=torch.int32, device=s.device)
-    last = last.to(torch.int32).contiguous()
+    last = _int32(last)
     np2 = triton.next_power_of_2(nkb)
     meta = dict(BY_MASS=rule == "by_mass", KEEP_SINK=keep_sink, KEEP_DIAG=keep_diagonal, NP2=np2)
     if not interpreting():
         meta["num_warps"] = 4 if np2 <= 1024 else 8
     _select_kernel[(nqb, B * H)](
-        s, sv, so, tau.reshape(-1).float().contiguous() if tau is not None else s,
-        keep_all.reshape(-1).to(torch.int8).contiguous() if keep_all is not None else last, last,
-        n_pick.to(torch.int32).contiguous() if n_pick is not None else last,
-        own_lo.to(torch.int32).contiguous() if own_lo is not None else last, idx, cnt,
+        s, sv, so, _flat(tau, torch.float32) if tau is not None else s,
+        _flat(keep_all, torch.int8) if keep_all is not None else last, last,
+        _int32(n_pick) if n_pick is not None else last, _int32(own_lo) if own_lo is not None else last, idx, cnt,
         s.stride(0), s.stride(1), idx.stride(0), idx.stride(1), cnt.stride(0), H, nkb, width, **meta)
     return idx.view(B, H, nqb, width), cnt.view(B, H, nqb)
+
+
+@functools.lru_cache(maxsize=64)
+def _int32(t: torch.Tensor) -> torch.Tensor:
+    """The per-shape index tensors the selectors cache, converted once (keyed by identity; the cache
+    holds the tensor, so the identity stays valid)."""
+    return t.to(torch.int32).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.reshape(-1).to(dtype).contiguous()
 
 
 @functools.lru_cache(maxsize=32)
