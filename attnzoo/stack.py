@@ -119,10 +119,10 @@ class Node:
 class Branch(Node):
     op: object
     selector: object | None = None
-    dense_below: int = 0  # calls with fewer keys run dense attention (where sparse does not pay off)
+    dense_below: dict = field(default_factory=dict)  # device type -> keys below which attention runs dense
 
     def __call__(self, q, k, v, ctx: CallContext) -> torch.Tensor:
-        if self.selector is None or k.shape[2] < self.dense_below:
+        if self.selector is None or _below(self.dense_below, k):
             ctx.record(1.0)
             if self.selector is not None:
                 return dense_op(q, k, v, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
@@ -161,7 +161,7 @@ class Branch(Node):
             out["selector"] = to_config(self.selector)
         out["op"] = to_config(self.op)
         if self.dense_below:
-            out["dense_below"] = self.dense_below
+            out["dense_below"] = dict(self.dense_below)
         return out
 
 
@@ -169,7 +169,7 @@ class Branch(Node):
 class Routed(Node):
     router: object
     branches: dict[str, Node]
-    dense_below: int = 0  # calls with fewer keys run dense attention on every head, without routing
+    dense_below: dict = field(default_factory=dict)  # device type -> keys below which every head runs dense
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -192,7 +192,7 @@ class Routed(Node):
         return plan
 
     def __call__(self, q, k, v, ctx: CallContext) -> torch.Tensor:
-        if k.shape[2] < self.dense_below:
+        if _below(self.dense_below, k):
             ctx.record(1.0)
             return dense_op(q, k, v, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
         plan = self.decide(q, k, ctx)
@@ -259,7 +259,7 @@ class Routed(Node):
     def to_config(self) -> dict:
         out = {"router": to_config(self.router), "branches": {k: n.to_config() for k, n in self.branches.items()}}
         if self.dense_below:
-            out["dense_below"] = self.dense_below
+            out["dense_below"] = dict(self.dense_below)
         return out
 
 
@@ -289,11 +289,15 @@ def _head_mode(node) -> HeadMode | None:
 class Compressed(Node):
     compress: object
     inner: Node
+    dense_below: dict = field(default_factory=dict)  # device type -> keys below which attention runs dense
 
     def children(self):
         return [self.inner]
 
     def __call__(self, q, k, v, ctx: CallContext) -> torch.Tensor:
+        if _below(self.dense_below, k):
+            ctx.record(1.0)
+            return dense_op(q, k, v, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
         if ctx.decode:
             return self.inner(q, k, v, ctx)  # the cache holds uncompressed K/V
         with torch.no_grad():
@@ -310,7 +314,10 @@ class Compressed(Node):
         return token_sparse.decompress(oc, plan, q.shape[2])
 
     def to_config(self) -> dict:
-        return {"compress": to_config(self.compress), "inner": self.inner.to_config()}
+        out = {"compress": to_config(self.compress), "inner": self.inner.to_config()}
+        if self.dense_below:
+            out["dense_below"] = dict(self.dense_below)
+        return out
 
 
 @dataclass
@@ -434,9 +441,10 @@ NODE_SHAPES = {
     frozenset({"router", "branches"}): "routed",
     frozenset({"router", "branches", "dense_below"}): "routed",
     frozenset({"compress", "inner"}): "compressed",
+    frozenset({"compress", "inner", "dense_below"}): "compressed",
 }
 NODE_KEYS = ("op", "selector", "router", "branches", "compress", "inner", "dense_below")
-SHAPES_HELP = "{op}, {selector, op[, dense_below]}, {router, branches[, dense_below]}, {compress, inner}"
+SHAPES_HELP = "{op}, {selector, op[, dense_below]}, {router, branches[, dense_below]}, {compress, inner[, dense_below]}"
 
 
 def build_node(spec, path: str) -> Node:
@@ -477,14 +485,31 @@ def build_node(spec, path: str) -> Node:
     if any(isinstance(n, Routed) for n in inner.walk()):
         raise ConfigError(f"{path}.inner: routers inside a compressed node are not supported (they need "
                           f"pre-RoPE keys of the full sequence)")
-    return Compressed(compress=compress, inner=inner)
+    return Compressed(compress=compress, inner=inner, dense_below=_dense_below(spec, path))
 
 
-def _dense_below(spec: dict, path: str) -> int:
-    value = spec.get("dense_below", 0)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{path}.dense_below: expected a number of keys >= 0, got {value!r}")
-    return value
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def _dense_below(spec: dict, path: str) -> dict:
+    """``dense_below``: keys below which the node runs dense attention, per device type (a sparse
+    method's crossover is a property of the hardware), e.g. ``{cuda: 32768}``; an int applies to all."""
+    value = spec.get("dense_below", {})
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = {d: value for d in DEVICE_TYPES}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}.dense_below: expected a number of keys or a mapping device -> keys, got {value!r}")
+    for dev, n in value.items():
+        if dev not in DEVICE_TYPES:
+            raise ConfigError(f"{path}.dense_below.{dev}: unknown device type{suggest(str(dev), DEVICE_TYPES)}; "
+                              f"expected one of {list(DEVICE_TYPES)}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ConfigError(f"{path}.dense_below.{dev}: expected a number of keys >= 0, got {n!r}")
+    return {d: n for d, n in value.items() if n}
+
+
+def _below(dense_below: dict, k) -> bool:
+    return bool(dense_below) and k.shape[2] < dense_below.get(k.device.type, 0)
 
 
 def _parse_range(key, path: str) -> tuple[int, int]:

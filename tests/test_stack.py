@@ -226,3 +226,22 @@ def test_mixed_table_router_equals_each_heads_branch():
     sparse = node.branches["sparse"](q, k, v, ctx)
     for h, src in enumerate([sparse, full, sparse]):  # KV head h serves query heads 2h, 2h+1
         assert torch.equal(out[:, 2 * h: 2 * h + 2], src[:, 2 * h: 2 * h + 2]), f"KV head {h}"
+
+
+def test_dense_below_runs_dense_attention_on_its_device_and_records_density_one():
+    import attnzoo
+    from attnzoo import ops
+    from attnzoo.stack import CallContext, DensityMeter
+
+    q, k, v = torch.randn(1, 2, 200, 16), torch.randn(1, 1, 200, 16), torch.randn(1, 1, 200, 16)
+    sparse = {"selector": {"name": "streaming", "sink": 16, "local": 32, "block_size": 16}, "op": "block_sparse"}
+    for below, expect_dense in (({"cpu": 300}, True), ({"cuda": 300}, False), (150, False), (300, True)):
+        for node in ({**sparse, "dense_below": below},
+                     {"router": {"name": "table", "default": "s"}, "branches": {"s": sparse}, "dense_below": below},
+                     {"compress": {"name": "token_coverage", "window": 16, "min_tokens": 32}, "inner": sparse,
+                      "dense_below": below}):
+            meter = DensityMeter()
+            out = attnzoo.build({"default": node})(0, q, k, v, CallContext(layer_idx=0, meter=meter))
+            is_dense = (out - ops.dense(q, k, v)).abs().max() < 1e-5
+            assert bool(is_dense) == expect_dense, (below, list(node))
+            assert (meter.mean() == 1.0) == expect_dense
