@@ -108,7 +108,7 @@ def _tiny_smollm_shaped():
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=256, hidden_size=HQ * D, intermediate_size=256, num_hidden_layers=30,
-                      num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=D, max_position_embeddings=16384)
+                      num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=D, max_position_embeddings=32768)
     return LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
 
 
@@ -120,7 +120,7 @@ def test_gpu_prefill_has_no_host_sync(preset, monkeypatch):
     from attnzoo.stack import LayerStack
 
     model = _tiny_smollm_shaped()
-    ids = torch.randint(0, 256, (1, 8192), device="cuda")
+    ids = torch.randint(0, 256, (1, 32768), device="cuda")  # above the presets' dense_below on CUDA
     calls = {"n": 0}
     strict = {"on": False}
     inner = LayerStack.__call__
@@ -150,7 +150,7 @@ def test_gpu_attention_call_kernel_count(preset):
     from torch.profiler import ProfilerActivity, profile
 
     stack = attnzoo.build(f"preset:{preset}")
-    q, k, v, keys = _qkv(8192, "cuda", torch.bfloat16)
+    q, k, v, keys = _qkv(32768, "cuda", torch.bfloat16)  # above the presets' dense_below on CUDA
     ctx = lambda: CallContext(layer_idx=5, pre_rope_keys=keys, cache={})  # noqa: E731
     with torch.no_grad():
         stack(5, q, k, v, ctx())

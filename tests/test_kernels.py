@@ -182,7 +182,8 @@ def test_portable_mixed_backend_matches_reference():
     _compare(out, lse, q, k, v, kpm, plan, torch.float32, True)
 
 
-def test_mixed_plan_contract():
+def test_mixed_plan_contract(monkeypatch):
+    monkeypatch.setenv("ATTNZOO_CHECK_VALUES", "1")  # value checks are CPU-only by default (GPU: host syncs)
     case = Case(2, 4, 2, 100, 100, 32)
     plan = _mixed_plan(case, 2, 4, [0, 1, 2, 1])
     assert "dense=0.25" in repr(plan) and "streaming=0.50" in repr(plan)
@@ -212,13 +213,12 @@ SCORE_CASES = [
 def test_triton_scores_match_torch(case, stride, block, dtype):
     q, k, _, kpm = _qkv(case, dtype, False, seed=7)
     kw = dict(stride=stride, block_size=block, chunk_size=2 * block, key_padding_mask=kpm)
-    ref = list(antidiagonal_block_scores(q.float(), k.float(), backend="torch", **kw))
-    got = list(antidiagonal_block_scores(q, k, backend="triton", **kw))
-    assert [(a, b) for a, b, _ in ref] == [(a, b) for a, b, _ in got]
+    ref = torch.cat([w for _, _, w in antidiagonal_block_scores(q.float(), k.float(), backend="torch", **kw)], 2)
+    # the Triton scorer yields the chunks asked for under the interpreter, one chunk on a GPU
+    got = torch.cat([w for _, _, w in antidiagonal_block_scores(q, k, backend="triton", **kw)], 2)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for (_, _, w1), (_, _, w2) in zip(ref, got, strict=True):
-        assert w2.shape == w1.shape
-        assert (w2 - w1).abs().max() <= tol  # probabilities: absolute error
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max() <= tol  # probabilities: absolute error
 
 
 POOLED_CASES = [
