@@ -170,6 +170,8 @@ class Routed(Node):
     router: object
     branches: dict[str, Node]
     dense_below: dict = field(default_factory=dict)  # device type -> keys below which every head runs dense
+    # per call shape: "mixed" (one launch) or "split" (a call per branch), chosen by timing both once
+    _path: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -196,10 +198,42 @@ class Routed(Node):
             ctx.record(1.0)
             return dense_op(q, k, v, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
         plan = self.decide(q, k, ctx)
-        fused = self._fused(q, k, v, plan, ctx)
-        if fused is not None:
-            return fused
+        if self._choose_path(q, k, v, plan, ctx) == "mixed":
+            fused = self._fused(q, k, v, plan, ctx)
+            if fused is not None:
+                return fused
+        return self._split(q, k, v, plan, ctx)
 
+    def _choose_path(self, q, k, v, plan: HeadPlan, ctx: CallContext) -> str:
+        """One mixed launch or one call per branch, by measurement on the device, per call shape.
+
+        The mixed launch runs every head in the Triton kernel; the split runs dense heads through
+        the fastest dense kernel (SDPA's cuDNN/FA3-class kernels on Hopper) and selects only for the
+        heads routed to a sparse branch, at the cost of a host sync to find them. Which wins depends
+        on the share of dense heads and the length, so the first call of each shape times both
+        (CUDA events) and the faster is kept. On the CPU there is no single-launch backend: split."""
+        if q.device.type != "cuda" or ctx.decode:
+            return "mixed"  # _fused declines where it cannot run; the CPU falls through to split
+        key = (tuple(q.shape), tuple(k.shape), q.dtype, ctx.key_padding_mask is None)
+        if key not in self._path:
+            quiet = replace(ctx, meter=None)
+            timings = {}
+            for path in ("mixed", "split"):
+                run = (lambda: self._fused(q, k, v, plan, quiet)) if path == "mixed" else \
+                    (lambda: self._split(q, k, v, plan, quiet))
+                if path == "mixed" and run() is None:
+                    timings[path] = float("inf")
+                    continue
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                run()
+                end.record()
+                end.synchronize()
+                timings[path] = start.elapsed_time(end)
+            self._path[key] = min(timings, key=timings.get)
+        return self._path[key]
+
+    def _split(self, q, k, v, plan: HeadPlan, ctx: CallContext) -> torch.Tensor:
         def run_branch(i, b, h):
             node = self.branches[self.labels[i]]
             if b is None:  # every pair takes this branch
