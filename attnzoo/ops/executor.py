@@ -121,7 +121,8 @@ def split_by_branch(q, k, v, branch: torch.Tensor, n_branches: int,
                     run: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """One call per branch on the (batch, KV head) pairs routed to it (a host sync to find them).
 
-    ``run(i, b, h)`` returns branch ``i``'s output for the pairs ``(b[j], h[j])``, each pair one
+    The branch counts are the one value read back; the pairs are then found with a static-size
+    ``nonzero``, which needs no further sync. ``run(i, b, h)`` returns branch ``i``'s output for the pairs ``(b[j], h[j])``, each pair one
     batch element of ``[n, g, Nq, D]``; outputs are written back in head order. A branch that
     takes every pair is called once on the whole batch (``b``, ``h`` = None).
     """
@@ -137,6 +138,7 @@ def split_by_branch(q, k, v, branch: torch.Tensor, n_branches: int,
             return run(i, None, None)
         if out is None:
             out = q.new_zeros(B, Hkv, g, Nq, D)
-        b, h = (branch == i).nonzero(as_tuple=True)
+        # the count is known on the host now: a static-size nonzero reads nothing more back
+        b, h = torch.nonzero_static(branch == i, size=n).unbind(-1)
         out[b, h] = run(i, b, h).to(out.dtype)
     return out.reshape(B, Hq, Nq, D)
