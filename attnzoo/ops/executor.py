@@ -129,7 +129,8 @@ def split_by_branch(q, k, v, branch: torch.Tensor, n_branches: int,
     B, Hq, Nq, D = q.shape
     Hkv = k.shape[1]
     g = Hq // Hkv
-    counts = torch.bincount(branch.flatten().long(), minlength=n_branches).tolist()
+    # (not bincount: on CUDA it reads the maximum back first, a second sync)
+    counts = (branch[..., None] == torch.arange(n_branches, device=branch.device)).sum((0, 1)).tolist()
     out = None
     for i, n in enumerate(counts):
         if n == 0:
