@@ -40,6 +40,16 @@ def examples(ci: int, long: int) -> settings:
     return settings(max_examples=ci if PROFILE == "ci" else long)
 
 
+# the Triton interpreter runs ~ms per tile: those targets stop checking after this many cases in the
+# long profile (hypothesis keeps drawing; the cheap draws are not counted)
+SLOW_CAP = {"triton": 80}
+
+
+def capped(target: str, backend_name: str) -> bool:
+    cap = SLOW_CAP.get(backend_name)
+    return PROFILE == "long" and cap is not None and COUNTS[target] >= cap
+
+
 def count(target: str) -> None:
     COUNTS[target] += 1
 
