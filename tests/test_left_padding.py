@@ -95,3 +95,31 @@ def test_left_padded_generate_equals_each_prompt_alone(tiny, name):
     with attnzoo.patch(tiny, stack):
         sparse = tiny(input_ids=torch.tensor([prompts[0]])).logits
     assert (dense - sparse).abs().max() > 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("preset", ["streaming", "topk-blocks", "xattention"])
+def test_left_padded_generate_with_the_shipped_presets(preset):
+    """The presets themselves (their CUDA crossovers do not apply on the CPU), on prompts long enough
+    for their windows and budgets to matter (streaming keeps 128 + 1024 tokens)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                      pad_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (1500, 1371)]
+    ids, mask = _left_padded(prompts)
+    new = 6
+    with attnzoo.patch(model, f"preset:{preset}"):
+        batched = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+        alone = [model.generate(input_ids=torch.tensor([p]), max_new_tokens=new, do_sample=False) for p in prompts]
+        # the logits too: random weights keep greedy tokens stable under small changes, logits are not
+        padded_logits = model(input_ids=ids, attention_mask=mask).logits[1, -len(prompts[1]):]
+        alone_logits = model(input_ids=torch.tensor([prompts[1]])).logits[0]
+    for b, a in enumerate(alone):
+        assert batched[b, -new:].tolist() == a[0, -new:].tolist(), f"prompt {b}"
+    assert (padded_logits - alone_logits).abs().max() <= 1e-4
