@@ -10,7 +10,7 @@ import sys
 import torch
 
 
-def _version(dist: str) -> str:
+def installed_version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -21,10 +21,10 @@ def info_text() -> str:
     from .ops import dispatch
     from .registry import KINDS, available
 
-    lines = ["attnzoo " + _version("attnzoo"), ""]
+    lines = ["attnzoo " + installed_version("attnzoo"), ""]
     lines.append(f"python             {platform.python_version()} ({platform.machine()})")
     for dist in ("torch", "triton", "flashinfer-python", "transformers"):
-        lines.append(f"{dist:<18} {_version(dist)}")
+        lines.append(f"{dist:<18} {installed_version(dist)}")
     devices = ["cpu"]
     if torch.cuda.is_available():
         devices += [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]

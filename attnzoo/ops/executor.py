@@ -122,9 +122,10 @@ def split_by_branch(q, k, v, branch: torch.Tensor, n_branches: int,
     """One call per branch on the (batch, KV head) pairs routed to it (a host sync to find them).
 
     The branch counts are the one value read back; the pairs are then found with a static-size
-    ``nonzero``, which needs no further sync. ``run(i, b, h)`` returns branch ``i``'s output for the pairs ``(b[j], h[j])``, each pair one
-    batch element of ``[n, g, Nq, D]``; outputs are written back in head order. A branch that
-    takes every pair is called once on the whole batch (``b``, ``h`` = None).
+    ``nonzero``, which needs no further sync. ``run(i, b, h)`` returns branch ``i``'s output for the
+    pairs ``(b[j], h[j])``, each pair one batch element of ``[n, g, Nq, D]``; outputs are written
+    back in head order. A branch that takes every pair is called once on the whole batch (``b``,
+    ``h`` = None).
     """
     B, Hq, Nq, D = q.shape
     Hkv = k.shape[1]

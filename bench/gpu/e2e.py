@@ -19,7 +19,6 @@ launches (selection plus attention). Writes ``DIR/e2e.json`` after every length 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import platform
 import statistics
@@ -34,6 +33,7 @@ sys.path[:] = [x for x in sys.path if Path(x or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import attnzoo  # noqa: E402
+from attnzoo.cli import installed_version  # noqa: E402
 from attnzoo.config import preset_names  # noqa: E402
 from attnzoo.models import extend_context  # noqa: E402
 from attnzoo.stack import CallContext, DensityMeter  # noqa: E402
@@ -43,13 +43,6 @@ T0 = time.time()
 
 def log(msg: str) -> None:
     print(f"[{time.time() - T0:7.1f}s] {msg}", flush=True)
-
-
-def version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def load(gguf: Path, device: str):
@@ -211,8 +204,9 @@ def run_length(model, tok, length: int, presets: list[str], reps: int, device: s
 
 
 def header(device) -> dict:
-    h = {"python": platform.python_version(), "torch": torch.__version__, "transformers": version("transformers"),
-         "triton": version("triton"), "attnzoo": attnzoo.__version__}
+    h = {"python": platform.python_version(), "torch": torch.__version__,
+         "transformers": installed_version("transformers"), "triton": installed_version("triton"),
+         "attnzoo": attnzoo.__version__}
     if device == "cuda":
         h["gpu"] = torch.cuda.get_device_name()
         h["cuda"] = torch.version.cuda

@@ -12,7 +12,6 @@ one process. Sections past the time budget are skipped and listed as such.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import platform
@@ -27,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from attnzoo import build, ops, patch  # noqa: E402
+from attnzoo.cli import installed_version  # noqa: E402
 from attnzoo.ops.antidiagonal import antidiagonal_block_scores  # noqa: E402
 from attnzoo.plans import BlockPlan, MixedPlan  # noqa: E402
 
@@ -37,13 +37,6 @@ ARGS = None
 
 def log(msg: str) -> None:
     print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
-
-
-def version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def cuda_time(fn, reps: int, warmup: int = 3) -> float:
@@ -376,8 +369,8 @@ def end_to_end() -> list:
 def header() -> dict:
     p = torch.cuda.get_device_properties(0)
     return {"gpu": p.name, "sms": p.multi_processor_count, "memory_gib": round(p.total_memory / 2 ** 30, 1),
-            "cuda": torch.version.cuda, "torch": torch.__version__, "triton": version("triton"),
-            "flashinfer": version("flashinfer-python"), "python": platform.python_version(),
+            "cuda": torch.version.cuda, "torch": torch.__version__, "triton": installed_version("triton"),
+            "flashinfer": installed_version("flashinfer-python"), "python": platform.python_version(),
             "flashinfer_backend": os.environ.get("ATTNZOO_FLASHINFER_BACKEND", "fa2"),
             "command": " ".join(sys.argv)}
 

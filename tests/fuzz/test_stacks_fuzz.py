@@ -9,9 +9,7 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,31 +18,14 @@ from hypothesis import strategies as st
 
 import attnzoo
 from attnzoo import ops
-from attnzoo.ops import token_sparse
-from attnzoo.plans import BlockPlan, DensePlan, TokenPlan
 from attnzoo.selectors import Context
 from attnzoo.stack import CallContext
 
 from ..conftest import assert_lse_close, rel_err
+from ..test_selector_matrix import build as build_selector  # also registers the README's example
+from ..test_selector_matrix import run_plan
 from .conftest import count, examples
 from .strategies import problems
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-import vertical_slash  # noqa: E402,F401  (registers the README's example selector)
-
-
-def _selector(name):
-    cls = attnzoo.registry.get("selector", name)
-    return attnzoo.create("selector", {"name": name, **getattr(cls, "small_config", {})})
-
-
-def _run_plan(q, k, v, plan, kpm):
-    if isinstance(plan, BlockPlan):
-        return ops.block_sparse(q, k, v, plan, key_padding_mask=kpm, return_lse=True)
-    if isinstance(plan, TokenPlan):
-        return token_sparse.attention(q, k, v, plan, key_padding_mask=kpm, return_lse=True)
-    assert isinstance(plan, DensePlan), f"not a plan: {type(plan).__name__}"
-    return ops.dense(q, k, v, causal=plan.causal, key_padding_mask=kpm, return_lse=True)
 
 
 def _op_for(plan_kind):
@@ -58,10 +39,10 @@ def test_selector_plan_through_its_op(name, data):
     p = data.draw(problems(causal=True, dtypes=(torch.float32,), max_n=300, min_nk=2))
     if p.kpm is not None:  # a selector sees what the stack gives it: real tokens from row 0
         p.kpm = p.kpm.flip(-1) if p.pad == "left" else p.kpm
-    sel = _selector(name)
+    sel = build_selector(name)
     plan = sel(p.q, p.k, Context(key_padding_mask=p.kpm))
     plan.validate(p.q, p.k)
-    out, lse = _run_plan(p.q, p.k, p.v, plan, p.kpm)
+    out, lse = run_plan(p.q, p.k, p.v, plan, p.kpm)
     ref, ref_lse = ops.reference(p.q, p.k, p.v, plan, key_padding_mask=p.kpm, return_lse=True)
     count(f"selector/{name}")
     assert rel_err(out, ref) <= 1e-4 or ref.abs().max() == 0
