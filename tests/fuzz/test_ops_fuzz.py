@@ -134,10 +134,12 @@ def test_block_sparse_backend(backend, data):
             return None, None
         return res if backend.lse else (res, None)
 
-    if backend.name == "flex":
-        out, _ = run(p.q, p.k, p.v)
-        if out is None:
+    if backend.name == "flex":  # one call: a compile failure disables flex for the next one
+        first = run(p.q, p.k, p.v)
+        if first[0] is None:
             return
+        _compare(target, backend, p, lambda q, k, v: first, plan, grad)
+        return
     _compare(target, backend, p, run, plan, grad)
 
 
