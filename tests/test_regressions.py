@@ -78,7 +78,10 @@ def test_flex_backend_never_runs_eagerly_past_the_recompile_limit():
             with pytest.raises(ops.dispatch.NoBackendError, match="failed earlier in this process"):
                 ops.block_sparse(q, k, v, plan, backend="flex")
     finally:
+        # leave no trace for later tests: dynamo's recompile counters would fail the next flex call
         bs._FLEX_FAILED[:] = failed_before
+        torch._dynamo.reset()
+        bs._compiled_flex.cache_clear()
 
 
 @pytest.mark.parametrize("name", ["xattention", "streaming", "topk_blocks", "token_coverage"])
