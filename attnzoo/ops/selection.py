@@ -28,6 +28,20 @@ EXACT = {dt: Tolerance(out=1e-12, lse=1e-12, grad=1e-12) for dt in (torch.float3
 _ABSENT = 1 << 40  # sorts after every block index
 
 
+def causal_block_sets(last_visible: torch.Tensor, num_kv_blocks: int, keep_sink: bool = True,
+                      keep_diagonal: bool = True):
+    """Bool ``[C, Nkb]`` masks for query blocks whose right-most visible key block is
+    ``last_visible`` ``[C]``: the causally visible blocks, and those always kept (sink, diagonal)."""
+    col = torch.arange(num_kv_blocks, device=last_visible.device)[None, :]
+    visible = col <= last_visible[:, None]
+    forced = torch.zeros_like(visible)
+    if keep_sink:
+        forced = forced | (col == 0)
+    if keep_diagonal:
+        forced = forced | (col == last_visible[:, None])
+    return visible, forced & visible
+
+
 def _finish(picked: torch.Tensor, forced_idx: torch.Tensor, counts: torch.Tensor, width: int):
     """Ascending index lists from picked blocks (``_ABSENT`` elsewhere) and forced ones."""
     idx = torch.cat([picked, forced_idx.expand(*picked.shape[:2], -1, -1)], -1).sort(-1).values[..., :width]
@@ -36,14 +50,7 @@ def _finish(picked: torch.Tensor, forced_idx: torch.Tensor, counts: torch.Tensor
 
 def _torch_by_mass(w, tau, keep_all, last, keep_sink: bool, keep_diagonal: bool):
     nkb = w.shape[-1]
-    col = torch.arange(nkb, device=w.device)
-    visible = col[None, :] <= last[:, None]
-    forced = torch.zeros_like(visible)
-    if keep_sink:
-        forced = forced | (col[None, :] == 0)
-    if keep_diagonal:
-        forced = forced | (col[None, :] == last[:, None])
-    forced = forced & visible
+    visible, forced = causal_block_sets(last, nkb, keep_sink, keep_diagonal)
     w64 = w.double()  # masses in fp64: rounding cannot move the threshold between backends
     target = tau.double() * w64.sum(-1, keepdim=True)
     forced_mass = (w64 * forced).sum(-1, keepdim=True)

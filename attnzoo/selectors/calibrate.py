@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config import dump_config, load_config
+from ..ops.selection import causal_block_sets
 from ..plans import last_visible_block
 from .base import Context
-from .xattention import XAttention, causal_block_sets
+from .xattention import XAttention
 
 __all__ = ["exact_block_mass", "head_thresholds", "calibrate_thresholds", "choose_sparse_layers",
            "xattention_layer_configs", "save_calibration", "load_calibration"]

@@ -31,20 +31,6 @@ from ..registry import register
 from .base import as_context, check_block, check_fraction, check_positive, check_qk
 
 
-def causal_block_sets(last_visible: torch.Tensor, num_kv_blocks: int, keep_sink: bool = True,
-                      keep_diagonal: bool = True):
-    """Bool ``[C, Nkb]`` masks for query blocks whose right-most visible key block is
-    ``last_visible`` ``[C]``: the causally visible blocks, and those always kept (sink, diagonal)."""
-    col = torch.arange(num_kv_blocks, device=last_visible.device)[None, :]
-    visible = col <= last_visible[:, None]
-    forced = torch.zeros_like(visible)
-    if keep_sink:
-        forced = forced | (col == 0)
-    if keep_diagonal:
-        forced = forced | (col == last_visible[:, None])
-    return visible, forced & visible
-
-
 @register("selector", "xattention")
 @dataclass
 class XAttention:
@@ -90,19 +76,6 @@ class XAttention:
             raise ValueError(f"threshold has {tau.numel()} per-head values; q has {Hq} heads")
         return tau
 
-    def select(self, w: torch.Tensor, last_visible: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        """Bool block mask ``[B, H, C, Nkb]`` from block scores ``w`` (see module doc)."""
-        visible, forced = causal_block_sets(last_visible, w.shape[-1], self.keep_sink, self.keep_diagonal)
-        target = tau[None, :, None] * w.sum(-1)  # [B, H, C]
-        forced_mass = (w * forced).sum(-1)
-        others = w.masked_fill(~visible | forced, -1.0)
-        vals, order = others.sort(dim=-1, descending=True, stable=True)
-        mass = vals.clamp(min=0)
-        before = forced_mass[..., None] + mass.cumsum(-1) - mass
-        take = (vals >= 0) & ((before < target[..., None]) | (tau >= 1)[None, :, None, None])
-        chosen = torch.zeros_like(take).scatter(-1, order, take)
-        return chosen | forced
-
     @torch.no_grad()  # plans are discrete: selection never needs (or builds) a graph
     def __call__(self, q, k, ctx=None) -> BlockPlan:
         ctx = as_context(ctx)
@@ -112,11 +85,12 @@ class XAttention:
         b = self.block_size
         parts = list(self.block_scores(q, k, ctx))  # one chunk on a GPU (see the Triton scorer)
         w = parts[0][2] if len(parts) == 1 else torch.cat([w for _, _, w in parts], dim=2)
-        if self.per_kv_head:  # the union of a group's selections: through the block mask
-            mask = self.select(w, last_visible_block(Nq, Nk, b, b, q.device), self._tau(Hq, w.device, w.dtype))
+        plan = self._plan(w, Nq, Nk)
+        if self.per_kv_head:  # the union of a group's selections, through the block mask
+            mask = plan.to_block_mask()
             mask = mask.view(B, Hkv, Hq // Hkv, *mask.shape[2:]).any(2)
             return BlockPlan.from_block_mask(mask, b, b, Nq, Nk)
-        return self._plan(w, Nq, Nk)
+        return plan
 
     def _plan(self, w: torch.Tensor, Nq: int, Nk: int) -> BlockPlan:
         """What ``select`` chooses, written straight into index lists by the ``block_select`` op

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..selection import causal_block_sets
 from ._triton import interpreting
 
 
@@ -103,13 +104,8 @@ def _flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _dropped(last: torch.Tensor, nkb: int, keep_sink: bool, keep_diagonal: bool) -> torch.Tensor:
     """``[Nqb, Nkb]``: blocks that are not candidates (invisible, sink, diagonal). Keyed by the
     per-shape ``last`` tensor the selector caches (the cache holds it, so its identity is stable)."""
-    col = torch.arange(nkb, device=last.device)
-    dropped = col[None, :] > last[:, None]
-    if keep_sink:
-        dropped = dropped | (col[None, :] == 0)
-    if keep_diagonal:
-        dropped = dropped | (col[None, :] == last[:, None])
-    return dropped
+    visible, forced = causal_block_sets(last, nkb, keep_sink, keep_diagonal)
+    return ~visible | forced
 
 
 def select(rule: str, scores, **kw):
