@@ -199,8 +199,21 @@ def run_length(model, tok, length: int, presets: list[str], reps: int, device: s
             row["ratio"] = full / row["ms"]
             row["ratio_range"] = [ratios[0], ratios[-1]]  # per-repeat ratios (same round)
     log(f"== {length}: " + ", ".join(f"{p} {row['ms']:.1f} ms ({row.get('ratio', 0):.2f}x)" for p, row in rows.items()))
+    cfg = model.config
     return {"length": length, "tokens": int(ids.shape[1]), "yarn_factor": factor, "layer_profiled": layer,
-            "presets": rows}
+            "q_heads": cfg.num_attention_heads, "head_dim": getattr(cfg, "head_dim", None)
+            or cfg.hidden_size // cfg.num_attention_heads, "presets": rows}
+
+
+def dense_tflops(run: dict) -> float | None:
+    """Achieved TFLOP/s of the baseline's attention kernels in the profiled layer call (causal:
+    4 * Hq * D flops per visible query-key pair)."""
+    full = run["presets"].get("full", {}).get("attention_call", {})
+    if not full.get("kernel_ms") or not run.get("q_heads"):
+        return None
+    n = run["tokens"]
+    flops = 4 * run["q_heads"] * run["head_dim"] * n * (n + 1) / 2
+    return flops / (full["kernel_ms"] * 1e-3) / 1e12
 
 
 def header(device) -> dict:
@@ -224,8 +237,14 @@ def markdown(result: dict) -> str:
              "are per prefill (torch.profiler); *layer call* is one attention call of the middle layer "
              "(selection + attention).", ""]
     for run in result["runs"]:
+        tflops = dense_tflops(run)
         lines += [f"## {run['length']:,} tokens (YaRN x{run['yarn_factor']})" if run["yarn_factor"] > 1
-                  else f"## {run['length']:,} tokens (native context)", "",
+                  else f"## {run['length']:,} tokens (native context)", ""]
+        if tflops is not None:
+            lines += [f"Baseline attention (full, layer {run['layer_profiled']}, one call): "
+                      f"{run['presets']['full']['attention_call']['kernel_ms']:.3f} ms of kernels = "
+                      f"**{tflops:.0f} TFLOP/s**.", ""]
+        lines += [
                   "| preset | prefill ms | vs full | range | density | kernels / prefill | syncs / prefill | "
                   "sync-debug warnings | layer call: kernels | layer call: syncs |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
