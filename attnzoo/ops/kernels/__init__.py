@@ -73,11 +73,13 @@ def _scores_limits(req) -> str | None:
     return None
 
 
-register_backend(Backend(
-    op="antidiagonal_scores", name="triton", fn=_scores_triton, plan_kinds=("scores",),
-    description="Triton XAttention scoring: antidiagonal scores, softmax, block sums in one kernel",
-    **{**_TRITON, "backward": False, "lse": False, "check": _scores_limits}),
-    before="torch")
+def _selection_backend(op: str, fn, check, description: str, **overrides) -> None:
+    """The scoring / selection ops: Triton kernels that feed a discrete choice (no backward, no lse),
+    tried before the op's torch backend."""
+    register_backend(Backend(op=op, name="triton", fn=fn, plan_kinds=("scores",), description=description,
+                             **{**_TRITON, "backward": False, "lse": False, "check": check, **overrides}),
+                     before="torch")
+
 
 def _pooled_triton(q, k, **kw):
     from .triton_pooled import pooled_scores
@@ -90,12 +92,6 @@ def _pooled_limits(req) -> str | None:
     return None
 
 
-register_backend(Backend(
-    op="pooled_scores", name="triton", fn=_pooled_triton, plan_kinds=("scores",),
-    description="Triton top-k block scores: q . pooled keys, softmax and block sums in one launch",
-    **{**_TRITON, "backward": False, "lse": False, "check": _pooled_limits}),
-    before="torch")
-
 def _select_triton(rule, scores, **kw):
     from .triton_select import select
     return select(rule, scores, **kw)
@@ -107,12 +103,13 @@ def _select_limits(req) -> str | None:
     return None
 
 
-register_backend(Backend(
-    op="block_select", name="triton", fn=_select_triton, plan_kinds=("scores",),
-    description="torch's radix sort per row, then one Triton program per row: threshold and index list",
-    **{**_TRITON, "dtypes": (torch.float32, torch.float64), "head_dims": None, "backward": False,
-       "lse": False, "check": _select_limits, "tolerances": EXACT}),
-    before="torch")
+_selection_backend("antidiagonal_scores", _scores_triton, _scores_limits,
+                   "Triton XAttention scoring: antidiagonal scores, softmax, block sums in one kernel")
+_selection_backend("pooled_scores", _pooled_triton, _pooled_limits,
+                   "Triton top-k block scores: q . pooled keys, softmax and block sums in one launch")
+_selection_backend("block_select", _select_triton, _select_limits,
+                   "torch's radix sort per row, then one Triton program per row: threshold and index list",
+                   dtypes=(torch.float32, torch.float64), head_dims=None, tolerances=EXACT)
 
 # after Triton: for block-sparse calls both fit, Triton is tried first (it also takes padding,
 # per-query-head plans and backward)
