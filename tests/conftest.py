@@ -14,6 +14,17 @@ if not torch.cuda.is_available():
 from attnzoo.plans import BlockPlan, TokenPlan
 
 
+def reset_flex() -> None:
+    """Forget this process's compiled flex and its failures (tests that drive flex past dynamo's
+    recompile limit call it, so later flex tests run instead of skipping)."""
+    import importlib
+
+    bs = importlib.import_module("attnzoo.ops.block_sparse")
+    bs._FLEX_FAILED.clear()
+    bs._compiled_flex.cache_clear()
+    torch._dynamo.reset()
+
+
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     """max|x - ref| / max|ref| (flash-linear-attention style, robust to tiny entries)."""
     x, ref = x.detach().double(), ref.detach().double()

@@ -13,7 +13,7 @@ import torch
 from attnzoo import create, ops
 from attnzoo.ops.block_sparse import to_flex_block_mask
 
-from .conftest import make_qkv, random_block_plan, rel_err
+from .conftest import make_qkv, random_block_plan, rel_err, reset_flex
 
 STRIDED = {
     "transposed_last_dim": lambda x: x.transpose(-1, -2).contiguous().transpose(-1, -2),
@@ -63,8 +63,7 @@ def test_flex_backend_never_runs_eagerly_past_the_recompile_limit():
     bs = importlib.import_module("attnzoo.ops.block_sparse")
     if bs._flex_unavailable() is not None:
         pytest.skip(bs._flex_unavailable())
-    failed_before = list(bs._FLEX_FAILED)
-    bs._FLEX_FAILED.clear()
+    reset_flex()
     try:
         with torch._dynamo.config.patch(recompile_limit=1):
             for i, (nq, nk) in enumerate(((128, 128), (128, 192), (64, 256))):  # new offsets: recompiles
@@ -78,10 +77,7 @@ def test_flex_backend_never_runs_eagerly_past_the_recompile_limit():
             with pytest.raises(ops.dispatch.NoBackendError, match="failed earlier in this process"):
                 ops.block_sparse(q, k, v, plan, backend="flex")
     finally:
-        # leave no trace for later tests: dynamo's recompile counters would fail the next flex call
-        bs._FLEX_FAILED[:] = failed_before
-        torch._dynamo.reset()
-        bs._compiled_flex.cache_clear()
+        reset_flex()  # leave no trace: dynamo's recompile counters would fail the next flex call
 
 
 @pytest.mark.parametrize("name", ["xattention", "streaming", "topk_blocks", "token_coverage"])
