@@ -5,8 +5,9 @@ For query block I of KV head h (block b, bottom-right causal offset ``Nk - Nq``)
     score[B, h, I, J] = sum over the group's query heads and the block's real query rows r of
                         softmax_J( q_r . kmean_J / sqrt(D) )   over the *complete past* blocks J
 
-where ``kmean_J`` is the mean of block J's real keys and a complete past block lies wholly before
-the block's first query and inside Nk (``(J + 1) b - 1 <= I b + Nk - Nq`` and ``(J + 1) b <= Nk``).
+where ``kmean_J`` is the mean of block J's real keys (in the keys' dtype, see ``pooled_keys``) and a
+complete past block lies wholly before the block's first query and inside Nk
+(``(J + 1) b - 1 <= I b + Nk - Nq`` and ``(J + 1) b <= Nk``).
 Blocks with no real key and padded query rows take no part. Returns fp32 (fp64 for fp64 inputs)
 ``[B, Hkv, Nqb, Nkb]``; entries that are not candidates are 0.
 
@@ -30,6 +31,10 @@ def pooled_keys(k: torch.Tensor, block: int, key_padding_mask=None):
     """``(kmean [B, Hkv, Nkb, D], block_real [B, Nkb] or None)``: each block's mean over its real
     keys, and which blocks hold one (None without padding: every block does).
 
+    The mean is accumulated in fp32 (fp64 for fp64 keys) and returned in ``k``'s dtype: pooled
+    keys are keys, stored at the model's precision (NSA's compressed keys are too), so a 16-bit
+    model scores them with one tensor-core product. Every backend uses these same pooled keys.
+
     Without padding the last, partial block is averaged over ``block`` slots; it is never a
     complete past block, so its mean is never used.
     """
@@ -38,11 +43,11 @@ def pooled_keys(k: torch.Tensor, block: int, key_padding_mask=None):
     dt = torch.float64 if k.dtype == torch.float64 else torch.float32
     kp = F.pad(k, (0, 0, 0, nkb * block - Nk)).view(B, Hkv, nkb, block, D)
     if key_padding_mask is None:
-        return kp.mean(3, dtype=dt), None
+        return kp.mean(3, dtype=dt).to(k.dtype), None
     real = F.pad(key_padding_mask.to(dt), (0, nkb * block - Nk)).view(B, 1, nkb, block, 1)
     count = real.sum(3)
     kmean = (kp.to(dt) * real).sum(3) / count.clamp(min=1)
-    return kmean, count[:, 0, :, 0] > 0
+    return kmean.to(k.dtype), count[:, 0, :, 0] > 0
 
 
 def past_blocks(q_len: int, kv_len: int, block: int, device) -> torch.Tensor:
@@ -72,6 +77,7 @@ def _torch_scores(q, k, *, block_size: int, chunk_size: int, key_padding_mask=No
     nqb, nkb = cdiv(Nq, b), cdiv(Nk, b)
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     kmean, block_real = pooled_keys(k, b, key_padding_mask)
+    kmean = kmean.to(dt)
     qp = F.pad(q.to(dt), (0, 0, 0, nqb * b - Nq)) / math.sqrt(D)
     q_real = torch.arange(nqb * b, device=q.device)[None] < Nq
     if key_padding_mask is not None:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The hot-path GPU run in two back-to-back calls (a call carries <= 64 MiB; the embedded GGUF is 98 MB):
+#   tune:    bash bench/gpu/hotpath.sh tune   launch-configuration sweep (bench/gpu/tune.py), no model
 #   part a:  bash bench/gpu/hotpath.sh a   (carry .whl/gguf_a .whl/py)  GPU tests, keeps GGUF part 1 in /tmp
 #   part b:  bash bench/gpu/hotpath.sh b   (carry .whl/gguf_b .whl/py)  joins the GGUF, runs bench/gpu/e2e.py
 # .whl/gguf_a|b hold `split -b 49M SmolLM2-135M-Instruct.Q4_1.gguf` parts; .whl/py the gguf wheel.
@@ -9,7 +10,9 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/py/*.whl 2>/dev/null
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-if [ "$PART" = a ]; then
+if [ "$PART" = tune ]; then
+  python3 bench/gpu/tune.py --out "$OUT/tune" "$@"
+elif [ "$PART" = a ]; then
   cp .whl/gguf_a/* /tmp/ && ls -la /tmp/gguf.part.*
   [ -n "${SKIP_TESTS:-}" ] || timeout "${GPU_TEST_S:-240}" python3 -m pytest -q -rA -p no:cacheprovider \
     tests/test_hot_path.py tests/test_kernels.py 2>&1 | grep -v "^PASSED" | tail -60 | tee "$OUT/pytest-gpu.txt"

@@ -68,8 +68,8 @@ def _scores_triton(q, k, **kw):
 def _scores_limits(req) -> str | None:
     block, stride = req.block_size
     r = block // stride
-    if r & (r - 1):
-        return f"block_size / stride = {r} must be a power of two"
+    if r & (r - 1) or stride & (stride - 1):
+        return f"stride ({stride}) and block_size / stride ({r}) must be powers of two (tile shapes)"
     return None
 
 
@@ -104,7 +104,7 @@ def _select_limits(req) -> str | None:
 
 
 _selection_backend("antidiagonal_scores", _scores_triton, _scores_limits,
-                   "Triton XAttention scoring: antidiagonal scores, softmax, block sums in one kernel")
+                   "Triton XAttention scoring: antidiagonal scores, online softmax, block sums in one pass")
 _selection_backend("pooled_scores", _pooled_triton, _pooled_limits,
                    "Triton top-k block scores: q . pooled keys, softmax and block sums in one launch")
 _selection_backend("block_select", _select_triton, _select_limits,

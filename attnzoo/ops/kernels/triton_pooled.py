@@ -1,15 +1,14 @@
 """Triton top-k block scores from mean-pooled keys (the ``pooled_scores`` op, see ``ops.pooled``).
 
-A program owns ``QB`` query blocks of one KV head and walks the group's query heads: pass 1 finds
-each query row's softmax max and sum over its candidate key blocks (complete past blocks with a
-real key) and keeps them in a small scratch buffer; pass 2 recomputes the scores per column tile,
-normalises them and sums them over each query block's rows and over the group's heads, then
-stores ``[QB, C_TILE]`` of the output once. Nothing of size Nq x Nkb is stored; no atomics (the sum
-over heads happens in registers, in a fixed order, so the scores are deterministic).
+A program owns ``QB`` query blocks of one KV head and walks the group's query heads in a fixed
+order; each head's query tile stays on chip for two passes: pass 1 finds each query row's softmax
+max and sum over its candidate key blocks (complete past blocks with a real key), pass 2
+recomputes the scores per column tile, normalises them, sums them over each query block's rows
+and adds them to the group's ``[QB, C_TILE]`` output tile (the program owns it: no atomics, the
+scores are deterministic). Nothing of size Nq x Nkb is stored.
 
-Pooled keys are fp32 means; for 16-bit queries the kernel splits them into a bf16/fp16 high part
-plus the rounding remainder, two tensor-core dots that keep ~16 bits of the mean (an fp32 dot
-would run without tensor cores, slower than the attention it selects for).
+Pooled keys are the input's dtype (``ops.pooled.pooled_keys``: fp32 means rounded once), so every
+product is one tensor-core dot.
 """
 
 from __future__ import annotations
@@ -24,20 +23,6 @@ from ..pooled import pooled_keys
 from ._triton import interpreting
 
 LOG2E = 1.0 / math.log(2.0)
-
-
-@triton.jit
-def _tile_scores(q, KM, k_base, cols, nkb, offs_d, skj, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Scores of the [R, D] query tile against pooled-key columns ``cols`` (fp32 accumulate)."""
-    c_ok = cols < nkb
-    km = tl.load(KM + k_base + cols[None, :] * skj + offs_d[:, None], mask=c_ok[None, :], other=0.0)
-    if SPLIT:  # fp32 means as a 16-bit high part plus the rounding remainder: two tensor-core dots
-        kh = km.to(q.dtype)
-        s = tl.dot(q, kh, input_precision=DOT_PREC)
-        s += tl.dot(q, (km - kh.to(tl.float32)).to(q.dtype), input_precision=DOT_PREC)
-    else:
-        s = tl.dot(q, km, input_precision=DOT_PREC)
-    return s
 
 
 @triton.jit
@@ -57,12 +42,12 @@ def _allowed(REAL, KPM, b, rows, cols, Nq, Nk, nkb, offset, BLOCK: tl.constexpr,
 
 @triton.jit
 def _pooled_kernel(
-    Q, KM, REAL, KPM, M, L, OUT,
+    Q, KM, REAL, KPM, OUT,
     sqb, sqh, sqn, skb, skh, skj, sob, soh, soi,
-    Hq, Hkv, Nq, Nk, nqb, nkb, qk_scale,
+    Hkv, Nq, Nk, nqb, nkb, qk_scale,
     BLOCK: tl.constexpr, QB: tl.constexpr, HEAD_DIM: tl.constexpr, C_TILE: tl.constexpr,
-    GROUP: tl.constexpr, SPLIT: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PREC: tl.constexpr, MASKED: tl.constexpr,
+    GROUP: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     R: tl.constexpr = QB * BLOCK
     I0 = tl.program_id(0) * QB
@@ -72,12 +57,14 @@ def _pooled_kernel(
     offset = Nk - Nq
     rows = I0 * BLOCK + tl.arange(0, R)
     offs_d = tl.arange(0, HEAD_DIM)
-    k_base = b * skb + hkv * skh
+    k_base = KM + b * skb + hkv * skh
     # candidates are complete past blocks: none lies right of the tile's last query
     last_first_q = tl.minimum(I0 + QB, nqb) * BLOCK - BLOCK + offset
     ncol = tl.minimum(nkb, (last_first_q + 1) // BLOCK)
+    qi = I0 + tl.arange(0, QB)
+    out_rows = OUT + b * sob + hkv * soh + qi * soi
 
-    for gi in range(GROUP):  # pass 1, per head: softmax max and sum of each row
+    for gi in range(GROUP):  # each head of the group: its query tile stays on chip for both passes
         hq = hkv * GROUP + gi
         q = tl.load(Q + b * sqb + hq * sqh + rows[:, None] * sqn + offs_d[None, :], mask=rows[:, None] < Nq,
                     other=0.0)
@@ -85,44 +72,48 @@ def _pooled_kernel(
             q = q.to(tl.float32)
         m_i = tl.full([R], float("-inf"), tl.float32)
         l_i = tl.zeros([R], tl.float32)
-        for c0 in range(0, ncol, C_TILE):
+        for c0 in range(0, ncol, C_TILE):  # pass 1: each row's softmax max and sum
             cols = c0 + tl.arange(0, C_TILE)
-            s = _tile_scores(q, KM, k_base, cols, nkb, offs_d, skj, SPLIT, DOT_PREC) * qk_scale
+            km = tl.load(k_base + cols[None, :] * skj + offs_d[:, None], mask=cols[None, :] < nkb, other=0.0)
+            if UPCAST:
+                km = km.to(tl.float32)
+            s = tl.dot(q, km, input_precision=DOT_PREC) * qk_scale
             s = tl.where(_allowed(REAL, KPM, b, rows, cols, Nq, Nk, nkb, offset, BLOCK, HAS_KPM), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
             m_i = m_new
-        stat = (b * Hq + hq) * nqb * BLOCK + rows
-        tl.store(M + stat, tl.where(m_i == float("-inf"), 0.0, m_i), mask=rows < nqb * BLOCK)
-        tl.store(L + stat, tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0), mask=rows < nqb * BLOCK)
-
-    qi = I0 + tl.arange(0, QB)
-    out_rows = OUT + b * sob + hkv * soh + qi * soi
-    for c0 in range(0, ncol, C_TILE):  # pass 2: normalised probabilities, summed per block and group
-        cols = c0 + tl.arange(0, C_TILE)
-        ok = _allowed(REAL, KPM, b, rows, cols, Nq, Nk, nkb, offset, BLOCK, HAS_KPM)
-        acc = tl.zeros([QB, C_TILE], tl.float32)
-        for gi in range(GROUP):
-            hq = hkv * GROUP + gi
-            q = tl.load(Q + b * sqb + hq * sqh + rows[:, None] * sqn + offs_d[None, :], mask=rows[:, None] < Nq,
-                        other=0.0)
+        m = tl.where(m_i == float("-inf"), 0.0, m_i)
+        inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+        tl.debug_barrier()  # the previous head's stores of the output tiles are visible
+        for c0 in range(0, ncol, C_TILE):  # pass 2: normalised probabilities summed per query block
+            cols = c0 + tl.arange(0, C_TILE)
+            km = tl.load(k_base + cols[None, :] * skj + offs_d[:, None], mask=cols[None, :] < nkb, other=0.0)
             if UPCAST:
-                q = q.to(tl.float32)
-            stat = (b * Hq + hq) * nqb * BLOCK + rows
-            m = tl.load(M + stat, mask=rows < nqb * BLOCK, other=0.0)
-            inv_l = tl.load(L + stat, mask=rows < nqb * BLOCK, other=0.0)
-            s = _tile_scores(q, KM, k_base, cols, nkb, offs_d, skj, SPLIT, DOT_PREC) * qk_scale
+                km = km.to(tl.float32)
+            s = tl.dot(q, km, input_precision=DOT_PREC) * qk_scale
+            ok = _allowed(REAL, KPM, b, rows, cols, Nq, Nk, nkb, offset, BLOCK, HAS_KPM)
             p = tl.where(ok, tl.exp2(s - m[:, None]) * inv_l[:, None], 0.0)
-            acc += tl.sum(tl.reshape(p, [QB, BLOCK, C_TILE]), 1)
-        store = (qi[:, None] < nqb) & (cols[None, :] < nkb)
-        if MASKED:  # -1 where the block is not a candidate (what the selection reads)
-            end = (cols[None, :] + 1) * BLOCK
-            cand = (end - 1 <= qi[:, None] * BLOCK + offset) & (end <= Nk)
-            if HAS_KPM:
-                cand = cand & (tl.load(REAL + b * nkb + cols, mask=cols < nkb, other=0) != 0)[None, :]
-            acc = tl.where(cand, acc, -1.0)
-        tl.store(out_rows[:, None] + cols[None, :], acc, mask=store)
+            acc = tl.sum(tl.reshape(p, [QB, BLOCK, C_TILE]), 1)
+            store = (qi[:, None] < nqb) & (cols[None, :] < nkb)
+            if gi == 0:
+                if MASKED:  # -1 where the block is not a candidate (later heads add 0 there)
+                    end = (cols[None, :] + 1) * BLOCK
+                    cand = (end - 1 <= qi[:, None] * BLOCK + offset) & (end <= Nk)
+                    if HAS_KPM:
+                        cand = cand & (tl.load(REAL + b * nkb + cols, mask=cols < nkb, other=0) != 0)[None, :]
+                    acc = tl.where(cand, acc, -1.0)
+            else:  # the group's sum, in a fixed head order: deterministic, no atomics
+                acc += tl.load(out_rows[:, None] + cols[None, :], mask=store, other=0.0)
+            tl.store(out_rows[:, None] + cols[None, :], acc, mask=store)
+
+
+def launch_config(block: int, head_dim: int) -> dict:
+    """Tile shapes: >= 64 query rows per program on a GPU, 16 under the interpreter (a module-level
+    function: ``bench/gpu/tune.py`` swaps it)."""
+    if interpreting():
+        return dict(QB=max(1, 16 // block), C_TILE=16)
+    return dict(QB=max(1, 64 // block), C_TILE=64, num_warps=4, num_stages=2)
 
 
 def pooled_scores(q, k, *, block_size: int, chunk_size: int, key_padding_mask=None, masked: bool = False):
@@ -134,24 +125,17 @@ def pooled_scores(q, k, *, block_size: int, chunk_size: int, key_padding_mask=No
     Hkv, Nk = k.shape[1], k.shape[2]
     b = block_size
     nqb, nkb = -(-Nq // b), -(-Nk // b)
-    kmean, real = pooled_keys(k, b, key_padding_mask)  # fp32 [B, Hkv, Nkb, D], bool [B, Nkb]
+    kmean, real = pooled_keys(k, b, key_padding_mask)  # [B, Hkv, Nkb, D] in q's dtype, bool [B, Nkb]
     upcast = interpreting() and q.dtype != torch.float32
-    split = q.dtype != torch.float32 and not upcast
     # blocks the kernel never reaches are not candidates
     out = torch.full((B, Hkv, nqb, nkb), -1.0 if masked else 0.0, dtype=torch.float32, device=q.device)
-    stats = torch.empty((2, B, Hq, nqb * b), dtype=torch.float32, device=q.device)  # row max, 1 / row sum
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
-    qb = max(1, (16 if interpreting() else 64) // b)
-    meta = dict(BLOCK=b, QB=qb, HEAD_DIM=D, C_TILE=16 if interpreting() else 64, GROUP=Hq // Hkv, SPLIT=split,
-                HAS_KPM=kpm is not None, UPCAST=upcast, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-                MASKED=masked)
-    if not interpreting():
-        meta.update(num_warps=4, num_stages=2)
-    grid = (triton.cdiv(nqb, qb), B * Hkv)
+    meta = dict(BLOCK=b, HEAD_DIM=D, GROUP=Hq // Hkv, HAS_KPM=kpm is not None, UPCAST=upcast,
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", MASKED=masked, **launch_config(b, D))
+    grid = (triton.cdiv(nqb, meta["QB"]), B * Hkv)
     real = kmean if real is None else real.to(torch.int8).contiguous()  # (not read without padding)
-    _pooled_kernel[grid](q, kmean, real, kpm if kpm is not None else kmean,
-                         stats[0], stats[1], out,
+    _pooled_kernel[grid](q, kmean, real, kpm if kpm is not None else kmean, out,
                          q.stride(0), q.stride(1), q.stride(2), kmean.stride(0), kmean.stride(1), kmean.stride(2),
                          out.stride(0), out.stride(1), out.stride(2),
-                         Hq, Hkv, Nq, Nk, nqb, nkb, LOG2E / math.sqrt(D), **meta)
+                         Hkv, Nq, Nk, nqb, nkb, LOG2E / math.sqrt(D), **meta)
     return out

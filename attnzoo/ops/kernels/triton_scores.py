@@ -1,13 +1,20 @@
-"""Triton XAttention scoring: strided antidiagonal scores, softmax and block sums in one kernel.
+"""Triton XAttention scoring: strided antidiagonal scores, softmax and block sums in one pass.
 
 Same definition as the torch backend (``attnzoo.ops.antidiagonal``): reduced query row i is
 ``concat_t Q[iS + S-1-t]``, reduced key j is ``concat_t K[jS + t]``; scores scaled by
 1/(sqrt(D) S), causal in reduced units with the bottom-right shift, softmax per reduced row,
-then summed over each (query block, key block) cell. A program owns a few consecutive query
-blocks of one query head (tiles tall enough for the tensor cores): pass 1 finds each reduced
-row's max and sum over its causally reachable reduced keys, pass 2 recomputes the scores and adds
-normalised probabilities into per-key-block sums. The reduced
-score matrix is never stored; the product runs as S dots of [r, D] x [D, C] per tile.
+then summed over each (query block, key block) cell.
+
+A program owns a few consecutive query blocks of one query head (``R_TILE`` reduced rows, tall
+enough for the tensor cores). The reduced query tile ``[R_TILE, S*D]`` is loaded once and stays on
+chip; each column tile is one ``[R_TILE, S*D] x [S*D, C_TILE]`` product (K~ rows are S consecutive
+keys, so a K~ tile is a plain strided load). The scores are visited **once**: the softmax runs
+online (running max and sum per reduced row) and each column tile leaves its per-row block sums,
+relative to the running max at that tile, in a scratch buffer (``[rows, Nkb]`` fp32, 1/(b/S) of
+the reduced score matrix) with that max. A short epilogue in the same program rescales each row's
+partials to the final max and sum and adds the rows of each query block. The reduced score matrix
+is never stored, and the product runs once (the first version computed it twice: one pass for the
+row statistics, one to normalise).
 """
 
 from __future__ import annotations
@@ -21,29 +28,7 @@ import triton.language as tl
 from ._triton import interpreting
 
 LOG2E = 1.0 / math.log(2.0)
-
-
-@triton.jit
-def _scores_tile(Q, K, KPM, q_base, k_base, b, rows, cols, Nq, Nk, offset, sqn, skn,
-                 S: tl.constexpr, HEAD_DIM: tl.constexpr, R_TILE: tl.constexpr, C_TILE: tl.constexpr,
-                 HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_DIM)
-    s = tl.zeros([R_TILE, C_TILE], tl.float32)
-    for t in range(S):  # a loop, not unrolled: one [R, D] and one [D, C] tile in shared memory
-        qpos = rows * S + (S - 1 - t)
-        kpos = cols * S + t
-        q_ok = qpos < Nq
-        k_ok = kpos < Nk
-        if HAS_KPM:
-            q_ok = q_ok & (tl.load(KPM + b * Nk + qpos + offset, mask=q_ok, other=0) != 0)
-            k_ok = k_ok & (tl.load(KPM + b * Nk + kpos, mask=k_ok, other=0) != 0)
-        q = tl.load(Q + q_base + qpos[:, None] * sqn + offs_d[None, :], mask=q_ok[:, None], other=0.0)
-        kt = tl.load(K + k_base + kpos[None, :] * skn + offs_d[:, None], mask=k_ok[None, :], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            kt = kt.to(tl.float32)
-        s += tl.dot(q, kt, input_precision=DOT_PREC)
-    return s
+SCRATCH_BYTES = 1 << 29  # per launch; longer inputs are scored in several chunks of query blocks
 
 
 @triton.jit
@@ -61,20 +46,20 @@ def _row_col_ok(KPM, b, rows, cols, Nq, Nk, offset, shift, S: tl.constexpr, HAS_
             c_any += tl.load(KPM + b * Nk + kpos, mask=kpos < Nk, other=0).to(tl.int32)
         row_ok = row_ok & (r_any > 0)
         col_ok = col_ok & (c_any > 0)
-    ok = row_ok[:, None] & col_ok[None, :] & (cols[None, :] <= rows[:, None] + shift)
-    return ok
+    return row_ok[:, None] & col_ok[None, :] & (cols[None, :] <= rows[:, None] + shift)
 
 
 @triton.jit
 def _scores_kernel(
-    Q, K, KPM, W,
+    Q, K, KPM, W, PS, PM,
     sqb, sqh, sqn, skb, skh, skn, swb, swh, swi,
-    Hq, Hkv, Nq, Nk, I0, I1, nkb, qk_scale,
+    Hq, Hkv, Nq, Nk, I0, I1, nkb, n_ct, qk_scale,
     S: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr, QB: tl.constexpr,
     C_TILE: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    # QB query blocks (QB * R reduced rows) per program: taller tiles keep the tensor cores fed
     R_TILE: tl.constexpr = QB * R
+    SD: tl.constexpr = S * HEAD_DIM
+    CB: tl.constexpr = C_TILE // R  # key blocks per column tile
     I = I0 + tl.program_id(0) * QB
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
@@ -84,39 +69,71 @@ def _scores_kernel(
     shift = (offset + S - 1) // S  # bottom-right alignment in reduced units
     rows = I * R + tl.arange(0, R_TILE)
     row_in = rows < I1 * R
-    q_base = b * sqb + hq * sqh
-    k_base = b * skb + hkv * skh
     # reduced keys right of the last block's last reduced diagonal are all masked
     ncol = tl.minimum(nkb * R, tl.minimum(I + QB, I1) * R + shift)
 
+    # element e of a reduced row is (t, d) = (e // D, e % D): query position iS + S-1-t (reversed
+    # stride order), key position jS + t -- dot products run along antidiagonals
+    e = tl.arange(0, SD)
+    t_e = e // HEAD_DIM
+    d_e = e % HEAD_DIM
+    qpos = rows[:, None] * S + (S - 1 - t_e)[None, :]
+    q_ok = qpos < Nq
+    if HAS_KPM:  # padded positions contribute nothing to a stride group
+        q_ok = q_ok & (tl.load(KPM + b * Nk + qpos + offset, mask=q_ok, other=0) != 0)
+    q = tl.load(Q + b * sqb + hq * sqh + qpos * sqn + d_e[None, :], mask=q_ok, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + b * skb + hkv * skh
+
+    # scratch rows of this program (relative to the launch's first reduced row)
+    srow = pid_bh * (I1 - I0) * R + (rows - I0 * R)
     m_i = tl.full([R_TILE], float("-inf"), tl.float32)
     l_i = tl.zeros([R_TILE], tl.float32)
     for c0 in range(0, ncol, C_TILE):
         cols = c0 + tl.arange(0, C_TILE)
-        s = _scores_tile(Q, K, KPM, q_base, k_base, b, rows, cols, Nq, Nk, offset, sqn, skn,
-                         S, HEAD_DIM, R_TILE, C_TILE, HAS_KPM, UPCAST, DOT_PREC) * qk_scale
+        kpos = cols[None, :] * S + t_e[:, None]  # [SD, C_TILE]
+        k_ok = kpos < Nk
+        if HAS_KPM:
+            k_ok = k_ok & (tl.load(KPM + b * Nk + kpos, mask=k_ok, other=0) != 0)
+        kt = tl.load(k_base + kpos * skn + d_e[:, None], mask=k_ok, other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
         ok = _row_col_ok(KPM, b, rows, cols, Nq, Nk, offset, shift, S, HAS_KPM) & row_in[:, None]
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(p, 1)
         m_i = m_new
+        # per-row block sums of this tile, relative to this tile's running max
+        part = tl.sum(tl.reshape(p, [R_TILE, CB, R]), 2)
+        J = c0 // R + tl.arange(0, CB)
+        tl.store(PS + srow[:, None] * nkb + J[None, :], part, mask=row_in[:, None] & (J[None, :] < nkb))
+        tl.store(PM + srow * n_ct + c0 // C_TILE, m_new, mask=row_in)
 
-    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    tl.debug_barrier()  # the epilogue reads partials other threads of this program wrote
+    m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
     inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
     qi = (I - I0) + tl.arange(0, QB)
     w_rows = W + b * swb + hq * swh + qi * swi
     for c0 in range(0, ncol, C_TILE):
-        cols = c0 + tl.arange(0, C_TILE)
-        s = _scores_tile(Q, K, KPM, q_base, k_base, b, rows, cols, Nq, Nk, offset, sqn, skn,
-                         S, HEAD_DIM, R_TILE, C_TILE, HAS_KPM, UPCAST, DOT_PREC) * qk_scale
-        ok = _row_col_ok(KPM, b, rows, cols, Nq, Nk, offset, shift, S, HAS_KPM) & row_in[:, None]
-        p = tl.where(ok, tl.exp2(s - m_safe[:, None]) * inv_l[:, None], 0.0)
-        # [QB*R, C] -> per (query block, key block) sums [QB, C/R]
-        p4 = tl.reshape(p, [QB, R, C_TILE // R, R])
-        blocks = tl.sum(tl.sum(p4, 3), 1)
-        J = c0 // R + tl.arange(0, C_TILE // R)
+        J = c0 // R + tl.arange(0, CB)
+        part = tl.load(PS + srow[:, None] * nkb + J[None, :], mask=row_in[:, None] & (J[None, :] < nkb), other=0.0)
+        m_t = tl.load(PM + srow * n_ct + c0 // C_TILE, mask=row_in, other=float("-inf"))
+        # rows with nothing visible yet at this tile had no mass in it (factor 0, not exp2(+big))
+        f = tl.where(m_t == float("-inf"), 0.0, tl.exp2(tl.where(m_t == float("-inf"), 0.0, m_t) - m_fin)) * inv_l
+        blocks = tl.sum(tl.reshape(part * f[:, None], [QB, R, CB]), 1)
         tl.store(w_rows[:, None] + J[None, :], blocks, mask=(qi[:, None] < I1 - I0) & (J[None, :] < nkb))
+
+
+def launch_config(R: int, D: int, S: int) -> dict:
+    """Tile shapes: >= 64 reduced rows per program (>= 16 under the interpreter); a module-level
+    function: ``bench/gpu/tune.py`` swaps it."""
+    if interpreting():
+        return dict(QB=max(1, 16 // R), C_TILE=max(R, 16))
+    return dict(QB=max(1, 64 // R), C_TILE=max(R, 64), num_warps=8 if S * D >= 512 else 4, num_stages=2)
 
 
 def block_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_padding_mask=None):
@@ -130,24 +147,27 @@ def block_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_pad
     S, b = stride, block_size
     R = b // S
     nqb, nkb = -(-Nq // b), -(-Nk // b)
-    qb_per_prog = max(1, (16 if interpreting() else 64) // R)  # >= 16 (interpreter) / 64 reduced rows
-    c_tile = max(R, 16 if interpreting() else 64)
-    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
-    meta = dict(S=S, R=R, HEAD_DIM=D, QB=qb_per_prog, C_TILE=c_tile, HAS_KPM=kpm is not None,
+    meta = dict(S=S, R=R, HEAD_DIM=D, HAS_KPM=key_padding_mask is not None,
                 UPCAST=interpreting() and q.dtype != torch.float32,
-                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
-    if not interpreting():
-        meta.update(num_warps=4, num_stages=2 if D <= 128 else 1)
-    # the score matrix is block level ([B, Hq, Nqb, Nkb] fp32, 37 MB at 64K tokens, 9 heads, b = 64):
-    # on a GPU all query blocks go in one launch; the interpreter keeps the caller's chunks
-    step = chunk_size // b if interpreting() else nqb
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", **launch_config(R, D, S))
+    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
+    n_ct = triton.cdiv(nkb * R, max(R, 16))  # column tiles at the smallest C_TILE a retry may use
+    # scratch per query block: R rows of Nkb partial sums and n_ct running maxima per head
+    per_block = B * Hq * R * (nkb + n_ct) * 4
+    # on a GPU as few launches as the scratch budget allows; the interpreter keeps the caller's chunks
+    step = chunk_size // b if interpreting() else max(meta["QB"], SCRATCH_BYTES // per_block // meta["QB"] * meta["QB"])
     scale = 1.0 / (math.sqrt(D) * S)
+    scratch = None
     for I0 in range(0, nqb, step):
         I1 = min(nqb, I0 + step)
+        rows = B * Hq * (I1 - I0) * R
+        if scratch is None:
+            scratch = torch.empty(rows * (nkb + n_ct), dtype=torch.float32, device=q.device)
+        ps, pm = scratch[: rows * nkb], scratch[rows * nkb: rows * (nkb + n_ct)]
         w = torch.zeros((B, Hq, I1 - I0, nkb), dtype=torch.float32, device=q.device)
-        args = (q, k, kpm if kpm is not None else w, w,
+        args = (q, k, kpm if kpm is not None else w, w, ps, pm,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                w.stride(0), w.stride(1), w.stride(2), Hq, Hkv, Nq, Nk, I0, I1, nkb, scale * LOG2E)
+                w.stride(0), w.stride(1), w.stride(2), Hq, Hkv, Nq, Nk, I0, I1, nkb, n_ct, scale * LOG2E)
         while True:
             try:
                 _scores_kernel[(triton.cdiv(I1 - I0, meta["QB"]), B * Hq)](*args, **meta)

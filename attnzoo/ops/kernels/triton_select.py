@@ -1,13 +1,19 @@
 """Triton block selection (the ``block_select`` op, see ``ops.selection``).
 
-Each row (batch, head, query block) is first ordered by torch's radix sort (descending, stable:
-ties keep the lower block first), which is far faster on a GPU than a sort in registers. One
-Triton program per row then applies the rule to the sorted row -- the mass kept before each block
-(a prefix sum in fp64, like the torch backend) against the target, or the first ``n_pick`` -- and
-reads the first block it does *not* take, ``(v*, j*)``. A block is chosen iff it is a candidate
-and ranks before that one (``w > v*``, or ``w == v*`` and ``j < j*``), or it is forced; a prefix sum
-of the chosen flags over the columns gives each chosen block its slot, so the ascending index list
-is written without another sort or a scatter.
+``by_mass``: each row (batch, head, query block) is first ordered by torch's radix sort
+(descending, stable: ties keep the lower block first), far faster on a GPU than a sort in
+registers; one Triton program per row then takes the mass kept before each block (a prefix sum in
+fp64, like the torch backend) against the target and reads the first block it does *not* take,
+``(v*, j*)``. A block is chosen iff it is a candidate and ranks before that one (``w > v*``, or
+``w == v*`` and ``j < j*``), or it is forced.
+
+``top_n`` needs no full sort: ``torch.topk`` gives each row's ``n + 1`` largest scores, and the
+program reads the value of the first block not taken, ``v*``; it keeps every candidate above
+``v*`` and, of those equal to it, the lowest-indexed ones up to the count (ties to the lower block,
+whatever order ``topk`` returned them in).
+
+Either way a prefix sum of the chosen flags over the columns gives each chosen block its slot, so
+the ascending index list is written without another sort or a scatter.
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ from ._triton import interpreting
 @triton.jit
 def _select_kernel(
     S, SV, SO, TAU, KEEP_ALL, LAST, N_PICK, OWN_LO, IDX, CNT,
-    ss_bh, ss_i, si_bh, si_i, sc_bh,
-    H, nkb, width,
+    ss_bh, ss_i, sv_bh, sv_i, si_bh, si_i, sc_bh,
+    H, nkb, n_sorted, width,
     BY_MASS: tl.constexpr, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr, NP2: tl.constexpr,
 ):
     I = tl.program_id(0)
@@ -35,10 +41,11 @@ def _select_kernel(
     col = tl.arange(0, NP2)
     in_row = col < nkb
     row = bh * ss_bh + I * ss_i
+    row_v = bh * sv_bh + I * sv_i
     last = tl.load(LAST + I)
     s = tl.load(S + row + col, mask=in_row, other=-1.0)
-    sv = tl.load(SV + row + col, mask=in_row, other=-1.0)  # sorted descending; -1 = not a candidate
     if BY_MASS:
+        sv = tl.load(SV + row_v + col, mask=in_row, other=-1.0)  # sorted descending; -1 = not a candidate
         forced = col < 0
         if KEEP_DIAG:
             forced = forced | (col == last)
@@ -54,15 +61,21 @@ def _select_kernel(
         before = tl.cumsum(mass, 0) - mass + forced_mass
         take = (sv >= 0) & ((before < target) | (tl.load(KEEP_ALL + h) != 0))
         n_take = tl.sum(take.to(tl.int32), 0)
+        # the first block not taken (position n_take of the sorted row); -1 if every candidate is taken
+        v_out = tl.load(SV + row_v + n_take, mask=n_take < n_sorted, other=-1.0)
+        j_out = tl.load(SO + row_v + n_take, mask=n_take < n_sorted, other=0)
+        chosen = (cand & ((s > v_out) | ((s == v_out) & (col < j_out)))) | forced
     else:
         own_lo = tl.load(OWN_LO + I)
         forced = (col >= own_lo) & (col <= last)
-        cand = s >= 0
-        n_take = tl.minimum(tl.load(N_PICK + I), tl.sum((sv >= 0).to(tl.int32), 0))
-    # the first block not taken (position n_take of the sorted row); -1 if every candidate is taken
-    v_out = tl.load(SV + row + n_take, mask=n_take < nkb, other=-1.0)
-    j_out = tl.load(SO + row + n_take, mask=n_take < nkb, other=0)
-    chosen = (cand & ((s > v_out) | ((s == v_out) & (col < j_out)))) | forced
+        cand = (s >= 0) & in_row
+        n_take = tl.minimum(tl.load(N_PICK + I), tl.sum(cand.to(tl.int32), 0))
+        # SV holds the row's largest scores, descending: the value of the first block not taken
+        v_out = tl.load(SV + row_v + n_take, mask=n_take < n_sorted, other=-1.0)
+        above = cand & (s > v_out)
+        tie = cand & (s == v_out)
+        need = n_take - tl.sum(above.to(tl.int32), 0)
+        chosen = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need)) | forced
     slot = tl.cumsum(chosen.to(tl.int32), 0) - 1
     tl.store(IDX + bh * si_bh + I * si_i + slot, col.to(tl.int32), mask=chosen & (slot < width))
     tl.store(CNT + bh * sc_bh + I, tl.sum(chosen.to(tl.int32), 0))
@@ -71,7 +84,9 @@ def _select_kernel(
 def _launch(rule, s, sv, so, width, tau=None, keep_all=None, last=None, n_pick=None, own_lo=None,
             keep_sink=True, keep_diagonal=True):
     B, H, nqb, nkb = s.shape
-    s, sv, so = (x.reshape(B * H, nqb, nkb).contiguous() for x in (s, sv, so))
+    s = s.reshape(B * H, nqb, nkb).contiguous()
+    sv = sv.reshape(B * H, nqb, sv.shape[-1]).contiguous()
+    so = sv if so is None else so.reshape(B * H, nqb, so.shape[-1]).contiguous()
     alloc = torch.full if interpreting() else (lambda shape, fill, **kw: torch.empty(shape, **kw))
     idx = alloc((B * H, nqb, width), -1, dtype=torch.int32, device=s.device)
     cnt = torch.empty((B * H, nqb), dtype=torch.int32, device=s.device)
@@ -84,7 +99,8 @@ def _launch(rule, s, sv, so, width, tau=None, keep_all=None, last=None, n_pick=N
         s, sv, so, _flat(tau, torch.float32) if tau is not None else s,
         _flat(keep_all, torch.int8) if keep_all is not None else last, last,
         _int32(n_pick) if n_pick is not None else last, _int32(own_lo) if own_lo is not None else last, idx, cnt,
-        s.stride(0), s.stride(1), idx.stride(0), idx.stride(1), cnt.stride(0), H, nkb, width, **meta)
+        s.stride(0), s.stride(1), sv.stride(0), sv.stride(1), idx.stride(0), idx.stride(1), cnt.stride(0),
+        H, nkb, sv.shape[-1], width, **meta)
     return idx.view(B, H, nqb, width), cnt.view(B, H, nqb)
 
 
@@ -116,5 +132,6 @@ def select(rule: str, scores, **kw):
         sv, so = torch.sort(s.masked_fill(dropped, -1.0), dim=-1, descending=True, stable=True)
         return _launch(rule, s, sv, so, s.shape[-1], tau=kw["tau"], keep_all=kw["keep_all"], last=last,
                        keep_sink=kw["keep_sink"], keep_diagonal=kw["keep_diagonal"])
-    sv, so = torch.sort(s, dim=-1, descending=True, stable=True)
-    return _launch(rule, s, sv, so, kw["width"] + 2, last=kw["last"], n_pick=kw["n_pick"], own_lo=kw["own_lo"])
+    # the n + 1 largest scores per row suffice (n_pick <= width): no full sort
+    top = torch.topk(s, min(kw["width"] + 1, s.shape[-1]), dim=-1, sorted=True).values
+    return _launch(rule, s, top, None, kw["width"] + 2, last=kw["last"], n_pick=kw["n_pick"], own_lo=kw["own_lo"])

@@ -1,0 +1,192 @@
+"""Launch-configuration sweep for the Triton kernels on the hot path, against the fastest dense
+attention in the same process (PyTorch's default SDPA), at the embedded model's shape.
+
+    python3 bench/gpu/tune.py [--n 32768] [--heads 9 3] [--dim 64] [--out DIR]
+
+For each kernel (XAttention scoring, top-k pooled scoring, the block-sparse / mixed forward) every
+configuration in a small grid is checked against the shipped one's output, then timed with CUDA
+events (median of 10 after 3 warm-ups). Also timed: each selector's whole call (scores and
+selection) and the torch reference scorer's plan against the Triton one's (must be identical).
+Writes ``tune.json`` and prints one line per configuration; the best one per kernel goes into
+the kernel's ``launch_config`` by hand, with the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path[:] = [x for x in sys.path if Path(x or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from attnzoo import ops  # noqa: E402
+from attnzoo.ops.kernels import triton_attention as ta  # noqa: E402
+from attnzoo.ops.kernels import triton_pooled as tp  # noqa: E402
+from attnzoo.ops.kernels import triton_scores as ts  # noqa: E402
+from attnzoo.plans import BlockPlan, MixedPlan  # noqa: E402
+from attnzoo.selectors.topk_blocks import TopKBlocks  # noqa: E402
+from attnzoo.selectors.xattention import XAttention  # noqa: E402
+
+
+def cuda_ms(fn, reps: int = 10, warmup: int = 3) -> float:
+    if not torch.cuda.is_available():  # --smoke under the Triton interpreter: wall time, one rep
+        import time
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def swap(module, fn):
+    """Replace ``module.launch_config`` for the duration of a with-block."""
+    class _Swap:
+        def __enter__(self):
+            self.old = module.launch_config
+            module.launch_config = fn
+
+        def __exit__(self, *exc):
+            module.launch_config = self.old
+    return _Swap()
+
+
+def sweep(name, module, grid, call, ref, results, check):
+    print(f"-- {name}", flush=True)
+    rows = []
+    for cfg in grid:
+        try:
+            with swap(module, lambda *a, cfg=cfg: dict(cfg)):
+                out = call()
+                ok = check(out, ref)
+                ms = cuda_ms(call)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile or fit is reported
+            print(f"   {cfg}: failed ({type(e).__name__}: {str(e)[:80]})", flush=True)
+            rows.append({"config": cfg, "error": f"{type(e).__name__}"})
+            continue
+        print(f"   {cfg}: {ms:.3f} ms{'' if ok else '  MISMATCH'}", flush=True)
+        rows.append({"config": cfg, "ms": ms, "ok": ok})
+    good = [r for r in rows if r.get("ok")]
+    best = min(good, key=lambda r: r["ms"]) if good else None
+    results[name] = {"rows": rows, "best": best}
+    if best:
+        print(f"   best {best['config']}: {best['ms']:.3f} ms", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=32768)
+    p.add_argument("--heads", type=int, nargs=2, default=[9, 3])
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--out", type=Path, default=Path("bench/results/gpu-tune"))
+    p.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny grid: checks the script")
+    args = p.parse_args(argv)
+    dev = "cpu" if args.smoke else "cuda"
+    dt, N, (Hq, Hkv), D = torch.bfloat16, args.n, args.heads, args.dim
+    if args.smoke:
+        N = 256
+    product = (lambda *xs: [tuple(x[0] for x in xs)]) if args.smoke else itertools.product
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(1, Hq, N, D, device=dev, dtype=dt, generator=g)
+    k = torch.randn(1, Hkv, N, D, device=dev, dtype=dt, generator=g)
+    v = torch.randn(1, Hkv, N, D, device=dev, dtype=dt, generator=g)
+    res: dict = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "n": N, "heads": [Hq, Hkv], "dim": D}
+
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+    dense_ms = cuda_ms(sdpa)
+    flops = 4 * Hq * D * N * (N + 1) / 2
+    res["sdpa_default_ms"] = dense_ms
+    print(f"SDPA default, causal, {N} tokens, {Hq}/{Hkv} heads, D {D}: {dense_ms:.3f} ms = "
+          f"{flops / dense_ms / 1e9:.0f} TFLOP/s", flush=True)
+    with torch.no_grad():
+        # -- XAttention scoring (stride 8 and 16, 64-token blocks) --------------------------------
+        for stride in (8, 16):
+            R = 64 // stride
+            call = lambda stride=stride: next(ops.antidiagonal.antidiagonal_block_scores(  # noqa: E731
+                q, k, stride=stride, block_size=64, chunk_size=N, backend="triton"))[2]
+            ref = call()
+            grid = [dict(QB=rt // R, C_TILE=ct, num_warps=w, num_stages=st)
+                    for rt, ct, w, st in product((64, 128), (64, 128), (4, 8), (2, 3))]
+            sweep(f"xattention_scores_s{stride}", ts, grid, call, ref, res,
+                  lambda out, ref: bool((out - ref).abs().max() <= 1e-3))
+        # -- top-k pooled scoring (16-token blocks) -----------------------------------------------
+        call = lambda: ops.pooled.pooled_block_scores(q, k, block_size=16, masked=True, backend="triton")  # noqa: E731
+        ref = call()
+        grid = [dict(QB=rt // 16, C_TILE=ct, num_warps=w, num_stages=st)
+                for rt, ct, w, st in product((64, 128), (64, 128), (4, 8), (2, 3))]
+        sweep("pooled_scores_b16", tp, grid, call, ref, res, lambda out, ref: bool((out - ref).abs().max() <= 1e-3))
+
+        # -- whole selectors: scores + selection; Triton plan == torch-scorer plan ---------------
+        xa = "antidiagonal_scores"
+        for name, sel, op in (("xattention_s8", XAttention(stride=8, threshold=0.9, block_size=64), xa),
+                              ("xattention_s16", XAttention(stride=16, threshold=0.9, block_size=64), xa),
+                              ("topk_b16", TopKBlocks(block_size=16, top_k=16), "pooled_scores")):
+            import os
+            n_chk = min(N, 8192)
+            os.environ["ATTNZOO_BACKEND"] = f"{op}=torch"
+            a = sel(q[:, :, :n_chk], k[:, :, :n_chk])
+            os.environ["ATTNZOO_BACKEND"] = f"{op}=triton"
+            b = sel(q[:, :, :n_chk], k[:, :, :n_chk])
+            same = bool(torch.equal(a.to_block_mask(), b.to_block_mask()))
+            del os.environ["ATTNZOO_BACKEND"]
+            ms = cuda_ms(lambda sel=sel: sel(q, k))
+            plan = sel(q, k)
+            res[f"selector_{name}"] = {"ms": ms, "of_dense": ms / dense_ms, "plan_equal_torch_scorer_at": n_chk,
+                                       "plan_equal": same, "density": plan.density()}
+            print(f"selector {name}: {ms:.3f} ms = {ms / dense_ms:.1%} of dense; plan == torch scorer's at "
+                  f"{n_chk}: {same}; density {plan.density():.3f}", flush=True)
+            if name == "topk_b16":
+                topk_plan = plan
+
+        # -- attention forwards --------------------------------------------------------------------
+        fwd_grid = [dict(num_warps=w, num_stages=st) for w, st in product((4, 8), (2, 3, 4))]
+        small_grid = [dict(num_warps=w, num_stages=st) for w, st in product((1, 2, 4), (2, 3, 4))]
+        close = lambda out, ref: bool((out[0].float() - ref[0].float()).abs().max() <= 2e-2)  # noqa: E731
+        call = lambda: ops.block_sparse(q, k, v, topk_plan, return_lse=True, backend="triton")  # noqa: E731
+        sweep("block_sparse_topk_b16", ta, small_grid, call, call(), res, close)
+        for density in (0.25, 0.1):
+            nb = N // 64
+            idx = torch.stack([torch.randperm(nb, device=dev)[: max(1, int(density * nb))] for _ in range(Hkv)])
+            keep = torch.zeros(1, Hkv, nb, nb, dtype=torch.bool, device=dev)
+            keep[0, torch.arange(Hkv, device=dev)[:, None], :, idx] = True
+            keep |= torch.eye(nb, dtype=torch.bool, device=dev)
+            keep &= torch.ones(nb, nb, dtype=torch.bool, device=dev).tril()
+            plan = BlockPlan.from_block_mask(keep, 64, 64, N, N)
+            call = lambda plan=plan: ops.block_sparse(q, k, v, plan, return_lse=True, backend="triton")  # noqa: E731
+            sweep(f"block_sparse_b64_d{density}", ta, fwd_grid, call, call(), res, close)
+            res[f"block_sparse_b64_d{density}"]["density"] = plan.density()
+        # one dense KV head of three, the others block-sparse (an Elastic FA-XA layer)
+        mode = torch.tensor([[0, 2, 2]], dtype=torch.int32, device=dev)
+        zero = torch.zeros_like(mode)
+        mixed = MixedPlan(mode, zero, zero, plan, 64, N, N)
+        call = lambda: ops.mixed(q, k, v, mixed, return_lse=True, backend="triton")  # noqa: E731
+        sweep("mixed_1dense_2sparse", ta, fwd_grid, call, call(), res, close)
+        call = lambda: ops.dense(q, k, v, causal=True, return_lse=True, backend="triton")  # noqa: E731
+        sweep("dense_triton", ta, fwd_grid, call, call(), res, close)
+        for key in ("dense_triton",):
+            best = res[key]["best"]
+            if best:
+                print(f"dense triton best: {flops / best['ms'] / 1e9:.0f} TFLOP/s "
+                      f"({best['ms'] / dense_ms:.2f}x SDPA's time)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tune.json").write_text(json.dumps(res, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
