@@ -300,6 +300,7 @@ def test_triton_select_top_n_equals_torch(nq, nk, b, k):
     g = torch.Generator().manual_seed(nq + k)
     score = torch.rand(2, 2, nqb, nkb, generator=g)
     score[:, :, :, 1::4] = 0.25  # ties
+    score[:, :, :, 2::5] = 0.0  # ties at zero (fully underflowed blocks)
     past = past_blocks(nq, nk, b, "cpu")
     keys = score.masked_fill(~past[None, None], -1.0).to(DEVICE)
     last = last_visible_block(nq, nk, b, b)

@@ -19,6 +19,7 @@ launches (selection plus attention). Writes ``DIR/e2e.json`` after every length 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -186,11 +187,19 @@ def run_length(model, tok, length: int, presets: list[str], reps: int, device: s
             f"{rows[p]['attention_call']['call_ms']:.3f} ms per call, kernels "
             f"{rows[p]['attention_call'].get('kernel_ms', 0):.3f} ms: "
             f"{rows[p]['attention_call'].get('top_kernels_ms')}")
-    for r in range(reps):
-        order = presets[r % len(presets):] + presets[: r % len(presets)]  # rotated every repeat
-        for p in order:
-            with attnzoo.patch(model, stacks[p]):
-                rows[p]["times"].append(timed(model, ids, device))
+    # short prefills are host-bound and noisy (the same work varied 33-62 ms at 8K): more repeats,
+    # and no garbage collection inside the timed loop
+    reps = reps * max(1, 32768 // length)
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(reps):
+            order = presets[r % len(presets):] + presets[: r % len(presets)]  # rotated every repeat
+            for p in order:
+                with attnzoo.patch(model, stacks[p]):
+                    rows[p]["times"].append(timed(model, ids, device))
+    finally:
+        gc.enable()
     full = statistics.median(rows["full"]["times"]) if "full" in rows else None
     for row in rows.values():
         row["ms"] = statistics.median(row["times"])
@@ -264,7 +273,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench/results/gpu-e2e"))
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     p.add_argument("--presets", nargs="+", default=None, help="default: every shipped preset")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=5, help="repeats at 32K and up; 32768 / length times more below")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if not args.gguf.is_file():

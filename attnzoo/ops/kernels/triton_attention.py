@@ -63,19 +63,19 @@ def _row_walk(MODE, SINK, LOCAL, IDX, CNT, b, hp, Hp, qb, m0, Nq, Nk, offset, si
 
 
 @triton.jit
-def _block_at(j, mode, lo, s_, idx_row, sis, walked):
-    """The j-th key block walked (scalar or vector ``j``; ``walked``: j < the walk's length): an
-    index-list entry, or a position in the sink/local ranges."""
-    # the mask has j's shape (the interpreter rejects a scalar & vector mask)
-    kb_sparse = tl.load(idx_row + j * sis, mask=tl.where(walked, mode, -1) == 2, other=0)
+def _block_at(j, mode, lo, s_, idx_row, sis):
+    """The j-th key block walked: an index-list entry, or a position in the sink/local ranges."""
+    kb_sparse = tl.load(idx_row + j * sis, mask=mode == 2, other=0)
     return tl.where(mode == 2, kb_sparse, tl.where(j < s_, j, lo + j - s_))
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, kpos, extra_ok, needs_mask, offs_m, offs_d,
-              skb, skh, skn, svb, svh, svn, Nk, offset, qk_scale,
-              CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One online-softmax step over the keys at ``kpos`` (``extra_ok``: which columns are real)."""
+def _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, offs_m, offs_n, offs_d,
+              skb, skh, skn, svb, svh, svn, Nk, offset, q_first, qk_scale,
+              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """One online-softmax step over keys [n0, n0 + BLOCK_N)."""
+    kpos = n0 + offs_n
     kt = tl.load(K + b * skb + hkv * skh + kpos[None, :] * skn + offs_d[:, None],
                  mask=kpos[None, :] < Nk, other=0.0)
     v = tl.load(V + b * svb + hkv * svh + kpos[:, None] * svn + offs_d[None, :],
@@ -84,10 +84,13 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, kpos, extra_ok, needs_mask, o
         kt = kt.to(tl.float32)
         v = v.to(tl.float32)
     s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+    needs_mask = n0 + BLOCK_N > Nk
+    if CAUSAL:
+        needs_mask = needs_mask | (n0 + BLOCK_N - 1 > q_first)
     if HAS_KPM:
         needs_mask = True
     if needs_mask:
-        ok = (kpos[None, :] < Nk) & extra_ok[None, :]
+        ok = kpos[None, :] < Nk
         if CAUSAL:
             ok = ok & (kpos[None, :] <= offs_m[:, None] + offset)
         if HAS_KPM:
@@ -111,7 +114,7 @@ def _fwd_kernel(
     Hq, Hkv, Hp, Nq, Nk, offset, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_CHECK: tl.constexpr, GATHER: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_CHECK: tl.constexpr,
 ):
     # last query tiles first: under causality they walk the most blocks (better tail balance)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -139,38 +142,21 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    if GATHER > 1:
-        # plan blocks smaller than the key tile: one tile gathers GATHER consecutive entries of the
-        # walk (e.g. four 16-key blocks), so the products stay tensor-core sized
-        slot_n = offs_n // PLAN_BK
-        within = offs_n % PLAN_BK
-        for j in range(0, n_blocks, GATHER):
-            slot = j + slot_n
-            walked = slot < n_blocks
-            kb = _block_at(slot, mode, lo, s_, idx_row, sis, walked)
-            kpos = kb * PLAN_BK + within
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, kpos, walked, True, offs_m, offs_d,
-                                      skb, skh, skn, svb, svh, svn, Nk, offset, qk_scale,
-                                      CAUSAL, HAS_KPM, UPCAST, DOT_PREC)
-    else:
-        for j in range(0, n_blocks):
-            kb = _block_at(j, mode, lo, s_, idx_row, sis, j < n_blocks)
-            for sub in tl.static_range(PLAN_BK // BLOCK_N):
-                n0 = kb * PLAN_BK + sub * BLOCK_N
-                needs_mask = n0 + BLOCK_N > Nk
-                if CAUSAL:
-                    needs_mask = needs_mask | (n0 + BLOCK_N - 1 > q_first)
-                # a tile covering its whole query block sees part of every block walked (no branch,
-                # so loads pipeline); a smaller tile may lie wholly before the diagonal: skip those
-                if SKIP_CHECK:
-                    if n0 < limit:
-                        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0 + offs_n, offs_n >= 0,
-                                                  needs_mask, offs_m, offs_d, skb, skh, skn, svb, svh, svn, Nk,
-                                                  offset, qk_scale, CAUSAL, HAS_KPM, UPCAST, DOT_PREC)
-                else:
-                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0 + offs_n, offs_n >= 0,
-                                              needs_mask, offs_m, offs_d, skb, skh, skn, svb, svh, svn, Nk,
-                                              offset, qk_scale, CAUSAL, HAS_KPM, UPCAST, DOT_PREC)
+    for j in range(0, n_blocks):
+        kb = _block_at(j, mode, lo, s_, idx_row, sis)
+        for sub in tl.static_range(PLAN_BK // BLOCK_N):
+            n0 = kb * PLAN_BK + sub * BLOCK_N
+            # a tile covering its whole query block sees part of every block walked (no branch,
+            # so loads pipeline); a smaller tile may lie wholly before the diagonal: skip those
+            if SKIP_CHECK:
+                if n0 < limit:
+                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, offs_m, offs_n, offs_d,
+                                              skb, skh, skn, svb, svh, svn, Nk, offset, q_first, qk_scale,
+                                              BLOCK_N, CAUSAL, HAS_KPM, UPCAST, DOT_PREC)
+            else:
+                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, offs_m, offs_n, offs_d,
+                                          skb, skh, skn, svb, svh, svn, Nk, offset, q_first, qk_scale,
+                                          BLOCK_N, CAUSAL, HAS_KPM, UPCAST, DOT_PREC)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -222,7 +208,6 @@ def _bwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_CHECK: tl.constexpr,
-    GATHER: tl.constexpr,  # forward only (1 here)
 ):
     # last query tiles first: under causality they walk the most blocks (better tail balance)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -257,7 +242,7 @@ def _bwd_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     kv_base = (b * Hkv + hkv) * Nk
     for j in range(0, n_blocks):
-        kb = _block_at(j, mode, lo, s_, idx_row, sis, j < n_blocks)
+        kb = _block_at(j, mode, lo, s_, idx_row, sis)
         for sub in tl.static_range(PLAN_BK // BLOCK_N):
             n0 = kb * PLAN_BK + sub * BLOCK_N
             if SKIP_CHECK:
@@ -322,35 +307,35 @@ class KernelPlan:
 
 
 def _tiles(kp: KernelPlan, backward: bool):
-    """(BLOCK_M, BLOCK_N, GATHER). Forward: 128-row tiles (one per 128-token query block, no skip
-    branch), and key blocks smaller than 64 gathered into 64-key tiles (GATHER blocks each); the
-    backward keeps q, dO, K, V tiles and dK/dV partials on chip, so it needs the 64-row tile at
-    D = 128 and walks one plan block per tile."""
+    # forward: 128-row tiles (one per 128-token query block, no skip branch); backward keeps
+    # q, dO, K, V tiles and dK/dV partials on chip, so it needs the 64-row tile at D = 128
     bm = tile(kp.block_q, 64 if interpreting() or backward else 128)
     bn = tile(kp.block_k, 64)
     if bm is None or bn is None:
         raise ValueError(f"the Triton kernel needs block sizes divisible by 16, got "
                          f"block_q={kp.block_q}, block_k={kp.block_k}")
-    if not backward and kp.block_k < 64 and 64 % kp.block_k == 0:
-        return bm, 64, 64 // kp.block_k
-    return bm, bn, 1
+    return bm, bn
 
 
 def launch_config(head_dim: int, block_m: int, backward: bool) -> dict:
-    """Warps and pipeline stages on a GPU (a module-level function: ``bench/gpu/tune.py`` swaps it)."""
+    """Warps and pipeline stages on a GPU (a module-level function: ``bench/gpu/tune.py`` swaps it).
+    16-row tiles (16-token query blocks, e.g. top-k blocks) run best on 2 warps on an H100 (0.42 ms
+    against 0.77 ms on 4 for a top-16 plan at 32K); gathering several small key blocks into one
+    64-key tile measured no faster, and not always right on 4 warps, so it was dropped."""
+    if block_m <= 16 and not backward:
+        return dict(num_warps=2, num_stages=2)
     return dict(num_warps=8 if head_dim > 64 else 4, num_stages=3 if head_dim > 64 else 2)
 
 
 def _common(q, k, v, kp: KernelPlan, key_padding_mask, scale, backward=False):
     B, Hq, Nq, D = q.shape
     Nk = k.shape[2]
-    bm, bn, gather = _tiles(kp, backward)
+    bm, bn = _tiles(kp, backward)
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
     upcast = interpreting() and q.dtype != torch.float32
     meta = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, PLAN_BQ=kp.block_q, PLAN_BK=kp.block_k,
                 CAUSAL=kp.causal, HAS_KPM=kpm is not None, UPCAST=upcast,
-                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SKIP_CHECK=bm < kp.block_q,
-                GATHER=gather)
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SKIP_CHECK=bm < kp.block_q)
     if not interpreting():
         meta.update(launch_config(D, bm, backward))
     grid = lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq)  # noqa: E731

@@ -7,10 +7,11 @@ fp64, like the torch backend) against the target and reads the first block it do
 ``(v*, j*)``. A block is chosen iff it is a candidate and ranks before that one (``w > v*``, or
 ``w == v*`` and ``j < j*``), or it is forced.
 
-``top_n`` needs no full sort: ``torch.topk`` gives each row's ``n + 1`` largest scores, and the
-program reads the value of the first block not taken, ``v*``; it keeps every candidate above
-``v*`` and, of those equal to it, the lowest-indexed ones up to the count (ties to the lower block,
-whatever order ``topk`` returned them in).
+``top_n`` needs no sort at all: the program finds the value of the first block not taken, ``v*``
+(the ``n + 1``-th largest candidate score), by a binary search over the scores' bits (31 counts
+over the row in registers; measured faster than torch's radix sort and than ``torch.topk`` on an
+H100), keeps every candidate above ``v*`` and, of those equal to it, the lowest-indexed ones up to
+the count (ties to the lower block).
 
 Either way a prefix sum of the chosen flags over the columns gives each chosen block its slot, so
 the ascending index list is written without another sort or a scatter.
@@ -70,10 +71,20 @@ def _select_kernel(
         forced = (col >= own_lo) & (col <= last)
         cand = (s >= 0) & in_row
         n_take = tl.minimum(tl.load(N_PICK + I), tl.sum(cand.to(tl.int32), 0))
-        # SV holds the row's largest scores, descending: the value of the first block not taken
-        v_out = tl.load(SV + row_v + n_take, mask=n_take < n_sorted, other=-1.0)
-        above = cand & (s > v_out)
-        tie = cand & (s == v_out)
+        # the value of the first block not taken: the (n_take + 1)-th largest candidate score, by a
+        # binary search over its bits (scores >= 0 order as their int32 bits; -0.0 counts as 0):
+        # the largest t with #(bits >= t) > n_take. Absent (-1) when every candidate is taken.
+        bits = tl.where(cand, tl.where(s == 0, 0, s.to(tl.int32, bitcast=True)), -1)
+        lo = tl.zeros((), tl.int32)
+        hi = tl.full((), 0x7F800001, tl.int32)  # above +inf: no score reaches it
+        for _ in range(31):
+            mid = lo + (hi - lo) // 2
+            enough = tl.sum((bits >= mid).to(tl.int32), 0) > n_take
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid)
+        v_out = tl.where(tl.sum((bits >= 0).to(tl.int32), 0) > n_take, lo, -1)
+        above = cand & (bits > v_out)
+        tie = cand & (bits == v_out)
         need = n_take - tl.sum(above.to(tl.int32), 0)
         chosen = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need)) | forced
     slot = tl.cumsum(chosen.to(tl.int32), 0) - 1
@@ -132,6 +143,5 @@ def select(rule: str, scores, **kw):
         sv, so = torch.sort(s.masked_fill(dropped, -1.0), dim=-1, descending=True, stable=True)
         return _launch(rule, s, sv, so, s.shape[-1], tau=kw["tau"], keep_all=kw["keep_all"], last=last,
                        keep_sink=kw["keep_sink"], keep_diagonal=kw["keep_diagonal"])
-    # the n + 1 largest scores per row suffice (n_pick <= width): no full sort
-    top = torch.topk(s, min(kw["width"] + 1, s.shape[-1]), dim=-1, sorted=True).values
-    return _launch(rule, s, top, None, kw["width"] + 2, last=kw["last"], n_pick=kw["n_pick"], own_lo=kw["own_lo"])
+    # no sort: the kernel finds each row's cut value by a binary search (SV is not read)
+    return _launch(rule, s, s, None, kw["width"] + 2, last=kw["last"], n_pick=kw["n_pick"], own_lo=kw["own_lo"])
