@@ -226,6 +226,7 @@ POOLED_CASES = [
     (Case(2, 6, 2, 96, 96, 16, "left"), 32),
     (Case(1, 2, 1, 70, 200, 32), 16),  # chunked prefill: Nq < Nk
     (Case(2, 2, 2, 1, 90, 16, "right"), 16),  # decode: one query
+    (Case(1, 2, 1, 600, 600, 16), 16),  # long enough for unmasked interior column tiles
 ]
 
 
