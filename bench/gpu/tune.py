@@ -14,10 +14,12 @@ the kernel's ``launch_config`` by hand, with the figure.
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import itertools
 import json
-import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -34,24 +36,21 @@ from attnzoo.selectors.topk_blocks import TopKBlocks  # noqa: E402
 from attnzoo.selectors.xattention import XAttention  # noqa: E402
 
 
-def cuda_ms(fn, reps: int = 10, warmup: int = 3) -> float:
+@functools.cache
+def _load_run():
+    """bench/gpu/run.py, for its CUDA-event timer (no side effects at import)."""
+    spec = importlib.util.spec_from_file_location("attnzoo_bench_run", Path(__file__).with_name("run.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def cuda_ms(fn, reps: int = 10) -> float:
     if not torch.cuda.is_available():  # --smoke under the Triton interpreter: wall time, one rep
-        import time
         t = time.perf_counter()
         fn()
         return (time.perf_counter() - t) * 1e3
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return _load_run().cuda_time(fn, reps)
 
 
 def swap(module, fn):
