@@ -279,9 +279,10 @@ class Routed(Node):
             return None
         block_plans = {}
         for i, m in enumerate(modes):
-            if m.kind == "block":  # computed for every head: picking the routed ones would need a sync
+            if m.kind == "block":  # every head's rows, but a selector may skip those routed elsewhere
                 with torch.no_grad():
-                    bp = self.branches[self.labels[i]].selector(q, k, ctx.selector_context())
+                    sctx = replace(ctx.selector_context(), active_heads=plan.branch == i)
+                    bp = self.branches[self.labels[i]].selector(q, k, sctx)
                 if not isinstance(bp, BlockPlan):
                     return None  # e.g. a selector that fell back to a dense plan on a short input
                 block_plans[i] = bp

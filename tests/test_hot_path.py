@@ -46,7 +46,9 @@ def stub_kernels(monkeypatch):
         with _disable_current_modes():  # the stub's own outputs are not launches of the code under test
             return torch.zeros_like(q), torch.zeros(q.shape[:3])
 
-    def scores(q, k, *, stride, block_size, chunk_size, key_padding_mask=None):
+    def scores(q, k, *, stride, block_size, chunk_size, key_padding_mask=None, active_heads=None):
+        if active_heads is not None:
+            active_heads.to(torch.int8)  # the wrapper's own torch work
         launches["n"] += 2  # the output's zero fill and the kernel
         nqb, nkb = -(-q.shape[2] // block_size), -(-k.shape[2] // block_size)
         with _disable_current_modes():
@@ -62,11 +64,11 @@ def stub_kernels(monkeypatch):
         with _disable_current_modes():
             return torch.rand(q.shape[0], k.shape[1], nqb, nkb)
 
-    def select_launch(rule, s, sv, so, width, tau=None, keep_all=None, last=None, n_pick=None, own_lo=None,
+    def select_launch(rule, s, width, tau=None, keep_all=None, last=None, n_pick=None, own_lo=None,
                       keep_sink=True, keep_diagonal=True):
         from attnzoo.ops import selection
 
-        launches["n"] += 1  # one program per row; its outputs are torch.empty (the sort before it is counted)
+        launches["n"] += 1  # one program per row; its outputs are torch.empty
         with _disable_current_modes():
             if rule == "by_mass":
                 return selection._torch_by_mass(s, tau, keep_all, last, keep_sink, keep_diagonal)

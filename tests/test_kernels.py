@@ -221,6 +221,20 @@ def test_triton_scores_match_torch(case, stride, block, dtype):
     assert (got - ref).abs().max() <= tol  # probabilities: absolute error
 
 
+@needs_triton
+def test_triton_scores_skip_inactive_query_groups():
+    """A routed layer scores only the KV groups routed to the branch: the others stay zero."""
+    case = Case(2, 4, 2, 100, 130, 32, "right")
+    q, k, _, kpm = _qkv(case, torch.float32, False, seed=7)
+    kw = dict(stride=4, block_size=32, chunk_size=64, key_padding_mask=kpm)
+    full = torch.cat([w for _, _, w in antidiagonal_block_scores(q, k, backend="triton", **kw)], 2)
+    active = torch.tensor([[True, False], [False, True]], device=DEVICE)
+    got = torch.cat([w for _, _, w in antidiagonal_block_scores(q, k, backend="triton", active_heads=active, **kw)], 2)
+    rows = active.repeat_interleave(2, dim=1)  # [B, Hq]: query heads of each KV group
+    assert torch.equal(got[rows], full[rows]) and full[rows].abs().max() > 0
+    assert torch.count_nonzero(got[~rows]) == 0
+
+
 POOLED_CASES = [
     (Case(2, 4, 2, 100, 130, 32, "right"), 16),
     (Case(2, 6, 2, 96, 96, 16, "left"), 32),
@@ -277,6 +291,7 @@ def test_triton_select_by_mass_equals_torch(nq, nk, b, keep):
     g = torch.Generator().manual_seed(nq + nk)
     w = torch.rand(2, 3, nqb, nkb, generator=g) ** 3  # skewed, like attention mass
     w[:, :, :, ::3] = 0.0  # exact zeros: candidates that tie
+    w[:, :, :, 1::5] = 0.2  # positive ties, often at the cut
     tau = torch.tensor([0.5, 0.9, 1.0]).view(1, 3, 1, 1)
     last = last_visible_block(nq, nk, b, b).to(DEVICE)
     args = (w.to(DEVICE), tau.to(DEVICE), (tau >= 1).to(DEVICE), last)

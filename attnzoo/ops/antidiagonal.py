@@ -25,7 +25,7 @@ from .dispatch import DEFAULT_TOLERANCES, Backend, Tolerance, choose, make_reque
 from .merge import masked_softmax_
 
 
-def _torch_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_padding_mask=None):
+def _torch_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_padding_mask=None, active_heads=None):
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     g, S, b = Hq // Hkv, stride, block_size
@@ -83,9 +83,11 @@ register_backend(Backend(
 
 
 def antidiagonal_block_scores(q, k, *, stride: int, block_size: int, chunk_size: int,
-                              key_padding_mask=None, backend: str | None = None):
+                              key_padding_mask=None, active_heads=None, backend: str | None = None):
     """Iterator of ``(I0, I1, W)`` over query-block chunks; W ``[B, Hq, I1-I0, Nkb]`` (fp32, fp64
-    for fp64 inputs). Callers validate q/k (the selector does).
+    for fp64 inputs). Callers validate q/k (the selector does). ``active_heads`` (``[B, Hkv]`` bool,
+    see ``selectors.Context``): a backend may leave the rows of other query groups at zero (the
+    Triton one skips them; torch scores every row).
 
     Scores feed a discrete selection, so they carry no gradient: q and k are detached, and the
     call works (and dispatches the same backend) whether or not they require grad.
@@ -95,5 +97,6 @@ def antidiagonal_block_scores(q, k, *, stride: int, block_size: int, chunk_size:
                        key_padding_mask=key_padding_mask, causal=True,
                        block_size=(block_size, stride))
     impl = choose(req, backend)
+    kw = {} if active_heads is None else {"active_heads": active_heads}
     return impl.fn(q, k, stride=stride, block_size=block_size, chunk_size=chunk_size,
-                   key_padding_mask=key_padding_mask)
+                   key_padding_mask=key_padding_mask, **kw)

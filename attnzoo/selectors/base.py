@@ -15,6 +15,10 @@ class Context:
 
     key_padding_mask: torch.Tensor | None = None  # [B, Nk], True = real token
     layer_idx: int | None = None
+    # [B, Hkv] bool on q's device: the (batch, KV head) pairs whose plan rows will be used (a routed
+    # layer sends the others to another branch). A selector may skip scoring the rest; their plan
+    # rows are then valid but unspecified. None: every row is used.
+    active_heads: torch.Tensor | None = None
 
 
 def as_context(ctx) -> Context:

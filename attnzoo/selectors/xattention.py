@@ -65,7 +65,7 @@ class XAttention:
         check_qk(q, k, ctx)
         return antidiagonal_block_scores(q, k, stride=self.stride, block_size=self.block_size,
                                          chunk_size=self.chunk_size,
-                                         key_padding_mask=ctx.key_padding_mask)
+                                         key_padding_mask=ctx.key_padding_mask, active_heads=ctx.active_heads)
 
     # -- selection ---------------------------------------------------------------------------
     def _tau(self, Hq: int, device, dtype) -> torch.Tensor:

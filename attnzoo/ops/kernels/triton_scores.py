@@ -51,11 +51,12 @@ def _row_col_ok(KPM, b, rows, cols, Nq, Nk, offset, shift, S: tl.constexpr, HAS_
 
 @triton.jit
 def _scores_kernel(
-    Q, K, KPM, W, PS, PM,
+    Q, K, KPM, ACT, W, PS, PM,
     sqb, sqh, sqn, skb, skh, skn, swb, swh, swi,
     Hq, Hkv, Nq, Nk, I0, I1, nkb, n_ct, qk_scale,
     S: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr, QB: tl.constexpr,
     C_TILE: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_ACT: tl.constexpr,
 ):
     R_TILE: tl.constexpr = QB * R
     SD: tl.constexpr = S * HEAD_DIM
@@ -72,6 +73,8 @@ def _scores_kernel(
     row_in = rows < I1 * R
     # reduced keys right of the last block's last reduced diagonal are all masked
     ncol = tl.minimum(nkb * R, tl.minimum(I + QB, I1) * R + shift)
+    if HAS_ACT:  # a query group routed to another branch: its rows stay zero (no column is walked)
+        ncol = tl.where(tl.load(ACT + b * Hkv + hkv) != 0, ncol, 0)
 
     # element e of a reduced row is (t, d) = (e // D, e % D): query position iS + S-1-t (reversed
     # stride order), key position jS + t -- dot products run along antidiagonals
@@ -139,8 +142,9 @@ def launch_config(R: int, D: int, S: int) -> dict:
     return dict(QB=max(1, (64 if S * D <= 512 else 128) // R), C_TILE=max(R, 64), num_warps=4, num_stages=2)
 
 
-def block_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_padding_mask=None):
-    """Yield ``(I0, I1, W)`` like the torch backend: W ``[B, Hq, I1-I0, Nkb]`` fp32."""
+def block_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_padding_mask=None, active_heads=None):
+    """Yield ``(I0, I1, W)`` like the torch backend: W ``[B, Hq, I1-I0, Nkb]`` fp32; rows of query
+    groups outside ``active_heads`` (``[B, Hkv]`` bool) are left at zero, unscored."""
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
@@ -150,10 +154,11 @@ def block_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_pad
     S, b = stride, block_size
     R = b // S
     nqb, nkb = -(-Nq // b), -(-Nk // b)
-    meta = dict(S=S, R=R, HEAD_DIM=D, HAS_KPM=key_padding_mask is not None,
+    meta = dict(S=S, R=R, HEAD_DIM=D, HAS_KPM=key_padding_mask is not None, HAS_ACT=active_heads is not None,
                 UPCAST=interpreting() and q.dtype != torch.float32,
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", **launch_config(R, D, S))
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
+    act = None if active_heads is None else active_heads.to(torch.int8).contiguous()
     n_ct = triton.cdiv(nkb * R, max(R, 16))  # column tiles at the smallest C_TILE a retry may use
     # scratch per query block: R rows of Nkb partial sums and n_ct running maxima per head
     per_block = B * Hq * R * (nkb + n_ct) * 4
@@ -168,7 +173,7 @@ def block_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_pad
             scratch = torch.empty(rows * (nkb + n_ct), dtype=torch.float32, device=q.device)
         ps, pm = scratch[: rows * nkb], scratch[rows * nkb: rows * (nkb + n_ct)]
         w = torch.zeros((B, Hq, I1 - I0, nkb), dtype=torch.float32, device=q.device)
-        args = (q, k, kpm if kpm is not None else w, w, ps, pm,
+        args = (q, k, kpm if kpm is not None else w, act if act is not None else w, w, ps, pm,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 w.stride(0), w.stride(1), w.stride(2), Hq, Hkv, Nq, Nk, I0, I1, nkb, n_ct, scale * LOG2E)
         while True:
