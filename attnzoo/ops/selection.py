@@ -12,8 +12,8 @@ Two rules, both per (batch, head, query block) row, both on the device with stat
 
 Both return ``(kv_indices [B, H, Nqb, Kmax] int32, kv_counts [B, H, Nqb] int32)`` with ascending
 indices (slots past the count are unspecified). Backends: ``torch`` (sorts, cumsum, one more sort
-of the short list) and ``triton`` (``kernels.triton_select``: torch's radix sort orders each row,
-one Triton program per row thresholds it and writes the index list).
+of the short list) and ``triton`` (``kernels.triton_select``: one program per row finds the cut by a
+binary search over the scores' bits, no sort, and writes the index list).
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ _selection_backend("antidiagonal_scores", _scores_triton, _scores_limits,
 _selection_backend("pooled_scores", _pooled_triton, _pooled_limits,
                    "Triton top-k block scores: q . pooled keys, softmax and block sums in one launch")
 _selection_backend("block_select", _select_triton, _select_limits,
-                   "torch's radix sort per row, then one Triton program per row: threshold and index list",
+                   "one Triton program per row, no sort: the cut by a binary search over score bits, index list",
                    dtypes=(torch.float32, torch.float64), head_dims=None, tolerances=EXACT)
 
 # after Triton: for block-sparse calls both fit, Triton is tried first (it also takes padding,
