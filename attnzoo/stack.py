@@ -210,11 +210,13 @@ class Routed(Node):
         The mixed launch runs every head in the Triton kernel; the split runs dense heads through
         the fastest dense kernel (SDPA's cuDNN/FA3-class kernels on Hopper) and selects only for the
         heads routed to a sparse branch, at the cost of a host sync to find them. Which wins depends
-        on the share of dense heads and the length, so the first call of each shape times both
-        (CUDA events) and the faster is kept. On the CPU there is no single-launch backend: split."""
+        on the share of dense heads (which differs between layers: a router sends most heads of
+        some layers to full attention) and the length, so the first call of each shape in each
+        layer times both (CUDA events) and the faster is kept for that layer. On the CPU there is
+        no single-launch backend: split."""
         if q.device.type != "cuda" or ctx.decode:
             return "mixed"  # _fused declines where it cannot run; the CPU falls through to split
-        key = (tuple(q.shape), tuple(k.shape), q.dtype, ctx.key_padding_mask is None)
+        key = (ctx.layer_idx, tuple(q.shape), tuple(k.shape), q.dtype, ctx.key_padding_mask is None)
         if key not in self._path:
             quiet = replace(ctx, meter=None)
             timings = {}

@@ -166,6 +166,24 @@ def sync_debug_violations(model, ids, device) -> int | None:
     return sum(1 for w in caught if "synchroniz" in str(w.message).lower())
 
 
+def routed_paths(stack, num_layers: int, length: int) -> dict:
+    """How many layers' routed nodes chose the mixed launch or the split path at this length."""
+    from attnzoo.stack import Routed
+
+    seen, todo, out = set(), [stack.node_for(i) for i in range(num_layers)], {}
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        todo.extend(node.children())
+        if isinstance(node, Routed):
+            for key, path in node._path.items():
+                if key[1][2] == length:  # q's length
+                    out[path] = out.get(path, 0) + 1
+    return out
+
+
 def run_length(model, tok, length: int, presets: list[str], reps: int, device: str) -> dict:
     factor = extend_context(model, length)
     ids = prompt_ids(tok, length).to(device)
@@ -181,6 +199,10 @@ def run_length(model, tok, length: int, presets: list[str], reps: int, device: s
             rows[p]["prefill_counts"] = profile_counts(lambda: prefill(model, ids), device)  # noqa: B023
             rows[p]["sync_debug_warnings"] = sync_debug_violations(model, ids, device)
         rows[p]["attention_call"] = attention_call_counts(model, ids, stacks[p], layer, device)
+        paths = routed_paths(stacks[p], model.config.num_hidden_layers, length)
+        if paths:
+            rows[p]["routed_paths"] = paths
+            log(f"  {length} {p}: routed layers chose {paths}")
         log(f"  {length} {p}: density {rows[p]['density']:.3f}, {rows[p]['prefill_counts']['kernels']} kernels, "
             f"{rows[p]['prefill_counts']['syncs']} syncs per prefill; layer {layer}: "
             f"{rows[p]['attention_call']['kernels']} kernels, {rows[p]['attention_call']['syncs']} syncs, "
