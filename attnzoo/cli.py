@@ -1,4 +1,8 @@
-"""Command line: ``attnzoo info`` and ``attnzoo compare``."""
+"""attnzoo's command line: ``info`` (versions, devices, backends), ``compare`` (accuracy vs density
+vs prefill time of stacks on the embedded model), ``train`` (SSA alignment or the Elastic router).
+
+A mistake in a command's arguments or in a stack config prints one line and exits with status 2,
+before any model loads."""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 import importlib.metadata
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
@@ -66,12 +71,49 @@ def _csv(kind):
     return parse
 
 
+class UsageError(ValueError):
+    """A command-line mistake: printed as one line, exit status 2."""
+
+
+def _check_compare_args(args) -> dict:
+    """Everything checkable before the model loads; returns the haystack options."""
+    from .eval.compare import EMBEDDED_CONTEXT
+    from .eval.niah import TASKS
+
+    for d in args.depths or ():
+        if not 0.0 <= d <= 1.0:
+            raise UsageError(f"--depths: every depth must lie in [0, 1], got {d:g}")
+    for t in args.tasks or ():
+        if t not in TASKS:
+            raise UsageError(f"--tasks: unknown task {t!r}; tasks: {','.join(TASKS)}")
+    for n in args.lengths or ():
+        if n < 256:
+            raise UsageError(f"--lengths: prompts need at least 256 tokens, got {n}")
+        if n > EMBEDDED_CONTEXT:
+            raise UsageError(f"--lengths: {n} tokens is past the embedded model's context ({EMBEDDED_CONTEXT} tokens)")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.haystack is None:
+        return {}
+    path = Path(args.haystack)
+    if not path.is_file():
+        raise UsageError(f"--haystack: no such file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as e:
+        raise UsageError(f"--haystack: cannot read {path} as UTF-8 text ({e.__class__.__name__})") from None
+    if len(text.strip()) < 1000:
+        raise UsageError(f"--haystack: {path} holds {len(text.strip())} characters; a haystack needs thousands")
+    return {"haystack": text}
+
+
 def compare(args) -> int:
     from .eval import compare as cmp
 
+    templates = _check_compare_args(args)
     presets = args.presets or list(cmp.DEFAULT_PRESETS)
     results = cmp.run(presets, lengths=args.lengths, tasks=args.tasks, depths=args.depths, quick=args.quick,
-                      max_new_tokens=args.max_new_tokens)
+                      max_new_tokens=args.max_new_tokens, **templates)
     json_path, png_path = cmp.write(results, args.out)
     print()
     print(cmp.table(results))
@@ -83,6 +125,9 @@ def _load_model(name: str):
     if name == "embedded":
         from .models import load_embedded
         return load_embedded()
+    if not (Path(name) / "config.json").is_file():
+        raise UsageError(f"--model: {name!r} is not a local Hugging Face model folder (no config.json there); "
+                         f"use 'embedded' or a folder saved by save_pretrained")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     return AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
 
@@ -105,7 +150,7 @@ def train(args) -> int:
     stack = None if args.stack is None else _spec(args.stack)
     if stack is not None:
         build(stack)  # a bad name or file fails before the model loads
-    model, tok = _load_model(args.model)
+    model, tok = _load_model(args.model)  # a folder that is not a model: UsageError before loading
     samples = training_samples(tok, args.samples, lengths=args.lengths, seed=args.seed)
     if args.method == "ssa":
         log = train_ssa(model, samples, sparse=stack, steps=args.steps, lr=args.lr or 1e-5, accum=args.batch,
@@ -122,9 +167,18 @@ def train(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and still exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="attnzoo", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="attnzoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"attnzoo {installed_version('attnzoo')}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                title="commands", metavar="{info,compare,train}")
     sub.add_parser("info", help="versions, devices, and every backend with why it is (not) available")
     c = sub.add_parser("compare", help="accuracy vs attention density vs prefill time of stacks on the embedded model")
     c.add_argument("--presets", type=_csv(str), help="comma-separated preset names or stack YAML paths "
@@ -135,6 +189,7 @@ def main(argv=None) -> int:
     c.add_argument("--quick", action="store_true", help="one short prompt per preset (CI smoke run)")
     c.add_argument("--max-new-tokens", type=int, help="greedy tokens per answer (default: 32, 64 for multivalue)")
     c.add_argument("--out", default="attnzoo-compare", help="folder for results.json and pareto.png")
+    c.add_argument("--haystack", help="a UTF-8 text file the needles hide in (default: CPython's documentation)")
     t = sub.add_parser("train", help="SSA alignment training, or Elastic router training (frozen backbone)")
     t.add_argument("method", choices=["ssa", "elastic"])
     t.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M) or a local HF model folder")
@@ -153,12 +208,18 @@ def main(argv=None) -> int:
     t.add_argument("--seed", type=int, default=100)
     t.add_argument("--out", default="attnzoo-train", help="folder for log.jsonl, training.png and the weights")
     args = parser.parse_args(argv)
-    if args.command == "train":
-        return train(args)
-    if args.command == "info":
-        print(info_text())
-    elif args.command == "compare":
-        return compare(args)
+    from .config import ConfigError
+
+    try:
+        if args.command == "train":
+            return train(args)
+        if args.command == "info":
+            print(info_text())
+        elif args.command == "compare":
+            return compare(args)
+    except (UsageError, ConfigError) as e:
+        print(f"attnzoo {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -88,9 +88,39 @@ def test_density_meter_weights_heads_and_compression():
     assert meter.layers == {}, "decode steps are not counted"
 
 
-def test_compare_rejects_unknown_preset_before_loading_anything():
-    with pytest.raises(ConfigError, match="unknown preset 'xatention'.*did you mean 'xattention'"):
-        main(["compare", "--presets", "xatention", "--quick"])
+def test_compare_rejects_unknown_preset_before_loading_anything(capsys):
+    assert main(["compare", "--presets", "xatention", "--quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "unknown preset 'xatention'" in err and "did you mean 'xattention'" in err
+    with pytest.raises(ConfigError, match="unknown preset"):  # the library raises; the CLI prints
+        from attnzoo.eval.compare import run
+        run(["xatention"], quick=True)
+
+
+def test_prompts_from_a_users_haystack_and_templates(tok):
+    hay = "\n".join(f"Line {i}: the quarterly report lists {i * 7} widgets in aisle {i % 13}." for i in range(600))
+    needle = "Code word for {key}: {value}."
+    question = "Which code word belongs to {key}? Reply with the {number_s} only."
+    p = make_prompt(tok, "single", 1024, 0.5, seed=3, haystack=hay, needle=needle, question=question)
+    text = tok.decode(p.input_ids[0])
+    assert 900 <= p.n_tokens <= 1024 and "quarterly report" in text and "cpython" not in text.lower()
+    assert f": {p.answers[0]}." in text and "Code word for" in text and "Which code word belongs to" in text
+    assert len(suite(tok, lengths=(512,), depths=(0.5,), tasks=("single",), haystack=hay)) == 1
+    with pytest.raises(ValueError, match="needle template must contain"):
+        make_prompt(tok, "single", 512, 0.5, seed=0, needle="no fields here")
+    with pytest.raises(ValueError, match="cannot fill"):
+        make_prompt(tok, "single", 512, 0.5, seed=0, question="{key} {nonsense}")
+    with pytest.raises(ValueError, match="haystack holds about"):
+        make_prompt(tok, "single", 4096, 0.5, seed=0, haystack=hay[:3000])
+
+
+def test_table_says_when_full_attention_scored_zero():
+    from attnzoo.eval.compare import table
+
+    row = dict(stack="full", accuracy=0.0, accuracy_vs_full=None, density=1.0, prefill_s=1.0, prefill_ratio=1.0,
+               peak_memory_mib=1.0, n_prompts=4)
+    out = table({"presets": {"full": row, "x": {**row, "stack": "mine"}}})
+    assert "nan" not in out and "n/a (full 0)" in out and "| mine |" in out
 
 
 def test_compare_quick_smoke(tok, tmp_path):

@@ -29,10 +29,17 @@ QUICK = {"lengths": (1024,), "tasks": ("single",), "depths": (0.5,)}
 # all twelve shipped presets took 11.5 minutes on 2 CPU cores; widen with --lengths/--tasks/--depths
 FULL = {"lengths": (2048, 3072), "tasks": ("single", "multikey"), "depths": (0.1, 0.5, 0.9)}
 EVAL_SEED = 0  # calibration and training use other seeds and haystack offsets
+EMBEDDED_CONTEXT = 8192  # SmolLM2-135M's max_position_embeddings (checked against the model once loaded)
 
 
 def _spec(preset: str) -> str:
-    if preset.endswith((".yaml", ".yml", ".json")) or preset.startswith("preset:"):
+    if preset.endswith((".yaml", ".yml", ".json")):
+        if not Path(preset).is_file():
+            from ..config import ConfigError
+
+            raise ConfigError(f"stack file not found: {preset}")
+        return preset
+    if preset.startswith("preset:"):
         return preset
     if preset not in preset_names():
         from ..config import ConfigError, suggest
@@ -60,8 +67,10 @@ def _answer(model, tok, ids: torch.Tensor, max_new_tokens: int):
 
 
 def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick: bool = False,
-        max_new_tokens: int | None = None, seed: int = EVAL_SEED, model=None, tok=None, progress: bool = True) -> dict:
-    """Run the comparison; returns the ``results.json`` dict."""
+        max_new_tokens: int | None = None, seed: int = EVAL_SEED, model=None, tok=None, progress: bool = True,
+        **templates) -> dict:
+    """Run the comparison; returns the ``results.json`` dict. ``templates``: ``haystack``,
+    ``needle``, ``question`` for the prompts (``attnzoo.eval.niah.make_prompt``)."""
     from tqdm import tqdm
 
     settings = dict(QUICK if quick else FULL)
@@ -76,7 +85,11 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
         from ..models import load_embedded
 
         model, tok = load_embedded()
-    prompts = suite(tok, settings["lengths"], settings["depths"], settings["tasks"], seed=seed)
+    context = getattr(model.config, "max_position_embeddings", None)
+    too_long = [n for n in settings["lengths"] if context and n > context]
+    if too_long:
+        raise ValueError(f"lengths {too_long} are past the model's context ({context} tokens)")
+    prompts = suite(tok, settings["lengths"], settings["depths"], settings["tasks"], seed=seed, **templates)
     rows: dict[str, dict] = {}
     bar = tqdm(total=len(presets) * len(prompts), desc="compare", disable=not progress, unit="prompt")
     for name in presets:
@@ -113,7 +126,8 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
     full = rows["full"]
     for r in rows.values():
         r["prefill_ratio"] = full["prefill_s"] / r["prefill_s"]  # > 1: faster than full attention
-        r["accuracy_vs_full"] = r["accuracy"] / full["accuracy"] if full["accuracy"] else float("nan")
+        # None (not nan) where full attention answered nothing: there is no ratio to report
+        r["accuracy_vs_full"] = r["accuracy"] / full["accuracy"] if full["accuracy"] else None
     return {
         "presets": rows,
         "settings": {**{k: list(v) for k, v in settings.items()},
@@ -128,25 +142,27 @@ def table(results: dict) -> str:
     lines = ["| preset | accuracy | vs full | mean density | prefill s | prefill ratio | peak MiB | prompts |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in results["presets"].items():
-        lines.append(f"| {name} | {r['accuracy']:.2f} | {r['accuracy_vs_full']:.0%} | {r['density']:.3f} | "
+        vs = "n/a (full 0)" if r["accuracy_vs_full"] is None else f"{r['accuracy_vs_full']:.0%}"
+        lines.append(f"| {r.get('stack') or name} | {r['accuracy']:.2f} | {vs} | {r['density']:.3f} | "
                      f"{r['prefill_s']:.2f} | {r['prefill_ratio']:.2f}x | {r['peak_memory_mib']:.0f} | "
                      f"{r['n_prompts']} |")
     return "\n".join(lines)
 
 
 def pareto_plot(results: dict, path) -> Path:
-    """Accuracy (y) vs density (x), one marker per preset, marker area ~ prefill speed ratio."""
+    """Accuracy (y) vs density (x), one distinct marker per preset (the prefill ratio in the legend:
+    a noisy ratio does not resize markers)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9.5, 5.5), dpi=120)
-    markers = "*osDv^<>phX"
+    markers = "*osDv^<>phXPd8H1234+x|_"
     for i, (name, r) in enumerate(results["presets"].items()):
-        ax.scatter(r["density"], r["accuracy"], s=90 * r["prefill_ratio"] ** 2, alpha=0.75,
-                   marker=markers[i % len(markers)], edgecolors="black", linewidths=0.5,
-                   label=f"{name}: {r['prefill_ratio']:.2f}x prefill")
+        ax.scatter(r["density"], r["accuracy"], s=110, alpha=0.8, marker=markers[i % len(markers)],
+                   color=plt.cm.tab20(i % 20), edgecolors="black", linewidths=0.5,
+                   label=f"{r.get('stack', name)}: {r['prefill_ratio']:.2f}x prefill")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False, markerscale=0.7)
     ax.set_xlabel("mean attention density (fraction of causal pairs computed)")
     ax.set_ylabel("NIAH accuracy (exact match)")
@@ -154,7 +170,7 @@ def pareto_plot(results: dict, path) -> Path:
     ax.set_ylim(-0.05, 1.1)
     s = results["settings"]
     ax.set_title(f"{s['model']}: lengths {s['lengths']}, {results['presets']['full']['n_prompts']} prompts/preset"
-                 f"\nmarker area ~ prefill speed ratio vs full", fontsize=9)
+                 f"\nlegend: prefill speed ratio vs full attention", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)

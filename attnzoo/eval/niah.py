@@ -53,39 +53,76 @@ def haystack_text() -> str:
     return "\n\n".join(topics[key].strip() for key in sorted(topics))
 
 
-def _needles(task: str, rng: random.Random):
+NEEDLE = "The special magic number for {key} is: {value}."
+QUESTION = ("What {is_are} {plural} for {key} mentioned in the text above? "
+            "Answer with the {number_s} only.")
+
+
+def check_templates(needle: str, question: str) -> None:
+    """Templates must name their fields: needle ``{key}`` and ``{value}``; question ``{key}`` (and
+    may use ``{is_are}``, ``{plural}``, ``{number_s}``)."""
+    for name, text, fields in (("needle", needle, ("{key}", "{value}")), ("question", question, ("{key}",))):
+        if not isinstance(text, str):
+            raise TypeError(f"{name} template must be a str, got {type(text).__name__}")
+        missing = [f for f in fields if f not in text]
+        if missing:
+            raise ValueError(f"{name} template must contain {', '.join(fields)}; "
+                             f"missing {', '.join(missing)}: {text!r}")
+        try:
+            text.format(key="k", value="v", is_are="is", plural="p", number_s="number")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"{name} template has a field it cannot fill ({e!r}): {text!r}") from None
+
+
+def _needles(task: str, rng: random.Random, needle: str = NEEDLE):
     keys = rng.sample(WORDS, 4)
     key = keys[0]
     numbers = [str(rng.randint(10000, 99999)) for _ in range(4)]
-    say = "The special magic number for {} is: {}."
+
+    def say(k, v):
+        return needle.format(key=k, value=v)
+
     if task == "single":
-        return [say.format(key, numbers[0])], key, (numbers[0],)
+        return [say(key, numbers[0])], key, (numbers[0],)
     if task == "multikey":
         others = keys[1:]
-        needles = [say.format(key, numbers[0])] + [say.format(o, n) for o, n in zip(others, numbers[1:], strict=True)]
+        needles = [say(key, numbers[0])] + [say(o, n) for o, n in zip(others, numbers[1:], strict=True)]
         rng.shuffle(needles)
         return needles, key, (numbers[0],)
     if task == "multivalue":
         while numbers[1] == numbers[0]:
             numbers[1] = str(rng.randint(10000, 99999))
-        return [say.format(key, numbers[0]), say.format(key, numbers[1])], key, (numbers[0], numbers[1])
+        return [say(key, numbers[0]), say(key, numbers[1])], key, (numbers[0], numbers[1])
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
-def make_prompt(tok, task: str, length: int, depth: float, seed: int, offset: int = 0) -> NiahPrompt:
-    """One chat-formatted prompt of about ``length`` tokens (the haystack is cut to fit)."""
+def make_prompt(tok, task: str, length: int, depth: float, seed: int, offset: int = 0, *,
+                haystack: str | None = None, needle: str = NEEDLE, question: str = QUESTION) -> NiahPrompt:
+    """One chat-formatted prompt of about ``length`` tokens (the haystack is cut to fit).
+
+    ``haystack``: the text the needles hide in (default: CPython's documentation topics);
+    ``needle`` / ``question``: templates (see ``check_templates``), so users test on their own
+    documents and phrasing. A haystack too short for ``length`` raises ``ValueError``."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must lie in [0, 1], got {depth}")
     if length < 256:
         raise ValueError(f"length must be >= 256 tokens, got {length}")
+    check_templates(needle, question)
     rng = random.Random(f"{task}/{length}/{depth}/{seed}")
-    needles, key, answers = _needles(task, rng)
-    plural = "all special magic numbers" if task == "multivalue" else "the special magic number"
-    question = (f"What {'are' if task == 'multivalue' else 'is'} {plural} for {key} mentioned in the text "
-                f"above? Answer with the number{'s' if task == 'multivalue' else ''} only.")
-    text = haystack_text()
+    needles, key, answers = _needles(task, rng, needle)
+    many = task == "multivalue"
+    question = question.format(key=key, is_are="are" if many else "is", number_s="numbers" if many else "number",
+                               plural="all special magic numbers" if many else "the special magic number")
+    text = haystack_text() if haystack is None else haystack
+    if len(text) < 2:
+        raise ValueError("haystack text is empty")
     start = (offset + rng.randint(0, len(text) // 2)) % (len(text) // 2)
     hay_ids = tok(text[start:start + length * 6], add_special_tokens=False).input_ids
+    if len(hay_ids) < length // 2:  # a short custom haystack: read it from the start, and say so if short
+        hay_ids = tok(text[: length * 6], add_special_tokens=False).input_ids
+        if len(hay_ids) < length - 200:
+            raise ValueError(f"the haystack holds about {len(hay_ids)} tokens; a {length}-token prompt needs "
+                             f"about {length - 150} (use a longer text or shorter --lengths)")
 
     def render(n_hay: int) -> torch.Tensor:
         hay = tok.decode(hay_ids[:n_hay])
@@ -111,9 +148,10 @@ def make_prompt(tok, task: str, length: int, depth: float, seed: int, offset: in
 
 
 def suite(tok, lengths=(2048, 4096, 6144), depths=(0.1, 0.5, 0.9), tasks=TASKS, seed: int = 0,
-          offset: int = 0, per_cell: bool = False) -> list[NiahPrompt]:
+          offset: int = 0, per_cell: bool = False, **templates) -> list[NiahPrompt]:
     """Prompts over lengths x tasks. With ``per_cell`` every (length, task, depth) gets a prompt;
-    otherwise depths rotate across (length, task) cells, which keeps the suite small."""
+    otherwise depths rotate across (length, task) cells, which keeps the suite small.
+    ``templates``: ``haystack``, ``needle``, ``question`` (see ``make_prompt``)."""
     for t in tasks:
         if t not in TASKS:
             raise ValueError(f"unknown task {t!r}; tasks: {list(TASKS)}")
@@ -122,7 +160,7 @@ def suite(tok, lengths=(2048, 4096, 6144), depths=(0.1, 0.5, 0.9), tasks=TASKS, 
     for length in lengths:
         for task in tasks:
             for depth in (depths if per_cell else [depths[i % len(depths)]]):
-                prompts.append(make_prompt(tok, task, length, depth, seed * 1000 + i, offset))
+                prompts.append(make_prompt(tok, task, length, depth, seed * 1000 + i, offset, **templates))
                 i += 1
     return prompts
 

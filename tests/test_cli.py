@@ -1,0 +1,85 @@
+"""The command line as a new user meets it: run as a subprocess, a mistake prints one line on
+stderr and exits with status 2 -- before any model loads (each case returns in seconds)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def attnzoo(*args, timeout=120):
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "attnzoo.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+    return proc, time.perf_counter() - t
+
+
+def _one_line(err: str) -> str:
+    lines = [x for x in err.splitlines() if x.strip() and "Warning" not in x and not x.startswith("  ")]
+    assert len(lines) == 1, f"expected one line, got:\n{err}"
+    return lines[0]
+
+
+@pytest.fixture
+def bad_yaml(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("default:\n  selector: {name: xattention\n  op: block_sparse\n")
+    return path
+
+
+@pytest.fixture
+def unknown_selector_yaml(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("default:\n  selector: {name: xatention}\n  op: block_sparse\n")
+    return path
+
+
+CASES = {
+    "unknown preset": (["compare", "--presets", "xatention"], "unknown preset 'xatention'"),
+    "depth outside [0, 1]": (["compare", "--depths", "0.5,1.5"], "--depths"),
+    "unknown task": (["compare", "--tasks", "single,needle"], "unknown task 'needle'"),
+    "length past the context": (["compare", "--lengths", "100000"], "past the embedded model's context"),
+    "length too short": (["compare", "--lengths", "100"], "at least 256 tokens"),
+    "not a number": (["compare", "--lengths", "2k"], "comma-separated list of int"),
+    "missing haystack": (["compare", "--haystack", "/no/such/file.txt"], "--haystack: no such file"),
+    "missing stack file": (["compare", "--presets", "/no/such/stack.yaml"], "stack file not found"),
+    "model folder that is not a model": (["train", "elastic", "--model", "/no/such/folder"], "--model"),
+    "unknown command": (["comprae"], "invalid choice"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_mistake_is_one_line_and_exit_2(case):
+    args, needle = CASES[case]
+    proc, seconds = attnzoo(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in _one_line(proc.stderr)
+    assert "Traceback" not in proc.stderr and seconds < 60  # nothing was loaded
+
+
+def test_invalid_yaml_names_the_file_and_line(bad_yaml):
+    proc, _ = attnzoo("compare", "--presets", str(bad_yaml))
+    line = _one_line(proc.stderr)
+    assert proc.returncode == 2 and str(bad_yaml) in line and "line 3" in line
+
+
+def test_unknown_component_in_a_stack_file(unknown_selector_yaml):
+    proc, _ = attnzoo("compare", "--presets", str(unknown_selector_yaml))
+    assert proc.returncode == 2 and "did you mean 'xattention'" in _one_line(proc.stderr)
+
+
+def test_short_haystack_is_refused(tmp_path):
+    path = tmp_path / "hay.txt"
+    path.write_text("too short")
+    proc, _ = attnzoo("compare", "--haystack", str(path))
+    assert proc.returncode == 2 and "holds 9 characters" in _one_line(proc.stderr)
+
+
+def test_version_and_help_name_every_command():
+    proc, _ = attnzoo("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("attnzoo ")
+    proc, _ = attnzoo("--help")
+    assert proc.returncode == 0 and all(cmd in proc.stdout for cmd in ("info", "compare", "train"))
