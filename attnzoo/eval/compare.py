@@ -8,6 +8,7 @@ prefill (over layers and heads; dense layers count 1.0), prefill wall time and i
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import platform
@@ -49,19 +50,30 @@ def _spec(preset: str) -> str:
     return f"preset:{preset}"
 
 
+def _cache_arg(model) -> str:
+    """The KV-cache keyword of ``model.forward``: ``cache`` in newer transformers (which deprecate
+    ``past_key_values``, removal announced for 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
 @torch.no_grad()
 def _answer(model, tok, ids: torch.Tensor, max_new_tokens: int):
     """Greedy decode; returns (text, prefill seconds)."""
     t0 = time.perf_counter()
     out = model(ids, use_cache=True, logits_to_keep=1)
     prefill = time.perf_counter() - t0
-    past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    cache_arg = _cache_arg(model)
+    past, nxt = _cache_of(out), out.logits[:, -1].argmax(-1, keepdim=True)
     tokens = [nxt]
     for _ in range(max_new_tokens - 1):
         if int(nxt) == tok.eos_token_id:
             break
-        out = model(nxt, past_key_values=past, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        out = model(nxt, use_cache=True, **{cache_arg: past})
+        past, nxt = _cache_of(out), out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(nxt)
     return tok.decode(torch.cat(tokens, 1)[0], skip_special_tokens=True), prefill
 
