@@ -136,6 +136,8 @@ def test_compare_quick_smoke(tok, tmp_path):
             assert isinstance(r[key], (int, float)), (name, key)
         assert 0 <= r["accuracy"] <= 1 and 0 < r["density"] <= 1 and r["prefill_s"] > 0
     assert results["presets"]["full"]["density"] == pytest.approx(1.0)
+    lo, hi = results["presets"]["xattention"]["prefill_ratio_range"]  # per prompt, presets interleaved
+    assert 0 < lo <= hi and results["presets"]["full"]["prefill_ratio_range"] == [1.0, 1.0]
     assert results["presets"]["xattention"]["density"] < 1.0
     assert {"settings", "machine"} <= set(results)
     with Image.open(tmp_path / "pareto.png") as img:

@@ -1,9 +1,11 @@
 """`attnzoo compare`: accuracy vs attention density vs prefill time of stacks on one model.
 
-Every preset (a shipped name or a stack YAML) answers the same NIAH prompts with greedy
-decoding. Per preset: accuracy (exact match), mean attention density actually used during
-prefill (over layers and heads; dense layers count 1.0), prefill wall time and its ratio to the
-``full`` preset measured in the same process, and peak memory of one prefill.
+Every preset (a shipped name or a stack YAML) answers the same NIAH prompts with greedy decoding;
+presets are interleaved (each prompt goes through every preset, in an order rotated per prompt).
+Per preset: accuracy (exact match), mean attention density actually used during prefill (over
+layers and heads; dense layers count 1.0), prefill wall time and its ratio to the ``full`` preset
+measured in the same process (with the spread of the per-prompt ratios), and peak memory of one
+prefill.
 """
 
 from __future__ import annotations
@@ -102,42 +104,49 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
     if too_long:
         raise ValueError(f"lengths {too_long} are past the model's context ({context} tokens)")
     prompts = suite(tok, settings["lengths"], settings["depths"], settings["tasks"], seed=seed, **templates)
-    rows: dict[str, dict] = {}
+    # Presets are interleaved: every prompt goes through every preset before the next prompt, in an
+    # order rotated per prompt, so a change in the machine's load lands on all presets alike and
+    # each prompt gives one full / preset prefill ratio (the table shows their spread).
+    longest = max(prompts, key=lambda p: p.n_tokens)
+    per_prompt: dict[str, list] = {name: [] for name in presets}
+    peaks = dict.fromkeys(presets, 0)
+    meters = {name: DensityMeter() for name in presets}
     bar = tqdm(total=len(presets) * len(prompts), desc="compare", disable=not progress, unit="prompt")
-    for name in presets:
-        stack = stacks[name]
-        meter = DensityMeter()
-        per_prompt = []
-        with patch(model, stack, meter=meter):
-            longest = max(prompts, key=lambda p: p.n_tokens)
-            peak = 0
-            for p in prompts:
-                bar.set_postfix_str(f"{name} {p.task}@{p.n_tokens}")
-                meter.reset()
-                budget = max_new_tokens or MAX_NEW_TOKENS[p.task]
+    for i, p in enumerate(prompts):
+        budget = max_new_tokens or MAX_NEW_TOKENS[p.task]
+        for name in presets[i % len(presets):] + presets[: i % len(presets)]:
+            bar.set_postfix_str(f"{name} {p.task}@{p.n_tokens}")
+            meter = meters[name]
+            meter.reset()
+            with patch(model, stacks[name], meter=meter):
                 if p is longest:  # peak memory of the longest real prefill (+ its short decode)
                     got = {}
-                    peak = peak_memory(lambda p=p, n=budget: got.update(r=_answer(model, tok, p.input_ids, n)))
+                    peaks[name] = peak_memory(lambda p=p, n=budget: got.update(r=_answer(model, tok, p.input_ids, n)))
                     text, prefill = got["r"]
                 else:
                     text, prefill = _answer(model, tok, p.input_ids, budget)
-                per_prompt.append({"task": p.task, "tokens": p.n_tokens, "depth": p.depth, "answers": list(p.answers),
-                                   "output": text, "correct": score(text, p.answers), "prefill_s": prefill,
-                                   "density": meter.mean()})
-                bar.update(1)
-        rows[name] = {
-            "stack": stack.name,
-            "accuracy": sum(r["correct"] for r in per_prompt) / len(per_prompt),
-            "density": sum(r["density"] for r in per_prompt) / len(per_prompt),
-            "prefill_s": sum(r["prefill_s"] for r in per_prompt) / len(per_prompt),
-            "peak_memory_mib": peak / 2**20,
-            "n_prompts": len(per_prompt),
-            "prompts": per_prompt,
-        }
+            per_prompt[name].append({"task": p.task, "tokens": p.n_tokens, "depth": p.depth,
+                                     "answers": list(p.answers), "output": text, "correct": score(text, p.answers),
+                                     "prefill_s": prefill, "density": meter.mean()})
+            bar.update(1)
     bar.close()
+    rows: dict[str, dict] = {}
+    for name in presets:
+        rs = per_prompt[name]
+        rows[name] = {
+            "stack": stacks[name].name,
+            "accuracy": sum(r["correct"] for r in rs) / len(rs),
+            "density": sum(r["density"] for r in rs) / len(rs),
+            "prefill_s": sum(r["prefill_s"] for r in rs) / len(rs),
+            "peak_memory_mib": peaks[name] / 2**20,
+            "n_prompts": len(rs),
+            "prompts": rs,
+        }
     full = rows["full"]
     for r in rows.values():
         r["prefill_ratio"] = full["prefill_s"] / r["prefill_s"]  # > 1: faster than full attention
+        ratios = sorted(f["prefill_s"] / x["prefill_s"] for f, x in zip(full["prompts"], r["prompts"], strict=True))
+        r["prefill_ratio_range"] = [ratios[0], ratios[-1]]  # per prompt, same prompt back to back
         # None (not nan) where full attention answered nothing: there is no ratio to report
         r["accuracy_vs_full"] = r["accuracy"] / full["accuracy"] if full["accuracy"] else None
     return {
@@ -151,13 +160,15 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
 
 
 def table(results: dict) -> str:
-    lines = ["| preset | accuracy | vs full | mean density | prefill s | prefill ratio | peak MiB | prompts |",
+    lines = ["| preset | accuracy | vs full | mean density | prefill s | prefill ratio (per-prompt range) | "
+             "peak MiB | prompts |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in results["presets"].items():
         vs = "n/a (full 0)" if r["accuracy_vs_full"] is None else f"{r['accuracy_vs_full']:.0%}"
+        spread = r.get("prefill_ratio_range")
+        ratio = f"{r['prefill_ratio']:.2f}x" + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else "")
         lines.append(f"| {r.get('stack') or name} | {r['accuracy']:.2f} | {vs} | {r['density']:.3f} | "
-                     f"{r['prefill_s']:.2f} | {r['prefill_ratio']:.2f}x | {r['peak_memory_mib']:.0f} | "
-                     f"{r['n_prompts']} |")
+                     f"{r['prefill_s']:.2f} | {ratio} | {r['peak_memory_mib']:.0f} | {r['n_prompts']} |")
     return "\n".join(lines)
 
 
