@@ -29,7 +29,7 @@ DEFAULT_PRESETS = ("full", "xattention", "xattention-calibrated", "streaming", "
                    "token-sparse-calibrated", "token-sparse-xattention", "router-table-example",
                    "elastic-fa-xa", "elastic-fa-streaming", "elastic-xa-streaming")
 QUICK = {"lengths": (1024,), "tasks": ("single",), "depths": (0.5,)}
-# all twelve shipped presets took 11.5 minutes on 2 CPU cores; widen with --lengths/--tasks/--depths
+# all twelve shipped presets took 9.7 minutes on 2 CPU cores (model cached); widen with --lengths/--tasks/--depths
 FULL = {"lengths": (2048, 3072), "tasks": ("single", "multikey"), "depths": (0.1, 0.5, 0.9)}
 EVAL_SEED = 0  # calibration and training use other seeds and haystack offsets
 EMBEDDED_CONTEXT = 8192  # SmolLM2-135M's max_position_embeddings (checked against the model once loaded)
