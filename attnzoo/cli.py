@@ -93,6 +93,8 @@ def _check_compare_args(args) -> dict:
             raise UsageError(f"--lengths: {n} tokens is past the embedded model's context ({EMBEDDED_CONTEXT} tokens)")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
     if args.haystack is None:
         return {}
     path = Path(args.haystack)
@@ -113,7 +115,7 @@ def compare(args) -> int:
     templates = _check_compare_args(args)
     presets = args.presets or list(cmp.DEFAULT_PRESETS)
     results = cmp.run(presets, lengths=args.lengths, tasks=args.tasks, depths=args.depths, quick=args.quick,
-                      max_new_tokens=args.max_new_tokens, **templates)
+                      max_new_tokens=args.max_new_tokens, repeats=args.repeats, **templates)
     json_path, png_path = cmp.write(results, args.out)
     print()
     print(cmp.table(results))
@@ -189,6 +191,8 @@ def main(argv=None) -> int:
     c.add_argument("--quick", action="store_true", help="one short prompt per preset (CI smoke run)")
     c.add_argument("--max-new-tokens", type=int, help="greedy tokens per answer (default: 32, 64 for multivalue)")
     c.add_argument("--out", default="attnzoo-compare", help="folder for results.json and pareto.png")
+    c.add_argument("--repeats", type=int, default=1, help="prefills timed per prompt and preset; the median "
+                   "is reported (default 1)")
     c.add_argument("--haystack", help="a UTF-8 text file the needles hide in (default: CPython's documentation)")
     t = sub.add_parser("train", help="SSA alignment training, or Elastic router training (frozen backbone)")
     t.add_argument("method", choices=["ssa", "elastic"])

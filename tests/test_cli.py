@@ -48,6 +48,7 @@ CASES = {
     "missing stack file": (["compare", "--presets", "/no/such/stack.yaml"], "stack file not found"),
     "model folder that is not a model": (["train", "elastic", "--model", "/no/such/folder"], "--model"),
     "unknown command": (["comprae"], "invalid choice"),
+    "no repeats": (["compare", "--repeats", "0"], "--repeats must be >= 1"),
 }
 
 

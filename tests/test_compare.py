@@ -150,7 +150,10 @@ def test_compare_accepts_a_stack_yaml(tok, tmp_path):
 
     path = tmp_path / "mine.yaml"
     path.write_text("name: mine\ndefault:\n  selector: {name: streaming, sink: 64, local: 256}\n  op: block_sparse\n")
-    results = run([str(path)], quick=True, progress=False)
+    results = run([str(path)], quick=True, progress=False, repeats=2)
+    assert results["settings"]["prefill_repeats"] == 2 and results["settings"]["presets_interleaved"]
+    with pytest.raises(ValueError, match="repeats must be"):
+        run([str(path)], quick=True, repeats=0)
     assert list(results["presets"]) == ["full", str(path)]
     assert results["presets"][str(path)]["stack"] == "mine"
     assert results["presets"][str(path)]["density"] < 1.0

@@ -14,6 +14,7 @@ import inspect
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -63,11 +64,17 @@ def _cache_of(out):
 
 
 @torch.no_grad()
-def _answer(model, tok, ids: torch.Tensor, max_new_tokens: int):
-    """Greedy decode; returns (text, prefill seconds)."""
-    t0 = time.perf_counter()
-    out = model(ids, use_cache=True, logits_to_keep=1)
-    prefill = time.perf_counter() - t0
+def _answer(model, tok, ids: torch.Tensor, max_new_tokens: int, repeats: int = 1, meter=None):
+    """Greedy decode; returns (text, prefill seconds: the median of ``repeats`` prefills). The
+    density ``meter`` is reset before each prefill, so it holds one prefill's densities."""
+    times = []
+    for _ in range(repeats):
+        if meter is not None:
+            meter.reset()
+        t0 = time.perf_counter()
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        times.append(time.perf_counter() - t0)
+    prefill = statistics.median(times)
     cache_arg = _cache_arg(model)
     past, nxt = _cache_of(out), out.logits[:, -1].argmax(-1, keepdim=True)
     tokens = [nxt]
@@ -82,9 +89,12 @@ def _answer(model, tok, ids: torch.Tensor, max_new_tokens: int):
 
 def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick: bool = False,
         max_new_tokens: int | None = None, seed: int = EVAL_SEED, model=None, tok=None, progress: bool = True,
-        **templates) -> dict:
-    """Run the comparison; returns the ``results.json`` dict. ``templates``: ``haystack``,
-    ``needle``, ``question`` for the prompts (``attnzoo.eval.niah.make_prompt``)."""
+        repeats: int = 1, **templates) -> dict:
+    """Run the comparison; returns the ``results.json`` dict. ``repeats``: prefills timed per prompt
+    and preset (the median is reported). ``templates``: ``haystack``, ``needle``, ``question`` for
+    the prompts (``attnzoo.eval.niah.make_prompt``)."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
     from tqdm import tqdm
 
     settings = dict(QUICK if quick else FULL)
@@ -121,10 +131,11 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
             with patch(model, stacks[name], meter=meter):
                 if p is longest:  # peak memory of the longest real prefill (+ its short decode)
                     got = {}
-                    peaks[name] = peak_memory(lambda p=p, n=budget: got.update(r=_answer(model, tok, p.input_ids, n)))
+                    peaks[name] = peak_memory(
+                        lambda p=p, n=budget: got.update(r=_answer(model, tok, p.input_ids, n, repeats, meter)))
                     text, prefill = got["r"]
                 else:
-                    text, prefill = _answer(model, tok, p.input_ids, budget)
+                    text, prefill = _answer(model, tok, p.input_ids, budget, repeats, meter)
             per_prompt[name].append({"task": p.task, "tokens": p.n_tokens, "depth": p.depth,
                                      "answers": list(p.answers), "output": text, "correct": score(text, p.answers),
                                      "prefill_s": prefill, "density": meter.mean()})
@@ -153,6 +164,7 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
         "presets": rows,
         "settings": {**{k: list(v) for k, v in settings.items()},
                      "max_new_tokens": max_new_tokens or dict(MAX_NEW_TOKENS), "seed": seed,
+                     "prefill_repeats": repeats, "presets_interleaved": True,
                      "quick": quick, "model": "SmolLM2-135M-Instruct (embedded)"},
         "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "threads": torch.get_num_threads()},
