@@ -78,17 +78,14 @@ class UsageError(ValueError):
 def _check_compare_args(args) -> dict:
     """Everything checkable before the model loads; returns the haystack options."""
     from .eval.compare import EMBEDDED_CONTEXT
-    from .eval.niah import TASKS
+    from .eval.niah import check_settings
 
-    for d in args.depths or ():
-        if not 0.0 <= d <= 1.0:
-            raise UsageError(f"--depths: every depth must lie in [0, 1], got {d:g}")
-    for t in args.tasks or ():
-        if t not in TASKS:
-            raise UsageError(f"--tasks: unknown task {t!r}; tasks: {','.join(TASKS)}")
+    for flag in ("lengths", "depths", "tasks"):
+        try:
+            check_settings(**{flag: getattr(args, flag) or ()})
+        except ValueError as e:
+            raise UsageError(f"--{flag}: {e}") from None
     for n in args.lengths or ():
-        if n < 256:
-            raise UsageError(f"--lengths: prompts need at least 256 tokens, got {n}")
         if n > EMBEDDED_CONTEXT:
             raise UsageError(f"--lengths: {n} tokens is past the embedded model's context ({EMBEDDED_CONTEXT} tokens)")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:

@@ -58,6 +58,20 @@ QUESTION = ("What {is_are} {plural} for {key} mentioned in the text above? "
             "Answer with the {number_s} only.")
 
 
+def check_settings(lengths=(), depths=(), tasks=()) -> None:
+    """Prompt settings, checked before any tokenizer work (the CLI calls it before the model
+    loads): lengths >= 256 tokens, depths in [0, 1], tasks among ``TASKS``."""
+    for n in lengths:
+        if n < 256:
+            raise ValueError(f"a prompt needs at least 256 tokens, got length {n}")
+    for d in depths:
+        if not 0.0 <= d <= 1.0:
+            raise ValueError(f"depth must lie in [0, 1], got {d:g}")
+    for t in tasks:
+        if t not in TASKS:
+            raise ValueError(f"unknown task {t!r}; tasks: {','.join(TASKS)}")
+
+
 def check_templates(needle: str, question: str) -> None:
     """Templates must name their fields: needle ``{key}`` and ``{value}``; question ``{key}`` (and
     may use ``{is_are}``, ``{plural}``, ``{number_s}``)."""
@@ -103,10 +117,7 @@ def make_prompt(tok, task: str, length: int, depth: float, seed: int, offset: in
     ``haystack``: the text the needles hide in (default: CPython's documentation topics);
     ``needle`` / ``question``: templates (see ``check_templates``), so users test on their own
     documents and phrasing. A haystack too short for ``length`` raises ``ValueError``."""
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must lie in [0, 1], got {depth}")
-    if length < 256:
-        raise ValueError(f"length must be >= 256 tokens, got {length}")
+    check_settings(lengths=(length,), depths=(depth,), tasks=(task,))
     check_templates(needle, question)
     rng = random.Random(f"{task}/{length}/{depth}/{seed}")
     needles, key, answers = _needles(task, rng, needle)
@@ -152,9 +163,7 @@ def suite(tok, lengths=(2048, 4096, 6144), depths=(0.1, 0.5, 0.9), tasks=TASKS, 
     """Prompts over lengths x tasks. With ``per_cell`` every (length, task, depth) gets a prompt;
     otherwise depths rotate across (length, task) cells, which keeps the suite small.
     ``templates``: ``haystack``, ``needle``, ``question`` (see ``make_prompt``)."""
-    for t in tasks:
-        if t not in TASKS:
-            raise ValueError(f"unknown task {t!r}; tasks: {list(TASKS)}")
+    check_settings(lengths, depths, tasks)
     prompts = []
     i = 0
     for length in lengths:
