@@ -137,8 +137,9 @@ def launch_config(R: int, D: int, S: int) -> dict:
     function: ``bench/gpu/tune.py`` swaps it."""
     if interpreting():
         return dict(QB=max(1, 16 // R), C_TILE=max(R, 16))
-    # H100, D 64 (bench/gpu/tune.py): stride 8 best at 64 rows x 64 columns, 4 warps, 2 stages
-    # (0.59 ms at 32K, 9 heads; 8 warps 0.63, 3 stages 1.7); stride 16 at 128 rows (0.71 ms)
+    # H100, D 64, 32K, 9/3 heads (bench/results/gpu-h100-tune/tune.json): stride 8 best at 64 rows x
+    # 64 columns, 4 warps, 2 stages (0.60 ms; 8 warps 0.75, 3 stages 1.66); stride 16 at 128 rows
+    # (0.93-1.10 ms; 64 rows 1.09). Run-to-run noise is 10-20 %.
     return dict(QB=max(1, (64 if S * D <= 512 else 128) // R), C_TILE=max(R, 64), num_warps=4, num_stages=2)
 
 
