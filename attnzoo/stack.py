@@ -32,7 +32,8 @@ from .config import ConfigError, dump_config, load_config, suggest
 from .ops import dense as dense_op
 from .ops import mixed as mixed_op
 from .ops import token_sparse
-from .ops.executor import HeadMode, branch_densities, common_block_size, mixed_plan, split_by_branch, uniform_plan
+from .ops.executor import (HeadMode, branch_densities, common_block_size, fill_branch, mixed_plan, pending_counts,
+                           split_by_branch, uniform_plan)
 from .ops.mixed import fused_backend
 from .ops.padding import StartAligned, first_real
 from .plans import BlockPlan, DensePlan, HeadPlan, TokenPlan
@@ -198,53 +199,62 @@ class Routed(Node):
             ctx.record(1.0)
             return dense_op(q, k, v, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
         plan = self.decide(q, k, ctx)
-        if self._choose_path(q, k, v, plan, ctx) == "mixed":
-            fused = self._fused(q, k, v, plan, ctx)
-            if fused is not None:
-                return fused
+        path = self._choose_path(q, k, v, plan, ctx)
+        if path != "split":
+            out = self._paths()[path](q, k, v, plan, ctx)
+            if out is not None:
+                return out
         return self._split(q, k, v, plan, ctx)
 
-    def _choose_path(self, q, k, v, plan: HeadPlan, ctx: CallContext) -> str:
-        """One mixed launch or one call per branch, by measurement on the device, per call shape.
+    def _paths(self) -> dict:
+        return {"mixed": self._fused, "hybrid": self._hybrid, "split": self._split}
 
-        The mixed launch runs every head in the Triton kernel; the split runs dense heads through
-        the fastest dense kernel (SDPA's cuDNN/FA3-class kernels on Hopper) and selects only for the
-        heads routed to a sparse branch, at the cost of a host sync to find them. Which wins depends
-        on the share of dense heads (which differs between layers: a router sends most heads of
-        some layers to full attention) and the length, so the first call of each shape in each
-        layer times both (CUDA events) and the faster is kept for that layer. On the CPU there is
-        no single-launch backend: split."""
+    def _choose_path(self, q, k, v, plan: HeadPlan, ctx: CallContext) -> str:
+        """One mixed launch, the hybrid, or one call per branch: by measurement on the device, per
+        call shape and layer.
+
+        The mixed launch runs every head in the Triton kernel, with no host sync. The split runs
+        dense heads through the fastest dense kernel (SDPA's cuDNN/FA3-class kernels on Hopper) and
+        selects only for the heads routed to a sparse branch, at the cost of a host sync to find
+        them, which leaves the GPU idle while the host launches the rest. The hybrid queues the
+        sparse branches' single launch before that sync, so the GPU has work while it waits. Which
+        wins depends on the share of dense heads (a router sends most heads of some layers to full
+        attention) and the length, so the first call of each shape in each layer times each path
+        (CUDA events, best of two after a warm-up) and keeps the fastest for that layer. On the CPU
+        there is no single-launch backend: split."""
         if q.device.type != "cuda" or ctx.decode:
             return "mixed"  # _fused declines where it cannot run; the CPU falls through to split
         key = (ctx.layer_idx, tuple(q.shape), tuple(k.shape), q.dtype, ctx.key_padding_mask is None)
         if key not in self._path:
             quiet = replace(ctx, meter=None)
             timings = {}
-            for path in ("mixed", "split"):
-                run = (lambda: self._fused(q, k, v, plan, quiet)) if path == "mixed" else \
-                    (lambda: self._split(q, k, v, plan, quiet))
-                if path == "mixed" and run() is None:
-                    timings[path] = float("inf")
+            for name, fn in self._paths().items():
+                if fn(q, k, v, plan, quiet) is None:  # also the warm-up: kernels compile now
                     continue
-                if path == "split":
-                    run()  # warm: its kernels may compile now; the mixed path was warmed just above
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                run()
-                end.record()
-                end.synchronize()
-                timings[path] = start.elapsed_time(end)
+                best = float("inf")
+                for _ in range(2):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn(q, k, v, plan, quiet)
+                    end.record()
+                    end.synchronize()
+                    best = min(best, start.elapsed_time(end))
+                timings[name] = best
             self._path[key] = min(timings, key=timings.get)
         return self._path[key]
 
     def _split(self, q, k, v, plan: HeadPlan, ctx: CallContext) -> torch.Tensor:
-        def run_branch(i, b, h):
+        return split_by_branch(q, k, v, plan.branch, len(self.labels), self._run_branch(q, k, v, ctx))
+
+    def _run_branch(self, q, k, v, ctx: CallContext):
+        """``run(i, b, h)``: branch ``i`` on the pairs ``(b, h)`` folded into the batch (all: None)."""
+        def run(i, b, h):
             node = self.branches[self.labels[i]]
             if b is None:  # every pair takes this branch
                 return node(q, k, v, ctx)
             return node(*self._fold(q, k, v, ctx, b, h))
 
-        return split_by_branch(q, k, v, plan.branch, len(self.labels), run_branch)
+        return run
 
     @staticmethod
     def _fold(q, k, v, ctx, b, h):
@@ -268,6 +278,32 @@ class Routed(Node):
 
     def _fused(self, q, k, v, plan: HeadPlan, ctx: CallContext) -> torch.Tensor | None:
         """All branches in one mixed-mode launch (no host sync), or None where that is not possible."""
+        parts = self._mixed_parts(q, k, v, plan, ctx)
+        if parts is None:
+            return None
+        mplan, backend = parts
+        self._record_mixed(plan, mplan, ctx)
+        return mixed_op(q, k, v, mplan, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale, backend=backend)
+
+    def _hybrid(self, q, k, v, plan: HeadPlan, ctx: CallContext) -> torch.Tensor | None:
+        """The sparse branches in one mixed launch, queued before the host waits for the router's
+        decision; then the dense branch's heads through the fastest dense kernel (see
+        ``ops.executor``). None where there is not exactly one dense branch or no mixed launch."""
+        modes = self.head_modes()
+        dense = [i for i, m in enumerate(modes or ()) if m.kind == "dense"]
+        if ctx.decode or len(dense) != 1:
+            return None
+        counts = pending_counts(plan.branch, len(modes))  # queued before the selectors' work
+        parts = self._mixed_parts(q, k, v, plan, ctx, skip=dense[0])
+        if parts is None:
+            return None
+        mplan, backend = parts
+        self._record_mixed(plan, mplan, ctx, skip=dense[0])
+        out = mixed_op(q, k, v, mplan, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale, backend=backend)
+        return fill_branch(out, q, k, plan.branch, dense[0], counts()[dense[0]], self._run_branch(q, k, v, ctx))
+
+    def _mixed_parts(self, q, k, v, plan: HeadPlan, ctx: CallContext, skip: int | None = None):
+        """(MixedPlan, backend name) of a single launch of every branch but ``skip``, or None."""
         if ctx.decode:
             return None
         modes = self.head_modes()
@@ -288,12 +324,15 @@ class Routed(Node):
                 if not isinstance(bp, BlockPlan):
                     return None  # e.g. a selector that fell back to a dense plan on a short input
                 block_plans[i] = bp
-        mplan = mixed_plan(plan.branch, modes, block_plans, q.shape[1], q.shape[2], k.shape[2], bs)
-        if ctx.meter is not None:
-            for share, density in branch_densities(plan.branch, mplan, len(modes)):
+        mplan = mixed_plan(plan.branch, modes, block_plans, q.shape[1], q.shape[2], k.shape[2], bs, skip=skip)
+        return mplan, backend.name
+
+    def _record_mixed(self, plan: HeadPlan, mplan, ctx: CallContext, skip: int | None = None) -> None:
+        if ctx.meter is None:
+            return
+        for i, (share, density) in enumerate(branch_densities(plan.branch, mplan, len(self.labels))):
+            if i != skip:  # the skipped branch's own call records it
                 replace(ctx, share=ctx.share * share).record(density)
-        return mixed_op(q, k, v, mplan, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale,
-                        backend=backend.name)
 
     def to_config(self) -> dict:
         out = {"router": to_config(self.router), "branches": {k: n.to_config() for k, n in self.branches.items()}}

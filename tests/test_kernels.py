@@ -376,6 +376,49 @@ def test_routed_stack_single_launch_equals_per_branch(sparse, monkeypatch):
     assert rel_err(fused, split) <= 1e-5
 
 
+@needs_triton
+@pytest.mark.parametrize("heads", [["full", "sparse", "sparse", "full"], ["sparse"] * 4, ["full"] * 4],
+                         ids=["half", "no-dense", "all-dense"])
+def test_routed_hybrid_path_equals_split(heads, monkeypatch):
+    """The hybrid path (sparse heads in one launch queued first, dense heads filled in by the dense
+    op) gives the split path's output, gradients and metered density, for any share of dense heads."""
+    from attnzoo.stack import DensityMeter
+    sparse = {"selector": {"name": "xattention", "stride": 4, "block_size": 32, "chunk_size": 64,
+                           "threshold": 0.8}, "op": "block_sparse"}
+    stack = build({"default": {"router": {"name": "table", "heads": {0: heads}},
+                               "branches": {"full": {"op": "dense"}, "sparse": sparse}}})
+    node = stack.node_for(0)
+    q, k, v, kpm = _qkv(Case(2, 8, 4, 100, 100, 32, "right"), torch.float32, False, seed=6)
+    outs, grads, dens = [], [], []
+    for path in ("split", "hybrid"):
+        monkeypatch.setenv("ATTNZOO_BACKEND", "mixed=triton")
+        qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+        meter = DensityMeter()
+        ctx = CallContext(key_padding_mask=kpm, layer_idx=0, meter=meter)
+        out = node._paths()[path](qq, kk, vv, node.decide(qq, kk, ctx), ctx)
+        assert out is not None, f"{path} declined"
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([t.grad for t in (qq, kk, vv)])
+        dens.append(meter.mean())
+    assert rel_err(outs[1], outs[0]) <= 1e-5
+    for a, b in zip(*grads):
+        assert rel_err(b, a) <= 1e-4
+    assert dens[1] == pytest.approx(dens[0], abs=1e-6)
+
+
+def test_hybrid_declines_without_exactly_one_dense_branch():
+    stack = build({"default": {"router": {"name": "table", "heads": {0: ["a", "b"]}},
+                               "branches": {"a": {"selector": {"name": "streaming", "sink": 32, "local": 32,
+                                                               "block_size": 32}, "op": "block_sparse"},
+                                            "b": {"selector": {"name": "streaming", "sink": 64, "local": 64,
+                                                               "block_size": 32}, "op": "block_sparse"}}}})
+    node = stack.node_for(0)
+    q, k, v, _ = _qkv(Case(1, 4, 2, 64, 64, 32, None), torch.float32, False, seed=1)
+    ctx = CallContext(layer_idx=0)
+    assert node._hybrid(q, k, v, node.decide(q, k, ctx), ctx) is None
+
+
 # -- FlashInfer: plan conversion (CPU) ----------------------------------------------------------
 
 def _emulate_flashinfer(call: fib.VariableBlockCall, q, k, v, scale):

@@ -10,6 +10,10 @@ this module *executes* it:
   all heads, because choosing a subset would need the decision on the host).
 - ``split_by_branch`` runs one call per branch on exactly the (batch, KV head) pairs routed to
   it, folded into the batch dimension. Finding those pairs reads the decision: one host sync.
+- the hybrid of the two (``pending_counts`` + ``fill_branch``): the sparse branches run in one
+  mixed launch in which the dense branch's heads walk no block (``mixed_plan(skip=...)``), queued
+  *before* the host waits for the decision, so the GPU has work while the host then launches the
+  dense heads through the fastest dense kernel and writes them into the mixed launch's output.
 """
 
 from __future__ import annotations
@@ -46,11 +50,13 @@ def common_block_size(modes: list[HeadMode], default: int = 64) -> int | None:
 
 
 def mixed_plan(branch: torch.Tensor, modes: list[HeadMode], block_plans: dict[int, BlockPlan],
-               q_heads: int, q_len: int, kv_len: int, block_size: int) -> MixedPlan:
+               q_heads: int, q_len: int, kv_len: int, block_size: int, skip: int | None = None) -> MixedPlan:
     """A per-query-head MixedPlan for the decision ``branch`` ``[B, Hkv]`` (index into ``modes``).
 
     ``block_plans[i]`` is branch ``i``'s plan over *all* heads (per query or per KV head); a head
-    routed to a block branch takes its rows from it. No host synchronisation.
+    routed to a block branch takes its rows from it. Heads routed to branch ``skip`` become block
+    heads with no block (the kernel writes zeros for them; another call fills them in). No host
+    synchronisation.
     """
     B, Hkv = branch.shape
     g, dev = q_heads // Hkv, branch.device
@@ -94,6 +100,19 @@ def _mode_table(modes: tuple[HeadMode, ...], device) -> torch.Tensor:
     """``[branches, 3]`` (mode, sink, local) on ``device``: copied to a GPU once per layer kind, not per
     call (a copy from host memory would block the host)."""
     return torch.tensor([[MODES.index(m.kind), m.sink, m.local] for m in modes], dtype=torch.int32, device=device)
+
+
+def _without_heads(block: BlockPlan | None, drop: torch.Tensor, q_len: int, kv_len: int,
+                   block_size: int) -> BlockPlan:
+    """``block`` (per query head) with no block left for the heads where ``drop`` ``[B, Hq]`` holds
+    (a plan of zero counts where there is none)."""
+    if block is None:
+        B, Hq = drop.shape
+        counts = torch.zeros(B, Hq, cdiv(q_len, block_size), dtype=torch.int32, device=drop.device)
+        return BlockPlan(counts[..., None], counts, block_size, block_size, q_len, kv_len, True)
+    counts = torch.where(drop[..., None], 0, block.kv_counts)
+    return BlockPlan(block.kv_indices, counts, block.block_q, block.block_k, block.q_len, block.kv_len,
+                     block.causal)
 
 
 def _per_query_head(plan: BlockPlan, q_heads: int) -> BlockPlan:
@@ -144,3 +163,44 @@ def split_by_branch(q, k, v, branch: torch.Tensor, n_branches: int,
         b, h = torch.nonzero_static(branch == i, size=n).unbind(-1)
         out[b, h] = run(i, b, h).to(out.dtype)
     return out.reshape(B, Hq, Nq, D)
+
+
+def pending_counts(branch: torch.Tensor, n_branches: int) -> Callable[[], list[int]]:
+    """How many (batch, KV head) pairs each branch took, as a function that waits for them.
+
+    On a GPU the counts are copied to pinned host memory behind the work queued so far and an event
+    marks them; the host reads them only when it calls the function, after it has queued more work
+    (the sparse branches), so the GPU keeps running while the host waits and then launches the rest.
+    """
+    counts = (branch[..., None] == torch.arange(n_branches, device=branch.device)).sum((0, 1))
+    if branch.device.type != "cuda":
+        return counts.tolist
+    host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+    host.copy_(counts, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+
+    def wait() -> list[int]:
+        ready.synchronize()
+        return host.tolist()
+
+    return wait
+
+
+def fill_branch(out: torch.Tensor, q, k, branch: torch.Tensor, i: int, n: int,
+                run: Callable[[int, torch.Tensor | None, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
+    """``out`` ``[B, Hq, Nq, D]`` with the heads of the ``n`` (batch, KV head) pairs routed to branch
+    ``i`` replaced by ``run(i, b, h)`` (as in ``split_by_branch``; ``b``, ``h`` None when every pair
+    took it). In place, unless ``out`` is part of an autograd graph."""
+    B, Hq, Nq, D = q.shape
+    Hkv = k.shape[1]
+    if n == 0:
+        return out
+    if n == B * Hkv:
+        return run(i, None, None).to(out.dtype)
+    b, h = torch.nonzero_static(branch == i, size=n).unbind(-1)
+    vals = run(i, b, h).to(out.dtype)
+    if out.requires_grad:
+        return out.unflatten(1, (Hkv, Hq // Hkv)).index_put((b, h), vals).flatten(1, 2)
+    out.unflatten(1, (Hkv, Hq // Hkv))[b, h] = vals
+    return out
