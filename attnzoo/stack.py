@@ -32,8 +32,8 @@ from .config import ConfigError, dump_config, load_config, suggest
 from .ops import dense as dense_op
 from .ops import mixed as mixed_op
 from .ops import token_sparse
-from .ops.executor import (HeadMode, branch_densities, common_block_size, fill_branch, mixed_plan, pending_counts,
-                           split_by_branch, uniform_plan)
+from .ops.executor import (HeadMode, HeadRun, branch_densities, common_block_size, fill_branch, mixed_plan,
+                           pending_decision, split_by_branch, uniform_plan)
 from .ops.mixed import fused_backend
 from .ops.padding import StartAligned, first_real
 from .plans import BlockPlan, DensePlan, HeadPlan, TokenPlan
@@ -220,8 +220,8 @@ class Routed(Node):
         sparse branches' single launch before that sync, so the GPU has work while it waits. Which
         wins depends on the share of dense heads (a router sends most heads of some layers to full
         attention) and the length, so the first call of each shape in each layer times each path
-        (CUDA events, best of two after a warm-up) and keeps the fastest for that layer. On the CPU
-        there is no single-launch backend: split."""
+        (CUDA events, best of two after a warm-up, behind queued GPU work as in a prefill) and keeps
+        the fastest for that layer. On the CPU there is no single-launch backend: split."""
         if q.device.type != "cuda" or ctx.decode:
             return "mixed"  # _fused declines where it cannot run; the CPU falls through to split
         key = (ctx.layer_idx, tuple(q.shape), tuple(k.shape), q.dtype, ctx.key_padding_mask is None)
@@ -231,30 +231,40 @@ class Routed(Node):
             for name, fn in self._paths().items():
                 if fn(q, k, v, plan, quiet) is None:  # also the warm-up: kernels compile now
                     continue
-                best = float("inf")
-                for _ in range(2):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    fn(q, k, v, plan, quiet)
-                    end.record()
-                    end.synchronize()
-                    best = min(best, start.elapsed_time(end))
-                timings[name] = best
+                timings[name] = min(_time_behind_busy_gpu(lambda: fn(q, k, v, plan, quiet)) for _ in range(2))  # noqa: B023
             self._path[key] = min(timings, key=timings.get)
         return self._path[key]
 
     def _split(self, q, k, v, plan: HeadPlan, ctx: CallContext) -> torch.Tensor:
-        return split_by_branch(q, k, v, plan.branch, len(self.labels), self._run_branch(q, k, v, ctx))
+        return split_by_branch(q, k, plan.branch, len(self.labels), self._run_branch(q, k, v, ctx))
 
     def _run_branch(self, q, k, v, ctx: CallContext):
-        """``run(i, b, h)``: branch ``i`` on the pairs ``(b, h)`` folded into the batch (all: None)."""
-        def run(i, b, h):
+        """``run(i, part)`` for ``ops.executor``: branch ``i`` on every pair (None), on a run of
+        heads (views) or on gathered pairs folded into the batch."""
+        def run(i, part):
             node = self.branches[self.labels[i]]
-            if b is None:  # every pair takes this branch
+            if part is None:  # every pair takes this branch
                 return node(q, k, v, ctx)
-            return node(*self._fold(q, k, v, ctx, b, h))
+            if isinstance(part, HeadRun):
+                return node(*self._slice(q, k, v, ctx, part))
+            return node(*self._fold(q, k, v, ctx, *part))
 
         return run
+
+    @staticmethod
+    def _slice(q, k, v, ctx, r: HeadRun):
+        """KV heads ``r.h0:r.h1`` of batch element ``r.b`` (and their query heads), as views."""
+        B, Hq = q.shape[:2]
+        Hkv = k.shape[1]
+        g, b = Hq // Hkv, slice(r.b, r.b + 1)
+        sub = replace(
+            ctx,
+            key_padding_mask=None if ctx.key_padding_mask is None else ctx.key_padding_mask[b],
+            pre_rope_keys=None if ctx.pre_rope_keys is None else ctx.pre_rope_keys[b, :, r.h0:r.h1],
+            cache=None,  # nested routers decide per call
+            share=ctx.share * (r.h1 - r.h0) / (B * Hkv),
+        )
+        return q[b, r.h0 * g:r.h1 * g], k[b, r.h0:r.h1], v[b, r.h0:r.h1], sub
 
     @staticmethod
     def _fold(q, k, v, ctx, b, h):
@@ -293,14 +303,14 @@ class Routed(Node):
         dense = [i for i, m in enumerate(modes or ()) if m.kind == "dense"]
         if ctx.decode or len(dense) != 1:
             return None
-        counts = pending_counts(plan.branch, len(modes))  # queued before the selectors' work
+        decision = pending_decision(plan.branch)  # its copy is queued before the selectors' work
         parts = self._mixed_parts(q, k, v, plan, ctx, skip=dense[0])
         if parts is None:
             return None
         mplan, backend = parts
         self._record_mixed(plan, mplan, ctx, skip=dense[0])
         out = mixed_op(q, k, v, mplan, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale, backend=backend)
-        return fill_branch(out, q, k, plan.branch, dense[0], counts()[dense[0]], self._run_branch(q, k, v, ctx))
+        return fill_branch(out, plan.branch, decision(), dense[0], self._run_branch(q, k, v, ctx))
 
     def _mixed_parts(self, q, k, v, plan: HeadPlan, ctx: CallContext, skip: int | None = None):
         """(MixedPlan, backend name) of a single launch of every branch but ``skip``, or None."""
@@ -339,6 +349,21 @@ class Routed(Node):
         if self.dense_below:
             out["dense_below"] = dict(self.dense_below)
         return out
+
+
+def _time_behind_busy_gpu(fn, busy_cycles: int = 4_000_000) -> float:
+    """Milliseconds of GPU time from the start of ``fn``'s work to its end, with the GPU kept busy
+    (~2 ms of spinning) while the host queues it. In a prefill the host runs ahead of the GPU, so
+    a host sync inside ``fn`` stalls the GPU for as long as the host then needs to launch the next
+    kernel; timed from an idle GPU, that stall would not show, and a path that queues its work
+    before it syncs would not show its advantage either."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(busy_cycles)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 @functools.lru_cache(maxsize=64)

@@ -377,12 +377,16 @@ def test_routed_stack_single_launch_equals_per_branch(sparse, monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("heads", [["full", "sparse", "sparse", "full"], ["sparse"] * 4, ["full"] * 4],
-                         ids=["half", "no-dense", "all-dense"])
-def test_routed_hybrid_path_equals_split(heads, monkeypatch):
+@pytest.mark.parametrize("heads,max_runs", [(["full", "sparse", "sparse", "full"], 4),
+                                            (["full", "sparse", "sparse", "full"], 0),
+                                            (["sparse"] * 4, 4), (["full"] * 4, 4)],
+                         ids=["half-views", "half-gathered", "no-dense", "all-dense"])
+def test_routed_hybrid_path_equals_split(heads, max_runs, monkeypatch):
     """The hybrid path (sparse heads in one launch queued first, dense heads filled in by the dense
     op) gives the split path's output, gradients and metered density, for any share of dense heads."""
+    from attnzoo.ops import executor
     from attnzoo.stack import DensityMeter
+    monkeypatch.setattr(executor, "MAX_RUNS", max_runs)
     sparse = {"selector": {"name": "xattention", "stride": 4, "block_size": 32, "chunk_size": 64,
                            "threshold": 0.8}, "op": "block_sparse"}
     stack = build({"default": {"router": {"name": "table", "heads": {0: heads}},

@@ -9,8 +9,9 @@ this module *executes* it:
   block-mode heads take their rows of a block plan computed for every head (the selector runs on
   all heads, because choosing a subset would need the decision on the host).
 - ``split_by_branch`` runs one call per branch on exactly the (batch, KV head) pairs routed to
-  it, folded into the batch dimension. Finding those pairs reads the decision: one host sync.
-- the hybrid of the two (``pending_counts`` + ``fill_branch``): the sparse branches run in one
+  it: one call per run of consecutive heads, on views (no copy), or the pairs gathered and folded
+  into the batch where they are scattered. Finding them reads the decision: one host sync.
+- the hybrid of the two (``pending_decision`` + ``fill_branch``): the sparse branches run in one
   mixed launch in which the dense branch's heads walk no block (``mixed_plan(skip=...)``), queued
   *before* the host waits for the decision, so the GPU has work while the host then launches the
   dense heads through the fastest dense kernel and writes them into the mixed launch's output.
@@ -136,71 +137,106 @@ def branch_densities(branch: torch.Tensor, plan: MixedPlan, n_branches: int):
     return out
 
 
-def split_by_branch(q, k, v, branch: torch.Tensor, n_branches: int,
-                    run: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """One call per branch on the (batch, KV head) pairs routed to it (a host sync to find them).
+@dataclass(frozen=True)
+class HeadRun:
+    """KV heads ``h0:h1`` of batch element ``b``, routed to one branch: a call on views of q/k/v."""
 
-    The branch counts are the one value read back; the pairs are then found with a static-size
-    ``nonzero``, which needs no further sync. ``run(i, b, h)`` returns branch ``i``'s output for the
-    pairs ``(b[j], h[j])``, each pair one batch element of ``[n, g, Nq, D]``; outputs are written
-    back in head order. A branch that takes every pair is called once on the whole batch (``b``,
-    ``h`` = None).
+    b: int
+    h0: int
+    h1: int
+
+
+MAX_RUNS = 4  # more runs of consecutive heads than this: one call on the gathered pairs instead
+
+# run(i, part): branch i's output for ``part`` -- None (every pair: the whole call), a HeadRun (views,
+# output [1, (h1 - h0) * g, Nq, D]) or (b, h) index tensors (pairs folded into the batch, [n, g, Nq, D])
+RunBranch = Callable[[int, "HeadRun | tuple[torch.Tensor, torch.Tensor] | None"], torch.Tensor]
+
+
+def pending_decision(branch: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The router's decision ``[B, Hkv]`` on the host, as a function that waits for it.
+
+    On a GPU it is copied to pinned host memory behind the work queued so far and an event marks
+    it; the host waits only when it calls the function. A caller that queues more work first (the
+    sparse branches) keeps the GPU busy while the host waits and then launches the rest.
     """
-    B, Hq, Nq, D = q.shape
-    Hkv = k.shape[1]
-    g = Hq // Hkv
-    # (not bincount: on CUDA it reads the maximum back first, a second sync)
-    counts = (branch[..., None] == torch.arange(n_branches, device=branch.device)).sum((0, 1)).tolist()
-    out = None
-    for i, n in enumerate(counts):
-        if n == 0:
-            continue
-        if n == B * Hkv:
-            return run(i, None, None)
-        if out is None:
-            out = q.new_zeros(B, Hkv, g, Nq, D)
-        # the count is known on the host now: a static-size nonzero reads nothing more back
-        b, h = torch.nonzero_static(branch == i, size=n).unbind(-1)
-        out[b, h] = run(i, b, h).to(out.dtype)
-    return out.reshape(B, Hq, Nq, D)
-
-
-def pending_counts(branch: torch.Tensor, n_branches: int) -> Callable[[], list[int]]:
-    """How many (batch, KV head) pairs each branch took, as a function that waits for them.
-
-    On a GPU the counts are copied to pinned host memory behind the work queued so far and an event
-    marks them; the host reads them only when it calls the function, after it has queued more work
-    (the sparse branches), so the GPU keeps running while the host waits and then launches the rest.
-    """
-    counts = (branch[..., None] == torch.arange(n_branches, device=branch.device)).sum((0, 1))
     if branch.device.type != "cuda":
-        return counts.tolist
-    host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
-    host.copy_(counts, non_blocking=True)
+        return lambda: branch
+    host = torch.empty(branch.shape, dtype=branch.dtype, pin_memory=True)
+    host.copy_(branch, non_blocking=True)
     ready = torch.cuda.Event()
     ready.record()
 
-    def wait() -> list[int]:
+    def wait() -> torch.Tensor:
         ready.synchronize()
-        return host.tolist()
+        return host
 
     return wait
 
 
-def fill_branch(out: torch.Tensor, q, k, branch: torch.Tensor, i: int, n: int,
-                run: Callable[[int, torch.Tensor | None, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
-    """``out`` ``[B, Hq, Nq, D]`` with the heads of the ``n`` (batch, KV head) pairs routed to branch
-    ``i`` replaced by ``run(i, b, h)`` (as in ``split_by_branch``; ``b``, ``h`` None when every pair
-    took it). In place, unless ``out`` is part of an autograd graph."""
+def head_runs(decision: torch.Tensor, i: int) -> list[HeadRun] | None:
+    """The runs of consecutive KV heads routed to branch ``i`` (host decision), or None if more
+    than ``MAX_RUNS``."""
+    runs = []
+    for b, row in enumerate(decision.tolist()):
+        h = 0
+        while h < len(row):
+            if row[h] != i:
+                h += 1
+                continue
+            h1 = h
+            while h1 < len(row) and row[h1] == i:
+                h1 += 1
+            runs.append(HeadRun(b, h, h1))
+            h = h1
+    return runs if len(runs) <= MAX_RUNS else None
+
+
+def _write_branch(out5: torch.Tensor, branch: torch.Tensor, decision: torch.Tensor, i: int,
+                  run: RunBranch) -> None:
+    """Branch ``i``'s output into ``out5`` ``[B, Hkv, g, Nq, D]``: a call per run of heads (on views,
+    no gather), or one call on the gathered pairs where the heads are scattered."""
+    g = out5.shape[2]
+    runs = head_runs(decision, i)
+    if runs is not None:
+        for r in runs:
+            out5[r.b, r.h0:r.h1] = run(i, r)[0].unflatten(0, (r.h1 - r.h0, g)).to(out5.dtype)
+        return
+    # the count is known on the host: a static-size nonzero reads nothing more back
+    n = int((decision == i).sum())
+    b, h = torch.nonzero_static(branch == i, size=n).unbind(-1)
+    out5[b, h] = run(i, (b, h)).to(out5.dtype)
+
+
+def split_by_branch(q, k, branch: torch.Tensor, n_branches: int, run: RunBranch) -> torch.Tensor:
+    """One call per branch (per run of its heads) on the (batch, KV head) pairs routed to it.
+
+    Reads the decision back (a host sync) and writes each branch's outputs in head order. A branch
+    that takes every pair is called once on the whole batch.
+    """
     B, Hq, Nq, D = q.shape
     Hkv = k.shape[1]
-    if n == 0:
+    decision = pending_decision(branch)()
+    for i in range(n_branches):
+        if bool((decision == i).all()):
+            return run(i, None)
+    out5 = q.new_empty(B, Hkv, Hq // Hkv, Nq, D)  # every pair is written by exactly one branch
+    for i in range(n_branches):
+        if bool((decision == i).any()):
+            _write_branch(out5, branch, decision, i, run)
+    return out5.flatten(1, 2)
+
+
+def fill_branch(out: torch.Tensor, branch: torch.Tensor, decision: torch.Tensor, i: int,
+                run: RunBranch) -> torch.Tensor:
+    """``out`` ``[B, Hq, Nq, D]`` with the heads routed to branch ``i`` (host ``decision``) replaced
+    by that branch's output. In place, unless ``out`` is part of an autograd graph."""
+    if not bool((decision == i).any()):
         return out
-    if n == B * Hkv:
-        return run(i, None, None).to(out.dtype)
-    b, h = torch.nonzero_static(branch == i, size=n).unbind(-1)
-    vals = run(i, b, h).to(out.dtype)
+    if bool((decision == i).all()):
+        return run(i, None).to(out.dtype)
     if out.requires_grad:
-        return out.unflatten(1, (Hkv, Hq // Hkv)).index_put((b, h), vals).flatten(1, 2)
-    out.unflatten(1, (Hkv, Hq // Hkv))[b, h] = vals
+        out = out.clone()  # the op that made ``out`` saved it for its backward
+    B, Hkv = decision.shape
+    _write_branch(out.unflatten(1, (Hkv, out.shape[1] // Hkv)), branch, decision, i, run)
     return out
