@@ -37,12 +37,15 @@ class ElasticRouterLayer(nn.Module):
         return self.router(self.task(pooled))
 
 
-def pool_keys(keys: torch.Tensor, pool_tokens: int, key_padding_mask=None) -> torch.Tensor:
-    """Mean of each head's keys over the first and last ``pool_tokens`` real tokens: ``[B, Hkv, D]``."""
+def pool_keys(keys: torch.Tensor, pool_tokens: int, key_padding_mask=None, dtype=None) -> torch.Tensor:
+    """Mean of each head's keys over the first and last ``pool_tokens`` real tokens: ``[B, Hkv, D]``,
+    computed in ``dtype`` (default: the keys')."""
     B, N = keys.shape[0], keys.shape[1]
     if key_padding_mask is None and N >= 2 * pool_tokens:
-        # no padding: two slices, not a pass over all N tokens (this runs once per layer)
-        return torch.cat([keys[:, :pool_tokens], keys[:, N - pool_tokens:]], 1).mean(1)
+        # no padding: two slices, not a pass over all N tokens (this runs once per layer); the cast
+        # after the gather converts 2 x pool_tokens rows, not all N
+        return torch.cat([keys[:, :pool_tokens], keys[:, N - pool_tokens:]], 1).to(dtype or keys.dtype).mean(1)
+    keys = keys.to(dtype or keys.dtype)
     real = key_padding_mask if key_padding_mask is not None else torch.ones(B, N, dtype=torch.bool,
                                                                             device=keys.device)
     rank = real.cumsum(-1) - 1  # position among the real tokens
@@ -114,8 +117,9 @@ class ElasticRouter:
             raise ValueError(f"elastic router has head_dim={self.head_dim}, keys have {pre_rope_keys.shape[-1]}")
         mod = self.layer(layer_idx)
         p = next(mod.parameters())
-        pooled = pool_keys(pre_rope_keys.to(p.dtype), self.pool_tokens, key_padding_mask)
-        return mod.to(pooled.device)(pooled)
+        if p.device != pre_rope_keys.device:  # moved once, not per call (Module.to walks every parameter)
+            mod.to(pre_rope_keys.device)
+        return mod(pool_keys(pre_rope_keys, self.pool_tokens, key_padding_mask, dtype=p.dtype))
 
     def __call__(self, q, k, ctx, labels) -> HeadPlan:
         B, Hkv = k.shape[0], k.shape[1]

@@ -71,8 +71,10 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
                 prof.disable()
                 out = io.StringIO()
-                pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
-                print(out.getvalue()[-6000:])
+                stats = pstats.Stats(prof, stream=out)
+                stats.sort_stats("tottime").print_stats(25)
+                stats.sort_stats("cumulative").print_stats("attnzoo", 30)  # where the host time goes, by caller
+                print(out.getvalue()[-12000:])
     return 0
 
 
