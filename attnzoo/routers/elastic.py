@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, suggest
+from ..ops.head_router import head_router, pool_keys  # noqa: F401  (pool_keys: re-exported)
 from ..plans import HeadPlan
 from ..registry import register
 
@@ -36,23 +37,10 @@ class ElasticRouterLayer(nn.Module):
         """``[B, Hkv, D]`` pooled keys -> ``[B, Hkv, 2]`` logits (index 1 = full attention)."""
         return self.router(self.task(pooled))
 
-
-def pool_keys(keys: torch.Tensor, pool_tokens: int, key_padding_mask=None, dtype=None) -> torch.Tensor:
-    """Mean of each head's keys over the first and last ``pool_tokens`` real tokens: ``[B, Hkv, D]``,
-    computed in ``dtype`` (default: the keys')."""
-    B, N = keys.shape[0], keys.shape[1]
-    if key_padding_mask is None and N >= 2 * pool_tokens:
-        # no padding: two slices, not a pass over all N tokens (this runs once per layer); the cast
-        # after the gather converts 2 x pool_tokens rows, not all N
-        return torch.cat([keys[:, :pool_tokens], keys[:, N - pool_tokens:]], 1).to(dtype or keys.dtype).mean(1)
-    keys = keys.to(dtype or keys.dtype)
-    real = key_padding_mask if key_padding_mask is not None else torch.ones(B, N, dtype=torch.bool,
-                                                                            device=keys.device)
-    rank = real.cumsum(-1) - 1  # position among the real tokens
-    count = real.sum(-1, keepdim=True)
-    take = real & ((rank < pool_tokens) | (rank >= count - pool_tokens))
-    w = take.to(keys.dtype)[:, :, None, None]
-    return (keys * w).sum(1) / w.sum(1).clamp(min=1)
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        """The ten tensors of ``ops.head_router`` (W1, b1, ..., W5, b5)."""
+        lin = [m for m in (*self.task, *self.router) if isinstance(m, nn.Linear)]
+        return tuple(t for m in lin for t in (m.weight, m.bias))
 
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
@@ -119,7 +107,8 @@ class ElasticRouter:
         p = next(mod.parameters())
         if p.device != pre_rope_keys.device:  # moved once, not per call (Module.to walks every parameter)
             mod.to(pre_rope_keys.device)
-        return mod(pool_keys(pre_rope_keys, self.pool_tokens, key_padding_mask, dtype=p.dtype))
+        return head_router(pre_rope_keys, mod.weights(), pool_tokens=self.pool_tokens,
+                           key_padding_mask=key_padding_mask)
 
     def __call__(self, q, k, ctx, labels) -> HeadPlan:
         B, Hkv = k.shape[0], k.shape[1]

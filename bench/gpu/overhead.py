@@ -30,8 +30,15 @@ def main(argv=None) -> int:
     p.add_argument("--presets", nargs="+", default=["full", "streaming", "topk-blocks", "xattention", "elastic-fa-xa"])
     p.add_argument("--profile", nargs="*", default=[])
     p.add_argument("--kernels", action="store_true", help="device time per kernel (torch.profiler)")
+    p.add_argument("--profiler-first", action="store_true",
+                   help="run one torch.profiler session before measuring (does it leave launches slower?)")
     args = p.parse_args(argv)
     dev = "cuda"
+    if args.profiler_first:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]):
+            torch.ones(8, device=dev).sum().item()
     g = torch.Generator(device=dev).manual_seed(0)
     q, k, v = (torch.randn(1, h, args.n, 64, device=dev, generator=g, dtype=torch.bfloat16) for h in (9, 3, 3))
     keys = torch.randn(1, args.n, 3, 64, device=dev, generator=g, dtype=torch.bfloat16)

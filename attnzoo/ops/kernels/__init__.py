@@ -111,6 +111,25 @@ _selection_backend("block_select", _select_triton, _select_limits,
                    "one Triton program per row, no sort: the cut by a binary search over score bits, index list",
                    dtypes=(torch.float32, torch.float64), head_dims=None, tolerances=EXACT)
 
+def _router_triton(keys, weights, **kw):
+    from .triton_router import router_logits
+    return router_logits(keys, weights, **kw)
+
+
+def _router_limits(req) -> str | None:
+    if 2 * req.block_size[0] > req.kv_len:  # block_size: the pooling window (see ops.head_router)
+        return "fewer than 2 x pool_tokens keys: the two pooling windows overlap (the torch path)"
+    if req.head_dim > 128:
+        return f"head dim {req.head_dim} > 128 (register tiles)"
+    return None
+
+
+register_backend(Backend(
+    op="head_router", name="triton", fn=_router_triton, plan_kinds=("head",),
+    description="Triton: pooling, both MLPs and the logits of every KV head of a layer in one launch",
+    **{**_TRITON, "backward": False, "lse": False, "padding": False, "check": _router_limits}),
+    before="torch")
+
 # after Triton: for block-sparse calls both fit, Triton is tried first (it also takes padding,
 # per-query-head plans and backward)
 from . import flashinfer_backends  # noqa: E402,F401
