@@ -1,10 +1,11 @@
 """Triton: the Elastic router's forward for every KV head of a layer in one launch.
 
-A program owns 16 (batch, KV head) rows (``tl.dot`` needs 16): it sums the first and last
-``P`` keys of each row in fp32, then runs both MLPs with the hidden ``4D`` dimension in chunks of
-``CH`` columns (``[D, CH]`` weight tiles), so nothing larger than ``[16, max(D, CH)]`` stays live,
-and writes the two logits. Dots are fp32 (``ieee``): the decision is a hard argmax, and tf32
-rounding would move heads near the boundary.
+One program per (batch, KV head) row: it sums the first and last ``P`` keys in ``[T, D]`` tiles
+(fp32), then runs both MLPs as matrix-vector products with the hidden ``4D`` dimension in chunks of
+``CH`` (``[D, CH]`` weight tiles, so nothing larger stays live) and writes the two logits. All
+arithmetic is fp32: the decision is a hard argmax, and tf32 rounding would move heads near the
+boundary. The rows are few (B x Hkv), so each program's latency is what counts: the token loop
+reads whole tiles, not one token per step.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-ROWS = 16
+TOKENS = 128  # keys per pooling tile
 
 
 @triton.jit
@@ -22,51 +23,55 @@ def _silu(x):
 
 
 @triton.jit
-def _router_kernel(K, W1, B1, W2, B2, W3, B3, W4, B4, W5, B5, Z, R, Hkv, N, P, skb, skn, skh, inv_count,
-                   D: tl.constexpr, H4: tl.constexpr, CH: tl.constexpr, ROWS_: tl.constexpr):
-    r = tl.program_id(0) * ROWS_ + tl.arange(0, ROWS_)
-    ok = r < R
-    base = K + (r // Hkv).to(tl.int64) * skb + (r % Hkv).to(tl.int64) * skh
+def _window_sum(ptr, first, P, skn, T: tl.constexpr, D: tl.constexpr):
+    """fp32 sum over keys ``first .. first + P - 1`` of one row: ``[D]``."""
+    t = tl.arange(0, T)
     d = tl.arange(0, D)
-    ptr = base[:, None] + d[None, :]
-    acc = tl.zeros([ROWS_, D], tl.float32)
-    for t in range(0, P):
-        acc += tl.load(ptr + t * skn, mask=ok[:, None], other=0.0).to(tl.float32)
-        acc += tl.load(ptr + (N - P + t) * skn, mask=ok[:, None], other=0.0).to(tl.float32)
-    x = acc * inv_count
+    acc = tl.zeros([T, D], tl.float32)
+    for t0 in range(0, P, T):
+        pos = (first + t0 + t).to(tl.int64)
+        acc += tl.load(ptr + pos[:, None] * skn + d[None, :], mask=(t0 + t)[:, None] < P, other=0.0).to(tl.float32)
+    return tl.sum(acc, 0)
 
+
+@triton.jit
+def _matvec_chunks(x, W_IN, B_IN, W_OUT, D: tl.constexpr, H4: tl.constexpr, CH: tl.constexpr):
+    """``W_OUT @ silu(W_IN @ x + B_IN)`` for ``x`` ``[D]`` (nn.Linear layouts), hidden in chunks."""
+    d = tl.arange(0, D)
     c = tl.arange(0, CH)
-    t_acc = tl.zeros([ROWS_, D], tl.float32)
-    for c0 in tl.static_range(0, H4, CH):  # task MLP, hidden chunk by chunk
-        w1 = tl.load(W1 + (c0 + c)[None, :] * D + d[:, None])  # [D, CH] = W1[c0:c0+CH, :]^T
-        h = _silu(tl.dot(x, w1, input_precision="ieee") + tl.load(B1 + c0 + c)[None, :])
-        w2 = tl.load(W2 + d[None, :] * H4 + (c0 + c)[:, None])  # [CH, D] = W2[:, c0:c0+CH]^T
-        t_acc += tl.dot(h, w2, input_precision="ieee")
-    t_out = t_acc + tl.load(B2 + d)[None, :]
+    out = tl.zeros([D], tl.float32)
+    for c0 in tl.static_range(0, H4, CH):
+        w_in = tl.load(W_IN + (c0 + c)[None, :] * D + d[:, None])  # [D, CH] = W_IN[c0:c0+CH, :]^T
+        h = _silu(tl.sum(x[:, None] * w_in, 0) + tl.load(B_IN + c0 + c))
+        w_out = tl.load(W_OUT + d[None, :] * H4 + (c0 + c)[:, None])  # [CH, D] = W_OUT[:, c0:c0+CH]^T
+        out += tl.sum(h[:, None] * w_out, 0)
+    return out
 
-    r_acc = tl.zeros([ROWS_, D], tl.float32)
-    for c0 in tl.static_range(0, H4, CH):  # router MLP
-        w3 = tl.load(W3 + (c0 + c)[None, :] * D + d[:, None])
-        h = _silu(tl.dot(t_out, w3, input_precision="ieee") + tl.load(B3 + c0 + c)[None, :])
-        w4 = tl.load(W4 + d[None, :] * H4 + (c0 + c)[:, None])
-        r_acc += tl.dot(h, w4, input_precision="ieee")
-    r_out = _silu(r_acc + tl.load(B4 + d)[None, :])
 
-    z0 = tl.sum(r_out * tl.load(W5 + d)[None, :], 1) + tl.load(B5)
-    z1 = tl.sum(r_out * tl.load(W5 + D + d)[None, :], 1) + tl.load(B5 + 1)
-    tl.store(Z + r * 2, z0, mask=ok)
-    tl.store(Z + r * 2 + 1, z1, mask=ok)
+@triton.jit
+def _router_kernel(K, W1, B1, W2, B2, W3, B3, W4, B4, W5, B5, Z, Hkv, N, P, skb, skn, skh, inv_count,
+                   D: tl.constexpr, H4: tl.constexpr, CH: tl.constexpr, T: tl.constexpr):
+    r = tl.program_id(0)
+    row = K + (r // Hkv).to(tl.int64) * skb + (r % Hkv).to(tl.int64) * skh
+    x = (_window_sum(row, 0, P, skn, T, D) + _window_sum(row, N - P, P, skn, T, D)) * inv_count
+    d = tl.arange(0, D)
+    t_out = _matvec_chunks(x, W1, B1, W2, D, H4, CH) + tl.load(B2 + d)  # task MLP
+    r_out = _silu(_matvec_chunks(t_out, W3, B3, W4, D, H4, CH) + tl.load(B4 + d))  # router MLP
+    z0 = tl.sum(r_out * tl.load(W5 + d), 0) + tl.load(B5)
+    z1 = tl.sum(r_out * tl.load(W5 + D + d), 0) + tl.load(B5 + 1)
+    tl.store(Z + r * 2, z0)
+    tl.store(Z + r * 2 + 1, z1)
 
 
 def router_logits(keys: torch.Tensor, weights, *, pool_tokens: int, key_padding_mask=None) -> torch.Tensor:
-    """``[B, Hkv, 2]`` fp32 logits from pre-RoPE keys ``[B, N, Hkv, D]`` (no padding, N >= 2P)."""
+    """``[B, Hkv, 2]`` logits from pre-RoPE keys ``[B, N, Hkv, D]`` (no padding, N >= 2P)."""
     B, N, Hkv, D = keys.shape
     if keys.stride(-1) != 1:
         keys = keys.contiguous()
     ws = [w.detach().float().contiguous() for w in weights]
     z = torch.empty((B, Hkv, 2), dtype=torch.float32, device=keys.device)
-    R = B * Hkv
-    _router_kernel[(triton.cdiv(R, ROWS),)](
-        keys, *ws, z, R, Hkv, N, pool_tokens, keys.stride(0), keys.stride(1), keys.stride(2),
-        1.0 / (2 * pool_tokens), D=D, H4=4 * D, CH=min(64, 4 * D), ROWS_=ROWS, num_warps=4)
+    _router_kernel[(B * Hkv,)](
+        keys, *ws, z, Hkv, N, pool_tokens, keys.stride(0), keys.stride(1), keys.stride(2),
+        1.0 / (2 * pool_tokens), D=D, H4=4 * D, CH=min(64, 4 * D), T=min(TOKENS, triton.next_power_of_2(pool_tokens)),
+        num_warps=4)
     return z.to(weights[0].dtype)
