@@ -367,7 +367,7 @@ def test_routed_stack_single_launch_equals_per_branch(sparse, monkeypatch):
     node = stack.node_for(0)
     split = node(q, k, v, ctx)
     calls = []
-    import attnzoo.stack as stack_mod
+    import attnzoo.routed as stack_mod
     orig = stack_mod.mixed_op
     monkeypatch.setattr(stack_mod, "mixed_op", lambda *a, **kw: calls.append(kw["backend"]) or orig(*a, **kw))
     monkeypatch.setenv("ATTNZOO_BACKEND", "mixed=triton")
@@ -406,7 +406,7 @@ def test_routed_hybrid_path_equals_split(heads, max_runs, monkeypatch):
         grads.append([t.grad for t in (qq, kk, vv)])
         dens.append(meter.mean())
     assert rel_err(outs[1], outs[0]) <= 1e-5
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         assert rel_err(b, a) <= 1e-4
     assert dens[1] == pytest.approx(dens[0], abs=1e-6)
 

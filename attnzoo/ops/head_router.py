@@ -62,8 +62,9 @@ def check_weights(weights, head_dim: int) -> None:
               (4 * head_dim, head_dim), (4 * head_dim,), (head_dim, 4 * head_dim), (head_dim,),
               (2, head_dim), (2,)]
     if len(weights) != len(shapes):
-        raise ValueError(f"weights must be the router's {len(shapes)} tensors (W1, b1, ..., W5, b5), got {len(weights)}")
-    for i, (w, s) in enumerate(zip(weights, shapes)):
+        raise ValueError(f"weights must be the router's {len(shapes)} tensors (W1, b1, ..., W5, b5), "
+                         f"got {len(weights)}")
+    for i, (w, s) in enumerate(zip(weights, shapes, strict=True)):
         if tuple(w.shape) != s:
             raise ValueError(f"weights[{i}] must have shape {s} for head_dim {head_dim}, got {tuple(w.shape)}")
 

@@ -1,0 +1,170 @@
+"""The stack's building blocks: the call context, the density meter, and the Branch node (one
+selector -> plan -> op). Routed nodes live in ``attnzoo.routed``, the rest of the grammar and the
+layer stack in ``attnzoo.stack``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from .ops import dense as dense_op
+from .ops import mixed as mixed_op
+from .ops.executor import HeadMode, uniform_plan
+from .ops.mixed import fused_backend
+from .plans import DensePlan
+from .registry import to_config
+from .selectors.base import Context
+
+__all__ = ["CallContext", "DensityMeter", "Node", "Branch", "density_of", "head_mode", "dense_below_applies"]
+
+
+class DensityMeter:
+    """Attention density actually used during prefill, per layer: each Branch adds
+    ``share x density`` where share is the fraction of the layer's (batch, head) slots the call
+    covers; dense work counts 1.0, compressed nodes multiply in their token plan's density.
+
+    Densities are accumulated as device tensors where the plan lives on a GPU, so metering a
+    prefill adds no host sync; reading ``layers`` or ``mean()`` afterwards waits for them once."""
+
+    def __init__(self):
+        self._sums: dict[int, float | torch.Tensor] = {}
+
+    def add(self, layer, share, density) -> None:
+        key = -1 if layer is None else layer
+        self._sums[key] = self._sums.get(key, 0.0) + share * density
+
+    @property
+    def layers(self) -> dict[int, float]:
+        return {k: float(v) for k, v in self._sums.items()}
+
+    def mean(self) -> float:
+        layers = self.layers
+        return sum(layers.values()) / len(layers) if layers else float("nan")
+
+    def reset(self) -> None:
+        self._sums.clear()
+
+
+@dataclass
+class CallContext:
+    """What one attention call knows besides q/k/v. ``cache`` is the per-layer state object
+    (router decisions made at prefill and reused while decoding)."""
+
+    key_padding_mask: torch.Tensor | None = None  # [B, Nk], True = real
+    layer_idx: int | None = None
+    scale: float | None = None
+    pre_rope_keys: torch.Tensor | None = None  # [B, N, Hkv, D], for routers that need them
+    cache: dict | None = None
+    decode: bool = False  # one new query against a cache
+    meter: DensityMeter | None = None
+    share: float = 1.0  # fraction of the layer's (batch, head) slots this call covers
+    density_scale: float = 1.0  # multiplier from enclosing compressed nodes
+
+    def record(self, density: float) -> None:
+        if self.meter is not None and not self.decode:
+            self.meter.add(self.layer_idx, self.share, self.density_scale * density)
+
+    def selector_context(self) -> Context:
+        return Context(key_padding_mask=self.key_padding_mask, layer_idx=self.layer_idx)
+
+
+def density_of(plan):
+    """A plan's mean density without a host sync: a 0-dim device tensor (1.0 for dense plans)."""
+    if isinstance(plan, DensePlan):
+        return 1.0
+    return plan.density(reduce=False).mean()
+
+
+class Node:
+    def __call__(self, q, k, v, ctx: CallContext) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def to_config(self) -> dict:  # pragma: no cover
+        raise NotImplementedError
+
+    def children(self) -> list[Node]:
+        return []
+
+    def walk(self):
+        yield self
+        for c in self.children():
+            yield from c.walk()
+
+
+@dataclass
+class Branch(Node):
+    op: object
+    selector: object | None = None
+    dense_below: dict = field(default_factory=dict)  # device type -> keys below which attention runs dense
+
+    def __call__(self, q, k, v, ctx: CallContext) -> torch.Tensor:
+        if self.selector is None or dense_below_applies(self.dense_below, k):
+            ctx.record(1.0)
+            if self.selector is not None:
+                return dense_op(q, k, v, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
+            return self.op(q, k, v, None, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
+        if ctx.decode and getattr(self.selector, "decode", "dense") == "dense":
+            # prefill-only methods attend densely over the whole cache while decoding
+            return dense_op(q, k, v, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
+        ranged = self._as_ranges(q, k, v, ctx)
+        if ranged is not None:
+            return ranged
+        with torch.no_grad():  # plans are discrete; a plugin selector must not build a graph either
+            plan = self.selector(q, k, ctx.selector_context())
+        if ctx.meter is not None:
+            ctx.record(density_of(plan))
+        if isinstance(plan, DensePlan) and "dense" not in self.op.plan_kinds:
+            return dense_op(q, k, v, causal=plan.causal, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
+        return self.op(q, k, v, plan, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
+
+    def _as_ranges(self, q, k, v, ctx: CallContext):
+        """A selector whose pattern is a range rule (streaming) runs as one mixed launch over
+        ranges where a single-launch backend takes the call: no index lists, no selection."""
+        mode = head_mode(self)
+        if mode is None or mode.kind != "streaming":
+            return None
+        backend = fused_backend(q, k, v, q.shape[1], mode.block_size, key_padding_mask=ctx.key_padding_mask)
+        if backend is None:
+            return None
+        plan = uniform_plan(mode, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
+        if ctx.meter is not None:
+            ctx.record(_uniform_density(mode, q.shape[2], k.shape[2]))
+        return mixed_op(q, k, v, plan, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale, backend=backend.name)
+
+    def to_config(self) -> dict:
+        out = {}
+        if self.selector is not None:
+            out["selector"] = to_config(self.selector)
+        out["op"] = to_config(self.op)
+        if self.dense_below:
+            out["dense_below"] = dict(self.dense_below)
+        return out
+
+
+@functools.lru_cache(maxsize=64)
+def _uniform_density(mode: HeadMode, q_len: int, kv_len: int) -> float:
+    """Density of a range rule: it depends on shapes only, so it is computed once on the CPU."""
+    return uniform_plan(mode, 1, 1, q_len, kv_len, torch.device("cpu")).density()
+
+
+def head_mode(node) -> HeadMode | None:
+    """``node`` as a mixed-plan head mode, or None if it cannot run as one."""
+    if not isinstance(node, Branch) or getattr(node.op, "backend", None) is not None:
+        return None  # other node types, or a branch whose user forced an op backend
+    kinds = getattr(node.op, "plan_kinds", ())
+    if node.selector is None:
+        return HeadMode("dense") if "dense" in kinds else None
+    if "block" not in kinds or getattr(node.selector, "plan_kind", None) != "block":
+        return None
+    if hasattr(node.selector, "ranges"):
+        r = node.selector.ranges()
+        return HeadMode("streaming", r["block_size"], r["sink"], r["local"])
+    size = getattr(node.selector, "block_size", None)
+    return HeadMode("block", size) if isinstance(size, int) else None
+
+
+def dense_below_applies(dense_below: dict, k) -> bool:
+    return bool(dense_below) and k.shape[2] < dense_below.get(k.device.type, 0)

@@ -1,0 +1,118 @@
+"""Token plans: the kept positions of Token Sparse Attention (``TokenPlan``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..settings import value_checks
+from .geometry import causal_mask, check_index_tensor, check_int, check_qk_heads
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class TokenPlan:
+    """Per-head kept token positions (Token Sparse Attention's compress/decompress).
+
+    ``indices[b, h, :lengths[b, h]]`` are kept positions, strictly ascending; slots beyond
+    ``lengths`` are ignored. ``h`` runs over Hq or Hkv (shared by the query group). Kept
+    queries attend causally to kept keys; dropped queries produce zeros. Self-attention only
+    (Nq == Nk == ``seq_len``): this is a prefill-time plan.
+    """
+
+    indices: torch.Tensor  # [B, H, N'] int64
+    lengths: torch.Tensor  # [B, H]
+    seq_len: int
+
+    kind = "token"
+
+    def __post_init__(self):
+        check_int("seq_len", self.seq_len)
+        check_index_tensor("indices", self.indices, 3)
+        check_index_tensor("lengths", self.lengths, 2)
+        if self.lengths.shape != self.indices.shape[:2]:
+            raise ValueError(
+                f"lengths shape {tuple(self.lengths.shape)} must equal indices.shape[:2] "
+                f"= {tuple(self.indices.shape[:2])}"
+            )
+
+    @property
+    def batch(self) -> int:
+        return self.indices.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.indices.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.indices.shape[2]
+
+    @classmethod
+    def from_keep_mask(cls, keep: torch.Tensor) -> TokenPlan:
+        """From a bool ``[B, H, N]`` keep mask."""
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.ndim != 3:
+            raise TypeError("keep must be a bool tensor [B, H, N]")
+        lengths = keep.sum(-1)
+        kmax = max(int(lengths.max()) if lengths.numel() else 0, 1)
+        order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[..., :kmax]
+        slot = torch.arange(kmax, device=keep.device)
+        return cls(torch.where(slot < lengths[..., None], order, -1), lengths, keep.shape[-1])
+
+    def valid(self) -> torch.Tensor:
+        """Bool ``[B, H, N']``: which slots hold a kept position."""
+        return torch.arange(self.max_len, device=self.indices.device) < self.lengths[..., None]
+
+    def validate(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        if q.shape[2] != self.seq_len or k.shape[2] != self.seq_len:
+            raise ValueError(
+                f"TokenPlan is for self-attention over seq_len={self.seq_len}; got q with "
+                f"{q.shape[2]} and k with {k.shape[2]} positions"
+            )
+        if self.batch != q.shape[0]:
+            raise ValueError(f"plan has batch {self.batch}, q has batch {q.shape[0]}")
+        check_qk_heads(q, k, self.heads, "TokenPlan (indices)")
+        if self.indices.device != q.device:
+            raise ValueError(f"plan is on {self.indices.device}, q is on {q.device}")
+        if value_checks(q.device):
+            self.check_indices()
+
+    def check_indices(self) -> None:
+        """Content checks: lengths in range, kept positions in range and strictly ascending."""
+        if self.lengths.device != self.indices.device:
+            raise ValueError("lengths and indices must be on the same device")
+        idx, n = self.indices.long(), self.lengths.long()
+        if ((n < 0) | (n > self.max_len)).any():
+            raise ValueError(f"lengths must lie in [0, {self.max_len}] (indices.shape[-1])")
+        valid = self.valid()
+        if (valid & ((idx < 0) | (idx >= self.seq_len))).any():
+            raise ValueError(f"indices out of range [0, {self.seq_len})")
+        if (valid[..., 1:] & (idx[..., 1:] <= idx[..., :-1])).any():
+            raise ValueError("indices must be strictly ascending within each head")
+
+    def keep_mask(self) -> torch.Tensor:
+        """Bool ``[B, H, N]``: kept positions."""
+        out = torch.zeros(self.batch, self.heads, self.seq_len + 1, dtype=torch.bool,
+                          device=self.indices.device)
+        col = torch.where(self.valid(), self.indices.long(), self.seq_len)
+        out.scatter_(-1, col, True)
+        return out[..., : self.seq_len]
+
+    def to_mask(self) -> torch.Tensor:
+        """Dense bool ``[B, H, N, N]``: kept query x kept key x causal. Tests / small N only."""
+        keep = self.keep_mask()
+        return keep[..., :, None] & keep[..., None, :] & causal_mask(
+            self.seq_len, self.seq_len, device=keep.device)
+
+    def density(self, reduce: bool = True):
+        n = self.lengths.double()
+        d = n * (n + 1) / (self.seq_len * (self.seq_len + 1))
+        return float(d.mean()) if reduce else d
+
+    def __repr__(self) -> str:
+        lo, hi = int(self.lengths.min()), int(self.lengths.max())
+        kept = f"{lo}" if lo == hi else f"{lo}..{hi}"
+        return (
+            f"TokenPlan(batch={self.batch}, heads={self.heads}, seq_len={self.seq_len}, "
+            f"kept={kept}, density={self.density():.3f})"
+        )
