@@ -38,9 +38,13 @@ class ElasticRouterLayer(nn.Module):
         return self.router(self.task(pooled))
 
     def weights(self) -> tuple[torch.Tensor, ...]:
-        """The ten tensors of ``ops.head_router`` (W1, b1, ..., W5, b5)."""
-        lin = [m for m in (*self.task, *self.router) if isinstance(m, nn.Linear)]
-        return tuple(t for m in lin for t in (m.weight, m.bias))
+        """The ten tensors of ``ops.head_router`` (W1, b1, ..., W5, b5): the module's own parameters
+        (``Module.to`` converts them in place, so the tuple is built once per layer)."""
+        cached = self.__dict__.get("_weights")
+        if cached is None:
+            lin = [m for m in (*self.task, *self.router) if isinstance(m, nn.Linear)]
+            cached = self.__dict__["_weights"] = tuple(t for m in lin for t in (m.weight, m.bias))
+        return cached
 
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")

@@ -311,13 +311,13 @@ def mixed_vs_split() -> list:
 def router_latency() -> list:
     from attnzoo.routers.elastic import ElasticRouter
     router = ElasticRouter(head_dim=D)
-    layer = router.layer(0).to("cuda").to(torch.bfloat16)
+    layer = router.layer(0).to("cuda")  # fp32 weights, as loaded from a weights file
     rows = []
     for N in (32768, 131072):
         keys = torch.randn(B, N, HKV, D, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
             t = cuda_time(lambda: router.logits(keys, 0), 100, warmup=10)
-            mlp = cuda_time(lambda: layer(keys[:, :200].mean(1)), 100, warmup=10)
+            mlp = cuda_time(lambda: layer(keys[:, :200].float().mean(1)), 100, warmup=10)
         rows.append({"N": N, "router_ms": t, "mlp_only_ms": mlp, "goal_ms": 0.05})
         log(f"  {rows[-1]}")
     return rows

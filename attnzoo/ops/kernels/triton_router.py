@@ -68,7 +68,9 @@ def router_logits(keys: torch.Tensor, weights, *, pool_tokens: int, key_padding_
     B, N, Hkv, D = keys.shape
     if keys.stride(-1) != 1:
         keys = keys.contiguous()
-    ws = [w.detach().float().contiguous() for w in weights]
+    # the kernel reads raw fp32 rows: shipped weights already are (no copy, no launch per call)
+    ws = weights if all(w.dtype == torch.float32 and w.is_contiguous() for w in weights) else \
+        [w.detach().float().contiguous() for w in weights]
     z = torch.empty((B, Hkv, 2), dtype=torch.float32, device=keys.device)
     _router_kernel[(B * Hkv,)](
         keys, *ws, z, Hkv, N, pool_tokens, keys.stride(0), keys.stride(1), keys.stride(2),
