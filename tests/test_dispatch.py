@@ -49,6 +49,17 @@ def test_reasons_name_every_backend():
     assert "flex:" in msg and "blocked:" in msg and "plan kind 'token'" in msg
 
 
+def test_every_reason_is_listed_not_only_the_first():
+    req = _req(dtype=torch.float16, plan_kind="token", needs_lse=True)
+    flex = {b.name: b for b in dispatch.backends("block_sparse")}["flex"]
+    reasons = flex.reasons(req)
+    assert any(r.startswith("dtype") for r in reasons) and any("plan kind 'token'" in r for r in reasons)
+    assert flex.why_not(req) == "; ".join(reasons)
+    with pytest.raises(NoBackendError) as e:
+        dispatch.choose(req)
+    assert "dtype" in str(e.value) and "plan kind 'token'" in str(e.value)
+
+
 def test_cuda_request_declined_on_this_machine_with_reason():
     if torch.cuda.is_available():
         pytest.skip("machine has CUDA")

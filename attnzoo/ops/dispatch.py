@@ -81,11 +81,40 @@ class Backend:
     # a measured performance preference: consulted for automatic choice, ignored when forced
     prefer: Callable[[Request], str | None] | None = None
 
+    def reasons(self, req: Request, forced: bool = False) -> list[str]:
+        """Every reason this backend declines ``req`` (empty: it can serve it). A measured
+        preference (``prefer``) is asked only of a capable backend, and never when forced."""
+        out = []
+        missing = self.available()
+        if missing:
+            out.append(missing)
+        if req.device not in self.devices:
+            out.append(f"device {req.device} not in {list(self.devices)}")
+        elif self.device_check and (why := self.device_check(req.device)):
+            out.append(why)
+        if req.dtype not in self.dtypes:
+            out.append(f"dtype {req.dtype} not in {[str(d) for d in self.dtypes]}")
+        if self.head_dims is not None and req.head_dim not in self.head_dims:
+            out.append(f"head dim {req.head_dim} not in {list(self.head_dims)}")
+        if req.plan_kind not in self.plan_kinds:
+            out.append(f"plan kind {req.plan_kind!r} not in {list(self.plan_kinds)}")
+        if req.needs_grad and not self.backward:
+            out.append("no backward (inputs require grad)")
+        if req.needs_lse and not self.lse:
+            out.append("does not return lse (return_lse=True)")
+        if req.has_padding and not self.padding:
+            out.append("no key_padding_mask support")
+        if not out and self.check and (why := self.check(req)):  # request-specific limits assume the basics
+            out.append(why)
+        if not out and not forced and self.prefer is not None and (why := self.prefer(req)):
+            out.append(why)
+        return out
+
     def why_not(self, req: Request, forced: bool = False) -> str | None:
-        """None if this backend can serve ``req`` (and, unless forced, prefers to), else why not."""
-        reason = self.available()
-        if reason:
-            return reason
+        """None if this backend can serve ``req`` (and, unless forced, prefers to), else every
+        reason it declines, joined by '; '."""
+        out = self.reasons(req, forced)
+        return "; ".join(out) if out else None
         if req.device not in self.devices:
             return f"device {req.device} not in {list(self.devices)}"
         reason = self.device_check(req.device) if self.device_check else None
