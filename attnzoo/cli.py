@@ -34,6 +34,11 @@ def info_text() -> str:
     if torch.cuda.is_available():
         devices += [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
     lines += [f"devices            {', '.join(devices)}", f"cpu threads        {torch.get_num_threads()}", ""]
+    lines.append("dispatch order (each op tries its backends first to last; the first that fits runs):")
+    ops = list(dict.fromkeys(b.op for b in dispatch.backends()))
+    for op in ops:
+        lines.append(f"  {op:<20} {' > '.join(b.name for b in dispatch.backends(op))}")
+    lines.append("")
     lines.append("backends (per device: available, or why not):")
     for b in dispatch.backends():
         reason = b.available()

@@ -100,3 +100,7 @@ def test_info_lists_backends_and_reasons(capsys):
         assert "cuda  unavailable: no CUDA device" in text
     assert main(["info"]) == 0
     assert "backends" in capsys.readouterr().out
+    # the dispatch order line of each op is the registry's order, which choose() walks
+    for op in ("dense", "block_sparse", "mixed", "head_router"):
+        order = " > ".join(b.name for b in dispatch.backends(op))
+        assert f"  {op:<20} {order}" in text
