@@ -106,7 +106,7 @@ class Branch(Node):
             if self.selector is not None:
                 return dense_op(q, k, v, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
             return self.op(q, k, v, None, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
-        if ctx.decode and getattr(self.selector, "decode", "dense") == "dense":
+        if ctx.decode and self.selector.decode == "dense":
             # prefill-only methods attend densely over the whole cache while decoding
             return dense_op(q, k, v, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
         ranged = self._as_ranges(q, k, v, ctx)
@@ -152,12 +152,12 @@ def _uniform_density(mode: HeadMode, q_len: int, kv_len: int) -> float:
 
 def head_mode(node) -> HeadMode | None:
     """``node`` as a mixed-plan head mode, or None if it cannot run as one."""
-    if not isinstance(node, Branch) or getattr(node.op, "backend", None) is not None:
+    if not isinstance(node, Branch) or node.op.backend is not None:
         return None  # other node types, or a branch whose user forced an op backend
-    kinds = getattr(node.op, "plan_kinds", ())
+    kinds = node.op.plan_kinds
     if node.selector is None:
         return HeadMode("dense") if "dense" in kinds else None
-    if "block" not in kinds or getattr(node.selector, "plan_kind", None) != "block":
+    if "block" not in kinds or node.selector.plan_kind != "block":
         return None
     if hasattr(node.selector, "ranges"):
         r = node.selector.ranges()

@@ -9,8 +9,9 @@
     attnzoo.create("selector", {"name": "my_method", "threshold": 0.8})
 
 Field types are checked from the dataclass annotations; range checks belong in the
-component's ``__post_init__`` (raise ValueError naming the field). Every registered component
-is picked up by the test matrix and the benchmark suite.
+component's ``__post_init__`` (raise ValueError naming the field). What each kind declares
+(``plan_kind``, ``needs_pre_rope_keys``, ...) is checked at registration (``attnzoo.contracts``).
+Every registered component is picked up by the test matrix and the benchmark suite.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 
 from .config import ConfigError, check_fields, suggest
+from .contracts import check_component
 
 __all__ = ["KINDS", "register", "create", "get", "available", "to_config", "unregister"]
 
@@ -42,6 +44,7 @@ def register(kind: str, name: str):
             raise TypeError(f"@register({kind!r}, {name!r}) needs a dataclass, got {cls.__name__}")
         if "name" in {f.name for f in dataclasses.fields(cls)}:
             raise TypeError(f"{cls.__name__}: 'name' is reserved for the registry key")
+        check_component(kind, cls, name)  # TypeError naming what is missing; optional defaults written
         existing = _REGISTRY[kind].get(name)
         if existing is not None and existing.__qualname__ != cls.__qualname__:
             raise ValueError(f"{kind} {name!r} is already registered by {existing.__qualname__}")

@@ -97,7 +97,7 @@ class LayerStack:
                 raise ValueError(f"stack {self.name!r}: layer range {_range_key(lo, hi)} is outside the "
                                  f"model's {num_layers} layers (0-{num_layers - 1})")
         for node in self.nodes():
-            check = getattr(getattr(node, "router", None), "check_num_layers", None)
+            check = node.router.check_num_layers if isinstance(node, Routed) else None
             if check is not None:
                 try:
                     check(num_layers)
@@ -149,7 +149,7 @@ def _places_blocks(node: Node, decode: bool) -> bool:
     call of this kind: while decoding only selectors that keep a plan over the cache do."""
     for n in node.walk():
         if isinstance(n, Branch) and n.selector is not None:
-            if not decode or getattr(n.selector, "decode", "dense") == "plan":
+            if not decode or n.selector.decode == "plan":
                 return True
         elif not decode and isinstance(n, (Routed, Compressed)):
             return True
@@ -213,8 +213,8 @@ def build_node(spec, path: str) -> Node:
     if kind == "branch":
         op = create("op", spec["op"], f"{path}.op")
         selector = create("selector", spec["selector"], f"{path}.selector") if "selector" in spec else None
-        kind_out = "dense" if selector is None else getattr(selector, "plan_kind", None)
-        if kind_out is not None and kind_out not in op.plan_kinds:
+        kind_out = "dense" if selector is None else selector.plan_kind  # declared (attnzoo.contracts)
+        if kind_out not in op.plan_kinds:
             who = "a branch without a selector" if selector is None else f"selector {selector.registry_name!r}"
             raise ConfigError(f"{path}.op: op {op.registry_name!r} cannot run {kind_out!r} plans from {who} "
                               f"(it takes {list(op.plan_kinds)})")
@@ -232,7 +232,7 @@ def build_node(spec, path: str) -> Node:
         router.check_labels(tuple(nodes), f"{path}.router")
         return Routed(router=router, branches=nodes, dense_below=_dense_below(spec, path))
     compress = create("selector", spec["compress"], f"{path}.compress")
-    if getattr(compress, "plan_kind", None) != "token":
+    if compress.plan_kind != "token":
         raise ConfigError(f"{path}.compress: selector {compress.registry_name!r} does not choose tokens "
                           f"(needs a token selector such as 'token_coverage')")
     inner = build_node(spec["inner"], f"{path}.inner")

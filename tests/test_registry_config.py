@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 
@@ -16,6 +17,7 @@ def toy():
     @attnzoo.register("selector", "toy_selector")
     @dataclass
     class Toy:
+        plan_kind: ClassVar[str] = "block"
         threshold: float = 0.9
         stride: int = 8
         per_kv_head: bool = False
@@ -25,6 +27,9 @@ def toy():
         def __post_init__(self):
             if not 0 < self.threshold <= 1:
                 raise ValueError(f"threshold must lie in (0, 1], got {self.threshold}")
+
+        def __call__(self, q, k, ctx=None):  # pragma: no cover (only built, never run)
+            raise NotImplementedError
 
     yield Toy
     unregister("selector", "toy_selector")
@@ -76,6 +81,53 @@ def test_register_requires_dataclass_and_known_kind():
         attnzoo.register("selectr", "x")
     with pytest.raises(TypeError, match="needs a dataclass"):
         attnzoo.register("selector", "plain")(type("Plain", (), {}))
+
+
+def test_incomplete_components_are_rejected_at_registration():
+    """Each kind's declared contract (attnzoo.contracts): the error names every missing attribute."""
+    @dataclass
+    class NoKind:
+        def __call__(self, q, k, ctx=None):
+            return None
+
+    with pytest.raises(TypeError, match=r"missing 'plan_kind'"):
+        attnzoo.register("selector", "no_kind")(NoKind)
+
+    @dataclass
+    class WrongKind:
+        plan_kind: ClassVar[str] = "blocks"
+
+    both = r"missing '__call__'.*'plan_kind' must be one of \['block', 'token', 'dense'\]"
+    with pytest.raises(TypeError, match=both):
+        attnzoo.register("selector", "wrong_kind")(WrongKind)
+
+    @dataclass
+    class Router:
+        def __call__(self, q, k, ctx, labels):
+            return None
+
+    with pytest.raises(TypeError, match=r"missing 'needs_pre_rope_keys' \(a bool\); missing 'check_labels'"):
+        attnzoo.register("router", "half_router")(Router)
+
+    @dataclass
+    class Op:
+        plan_kinds = ("block", "mask")
+
+        def __call__(self, q, k, v, plan, **kw):
+            return None
+
+    with pytest.raises(TypeError, match=r"'plan_kinds' must be a non-empty tuple"):
+        attnzoo.register("op", "bad_op")(Op)
+    for kind, name in (("selector", "no_kind"), ("selector", "wrong_kind"), ("router", "half_router"),
+                       ("op", "bad_op")):
+        assert name not in attnzoo.available(kind)
+
+
+def test_optional_declarations_get_their_defaults(toy):
+    assert toy.decode == "dense"  # written at registration: the stack reads it directly
+    assert get("selector", "streaming").decode == "plan"
+    assert get("router", "elastic").check_num_layers is None
+    assert callable(get("router", "table").check_num_layers)
 
 
 def test_ops_are_registered_components():

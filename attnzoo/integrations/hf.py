@@ -122,11 +122,11 @@ def patch(model: nn.Module, stack, meter=None):
     reuse their prefill decision for the layer, and prefill-only selectors attend densely.
     ``meter`` (an ``attnzoo.stack.DensityMeter``) collects the attention density used per layer.
     """
-    from ..stack import CallContext, build
+    from ..stack import CallContext, Routed, build
 
     stack = build(stack)
     stack.check_num_layers(len(decoder_layers(model)))
-    needs_keys = any(getattr(getattr(n, "router", None), "needs_pre_rope_keys", False) for n in stack.nodes())
+    needs_keys = any(isinstance(n, Routed) and n.router.needs_pre_rope_keys for n in stack.nodes())
     caches: dict[int, dict] = {}
     keys_ctx = pre_rope_key_hooks(model) if needs_keys else contextlib.nullcontext({})
 

@@ -1,0 +1,93 @@
+"""What each kind of component declares, checked when it is registered.
+
+A component is a dataclass registered under a kind. The stack reads these attributes directly;
+it never guesses them with ``getattr`` defaults. Required attributes must be declared on the
+class. Optional ones get their default written onto the class at registration, so every
+registered component carries them:
+
+- **selector** ``(q, k, ctx) -> plan``:
+  - ``plan_kind``: ``"block"``, ``"token"`` or ``"dense"``, the plan it returns;
+  - ``decode`` (optional, default ``"dense"``): ``"plan"`` if it also places blocks while
+    decoding, ``"dense"`` if decoding attends to the whole cache.
+- **op** ``(q, k, v, plan, *, key_padding_mask, scale, return_lse) -> out``:
+  - ``plan_kinds``: the plan kinds it consumes;
+  - ``backend`` (optional, default None): a forced backend name.
+- **router** ``(q, k, ctx, labels) -> HeadPlan``:
+  - ``needs_pre_rope_keys``: a bool;
+  - ``check_labels(labels, path)``;
+  - ``check_num_layers`` (optional, default None): a method, or None where any depth is fine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+PLAN_KINDS = ("block", "token", "dense")
+_MISSING = object()
+
+
+def _one_of(values):
+    return lambda v: v in values, f"one of {list(values)}"
+
+
+def _plan_kinds():
+    return (lambda v: isinstance(v, tuple) and bool(v) and all(x in PLAN_KINDS for x in v),
+            f"a non-empty tuple of {list(PLAN_KINDS)}")
+
+
+def _callable():
+    return callable, "a method"
+
+
+def _bool():
+    return (lambda v: isinstance(v, bool)), "a bool"
+
+
+def _optional_method():
+    return (lambda v: v is None or callable(v)), "a method or None"
+
+
+def _optional_str():
+    return (lambda v: v is None or isinstance(v, str)), "a backend name or None"
+
+
+# kind -> attribute -> (check, what it must be, default or _MISSING when required)
+CONTRACTS = {
+    "selector": {"__call__": (*_callable(), _MISSING), "plan_kind": (*_one_of(PLAN_KINDS), _MISSING),
+                 "decode": (*_one_of(("dense", "plan")), "dense")},
+    "op": {"__call__": (*_callable(), _MISSING), "plan_kinds": (*_plan_kinds(), _MISSING),
+           "backend": (*_optional_str(), None)},
+    "router": {"__call__": (*_callable(), _MISSING), "needs_pre_rope_keys": (*_bool(), _MISSING),
+               "check_labels": (*_callable(), _MISSING), "check_num_layers": (*_optional_method(), None)},
+}
+
+
+def check_component(kind: str, cls: type, name: str) -> None:
+    """Raise TypeError naming every missing or ill-typed attribute of ``cls`` for ``kind``; write
+    the defaults of optional attributes it does not declare."""
+    problems, defaults = [], {}
+    # real fields only: ClassVar declarations are listed in __dataclass_fields__ too
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    for attr, (ok, what, default) in CONTRACTS[kind].items():
+        if attr in fields:  # a dataclass field: its value is per instance, its type was annotated
+            continue
+        value = getattr(cls, attr, _MISSING) if attr != "__call__" else cls.__dict__.get(attr, _inherited_call(cls))
+        if value is _MISSING:
+            if default is _MISSING:
+                problems.append(f"missing {attr!r} ({what})")
+            else:
+                defaults[attr] = default
+        elif not ok(value):
+            problems.append(f"{attr!r} must be {what}, got {value!r}")
+    if problems:
+        raise TypeError(f"@register({kind!r}, {name!r}) on {cls.__name__}: " + "; ".join(problems)
+                        + f" (see attnzoo.contracts for what a {kind} declares)")
+    for attr, value in defaults.items():
+        setattr(cls, attr, value)
+
+
+def _inherited_call(cls):
+    for base in cls.__mro__[1:]:
+        if base is not object and "__call__" in base.__dict__:
+            return base.__dict__["__call__"]
+    return _MISSING
