@@ -76,9 +76,8 @@ def head_router(keys: torch.Tensor, weights, *, pool_tokens: int, key_padding_ma
         raise ValueError(f"keys must be [B, N, Hkv, D], got shape {tuple(keys.shape)}")
     check_weights(weights, keys.shape[-1])
     k = keys.transpose(1, 2)  # [B, Hkv, N, D]: the request's view of the keys
-    # the request's block size is the pooling window: a backend may need the two windows disjoint
     req = make_request("head_router", k, k, k, "head", return_lse=False, key_padding_mask=key_padding_mask,
-                       causal=False, block_size=(pool_tokens, pool_tokens))
+                       causal=False)
     grad = torch.is_grad_enabled() and (keys.requires_grad or any(w.requires_grad for w in weights))
     req = dataclasses.replace(req, needs_grad=grad)
     impl = choose(req, backend)

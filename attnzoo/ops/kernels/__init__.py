@@ -117,8 +117,6 @@ def _router_triton(keys, weights, **kw):
 
 
 def _router_limits(req) -> str | None:
-    if 2 * req.block_size[0] > req.kv_len:  # block_size: the pooling window (see ops.head_router)
-        return "fewer than 2 x pool_tokens keys: the two pooling windows overlap (the torch path)"
     if req.head_dim > 128:
         return f"head dim {req.head_dim} > 128 (register tiles)"
     return None

@@ -49,11 +49,11 @@ def _matvec_chunks(x, W_IN, B_IN, W_OUT, D: tl.constexpr, H4: tl.constexpr, CH: 
 
 
 @triton.jit
-def _router_kernel(K, W1, B1, W2, B2, W3, B3, W4, B4, W5, B5, Z, Hkv, N, P, skb, skn, skh, inv_count,
+def _router_kernel(K, W1, B1, W2, B2, W3, B3, W4, B4, W5, B5, Z, Hkv, P1, S2, P2, skb, skn, skh, inv_count,
                    D: tl.constexpr, H4: tl.constexpr, CH: tl.constexpr, T: tl.constexpr):
     r = tl.program_id(0)
     row = K + (r // Hkv).to(tl.int64) * skb + (r % Hkv).to(tl.int64) * skh
-    x = (_window_sum(row, 0, P, skn, T, D) + _window_sum(row, N - P, P, skn, T, D)) * inv_count
+    x = (_window_sum(row, 0, P1, skn, T, D) + _window_sum(row, S2, P2, skn, T, D)) * inv_count
     d = tl.arange(0, D)
     t_out = _matvec_chunks(x, W1, B1, W2, D, H4, CH) + tl.load(B2 + d)  # task MLP
     r_out = _silu(_matvec_chunks(t_out, W3, B3, W4, D, H4, CH) + tl.load(B4 + d))  # router MLP
@@ -64,8 +64,11 @@ def _router_kernel(K, W1, B1, W2, B2, W3, B3, W4, B4, W5, B5, Z, Hkv, N, P, skb,
 
 
 def router_logits(keys: torch.Tensor, weights, *, pool_tokens: int, key_padding_mask=None) -> torch.Tensor:
-    """``[B, Hkv, 2]`` logits from pre-RoPE keys ``[B, N, Hkv, D]`` (no padding, N >= 2P)."""
+    """``[B, Hkv, 2]`` logits from pre-RoPE keys ``[B, N, Hkv, D]`` (no padding). Where the two
+    windows of ``pool_tokens`` overlap (N < 2P) each key is pooled once, as in the torch path."""
     B, N, Hkv, D = keys.shape
+    p1 = min(pool_tokens, N)
+    s2 = max(N - pool_tokens, p1)  # the last window, minus what the first one already holds
     if keys.stride(-1) != 1:
         keys = keys.contiguous()
     # the kernel reads raw fp32 rows: shipped weights already are (no copy, no launch per call)
@@ -73,7 +76,7 @@ def router_logits(keys: torch.Tensor, weights, *, pool_tokens: int, key_padding_
         [w.detach().float().contiguous() for w in weights]
     z = torch.empty((B, Hkv, 2), dtype=torch.float32, device=keys.device)
     _router_kernel[(B * Hkv,)](
-        keys, *ws, z, Hkv, N, pool_tokens, keys.stride(0), keys.stride(1), keys.stride(2),
-        1.0 / (2 * pool_tokens), D=D, H4=4 * D, CH=min(64, 4 * D), T=min(TOKENS, triton.next_power_of_2(pool_tokens)),
+        keys, *ws, z, Hkv, p1, s2, N - s2, keys.stride(0), keys.stride(1), keys.stride(2),
+        1.0 / (p1 + N - s2), D=D, H4=4 * D, CH=min(64, 4 * D), T=min(TOKENS, triton.next_power_of_2(pool_tokens)),
         num_warps=4)
     return z.to(weights[0].dtype)
