@@ -123,6 +123,28 @@ def test_triton_dense_matches_reference(case, dtype):
     _compare(out, lse, q, k, v, kpm, DensePlan(case.Nq, case.Nk, case.causal), dtype, grad)
 
 
+@needs_triton
+@pytest.mark.parametrize("layout", ["contiguous", "token-major", "unaligned"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[3]], ids=str)
+def test_triton_tma_forward_matches_reference(case, layout, monkeypatch):
+    """The TMA forward (K/V through tensor descriptors; forced on, as on Hopper) on the layouts a
+    model passes: contiguous, token-major views ([B, N, H, D] transposed, as HF projections give)
+    and strides TMA cannot take (16-byte rule), which fall back to pointer loads."""
+    from attnzoo.ops.kernels import triton_attention as ta
+
+    monkeypatch.setattr(ta, "USE_TMA", True)
+    q, k, v, kpm = _qkv(case, torch.bfloat16, False, seed=5)
+    if layout == "token-major":
+        k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+    elif layout == "unaligned":  # a row stride of D + 1 elements: not a multiple of 16 bytes
+        k, v = (torch.cat([t, t[..., :1]], -1)[..., :case.D] for t in (k, v))
+    assert ta._tma_fits(k, v) == (layout != "unaligned")
+    plan = _plan_to(random_block_plan(case.B, case.Hkv, case.Nq, case.Nk, *case.block, p=0.5, seed=case.Nq,
+                                      causal=case.causal), DEVICE)
+    out, lse = ops.block_sparse(q, k, v, plan, key_padding_mask=kpm, return_lse=True, backend="triton")
+    _compare(out, lse, q, k, v, kpm, plan, torch.bfloat16, False)
+
+
 # -- Triton mixed-mode --------------------------------------------------------------------------
 
 def _mixed_plan(case, B, H, modes, seed=0, sink=16, local=40):

@@ -18,6 +18,7 @@ import functools
 import importlib.util
 import itertools
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -87,12 +88,35 @@ def sweep(name, module, grid, call, ref, results, check):
         print(f"   best {best['config']}: {best['ms']:.3f} ms", flush=True)
 
 
+def random_plan(n: int, heads: int, block: int, density: float, dev) -> BlockPlan:
+    """A causal plan keeping the diagonal and a random ``density`` share of each head's key
+    blocks (the same key blocks for every query block, as XAttention's vertical patterns)."""
+    nb = n // block
+    idx = torch.stack([torch.randperm(nb, device=dev)[: max(1, int(density * nb))] for _ in range(heads)])
+    keep = torch.zeros(1, heads, nb, nb, dtype=torch.bool, device=dev)
+    keep[0, torch.arange(heads, device=dev)[:, None], :, idx] = True
+    keep |= torch.eye(nb, dtype=torch.bool, device=dev)
+    keep &= torch.ones(nb, nb, dtype=torch.bool, device=dev).tril()
+    return BlockPlan.from_block_mask(keep, block, block, n, n)
+
+
+def per_pair(res: dict, name: str, density: float, dense_ms: float) -> None:
+    """Per-pair throughput against the fastest dense: (dense time x density) / sparse time."""
+    best = res[name]["best"]
+    res[name]["density"] = density
+    if best:
+        res[name]["per_pair_of_dense"] = dense_ms * density / best["ms"]
+        print(f"   density {density:.3f}: per-pair throughput {res[name]['per_pair_of_dense']:.0%} of SDPA's, "
+              f"speed-up {dense_ms / best['ms']:.2f}x", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=32768)
     p.add_argument("--heads", type=int, nargs=2, default=[9, 3])
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--out", type=Path, default=Path("bench/results/gpu-tune"))
+    p.add_argument("--only", default=None, help="regex: sweep only the sections it matches")
     p.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny grid: checks the script")
     args = p.parse_args(argv)
     dev = "cpu" if args.smoke else "cuda"
@@ -112,9 +136,13 @@ def main(argv=None) -> int:
     res["sdpa_default_ms"] = dense_ms
     print(f"SDPA default, causal, {N} tokens, {Hq}/{Hkv} heads, D {D}: {dense_ms:.3f} ms = "
           f"{flops / dense_ms / 1e9:.0f} TFLOP/s", flush=True)
+    topk_plan = None
+    wanted = lambda name: args.only is None or re.search(args.only, name) is not None  # noqa: E731
     with torch.no_grad():
         # -- XAttention scoring (stride 8 and 16, 64-token blocks) --------------------------------
         for stride in (8, 16):
+            if not wanted(f"xattention_scores_s{stride}"):
+                continue
             R = 64 // stride
             call = lambda stride=stride: next(ops.antidiagonal.antidiagonal_block_scores(  # noqa: E731
                 q, k, stride=stride, block_size=64, chunk_size=N, backend="triton"))[2]
@@ -125,16 +153,19 @@ def main(argv=None) -> int:
                   lambda out, ref: bool((out - ref).abs().max() <= 1e-3))
         # -- top-k pooled scoring (16-token blocks) -----------------------------------------------
         call = lambda: ops.pooled.pooled_block_scores(q, k, block_size=16, masked=True, backend="triton")  # noqa: E731
-        ref = call()
         grid = [dict(QB=rt // 16, C_TILE=ct, num_warps=w, num_stages=st)
                 for rt, ct, w, st in product((64, 128), (64, 128), (4, 8), (2, 3))]
-        sweep("pooled_scores_b16", tp, grid, call, ref, res, lambda out, ref: bool((out - ref).abs().max() <= 1e-3))
+        if wanted("pooled_scores_b16"):
+            ref = call()
+            sweep("pooled_scores_b16", tp, grid, call, ref, res, lambda out, ref: bool((out - ref).abs().max() <= 1e-3))
 
         # -- whole selectors: scores + selection; Triton plan == torch-scorer plan ---------------
         xa = "antidiagonal_scores"
         for name, sel, op in (("xattention_s8", XAttention(stride=8, threshold=0.9, block_size=64), xa),
                               ("xattention_s16", XAttention(stride=16, threshold=0.9, block_size=64), xa),
                               ("topk_b16", TopKBlocks(block_size=16, top_k=16), "pooled_scores")):
+            if not wanted(f"selector_{name}"):
+                continue
             import os
             n_chk = min(N, 8192)
             os.environ["ATTNZOO_BACKEND"] = f"{op}=torch"
@@ -153,38 +184,47 @@ def main(argv=None) -> int:
                 topk_plan = plan
 
         # -- attention forwards --------------------------------------------------------------------
-        fwd_grid = [dict(num_warps=w, num_stages=st) for w, st in product((4, 8), (2, 3, 4))]
+        # TMA: K/V through tensor descriptors (Hopper); BLOCK_N: the key tile (128 only where the
+        # plan's key block allows it)
+        fwd_grid = [dict(num_warps=w, num_stages=st, TMA=t) for w, st, t in product((4, 8), (2, 3, 4), (False, True))]
+        wide_grid = fwd_grid + [dict(c, BLOCK_N=128) for c in fwd_grid]
         small_grid = [dict(num_warps=w, num_stages=st) for w, st in product((2, 4), (2, 3, 4))]
         close = lambda out, ref: bool((out[0].float() - ref[0].float()).abs().max() <= 2e-2)  # noqa: E731
-        # references from the torch `blocked` backends (not from the Triton kernel's own default)
-        call = lambda: ops.block_sparse(q, k, v, topk_plan, return_lse=True, backend="triton")  # noqa: E731
-        ref = ops.block_sparse(q, k, v, topk_plan, return_lse=True, backend="blocked")
-        sweep("block_sparse_topk_b16", ta, small_grid, call, ref, res, close)
-        for density in (0.25, 0.1):
-            nb = N // 64
-            idx = torch.stack([torch.randperm(nb, device=dev)[: max(1, int(density * nb))] for _ in range(Hkv)])
-            keep = torch.zeros(1, Hkv, nb, nb, dtype=torch.bool, device=dev)
-            keep[0, torch.arange(Hkv, device=dev)[:, None], :, idx] = True
-            keep |= torch.eye(nb, dtype=torch.bool, device=dev)
-            keep &= torch.ones(nb, nb, dtype=torch.bool, device=dev).tril()
-            plan = BlockPlan.from_block_mask(keep, 64, 64, N, N)
-            call = lambda plan=plan: ops.block_sparse(q, k, v, plan, return_lse=True, backend="triton")  # noqa: E731
-            ref = ops.block_sparse(q, k, v, plan, return_lse=True, backend="blocked")
-            sweep(f"block_sparse_b64_d{density}", ta, fwd_grid, call, ref, res, close)
-            res[f"block_sparse_b64_d{density}"]["density"] = plan.density()
-        # one dense KV head of three, the others block-sparse (an Elastic FA-XA layer)
-        mode = torch.tensor([[0, 2, 2]], dtype=torch.int32, device=dev)
-        zero = torch.zeros_like(mode)
-        mixed = MixedPlan(mode, zero, zero, plan, 64, N, N)
-        call = lambda: ops.mixed(q, k, v, mixed, return_lse=True, backend="triton")  # noqa: E731
-        sweep("mixed_1dense_2sparse", ta, fwd_grid, call, ops.mixed(q, k, v, mixed, return_lse=True, backend="blocked"),
-              res, close)
-        call = lambda: ops.dense(q, k, v, causal=True, return_lse=True, backend="triton")  # noqa: E731
-        sweep("dense_triton", ta, fwd_grid, call, (sdpa(),), res, close)
-        for key in ("dense_triton",):
-            best = res[key]["best"]
+        if topk_plan is not None and wanted("block_sparse_topk_b16"):
+            # references from the torch `blocked` backends (not from the Triton kernel's own default)
+            call = lambda: ops.block_sparse(q, k, v, topk_plan, return_lse=True, backend="triton")  # noqa: E731
+            ref = ops.block_sparse(q, k, v, topk_plan, return_lse=True, backend="blocked")
+            sweep("block_sparse_topk_b16", ta, small_grid, call, ref, res, close)
+        for block in (64, 128):
+            for density in (0.25, 0.1, 0.05):
+                name = f"block_sparse_b{block}_d{density}"
+                if not wanted(name):
+                    continue
+                plan = random_plan(N, Hkv, block, density, dev)
+                call = lambda plan=plan: ops.block_sparse(q, k, v, plan, return_lse=True, backend="triton")  # noqa: E731
+                ref = ops.block_sparse(q, k, v, plan, return_lse=True, backend="blocked")
+                sweep(name, ta, wide_grid if block >= 128 else fwd_grid, call, ref, res, close)
+                per_pair(res, name, plan.density(), dense_ms)
+        if wanted("mixed_1dense_2sparse") and Hkv == 3:
+            # one dense KV head of three, the others block-sparse (an Elastic FA-XA layer)
+            plan = random_plan(N, Hkv, 64, 0.1, dev)
+            mode = torch.tensor([[0, 2, 2]], dtype=torch.int32, device=dev)
+            zero = torch.zeros_like(mode)
+            mixed = MixedPlan(mode, zero, zero, plan, 64, N, N)
+            call = lambda: ops.mixed(q, k, v, mixed, return_lse=True, backend="triton")  # noqa: E731
+            sweep("mixed_1dense_2sparse", ta, fwd_grid, call,
+                  ops.mixed(q, k, v, mixed, return_lse=True, backend="blocked"), res, close)
+        for block in (64, 128):  # the dense mode at the tile a 64- or 128-token plan gives
+            name = f"dense_triton_b{block}"
+            if not wanted(name):
+                continue
+            kp = ta.KernelPlan.dense(1, Hq, N, True, dev)
+            kp.block_q = kp.block_k = block
+            call = lambda kp=kp: ta.forward(q, k, v, kp, None, D ** -0.5)  # noqa: E731
+            sweep(name, ta, wide_grid if block >= 128 else fwd_grid, call, (sdpa(),), res, close)
+            best = res[name]["best"]
             if best:
-                print(f"dense triton best: {flops / best['ms'] / 1e9:.0f} TFLOP/s "
+                print(f"{name} best: {flops / best['ms'] / 1e9:.0f} TFLOP/s "
                       f"({best['ms'] / dense_ms:.2f}x SDPA's time)")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tune.json").write_text(json.dumps(res, indent=1, default=str))

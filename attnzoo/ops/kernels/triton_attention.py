@@ -28,6 +28,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._triton import interpreting, tile
 
@@ -72,14 +73,20 @@ def _block_at(j, mode, lo, s_, idx_row, sis):
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, offs_m, offs_n, offs_d,
               skb, skh, skn, svb, svh, svn, Nk, offset, q_first, qk_scale,
-              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+              UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
     """One online-softmax step over keys [n0, n0 + BLOCK_N)."""
     kpos = n0 + offs_n
-    kt = tl.load(K + b * skb + hkv * skh + kpos[None, :] * skn + offs_d[:, None],
-                 mask=kpos[None, :] < Nk, other=0.0)
-    v = tl.load(V + b * svb + hkv * svh + kpos[:, None] * svn + offs_d[None, :],
-                mask=kpos[:, None] < Nk, other=0.0)
+    if TMA:
+        # K and V are [B, Hkv, Nk, D] tensor descriptors: the copy engine fetches the tile and
+        # fills keys past Nk with zeros (they are masked below), so no address math per element
+        kt = tl.trans(K.load([b, hkv, n0, 0]).reshape(BLOCK_N, HEAD_DIM))
+        v = V.load([b, hkv, n0, 0]).reshape(BLOCK_N, HEAD_DIM)
+    else:
+        kt = tl.load(K + b * skb + hkv * skh + kpos[None, :] * skn + offs_d[:, None],
+                     mask=kpos[None, :] < Nk, other=0.0)
+        v = tl.load(V + b * svb + hkv * svh + kpos[:, None] * svn + offs_d[None, :],
+                    mask=kpos[:, None] < Nk, other=0.0)
     if UPCAST:
         kt = kt.to(tl.float32)
         v = v.to(tl.float32)
@@ -114,7 +121,7 @@ def _fwd_kernel(
     Hq, Hkv, Hp, Nq, Nk, offset, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_CHECK: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_CHECK: tl.constexpr, TMA: tl.constexpr,
 ):
     # last query tiles first: under causality they walk the most blocks (better tail balance)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -152,11 +159,11 @@ def _fwd_kernel(
                 if n0 < limit:
                     acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, offs_m, offs_n, offs_d,
                                               skb, skh, skn, svb, svh, svn, Nk, offset, q_first, qk_scale,
-                                              BLOCK_N, CAUSAL, HAS_KPM, UPCAST, DOT_PREC)
+                                              BLOCK_N, HEAD_DIM, CAUSAL, HAS_KPM, UPCAST, DOT_PREC, TMA)
             else:
                 acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, offs_m, offs_n, offs_d,
                                           skb, skh, skn, svb, svh, svn, Nk, offset, q_first, qk_scale,
-                                          BLOCK_N, CAUSAL, HAS_KPM, UPCAST, DOT_PREC)
+                                          BLOCK_N, HEAD_DIM, CAUSAL, HAS_KPM, UPCAST, DOT_PREC, TMA)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -306,19 +313,21 @@ class KernelPlan:
                    plan.causal)
 
 
-def _tiles(kp: KernelPlan, backward: bool):
-    # forward: 128-row tiles (one per 128-token query block, no skip branch); backward keeps
-    # q, dO, K, V tiles and dK/dV partials on chip, so it needs the 64-row tile at D = 128
-    bm = tile(kp.block_q, 64 if interpreting() or backward else 128)
-    bn = tile(kp.block_k, 64)
-    if bm is None or bn is None:
-        raise ValueError(f"the Triton kernel needs block sizes divisible by 16, got "
-                         f"block_q={kp.block_q}, block_k={kp.block_k}")
-    return bm, bn
+def _tile_or_raise(block: int, cap: int, name: str) -> int:
+    t = tile(block, cap)
+    if t is None:
+        raise ValueError(f"the Triton kernel needs block sizes divisible by 16, got {name}={block}")
+    return t
+
+
+# Forward K/V through TMA tensor descriptors: None = wherever they can run (Hopper or newer, not
+# under the interpreter); tests force True to check that path under the interpreter.
+USE_TMA: bool | None = None
 
 
 def launch_config(head_dim: int, block_m: int, backward: bool) -> dict:
-    """Warps and pipeline stages on a GPU (a module-level function: ``bench/gpu/tune.py`` swaps it).
+    """Warps and pipeline stages on a GPU (a module-level function: ``bench/gpu/tune.py`` swaps it;
+    it may also set ``BLOCK_N``, the key-tile cap, and ``TMA``).
     16-row tiles (16-token query blocks, e.g. top-k blocks) run best on 2 warps on an H100 (0.42 ms
     against 0.77 ms on 4 for a top-16 plan at 32K); gathering several small key blocks into one
     64-key tile measured no faster, and not always right on 4 warps, so it was dropped."""
@@ -327,17 +336,35 @@ def launch_config(head_dim: int, block_m: int, backward: bool) -> dict:
     return dict(num_warps=8 if head_dim > 64 else 4, num_stages=3 if head_dim > 64 else 2)
 
 
-def _common(q, k, v, kp: KernelPlan, key_padding_mask, scale, backward=False):
+def _tma_fits(*ts) -> bool:
+    """TMA needs a 16-byte aligned base and 16-byte multiple strides (last stride 1)."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+               and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in ts)
+
+
+def _tma_wanted(device) -> bool:
+    if USE_TMA is not None:
+        return USE_TMA
+    return (not interpreting() and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def _common(q, k, v, kp: KernelPlan, key_padding_mask, backward=False):
     B, Hq, Nq, D = q.shape
     Nk = k.shape[2]
-    bm, bn = _tiles(kp, backward)
+    # forward: 128-row tiles (one per 128-token query block, no skip branch); backward keeps
+    # q, dO, K, V tiles and dK/dV partials on chip, so it needs the 64-row tile at D = 128
+    bm = _tile_or_raise(kp.block_q, 64 if interpreting() or backward else 128, "block_q")
+    cfg = {} if interpreting() else dict(launch_config(D, bm, backward))
+    bn = _tile_or_raise(kp.block_k, cfg.pop("BLOCK_N", 64), "block_k")
+    tma = cfg.pop("TMA", None)
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
     upcast = interpreting() and q.dtype != torch.float32
     meta = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, PLAN_BQ=kp.block_q, PLAN_BK=kp.block_k,
                 CAUSAL=kp.causal, HAS_KPM=kpm is not None, UPCAST=upcast,
-                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SKIP_CHECK=bm < kp.block_q)
-    if not interpreting():
-        meta.update(launch_config(D, bm, backward))
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SKIP_CHECK=bm < kp.block_q, **cfg)
+    if not backward:
+        meta["TMA"] = (_tma_wanted(q.device) if tma is None else tma) and _tma_fits(k, v)
     grid = lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq)  # noqa: E731
     plan_args = (kp.mode, kp.sink, kp.local, kp.indices, kp.counts, kpm if kpm is not None else kp.mode)
     plan_strides = (*kp.indices.stride(), *kp.counts.stride())
@@ -366,9 +393,12 @@ def forward(q, k, v, kp: KernelPlan, key_padding_mask, scale):
     B, Hq, Nq, D = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
-    grid, meta, plan_args, plan_strides, sizes = _common(q, k, v, kp, key_padding_mask, scale)
+    grid, meta, plan_args, plan_strides, sizes = _common(q, k, v, kp, key_padding_mask)
+    kd, vd = k, v
+    if meta["TMA"]:
+        kd, vd = (TensorDescriptor.from_tensor(t, [1, 1, meta["BLOCK_N"], D]) for t in (k, v))
     _launch(_fwd_kernel, grid, meta,
-            q, k, v, out, lse, *plan_args,
+            q, kd, vd, out, lse, *plan_args,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             *plan_strides, *sizes, scale * LOG2E)
@@ -386,7 +416,7 @@ def backward(q, k, v, out, lse, dout, dlse, kp: KernelPlan, key_padding_mask, sc
     dq = torch.empty((B, Hq, Nq, D), dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
-    grid, meta, plan_args, plan_strides, sizes = _common(q, k, v, kp, key_padding_mask, scale, backward=True)
+    grid, meta, plan_args, plan_strides, sizes = _common(q, k, v, kp, key_padding_mask, backward=True)
     _launch(_bwd_kernel, grid, meta,
             q, k, v, dout, lse.contiguous(), delta, dq, dk, dv, *plan_args,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
