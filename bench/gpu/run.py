@@ -182,26 +182,14 @@ def correctness() -> list:
 
 
 # -- speed ---------------------------------------------------------------------------------------
+# Every ratio's dense baseline is the fastest dense attention timed in this process at that shape
+# (on an H100 that is PyTorch's default SDPA), and every row reports achieved TFLOP/s beside it.
 
-B, HQ, HKV, D = 1, 32, 8, 128
-DENSE = "flashinfer"  # the dense baseline; falls back to SDPA if FlashInfer cannot run here
-
-
-def pick_dense_baseline() -> None:
-    global DENSE
-    try:
-        q, k, v = qkv(1024)
-        ops.dense(q, k, v, backend="flashinfer")
-        torch.cuda.synchronize()
-    except Exception as e:
-        DENSE = "sdpa"
-        RESULTS["errors"]["flashinfer dense probe"] = f"{type(e).__name__}: {e}"
-        traceback.print_exc()
-    RESULTS["dense_baseline"] = DENSE
-    log(f"dense baseline: {DENSE}")
+B, HQ, HKV = 1, 32, 8
+HEAD_DIMS = (128, 64)
 
 
-def qkv(N, seed=0):
+def qkv(N, seed=0, D=128):
     g = torch.Generator(device="cuda").manual_seed(seed)
     shape = lambda h: (B, h, N, D)
     return (torch.randn(shape(HQ), device="cuda", generator=g, dtype=torch.bfloat16),
@@ -209,80 +197,111 @@ def qkv(N, seed=0):
             torch.randn(shape(HKV), device="cuda", generator=g, dtype=torch.bfloat16))
 
 
-def sdpa(q, k, v):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+def causal_tflops(N, D, ms, share=1.0, heads=HQ) -> float:
+    """Achieved TFLOP/s of causal attention (4 N^2/2 D flops per head), ``share`` of it computed."""
+    return 4 * heads * D * N * (N + 1) / 2 * share / ms / 1e9
 
 
-def dense_vs_sdpa() -> list:
+def _sdpa(backend=None):
+    from torch.nn.attention import sdpa_kernel
+
+    def call(q, k, v):
+        if backend is None:  # PyTorch's own choice (cuDNN / FA3-class on Hopper)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return call
+
+
+def dense_candidates() -> dict:
+    """Every dense attention this machine can run, by name (FlashInfer only when installed)."""
+    from torch.nn.attention import SDPBackend
+    c = {"sdpa default": _sdpa(), "sdpa cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
+         "sdpa flash": _sdpa(SDPBackend.FLASH_ATTENTION),
+         "triton": lambda q, k, v: ops.dense(q, k, v, backend="triton")}
+    if installed_version("flashinfer-python"):
+        c["flashinfer"] = lambda q, k, v: ops.dense(q, k, v, backend="flashinfer")
+    return c
+
+
+_FASTEST: dict = {}
+
+
+def fastest_dense(q, k, v) -> tuple[str, float, dict]:
+    """(name, ms, every candidate's ms) of the fastest dense attention at this shape, timed here."""
+    key = (tuple(q.shape), tuple(k.shape))
+    if key not in _FASTEST:
+        times = {}
+        for name, fn in dense_candidates().items():
+            try:
+                times[name] = cuda_time(lambda fn=fn: fn(q, k, v), max(5, ARGS.reps // 2))
+            except Exception as e:  # a backend that cannot take the shape is reported, not fatal
+                RESULTS["errors"][f"dense {name} {key}"] = f"{type(e).__name__}: {e}"[:200]
+        best = min(times, key=times.get)
+        _FASTEST[key] = (best, times[best], times)
+    return _FASTEST[key]
+
+
+def dense_backends() -> list:
     rows = []
-    for N in ARGS.lengths:
-        q, k, v = qkv(N)
-        fi = cuda_time(lambda: ops.dense(q, k, v, backend="flashinfer"), ARGS.reps)
-        sd = cuda_time(lambda: sdpa(q, k, v), ARGS.reps)
-        flops = 4 * N * N * HQ * D / 2
-        rows.append({"N": N, "flashinfer_ms": fi, "sdpa_flash_ms": sd, "speedup": sd / fi,
-                     "flashinfer_tflops": flops / fi / 1e9, "sdpa_tflops": flops / sd / 1e9})
-        log(f"  N={N}: {rows[-1]}")
+    for D in HEAD_DIMS:
+        for N in ARGS.lengths:
+            q, k, v = qkv(N, D=D)
+            best, ms, times = fastest_dense(q, k, v)
+            rows.append({"N": N, "D": D, "fastest": best, "ms": times,
+                         "tflops": {n: causal_tflops(N, D, t) for n, t in times.items()}})
+            log(f"  N={N} D={D}: fastest {best} ({ms:.2f} ms); {rows[-1]['tflops']}")
     return rows
 
 
 def block_sparse_sweep() -> list:
+    """Triton block-sparse at random kv-head plans (128-token blocks) against the fastest dense:
+    per-pair throughput = (dense ms x density) / sparse ms, the share of dense's speed kept."""
     rows = []
-    N = ARGS.sparse_len
-    q, k, v = qkv(N, 1)
-    dense = cuda_time(lambda: ops.dense(q, k, v, backend=DENSE), ARGS.reps)
-    for d in (0.25, 0.1, 0.05):
-        qplan = random_plan(B, HQ, N, N, 128, d, seed=3)
-        kvplan = random_plan(B, HKV, N, N, 128, d, seed=3)
-        row = {"N": N, "target_density": d, "density_qhead": qplan.density(), "density_kvhead": kvplan.density(),
-               "flashinfer_dense_ms": dense, "goal_speedup": 0.85 / d}
-        row["triton_ms"] = cuda_time(lambda: ops.block_sparse(q, k, v, qplan, backend="triton"), ARGS.reps)
-        row["triton_kvhead_ms"] = cuda_time(lambda: ops.block_sparse(q, k, v, kvplan, backend="triton"), ARGS.reps)
-        try:
-            row["flashinfer_ms"] = cuda_time(lambda: ops.block_sparse(q, k, v, kvplan, backend="flashinfer"),
-                                             max(5, ARGS.reps // 4), warmup=1)
-            from attnzoo.ops.kernels import flashinfer_backends as fib
-            call = fib.variable_block_calls(kvplan, 0)[0]
-            w = fib._wrapper("cuda")
-
-            def plan_only():
-                w.plan(call.block_mask_map, call.block_row_sz, call.block_col_sz, HQ, HKV, D, causal=call.causal,
-                       sm_scale=D ** -0.5, q_data_type=q.dtype, kv_data_type=k.dtype)
-            row["flashinfer_plan_ms"] = cuda_time(plan_only, 5, warmup=1)
-            plan_only()
-            qh, kh, vh = q[0], k[0].contiguous(), v[0].contiguous()
-            row["flashinfer_run_only_ms"] = cuda_time(lambda: w.run(qh, kh, vh), ARGS.reps)
-        except Exception as e:
-            row["flashinfer_error"] = f"{type(e).__name__}: {e}"
-        row["triton_speedup"] = dense / row["triton_ms"]
-        row["triton_kvhead_speedup"] = dense / row["triton_kvhead_ms"]
-        if "flashinfer_ms" in row:
-            row["flashinfer_speedup"] = dense / row["flashinfer_ms"]
-            row["flashinfer_run_only_speedup"] = dense / row["flashinfer_run_only_ms"]
-        rows.append(row)
-        log(f"  d={d}: {row}")
+    for D in HEAD_DIMS:
+        for N in ARGS.sparse_lengths:
+            q, k, v = qkv(N, 1, D)
+            best, dense, _ = fastest_dense(q, k, v)
+            for d in (0.25, 0.1, 0.05):
+                plan = random_plan(B, HKV, N, N, 128, d, seed=3)
+                ms = cuda_time(lambda plan=plan: ops.block_sparse(q, k, v, plan, backend="triton"), ARGS.reps)
+                dens = plan.density()
+                row = {"N": N, "D": D, "target_density": d, "density": dens, "dense": best, "dense_ms": dense,
+                       "dense_tflops": causal_tflops(N, D, dense), "triton_ms": ms,
+                       "triton_tflops": causal_tflops(N, D, ms, dens), "speedup": dense / ms,
+                       "per_pair": dense * dens / ms, "goal_per_pair": 0.75 if d >= 0.1 else 0.60}
+                rows.append(row)
+                log(f"  N={N} D={D} d={d}: {ms:.2f} ms, {row['speedup']:.2f}x {best}, "
+                    f"per pair {row['per_pair']:.0%}, {row['triton_tflops']:.0f} TFLOP/s")
     return rows
 
 
 def xattention_estimation() -> list:
+    """The XAttention selector's whole call (scores, selection on device) as a share of the fastest
+    dense, stride 8 and 16, 128-token blocks (the authors: 12.6 % and 4.9 % at 128K)."""
     from attnzoo.selectors.xattention import XAttention
     rows = []
-    sel = XAttention(threshold=0.9, stride=8, block_size=128, chunk_size=16384)
     for N in [n for n in ARGS.lengths if n >= 32768]:
         q, k, v = qkv(N, 2)
-        dense = cuda_time(lambda: ops.dense(q, k, v, backend=DENSE), max(5, ARGS.reps // 2))
-        scores = cuda_time(lambda: [w for _, _, w in antidiagonal_block_scores(
-            q, k, stride=8, block_size=128, chunk_size=16384, backend="triton")], max(5, ARGS.reps // 2))
-        full = cuda_time(lambda: sel(q, k), max(5, ARGS.reps // 2))
-        rows.append({"N": N, "dense_ms": dense, "scores_ms": scores, "estimate_ms": full,
-                     "scores_share": scores / dense, "estimate_share": full / dense, "goal_share": 0.03})
-        log(f"  N={N}: {rows[-1]}")
+        best, dense, _ = fastest_dense(q, k, v)
+        for stride in (8, 16):
+            sel = XAttention(threshold=0.9, stride=stride, block_size=128, chunk_size=16384)
+            with torch.no_grad():
+                scores = cuda_time(lambda: [w for _, _, w in antidiagonal_block_scores(
+                    q, k, stride=stride, block_size=128, chunk_size=16384, backend="triton")], max(5, ARGS.reps // 2))
+                full = cuda_time(lambda sel=sel: sel(q, k), max(5, ARGS.reps // 2))
+            goal = 0.10 if stride == 8 else 0.05
+            rows.append({"N": N, "stride": stride, "dense": best, "dense_ms": dense,
+                         "dense_tflops": causal_tflops(N, 128, dense), "scores_ms": scores, "estimate_ms": full,
+                         "scores_share": scores / dense, "estimate_share": full / dense,
+                         "goal_share": goal if N >= 131072 else None})
+            log(f"  N={N} stride {stride}: {rows[-1]}")
     return rows
 
 
 def mixed_vs_split() -> list:
+    """A half-FA / half-XA layer: one mixed launch against per-mode launches (FA heads through the
+    fastest dense kernel, XA heads through Triton block-sparse) and against dense on all heads."""
     N = ARGS.sparse_len
     q, k, v = qkv(N, 4)
     xa = random_plan(B, HQ, N, N, 128, 0.1, seed=5)
@@ -290,35 +309,35 @@ def mixed_vs_split() -> list:
     mode = torch.where(half, 2, 0).int()[None].contiguous()
     mplan = MixedPlan(mode, torch.zeros_like(mode), torch.zeros_like(mode), xa, 128, N, N)
     one = cuda_time(lambda: ops.mixed(q, k, v, mplan, backend="triton"), ARGS.reps)
-    # per mode: the FA heads (first half of the KV heads) through FlashInfer dense, the XA heads
-    # through Triton block-sparse, as the Routed node's split path runs them
     h2 = HKV // 2
     xa_half = BlockPlan(xa.kv_indices[:, HQ // 2:], xa.kv_counts[:, HQ // 2:], 128, 128, N, N)
+    best, dense_all, _ = fastest_dense(q, k, v)
+    fa = dense_candidates()[best]
 
-    def split(fa=DENSE):
-        o1 = ops.dense(q[:, : HQ // 2], k[:, :h2], v[:, :h2], backend=fa)
+    def split():
+        o1 = fa(q[:, : HQ // 2], k[:, :h2], v[:, :h2])
         o2 = ops.block_sparse(q[:, HQ // 2:], k[:, h2:], v[:, h2:], xa_half, backend="triton")
         return torch.cat([o1, o2], 1)
     two = cuda_time(split, ARGS.reps)
-    dense_all = cuda_time(lambda: ops.dense(q, k, v, backend=DENSE), ARGS.reps)
+    chosen = min(one, two)  # the routed executor times both per layer and runs the faster
     row = {"N": N, "xa_density": xa.density(), "single_launch_ms": one, "per_mode_launches_ms": two,
-           "speedup": two / one, "goal_speedup": 2.5, "flashinfer_dense_all_heads_ms": dense_all,
-           "single_launch_vs_dense": dense_all / one}
+           "single_vs_per_mode": two / one, "dense": best, "dense_all_heads_ms": dense_all,
+           "dense_tflops": causal_tflops(N, 128, dense_all), "single_launch_vs_dense": dense_all / one,
+           "per_mode_vs_dense": dense_all / two, "chosen_vs_dense": dense_all / chosen}
     log(f"  {row}")
     return [row]
 
 
 def router_latency() -> list:
     from attnzoo.routers.elastic import ElasticRouter
-    router = ElasticRouter(head_dim=D)
-    layer = router.layer(0).to("cuda")  # fp32 weights, as loaded from a weights file
+    router = ElasticRouter(head_dim=128)
     rows = []
     for N in (32768, 131072):
-        keys = torch.randn(B, N, HKV, D, device="cuda", dtype=torch.bfloat16)
+        keys = torch.randn(B, N, HKV, 128, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
+            router.logits(keys, 0)  # moves the layer to the device once, as in a prefill
             t = cuda_time(lambda: router.logits(keys, 0), 100, warmup=10)
-            mlp = cuda_time(lambda: layer(keys[:, :200].float().mean(1)), 100, warmup=10)
-        rows.append({"N": N, "router_ms": t, "mlp_only_ms": mlp, "goal_ms": 0.05})
+        rows.append({"N": N, "router_ms": t, "goal_ms": 0.05})
         log(f"  {rows[-1]}")
     return rows
 
@@ -389,31 +408,43 @@ def markdown() -> str:
             out.append(f"| {r['case']} | {r['backend']} | {f(r.get('out'))} | {f(r.get('lse'))} | "
                        f"{f(r.get('grad'))} | {'yes' if r['ok'] else 'NO ' + r.get('error', '')} |")
         out.append("")
-    goals = ["## Ratios against goals (B=1, Hq=32, Hkv=8, D=128, bf16, causal)", "",
-             "| measurement | value | goal | met |", "|---|---|---|---|"]
-    for r in s.get("dense_vs_sdpa", []):
-        goals.append(f"| FlashInfer dense vs SDPA flash, N={r['N']} ({r['flashinfer_ms']:.2f} vs "
-                     f"{r['sdpa_flash_ms']:.2f} ms) | {r['speedup']:.2f}x | report | - |")
+    goals = ["## Dense attention (B=1, Hq=32, Hkv=8, bf16, causal): ms (TFLOP/s); the fastest is every "
+             "ratio's baseline", ""]
+    dense_rows = s.get("dense_backends", [])
+    if dense_rows:
+        names = list(dense_rows[0]["ms"])
+        goals += ["| N | D | " + " | ".join(names) + " | fastest |", "|---|---|" + "---|" * (len(names) + 1)]
+        for r in dense_rows:
+            cells = [f"{r['ms'][n]:.2f} ({r['tflops'][n]:.0f})" if n in r["ms"] else "-" for n in names]
+            goals.append(f"| {r['N']} | {r['D']} | " + " | ".join(cells) + f" | {r['fastest']} |")
+        goals.append("")
+    goals += ["## Ratios against goals (B=1, Hq=32, Hkv=8, bf16, causal)", "",
+              "| measurement | value | goal | met |", "|---|---|---|---|"]
+    yes = lambda ok: "yes" if ok else "no"  # noqa: E731
     for r in s.get("block_sparse", []):
-        for key, label in (("triton_speedup", "Triton (q-head plan)"),
-                           ("triton_kvhead_speedup", "Triton (kv-head plan)"),
-                           ("flashinfer_speedup", "FlashInfer var-BSR incl. plan"),
-                           ("flashinfer_run_only_speedup", "FlashInfer var-BSR run only")):
-            if key in r:
-                met = "yes" if r[key] >= r["goal_speedup"] else "no"
-                goals.append(f"| {label} vs FlashInfer dense, N={r['N']}, density {r['target_density']} | "
-                             f"{r[key]:.2f}x | >= {r['goal_speedup']:.1f}x | {met} |")
+        goals.append(f"| Triton block-sparse per-pair throughput, N={r['N']}, D={r['D']}, "
+                     f"density {r['density']:.3f} "
+                     f"({r['triton_ms']:.2f} ms = {r['triton_tflops']:.0f} TFLOP/s; "
+                     f"{r['dense']} {r['dense_ms']:.2f} ms = "
+                     f"{r['dense_tflops']:.0f} TFLOP/s; {r['speedup']:.2f}x) | {r['per_pair']:.0%} | "
+                     f">= {r['goal_per_pair']:.0%} | {yes(r['per_pair'] >= r['goal_per_pair'])} |")
     for r in s.get("xattention_estimation", []):
-        goals.append(f"| XAttention estimate / dense, N={r['N']} ({r['estimate_ms']:.1f} / {r['dense_ms']:.1f} ms; "
-                     f"scores kernel alone {100 * r['scores_share']:.1f}%) | {100 * r['estimate_share']:.1f}% | "
-                     f"<= 3% | {'yes' if r['estimate_share'] <= 0.03 else 'no'} |")
+        g = r["goal_share"]
+        goals.append(f"| XAttention estimate / {r['dense']}, N={r['N']}, stride {r['stride']} "
+                     f"({r['estimate_ms']:.2f} / {r['dense_ms']:.2f} ms; scores kernel alone "
+                     f"{r['scores_share']:.1%}) | {r['estimate_share']:.1%} | "
+                     f"{f'<= {g:.0%}' if g else 'report'} | {yes(r['estimate_share'] <= g) if g else '-'} |")
     for r in s.get("mixed", []):
-        goals.append(f"| mixed single launch vs per-mode launches, half FA / half XA, N={r['N']} "
-                     f"({r['single_launch_ms']:.1f} vs {r['per_mode_launches_ms']:.1f} ms) | {r['speedup']:.2f}x | "
-                     f">= 2.5x | {'yes' if r['speedup'] >= 2.5 else 'no'} |")
+        goals.append(f"| half FA / half XA (density {r['xa_density']:.2f}), N={r['N']}: one mixed launch vs per-mode "
+                     f"launches ({r['single_launch_ms']:.1f} vs {r['per_mode_launches_ms']:.1f} ms) | "
+                     f"{r['single_vs_per_mode']:.2f}x | report | - |")
+        goals.append(f"| half FA / half XA, the faster of the two vs {r['dense']} on all heads "
+                     f"({r['dense_all_heads_ms']:.1f} ms = {r['dense_tflops']:.0f} TFLOP/s) | "
+                     f"{r['chosen_vs_dense']:.2f}x | "
+                     f">= 1.6x | {yes(r['chosen_vs_dense'] >= 1.6)} |")
     for r in s.get("router", []):
-        goals.append(f"| Elastic router forward (pool + MLPs), N={r['N']} (MLPs alone {r['mlp_only_ms']:.3f} ms) | "
-                     f"{r['router_ms']:.3f} ms | <= 0.05 ms | {'yes' if r['router_ms'] <= 0.05 else 'no'} |")
+        goals.append(f"| Elastic router forward (pool + MLPs, one layer, all KV heads), N={r['N']} | "
+                     f"{r['router_ms']:.3f} ms | <= 0.05 ms | {yes(r['router_ms'] <= 0.05)} |")
     e2e_goals = {"xa-streaming (half heads each)": (3.5, 131072), "fa-xa (half heads each)": (1.6, None)}
     for r in s.get("end_to_end", []):
         for name in ("xattention", "fa-xa (half heads each)", "xa-streaming (half heads each)"):
@@ -449,11 +480,12 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=540.0, help="seconds; later sections are skipped past it")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
-    p.add_argument("--sparse-len", type=int, default=65536)
+    p.add_argument("--sparse-len", type=int, default=65536, help="the mixed section's length")
+    p.add_argument("--sparse-lengths", type=int, nargs="+", default=[65536, 131072])
     p.add_argument("--e2e-lengths", type=int, nargs="+", default=[32768, 65536, 131072])
     p.add_argument("--e2e-layers", type=int, default=4)
     p.add_argument("--e2e-reps", type=int, default=3)
-    p.add_argument("--sections", nargs="+", default=["correctness", "dense_vs_sdpa", "block_sparse",
+    p.add_argument("--sections", nargs="+", default=["correctness", "dense_backends", "block_sparse",
                                                         "xattention_estimation", "mixed", "router", "end_to_end"])
     ARGS = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -462,10 +494,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("ATTNZOO_CHECK_FINITE", "0")  # a NaN scan is a device sync per call
     RESULTS["machine"] = header()
     log(json.dumps(RESULTS["machine"]))
-    pick_dense_baseline()
     table = {
         "correctness": section("correctness", 30)(correctness),
-        "dense_vs_sdpa": section("dense_vs_sdpa", 30)(dense_vs_sdpa),
+        "dense_backends": section("dense_backends", 30)(dense_backends),
         "block_sparse": section("block_sparse", 30)(block_sparse_sweep),
         "xattention_estimation": section("xattention_estimation", 20)(xattention_estimation),
         "mixed": section("mixed", 15)(mixed_vs_split),

@@ -326,14 +326,26 @@ USE_TMA: bool | None = None
 
 
 def launch_config(head_dim: int, block_m: int, backward: bool) -> dict:
-    """Warps and pipeline stages on a GPU (a module-level function: ``bench/gpu/tune.py`` swaps it;
-    it may also set ``BLOCK_N``, the key-tile cap, and ``TMA``).
-    16-row tiles (16-token query blocks, e.g. top-k blocks) run best on 2 warps on an H100 (0.42 ms
-    against 0.77 ms on 4 for a top-16 plan at 32K); gathering several small key blocks into one
-    64-key tile measured no faster, and not always right on 4 warps, so it was dropped."""
-    if block_m <= 16 and not backward:
+    """Warps, pipeline stages, key tile (``BLOCK_N`` cap) and TMA on a GPU (a module-level
+    function: ``bench/gpu/tune.py`` swaps it). From the H100 sweep (``bash bench/gpu/hotpath.sh
+    tune``; ``bench/results/gpu-h100-tune/``), forward:
+
+    - 16-row tiles (16-token query blocks, e.g. top-k blocks): 2 warps (0.42 ms against 0.77 on 4
+      for a top-16 plan at 32K);
+    - 64-row tiles: 4 warps, 3 stages at both head dims; at D 128 the old 8 warps took
+      over 36 ms against 19.0 for a 64-token plan at density 0.25 (64K, 32/8 heads); K/V through TMA there
+      (19.0 against 20.7 ms), pointer loads at D 64 (equal within 3 %, pointers ahead);
+    - 128-row tiles: 128-key tiles through TMA, 8 warps at D 128 (dense 67.6 ms = 521 TFLOP/s
+      against 77.6 with the old 64-key pointer tiles), 4 at D 64.
+
+    TMA is used only where the device has it (Hopper or newer) and the layout allows it."""
+    if backward:
+        return dict(num_warps=8 if head_dim > 64 else 4, num_stages=3 if head_dim > 64 else 2)
+    if block_m <= 16:
         return dict(num_warps=2, num_stages=2)
-    return dict(num_warps=8 if head_dim > 64 else 4, num_stages=3 if head_dim > 64 else 2)
+    if block_m <= 64:
+        return dict(num_warps=4, num_stages=3, TMA=head_dim > 64)
+    return dict(num_warps=8 if head_dim > 64 else 4, num_stages=3, BLOCK_N=128, TMA=True)
 
 
 def _tma_fits(*ts) -> bool:
@@ -363,8 +375,8 @@ def _common(q, k, v, kp: KernelPlan, key_padding_mask, backward=False):
     meta = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, PLAN_BQ=kp.block_q, PLAN_BK=kp.block_k,
                 CAUSAL=kp.causal, HAS_KPM=kpm is not None, UPCAST=upcast,
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SKIP_CHECK=bm < kp.block_q, **cfg)
-    if not backward:
-        meta["TMA"] = (_tma_wanted(q.device) if tma is None else tma) and _tma_fits(k, v)
+    if not backward:  # the config may decline TMA; it never forces it where it cannot run
+        meta["TMA"] = _tma_wanted(q.device) and tma is not False and _tma_fits(k, v)
     grid = lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq)  # noqa: E731
     plan_args = (kp.mode, kp.sink, kp.local, kp.indices, kp.counts, kpm if kpm is not None else kp.mode)
     plan_strides = (*kp.indices.stride(), *kp.counts.stride())
