@@ -230,9 +230,16 @@ SCORE_CASES = [
 
 
 @needs_triton
+@pytest.mark.parametrize("q_tile", ["resident", "streamed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case,stride,block", SCORE_CASES, ids=lambda x: str(x))
-def test_triton_scores_match_torch(case, stride, block, dtype):
+def test_triton_scores_match_torch(case, stride, block, dtype, q_tile, monkeypatch):
+    """Both ways of forming the reduced product: the query tile held in registers, or streamed
+    in S slices of D columns (wide tiles, e.g. D 128 at stride 8)."""
+    from attnzoo.ops.kernels import triton_scores as ts
+
+    config = ts.launch_config
+    monkeypatch.setattr(ts, "launch_config", lambda *a: {**config(*a), "Q_RESIDENT": q_tile == "resident"})
     q, k, _, kpm = _qkv(case, dtype, False, seed=7)
     kw = dict(stride=stride, block_size=block, chunk_size=2 * block, key_padding_mask=kpm)
     ref = torch.cat([w for _, _, w in antidiagonal_block_scores(q.float(), k.float(), backend="torch", **kw)], 2)

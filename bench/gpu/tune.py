@@ -116,6 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, nargs=2, default=[9, 3])
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--out", type=Path, default=Path("bench/results/gpu-tune"))
+    p.add_argument("--xa-block", type=int, default=64, help="XAttention block size for the scoring sweeps")
     p.add_argument("--only", default=None, help="regex: sweep only the sections it matches")
     p.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny grid: checks the script")
     args = p.parse_args(argv)
@@ -140,15 +141,17 @@ def main(argv=None) -> int:
     wanted = lambda name: args.only is None or re.search(args.only, name) is not None  # noqa: E731
     with torch.no_grad():
         # -- XAttention scoring (stride 8 and 16, 64-token blocks) --------------------------------
+        xb = args.xa_block
         for stride in (8, 16):
             if not wanted(f"xattention_scores_s{stride}"):
                 continue
-            R = 64 // stride
+            R = xb // stride
             call = lambda stride=stride: next(ops.antidiagonal.antidiagonal_block_scores(  # noqa: E731
-                q, k, stride=stride, block_size=64, chunk_size=N, backend="triton"))[2]
+                q, k, stride=stride, block_size=xb, chunk_size=N, backend="triton"))[2]
             ref = call()
-            grid = [dict(QB=rt // R, C_TILE=ct, num_warps=w, num_stages=st)
-                    for rt, ct, w, st in product((64, 128), (64, 128), (4, 8), (2, 3))]
+            grid = [dict(QB=rt // R, C_TILE=ct, num_warps=w, num_stages=st, Q_RESIDENT=res)
+                    for res, rt, ct, w, st in product((True, False), (64, 128), (64, 128), (4, 8), (2, 3))
+                    if not res or rt * stride * D * 2 <= 128 * 1024]  # a resident tile must fit
             sweep(f"xattention_scores_s{stride}", ts, grid, call, ref, res,
                   lambda out, ref: bool((out - ref).abs().max() <= 1e-3))
         # -- top-k pooled scoring (16-token blocks) -----------------------------------------------
@@ -161,8 +164,8 @@ def main(argv=None) -> int:
 
         # -- whole selectors: scores + selection; Triton plan == torch-scorer plan ---------------
         xa = "antidiagonal_scores"
-        for name, sel, op in (("xattention_s8", XAttention(stride=8, threshold=0.9, block_size=64), xa),
-                              ("xattention_s16", XAttention(stride=16, threshold=0.9, block_size=64), xa),
+        for name, sel, op in (("xattention_s8", XAttention(stride=8, threshold=0.9, block_size=xb), xa),
+                              ("xattention_s16", XAttention(stride=16, threshold=0.9, block_size=xb), xa),
                               ("topk_b16", TopKBlocks(block_size=16, top_k=16), "pooled_scores")):
             if not wanted(f"selector_{name}"):
                 continue

@@ -50,13 +50,37 @@ def _row_col_ok(KPM, b, rows, cols, Nq, Nk, offset, shift, S: tl.constexpr, HAS_
 
 
 @triton.jit
+def _reduced_dot(q_base, k_base, KPM, b, rows, cols, Nq, Nk, offset, sqn, skn,
+                 S: tl.constexpr, HEAD_DIM: tl.constexpr, R_TILE: tl.constexpr, C_TILE: tl.constexpr,
+                 HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Reduced scores ``[R_TILE, C_TILE]`` = sum over t of Q[rows*S + S-1-t] . K[cols*S + t]."""
+    d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([R_TILE, C_TILE], tl.float32)
+    for t in range(S):
+        qpos = rows * S + (S - 1 - t)
+        kpos = cols * S + t
+        q_ok = qpos < Nq
+        k_ok = kpos < Nk
+        if HAS_KPM:
+            q_ok = q_ok & (tl.load(KPM + b * Nk + qpos + offset, mask=q_ok, other=0) != 0)
+            k_ok = k_ok & (tl.load(KPM + b * Nk + kpos, mask=k_ok, other=0) != 0)
+        qt = tl.load(q_base + qpos[:, None] * sqn + d[None, :], mask=q_ok[:, None], other=0.0)
+        kt = tl.load(k_base + kpos[None, :] * skn + d[:, None], mask=k_ok[None, :], other=0.0)
+        if UPCAST:
+            qt = qt.to(tl.float32)
+            kt = kt.to(tl.float32)
+        acc = tl.dot(qt, kt, acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
 def _scores_kernel(
     Q, K, KPM, ACT, W, PS, PM,
     sqb, sqh, sqn, skb, skh, skn, swb, swh, swi,
     Hq, Hkv, Nq, Nk, I0, I1, nkb, n_ct, qk_scale,
     S: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr, QB: tl.constexpr,
     C_TILE: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    HAS_ACT: tl.constexpr,
+    HAS_ACT: tl.constexpr, Q_RESIDENT: tl.constexpr,
 ):
     R_TILE: tl.constexpr = QB * R
     SD: tl.constexpr = S * HEAD_DIM
@@ -81,14 +105,16 @@ def _scores_kernel(
     e = tl.arange(0, SD)
     t_e = e // HEAD_DIM
     d_e = e % HEAD_DIM
-    qpos = rows[:, None] * S + (S - 1 - t_e)[None, :]
-    q_ok = qpos < Nq
-    if HAS_KPM:  # padded positions contribute nothing to a stride group
-        q_ok = q_ok & (tl.load(KPM + b * Nk + qpos + offset, mask=q_ok, other=0) != 0)
-    q = tl.load(Q + b * sqb + hq * sqh + qpos * sqn + d_e[None, :], mask=q_ok, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q_base = Q + b * sqb + hq * sqh
     k_base = K + b * skb + hkv * skh
+    if Q_RESIDENT:  # the whole reduced query tile [R_TILE, S*D] stays in registers
+        qpos = rows[:, None] * S + (S - 1 - t_e)[None, :]
+        q_ok = qpos < Nq
+        if HAS_KPM:  # padded positions contribute nothing to a stride group
+            q_ok = q_ok & (tl.load(KPM + b * Nk + qpos + offset, mask=q_ok, other=0) != 0)
+        q = tl.load(q_base + qpos * sqn + d_e[None, :], mask=q_ok, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
 
     # scratch rows of this program (relative to the launch's first reduced row)
     srow = pid_bh * (I1 - I0) * R + (rows - I0 * R)
@@ -96,14 +122,21 @@ def _scores_kernel(
     l_i = tl.zeros([R_TILE], tl.float32)
     for c0 in range(0, ncol, C_TILE):
         cols = c0 + tl.arange(0, C_TILE)
-        kpos = cols[None, :] * S + t_e[:, None]  # [SD, C_TILE]
-        k_ok = kpos < Nk
-        if HAS_KPM:
-            k_ok = k_ok & (tl.load(KPM + b * Nk + kpos, mask=k_ok, other=0) != 0)
-        kt = tl.load(k_base + kpos * skn + d_e[:, None], mask=k_ok, other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        if Q_RESIDENT:
+            kpos = cols[None, :] * S + t_e[:, None]  # [SD, C_TILE]
+            k_ok = kpos < Nk
+            if HAS_KPM:
+                k_ok = k_ok & (tl.load(KPM + b * Nk + kpos, mask=k_ok, other=0) != 0)
+            kt = tl.load(k_base + kpos * skn + d_e[:, None], mask=k_ok, other=0.0)
+            if UPCAST:
+                kt = kt.to(tl.float32)
+            s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+        else:
+            # a reduced tile too wide for registers (S*D = 1024 at D 128, stride 8): the product runs
+            # as S [R_TILE, D] x [D, C_TILE] steps, one stride offset t each, so the loads pipeline
+            # like a GEMM's K loop; the query slices come back from L2 for each column tile
+            s = _reduced_dot(q_base, k_base, KPM, b, rows, cols, Nq, Nk, offset, sqn, skn,
+                             S, HEAD_DIM, R_TILE, C_TILE, HAS_KPM, UPCAST, DOT_PREC) * qk_scale
         ok = _row_col_ok(KPM, b, rows, cols, Nq, Nk, offset, shift, S, HAS_KPM) & row_in[:, None]
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -133,14 +166,17 @@ def _scores_kernel(
 
 
 def launch_config(R: int, D: int, S: int) -> dict:
-    """Tile shapes: >= 64 reduced rows per program (>= 16 under the interpreter); a module-level
-    function: ``bench/gpu/tune.py`` swaps it."""
+    """Tile shapes: >= 64 reduced rows per program (>= 16 under the interpreter), and whether the
+    reduced query tile stays in registers (``Q_RESIDENT``: up to 64 KB of bf16) or streams in S
+    slices; a module-level function: ``bench/gpu/tune.py`` swaps it."""
     if interpreting():
-        return dict(QB=max(1, 16 // R), C_TILE=max(R, 16))
+        return dict(QB=max(1, 16 // R), C_TILE=max(R, 16), Q_RESIDENT=S * D <= 256)
     # H100, D 64, 32K, 9/3 heads (bench/results/gpu-h100-tune/tune.json): stride 8 best at 64 rows x
     # 64 columns, 4 warps, 2 stages (0.60 ms; 8 warps 0.75, 3 stages 1.66); stride 16 at 128 rows
     # (0.93-1.10 ms; 64 rows 1.09). Run-to-run noise is 10-20 %.
-    return dict(QB=max(1, (64 if S * D <= 512 else 128) // R), C_TILE=max(R, 64), num_warps=4, num_stages=2)
+    if S * D <= 512:
+        return dict(QB=max(1, 64 // R), C_TILE=max(R, 64), num_warps=4, num_stages=2, Q_RESIDENT=True)
+    return dict(QB=max(1, 128 // R), C_TILE=max(R, 128), num_warps=8, num_stages=3, Q_RESIDENT=False)
 
 
 def block_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_padding_mask=None, active_heads=None):
