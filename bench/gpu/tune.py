@@ -14,6 +14,7 @@ the kernel's ``launch_config`` by hand, with the figure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.util
 import itertools
@@ -52,6 +53,17 @@ def cuda_ms(fn, reps: int = 10) -> float:
         fn()
         return (time.perf_counter() - t) * 1e3
     return _load_run().cuda_time(fn, reps)
+
+
+def top_kernels(fn, n: int = 6) -> dict:
+    """GPU ms per kernel name over one call (torch.profiler), the ``n`` largest."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:n]
+    return {e.key: e.device_time_total / 1e3 for e in rows}
 
 
 def swap(module, fn):
@@ -100,6 +112,28 @@ def random_plan(n: int, heads: int, block: int, density: float, dev) -> BlockPla
     return BlockPlan.from_block_mask(keep, block, block, n, n)
 
 
+def selector_run(name, sel, op, q, k, N, dense_ms, res, dev) -> None:
+    """Time a whole selector (scores + selection); its plan must equal the torch scorer's."""
+    import os
+    n_chk = min(N, 8192)
+    os.environ["ATTNZOO_BACKEND"] = f"{op}=torch"
+    a = sel(q[:, :, :n_chk], k[:, :, :n_chk])
+    os.environ["ATTNZOO_BACKEND"] = f"{op}=triton"
+    b = sel(q[:, :, :n_chk], k[:, :, :n_chk])
+    same = bool(torch.equal(a.to_block_mask(), b.to_block_mask()))
+    del os.environ["ATTNZOO_BACKEND"]
+    ms = cuda_ms(lambda sel=sel: sel(q, k))
+    plan = sel(q, k)
+    res[f"selector_{name}"] = {"ms": ms, "of_dense": ms / dense_ms, "plan_equal_torch_scorer_at": n_chk,
+                               "plan_equal": same, "density": plan.density()}
+    print(f"selector {name}: {ms:.3f} ms = {ms / dense_ms:.1%} of dense; plan == torch scorer's at "
+          f"{n_chk}: {same}; density {plan.density():.3f}", flush=True)
+    if dev == "cuda":  # where the selector's GPU time goes: the largest kernels
+        res[f"selector_{name}"]["kernels_ms"] = top_kernels(lambda sel=sel: sel(q, k))
+        print("   " + "; ".join(f"{k[:48]} {v:.2f}" for k, v in res[f"selector_{name}"]["kernels_ms"].items()))
+    res["_plan"] = plan
+
+
 def per_pair(res: dict, name: str, density: float, dense_ms: float) -> None:
     """Per-pair throughput against the fastest dense: (dense time x density) / sparse time."""
     best = res[name]["best"]
@@ -117,6 +151,7 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--out", type=Path, default=Path("bench/results/gpu-tune"))
     p.add_argument("--xa-block", type=int, default=64, help="XAttention block size for the scoring sweeps")
+    p.add_argument("--xa-wide", action="store_true", help="XAttention scoring: sweep flattened 64-256 x 128-256 tiles")
     p.add_argument("--only", default=None, help="regex: sweep only the sections it matches")
     p.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny grid: checks the script")
     args = p.parse_args(argv)
@@ -149,9 +184,14 @@ def main(argv=None) -> int:
             call = lambda stride=stride: next(ops.antidiagonal.antidiagonal_block_scores(  # noqa: E731
                 q, k, stride=stride, block_size=xb, chunk_size=N, backend="triton"))[2]
             ref = call()
-            grid = [dict(QB=rt // R, C_TILE=ct, num_warps=w, num_stages=st, Q_RESIDENT=res)
-                    for res, rt, ct, w, st in product((True, False), (64, 128), (64, 128), (4, 8), (2, 3))
-                    if not res or rt * stride * D * 2 <= 128 * 1024]  # a resident tile must fit
+            # FLATTEN: the column and stride loops pipelined as one (streamed tiles only)
+            grid = [dict(QB=rt // R, C_TILE=ct, num_warps=w, num_stages=st, Q_RESIDENT=res, FLATTEN=fl)
+                    for res, fl, rt, ct, w, st in product((True, False), (False, True), (64, 128), (64, 128),
+                                                          (4, 8), (2, 3, 4))
+                    if (not res or rt * stride * D * 2 <= 128 * 1024) and not (res and fl)]
+            if args.xa_wide:  # larger tiles, flattened streamed loop only
+                grid = [dict(QB=max(1, rt // R), C_TILE=ct, num_warps=w, num_stages=st, Q_RESIDENT=False, FLATTEN=True)
+                        for rt, ct, w, st in product((64, 128, 256), (128, 256), (4, 8), (3, 4))]
             sweep(f"xattention_scores_s{stride}", ts, grid, call, ref, res,
                   lambda out, ref: bool((out - ref).abs().max() <= 1e-3))
         # -- top-k pooled scoring (16-token blocks) -----------------------------------------------
@@ -169,22 +209,12 @@ def main(argv=None) -> int:
                               ("topk_b16", TopKBlocks(block_size=16, top_k=16), "pooled_scores")):
             if not wanted(f"selector_{name}"):
                 continue
-            import os
-            n_chk = min(N, 8192)
-            os.environ["ATTNZOO_BACKEND"] = f"{op}=torch"
-            a = sel(q[:, :, :n_chk], k[:, :, :n_chk])
-            os.environ["ATTNZOO_BACKEND"] = f"{op}=triton"
-            b = sel(q[:, :, :n_chk], k[:, :, :n_chk])
-            same = bool(torch.equal(a.to_block_mask(), b.to_block_mask()))
-            del os.environ["ATTNZOO_BACKEND"]
-            ms = cuda_ms(lambda sel=sel: sel(q, k))
-            plan = sel(q, k)
-            res[f"selector_{name}"] = {"ms": ms, "of_dense": ms / dense_ms, "plan_equal_torch_scorer_at": n_chk,
-                                       "plan_equal": same, "density": plan.density()}
-            print(f"selector {name}: {ms:.3f} ms = {ms / dense_ms:.1%} of dense; plan == torch scorer's at "
-                  f"{n_chk}: {same}; density {plan.density():.3f}", flush=True)
+            swept = res.get(f"xattention_scores_{name.split('_')[1]}", {}).get("best") if op == xa else None
+            with swap(ts, lambda *a, c=swept["config"]: dict(c)) if swept else contextlib.nullcontext():
+                selector_run(name, sel, op, q, k, N, dense_ms, res, dev)
             if name == "topk_b16":
-                topk_plan = plan
+                topk_plan = res.pop("_plan")
+            res.pop("_plan", None)
 
         # -- attention forwards --------------------------------------------------------------------
         # TMA: K/V through tensor descriptors (Hopper); BLOCK_N: the key tile (128 only where the

@@ -6,9 +6,10 @@ Same definition as the torch backend (``attnzoo.ops.antidiagonal``): reduced que
 then summed over each (query block, key block) cell.
 
 A program owns a few consecutive query blocks of one query head (``R_TILE`` reduced rows, tall
-enough for the tensor cores). The reduced query tile ``[R_TILE, S*D]`` is loaded once and stays on
-chip; each column tile is one ``[R_TILE, S*D] x [S*D, C_TILE]`` product (K~ rows are S consecutive
-keys, so a K~ tile is a plain strided load). The scores are visited **once**: the softmax runs
+enough for the tensor cores). Each column tile is one ``[R_TILE, S*D] x [S*D, C_TILE]`` product
+(K~ rows are S consecutive keys, so a K~ tile is a plain strided load): either with the reduced
+query tile resident in registers (``Q_RESIDENT``, small S*D), or streamed as S steps of
+``[R_TILE, D] x [D, C_TILE]`` (the GPU default; ``launch_config`` says why). The scores are visited **once**: the softmax runs
 online (running max and sum per reduced row) and each column tile leaves its per-row block sums,
 relative to the running max at that tile, in a scratch buffer (``[rows, Nkb]`` fp32, 1/(b/S) of
 the reduced score matrix) with that max. A short epilogue in the same program rescales each row's
@@ -80,7 +81,7 @@ def _scores_kernel(
     Hq, Hkv, Nq, Nk, I0, I1, nkb, n_ct, qk_scale,
     S: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr, QB: tl.constexpr,
     C_TILE: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    HAS_ACT: tl.constexpr, Q_RESIDENT: tl.constexpr,
+    HAS_ACT: tl.constexpr, Q_RESIDENT: tl.constexpr, FLATTEN: tl.constexpr = False,
 ):
     R_TILE: tl.constexpr = QB * R
     SD: tl.constexpr = S * HEAD_DIM
@@ -120,7 +121,10 @@ def _scores_kernel(
     srow = pid_bh * (I1 - I0) * R + (rows - I0 * R)
     m_i = tl.full([R_TILE], float("-inf"), tl.float32)
     l_i = tl.zeros([R_TILE], tl.float32)
-    for c0 in range(0, ncol, C_TILE):
+    # FLATTEN: the column loop and the streamed product's S-step loop pipeline as one loop (at
+    # stride 8 the inner loop alone is 8 steps, and restarting its pipeline per column tile left
+    # the tensor cores idle between tiles)
+    for c0 in tl.range(0, ncol, C_TILE, flatten=FLATTEN):
         cols = c0 + tl.arange(0, C_TILE)
         if Q_RESIDENT:
             kpos = cols[None, :] * S + t_e[:, None]  # [SD, C_TILE]
@@ -171,12 +175,16 @@ def launch_config(R: int, D: int, S: int) -> dict:
     slices; a module-level function: ``bench/gpu/tune.py`` swaps it."""
     if interpreting():
         return dict(QB=max(1, 16 // R), C_TILE=max(R, 16), Q_RESIDENT=S * D <= 256)
-    # H100, D 64, 32K, 9/3 heads (bench/results/gpu-h100-tune/tune.json): stride 8 best at 64 rows x
-    # 64 columns, 4 warps, 2 stages (0.60 ms; 8 warps 0.75, 3 stages 1.66); stride 16 at 128 rows
-    # (0.93-1.10 ms; 64 rows 1.09). Run-to-run noise is 10-20 %.
-    if S * D <= 512:
-        return dict(QB=max(1, 64 // R), C_TILE=max(R, 64), num_warps=4, num_stages=2, Q_RESIDENT=True)
-    return dict(QB=max(1, 128 // R), C_TILE=max(R, 128), num_warps=8, num_stages=3, Q_RESIDENT=False)
+    # H100 sweeps (bench/results/gpu-h100-tune/tune-scores-*.json; run-to-run noise 10-20 %): the
+    # streamed product, its column and stride loops flattened into one pipelined loop, won at every
+    # shape measured. 128K, D 128, 128-token blocks, whole selector: stride 8 26.9 ms (10.7 % of
+    # SDPA) at 128 rows x 128 columns, 8 warps, 3 stages (unflattened 64 rows: 30.8 ms); stride 16
+    # 18.9 ms (7.5 %) at 64 rows, 4 warps. Wider tiles (256 columns) were no faster there.
+    # What bounds it: a [rows, D] x [D, 128] step reloads its query slice from L2 for every column
+    # tile (the [rows, S*D] reduced tile does not fit on chip at D 128), ~260-330 TFLOP/s.
+    wide = S <= 8
+    return dict(QB=max(1, (128 if wide else 64) // R), C_TILE=max(R, 128), num_warps=8 if wide else 4,
+                num_stages=3, Q_RESIDENT=False, FLATTEN=True)
 
 
 def block_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_padding_mask=None, active_heads=None):
