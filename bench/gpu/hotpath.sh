@@ -14,7 +14,7 @@ if [ "$PART" = tune ]; then
   python3 bench/gpu/tune.py --out "$OUT/tune" "$@"
 elif [ "$PART" = a ]; then
   cp .whl/gguf_a/* /tmp/ && ls -la /tmp/gguf.part.*
-  [ -n "${SKIP_TESTS:-}" ] || timeout "${GPU_TEST_S:-240}" python3 -m pytest -q -rA -p no:cacheprovider \
+  [ -n "${SKIP_TESTS:-}" ] || timeout "${GPU_TEST_S:-240}" python3 -m pytest -q -rA -p no:cacheprovider --durations=12 \
     ${TESTS_K:+-k "$TESTS_K"} tests/test_hot_path.py tests/test_kernels.py tests/test_head_router.py 2>&1 | grep -v "^PASSED" | tail -60 | tee "$OUT/pytest-gpu.txt"
 else
   cat /tmp/gguf.part.aa .whl/gguf_b/gguf.part.ab > /tmp/SmolLM2-135M-Instruct.Q4_1.gguf && md5sum /tmp/*.gguf
