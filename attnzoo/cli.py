@@ -76,12 +76,16 @@ def _csv(kind):
     return parse
 
 
+MIN_CONTEXT, MAX_CONTEXT = 256, 1 << 20
+
+
 class UsageError(ValueError):
     """A command-line mistake: printed as one line, exit status 2."""
 
 
 def _check_compare_args(args) -> dict:
     """Everything checkable before the model loads; returns the haystack options."""
+    from .eval import compare as cmp
     from .eval.compare import EMBEDDED_CONTEXT
     from .eval.niah import check_settings
 
@@ -90,9 +94,25 @@ def _check_compare_args(args) -> dict:
             check_settings(**{flag: getattr(args, flag) or ()})
         except ValueError as e:
             raise UsageError(f"--{flag}: {e}") from None
+    try:
+        cmp.resolve_device(args.device)
+    except ValueError as e:
+        raise UsageError(f"--device: {e}") from None
+    if args.context is not None and not MIN_CONTEXT <= args.context <= MAX_CONTEXT:
+        raise UsageError(f"--context must lie in [{MIN_CONTEXT}, {MAX_CONTEXT}] tokens, got {args.context}")
+    model = Path(args.model)
+    if args.model != "embedded" and not model.exists():
+        raise UsageError(f"--model: no such file or folder: {args.model} (use 'embedded', a .gguf file or a "
+                         f"local Hugging Face model folder)")
+    if args.model != "embedded" and not (model.suffix == ".gguf" or (model / "config.json").is_file()):
+        raise UsageError(f"--model: {args.model} is neither a .gguf file nor a Hugging Face model folder "
+                         f"(no config.json there)")
+    # the context the lengths must fit: --context, else the embedded model's (its GPU defaults extend it)
+    context = args.context or EMBEDDED_CONTEXT
     for n in args.lengths or ():
-        if n > EMBEDDED_CONTEXT:
-            raise UsageError(f"--lengths: {n} tokens is past the embedded model's context ({EMBEDDED_CONTEXT} tokens)")
+        if args.model == "embedded" and n > context:
+            raise UsageError(f"--lengths: {n} tokens is past the embedded model's context ({context} tokens); "
+                             f"--context {n} extends it with YaRN")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.repeats < 1:
@@ -113,15 +133,18 @@ def _check_compare_args(args) -> dict:
 
 def compare(args) -> int:
     from .eval import compare as cmp
+    from .eval import report
 
     templates = _check_compare_args(args)
     presets = args.presets or list(cmp.DEFAULT_PRESETS)
     results = cmp.run(presets, lengths=args.lengths, tasks=args.tasks, depths=args.depths, quick=args.quick,
-                      max_new_tokens=args.max_new_tokens, repeats=args.repeats, **templates)
-    json_path, png_path = cmp.write(results, args.out)
+                      max_new_tokens=args.max_new_tokens, repeats=args.repeats, device=args.device,
+                      dtype=args.dtype, model_spec=args.model, context=args.context, **templates)
+    json_path, png_path = report.write(results, args.out)
     print()
-    print(cmp.table(results))
-    print(f"\nwrote {json_path} and {png_path}")
+    print(report.header(results))
+    print(report.table(results))
+    print(f"\nwrote {json_path}, results.md and {png_path}")
     return 0
 
 
@@ -187,9 +210,19 @@ def main(argv=None) -> int:
     c = sub.add_parser("compare", help="accuracy vs attention density vs prefill time of stacks on the embedded model")
     c.add_argument("--presets", type=_csv(str), help="comma-separated preset names or stack YAML paths "
                    "(default: every shipped preset); 'full' is always added as the reference")
-    c.add_argument("--lengths", type=_csv(int), help="prompt lengths in tokens (default 2048,3072; quick 1024)")
-    c.add_argument("--tasks", type=_csv(str), help="NIAH tasks: single,multikey,multivalue (default single,multikey)")
-    c.add_argument("--depths", type=_csv(float), help="needle depths in [0, 1] (default 0.1,0.5,0.9)")
+    c.add_argument("--lengths", type=_csv(int), help="prompt lengths in tokens (default: GPU 8192,16384,32768; "
+                   "CPU 2048,3072; quick 1024)")
+    c.add_argument("--tasks", type=_csv(str), help="NIAH tasks: single,multikey,multivalue (default: GPU all "
+                   "three; CPU single,multikey)")
+    c.add_argument("--depths", type=_csv(float), help="needle depths in [0, 1] (default: GPU 0.1,0.3,0.5,0.7,0.9, "
+                   "every one per length and task; CPU 0.1,0.5,0.9 rotated)")
+    c.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model precision (auto: bfloat16 on a GPU, float32 on a CPU)")
+    c.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M), a .gguf file or a local "
+                   "Hugging Face causal LM folder")
+    c.add_argument("--context", type=int, help="extend the model with YaRN to this many tokens (default: on a GPU "
+                   "32768 for the default lengths; otherwise the model's own context)")
     c.add_argument("--quick", action="store_true", help="one short prompt per preset (CI smoke run)")
     c.add_argument("--max-new-tokens", type=int, help="greedy tokens per answer (default: 32, 64 for multivalue)")
     c.add_argument("--out", default="attnzoo-compare", help="folder for results.json and pareto.png")

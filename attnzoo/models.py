@@ -65,13 +65,35 @@ def extend_context(model, tokens: int):
     return factor
 
 
-def load_embedded(dtype: torch.dtype = torch.float32, cache_dir=None):
-    """``(model, tokenizer)`` for SmolLM2-135M-Instruct, in eval mode."""
+def load_model(spec: str = "embedded", dtype: torch.dtype = torch.float32, device="cpu"):
+    """``(model, tokenizer)`` in eval mode from ``"embedded"`` (SmolLM2-135M-Instruct), a ``.gguf``
+    file (converted once and cached, as the embedded model) or a local Hugging Face model folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(spec)
+    if spec == "embedded":
+        model, tok = load_embedded(dtype)
+    elif path.suffix == ".gguf" and path.is_file():
+        model, tok = load_embedded(dtype, cache_root() / path.stem.lower(), gguf=path)
+    elif (path / "config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    else:
+        raise ValueError(f"model {spec!r} is neither 'embedded', a .gguf file nor a local Hugging Face model "
+                         f"folder (no config.json there)")
+    return model.to(device), tok
+
+
+def load_embedded(dtype: torch.dtype = torch.float32, cache_dir=None, gguf=None):
+    """``(model, tokenizer)`` for SmolLM2-135M-Instruct (or another Llama ``gguf`` file), in eval
+    mode; the first call converts the GGUF and caches the result."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache = Path(cache_dir) if cache_dir is not None else cache_root() / "smollm2-135m-instruct"
     if not (cache / "config.json").is_file():
-        gguf = embedded_gguf_path()
+        gguf = Path(gguf) if gguf is not None else embedded_gguf_path()
+        print(f"attnzoo: converting {gguf.name} to a cached Hugging Face model in {cache} (once; about a "
+              f"minute on two cores)", flush=True)
         for dep in ("gguf", "accelerate"):
             if importlib.util.find_spec(dep) is None:
                 raise ModuleNotFoundError(f"loading the GGUF needs {dep!r}: {INSTALL_HINT}")

@@ -115,12 +115,35 @@ def test_prompts_from_a_users_haystack_and_templates(tok):
 
 
 def test_table_says_when_full_attention_scored_zero():
-    from attnzoo.eval.compare import table
+    from attnzoo.eval.report import table
 
     row = dict(stack="full", accuracy=0.0, accuracy_vs_full=None, density=1.0, prefill_s=1.0, prefill_ratio=1.0,
                peak_memory_mib=1.0, n_prompts=4)
     out = table({"presets": {"full": row, "x": {**row, "stack": "mine"}}})
     assert "nan" not in out and "n/a (full 0)" in out and "| mine |" in out
+
+
+def test_wilson_interval():
+    from attnzoo.eval.report import wilson_interval
+
+    lo, hi = wilson_interval(45, 45)
+    assert hi == 1.0 and 0.92 < lo < 0.93  # all right on 45 prompts: still not certain
+    lo, hi = wilson_interval(0, 6)
+    assert lo == 0.0 and 0.38 < hi < 0.40
+    lo, hi = wilson_interval(20, 40)
+    assert lo == pytest.approx(1 - hi) and 0.34 < lo < 0.36
+    with pytest.raises(ValueError, match="n must be"):
+        wilson_interval(0, 0)
+
+
+def test_device_and_dtype_defaults():
+    from attnzoo.eval.compare import GPU, defaults, resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype(None, "cuda") == torch.bfloat16
+    assert defaults("cuda") == GPU and len(GPU["lengths"]) * len(GPU["tasks"]) * len(GPU["depths"]) >= 45
+    assert defaults("cpu", quick=True)["lengths"] == (1024,)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        resolve_dtype("fp8", "cpu")
 
 
 def test_compare_quick_smoke(tok, tmp_path):
@@ -136,6 +159,11 @@ def test_compare_quick_smoke(tok, tmp_path):
             assert isinstance(r[key], (int, float)), (name, key)
         assert 0 <= r["accuracy"] <= 1 and 0 < r["density"] <= 1 and r["prefill_s"] > 0
     assert results["presets"]["full"]["density"] == pytest.approx(1.0)
+    assert results["presets"]["full"]["accuracy"] == 1.0, "the smoke prompt must be one full attention answers"
+    for r in results["presets"].values():  # a 95 % interval around each accuracy
+        lo, hi = r["accuracy_ci"]
+        assert 0 <= lo <= r["accuracy"] <= hi <= 1 and hi - lo > 0.5, "one prompt cannot pin an accuracy down"
+    assert results["machine"]["device"] in ("cpu", "cuda") and (tmp_path / "results.md").is_file()
     lo, hi = results["presets"]["xattention"]["prefill_ratio_range"]  # per prompt, presets interleaved
     assert 0 < lo <= hi and results["presets"]["full"]["prefill_ratio_range"] == [1.0, 1.0]
     assert results["presets"]["xattention"]["density"] < 1.0

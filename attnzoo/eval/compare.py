@@ -2,16 +2,19 @@
 
 Every preset (a shipped name or a stack YAML) answers the same NIAH prompts with greedy decoding;
 presets are interleaved (each prompt goes through every preset, in an order rotated per prompt).
-Per preset: accuracy (exact match), mean attention density actually used during prefill (over
-layers and heads; dense layers count 1.0), prefill wall time and its ratio to the ``full`` preset
-measured in the same process (with the spread of the per-prompt ratios), and peak memory of one
-prefill.
+Per preset: accuracy (exact match, with a 95 % Wilson interval), mean attention density actually
+used during prefill (over layers and heads; dense layers count 1.0), prefill time (synchronised
+on a GPU, the median of ``repeats``) and its ratio to the ``full`` preset measured in the same
+process (with the spread of the per-prompt ratios), and peak memory of one prefill.
+
+Defaults follow the device: on a GPU, bf16, 8K/16K/32K tokens (the embedded model YaRN-extended
+to 32K), three tasks x five depths per length (45 prompts per preset); on a CPU, fp32 at 2K/3K.
+The table and plot live in ``attnzoo.eval.report``.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import platform
 import statistics
@@ -25,13 +28,18 @@ from ..integrations.hf import patch
 from ..stack import DensityMeter, build
 from .memory import peak_memory
 from .niah import MAX_NEW_TOKENS, score, suite
+from .report import wilson_interval
 
 DEFAULT_PRESETS = ("full", "xattention", "xattention-calibrated", "streaming", "topk-blocks", "token-sparse",
                    "token-sparse-calibrated", "token-sparse-xattention", "router-table-example",
                    "elastic-fa-xa", "elastic-fa-streaming", "elastic-xa-streaming")
-QUICK = {"lengths": (1024,), "tasks": ("single",), "depths": (0.5,)}
+# a prompt full attention answers (fp32 CPU; at depth 0.5 it talks past the 32-token budget)
+QUICK = {"lengths": (1024,), "tasks": ("single",), "depths": (0.3,)}
 # all twelve shipped presets took 9.7 minutes on 2 CPU cores (model cached); widen with --lengths/--tasks/--depths
 FULL = {"lengths": (2048, 3072), "tasks": ("single", "multikey"), "depths": (0.1, 0.5, 0.9)}
+# every (length, task, depth) cell: 3 x 3 x 5 = 45 prompts per preset
+GPU = {"lengths": (8192, 16384, 32768), "tasks": ("single", "multikey", "multivalue"),
+       "depths": (0.1, 0.3, 0.5, 0.7, 0.9), "per_cell": True}
 EVAL_SEED = 0  # calibration and training use other seeds and haystack offsets
 EMBEDDED_CONTEXT = 8192  # SmolLM2-135M's max_position_embeddings (checked against the model once loaded)
 
@@ -68,11 +76,14 @@ def _answer(model, tok, ids: torch.Tensor, max_new_tokens: int, repeats: int = 1
     """Greedy decode; returns (text, prefill seconds: the median of ``repeats`` prefills). The
     density ``meter`` is reset before each prefill, so it holds one prefill's densities."""
     times = []
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
     for _ in range(repeats):
         if meter is not None:
             meter.reset()
+        sync()  # a GPU prefill is timed from an idle device to its last kernel
         t0 = time.perf_counter()
         out = model(ids, use_cache=True, logits_to_keep=1)
+        sync()
         times.append(time.perf_counter() - t0)
     prefill = statistics.median(times)
     cache_arg = _cache_arg(model)
@@ -87,33 +98,77 @@ def _answer(model, tok, ids: torch.Tensor, max_new_tokens: int, repeats: int = 1
     return tok.decode(torch.cat(tokens, 1)[0], skip_special_tokens=True), prefill
 
 
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return device
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype, device: str) -> torch.dtype:
+    """``None``/``"auto"``: bf16 on a GPU, fp32 on a CPU."""
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {['auto', *DTYPES]}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def defaults(device: str, quick: bool = False) -> dict:
+    """The prompt settings a run uses when none are given."""
+    if quick:
+        return dict(QUICK)
+    return dict(GPU if device.startswith("cuda") else FULL)
+
+
 def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick: bool = False,
         max_new_tokens: int | None = None, seed: int = EVAL_SEED, model=None, tok=None, progress: bool = True,
-        repeats: int = 1, **templates) -> dict:
+        repeats: int = 1, device: str = "auto", dtype=None, model_spec: str = "embedded", context: int | None = None,
+        **templates) -> dict:
     """Run the comparison; returns the ``results.json`` dict. ``repeats``: prefills timed per prompt
-    and preset (the median is reported). ``templates``: ``haystack``, ``needle``, ``question`` for
-    the prompts (``attnzoo.eval.niah.make_prompt``)."""
+    and preset (the median is reported). ``device``/``dtype``: where and in what precision the
+    model runs (auto: CUDA and bf16 when present). ``model_spec``: ``"embedded"``, a ``.gguf``
+    file or a local HF folder (ignored when ``model``/``tok`` are given). ``context``: extend the
+    model with YaRN to this many tokens (default: the longest prompt, where it is past the
+    model's context). ``templates``: ``haystack``, ``needle``, ``question`` for the prompts
+    (``attnzoo.eval.niah.make_prompt``)."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
     from tqdm import tqdm
 
-    settings = dict(QUICK if quick else FULL)
+    from ..models import extend_context, load_model
+
+    device = resolve_device(device)
+    dt = resolve_dtype(dtype, device)
+    settings = defaults(device, quick)
     for name, value in (("lengths", lengths), ("tasks", tasks), ("depths", depths)):
         if value:
             settings[name] = tuple(value)
+    per_cell = settings.pop("per_cell", False)
     presets = list(presets)
     if "full" not in presets:
         presets.insert(0, "full")  # the reference for accuracy and speed ratios
     stacks = {p: build(_spec(p)) for p in presets}  # fail on a bad preset before any model work
     if model is None:
-        from ..models import load_embedded
-
-        model, tok = load_embedded()
-    context = getattr(model.config, "max_position_embeddings", None)
-    too_long = [n for n in settings["lengths"] if context and n > context]
+        model, tok = load_model(model_spec, dt, device)
+    # YaRN where asked (``context``), or where the device's default lengths need it (GPU: 32K)
+    native = getattr(model.config, "max_position_embeddings", None)
+    want = context or (max(settings["lengths"]) if not lengths else None)
+    factor = extend_context(model, want) if native and want and want > native else 1
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    too_long = [n for n in settings["lengths"] if ctx and n > ctx]
     if too_long:
-        raise ValueError(f"lengths {too_long} are past the model's context ({context} tokens)")
-    prompts = suite(tok, settings["lengths"], settings["depths"], settings["tasks"], seed=seed, **templates)
+        raise ValueError(f"lengths {too_long} are past the model's context ({ctx} tokens; --context extends it)")
+    prompts = suite(tok, settings["lengths"], settings["depths"], settings["tasks"], seed=seed,
+                    per_cell=per_cell, **templates)
     # Presets are interleaved: every prompt goes through every preset before the next prompt, in an
     # order rotated per prompt, so a change in the machine's load lands on all presets alike and
     # each prompt gives one full / preset prefill ratio (the table shows their spread).
@@ -124,6 +179,7 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
     bar = tqdm(total=len(presets) * len(prompts), desc="compare", disable=not progress, unit="prompt")
     for i, p in enumerate(prompts):
         budget = max_new_tokens or MAX_NEW_TOKENS[p.task]
+        ids = p.input_ids.to(device)
         for name in presets[i % len(presets):] + presets[: i % len(presets)]:
             bar.set_postfix_str(f"{name} {p.task}@{p.n_tokens}")
             meter = meters[name]
@@ -132,10 +188,10 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
                 if p is longest:  # peak memory of the longest real prefill (+ its short decode)
                     got = {}
                     peaks[name] = peak_memory(
-                        lambda p=p, n=budget: got.update(r=_answer(model, tok, p.input_ids, n, repeats, meter)))
+                        lambda ids=ids, n=budget: got.update(r=_answer(model, tok, ids, n, repeats, meter)), device)
                     text, prefill = got["r"]
                 else:
-                    text, prefill = _answer(model, tok, p.input_ids, budget, repeats, meter)
+                    text, prefill = _answer(model, tok, ids, budget, repeats, meter)
             per_prompt[name].append({"task": p.task, "tokens": p.n_tokens, "depth": p.depth,
                                      "answers": list(p.answers), "output": text, "correct": score(text, p.answers),
                                      "prefill_s": prefill, "density": meter.mean()})
@@ -144,9 +200,11 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
     rows: dict[str, dict] = {}
     for name in presets:
         rs = per_prompt[name]
+        n_correct = sum(r["correct"] for r in rs)
         rows[name] = {
             "stack": stacks[name].name,
-            "accuracy": sum(r["correct"] for r in rs) / len(rs),
+            "accuracy": n_correct / len(rs),
+            "accuracy_ci": list(wilson_interval(n_correct, len(rs))),
             "density": sum(r["density"] for r in rs) / len(rs),
             "prefill_s": sum(r["prefill_s"] for r in rs) / len(rs),
             "peak_memory_mib": peaks[name] / 2**20,
@@ -165,57 +223,10 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
         "settings": {**{k: list(v) for k, v in settings.items()},
                      "max_new_tokens": max_new_tokens or dict(MAX_NEW_TOKENS), "seed": seed,
                      "prefill_repeats": repeats, "presets_interleaved": True,
-                     "quick": quick, "model": "SmolLM2-135M-Instruct (embedded)"},
+                     "quick": quick, "per_cell": per_cell, "dtype": str(dt).replace("torch.", ""),
+                     "yarn_factor": factor, "context": ctx,
+                     "model": "SmolLM2-135M-Instruct (embedded)" if model_spec == "embedded" else str(model_spec)},
         "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+                    "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device,
+                    "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else None},
     }
-
-
-def table(results: dict) -> str:
-    lines = ["| preset | accuracy | vs full | mean density | prefill s | prefill ratio (per-prompt range) | "
-             "peak MiB | prompts |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, r in results["presets"].items():
-        vs = "n/a (full 0)" if r["accuracy_vs_full"] is None else f"{r['accuracy_vs_full']:.0%}"
-        spread = r.get("prefill_ratio_range")
-        ratio = f"{r['prefill_ratio']:.2f}x" + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else "")
-        lines.append(f"| {r.get('stack') or name} | {r['accuracy']:.2f} | {vs} | {r['density']:.3f} | "
-                     f"{r['prefill_s']:.2f} | {ratio} | {r['peak_memory_mib']:.0f} | {r['n_prompts']} |")
-    return "\n".join(lines)
-
-
-def pareto_plot(results: dict, path) -> Path:
-    """Accuracy (y) vs density (x), one distinct marker per preset (the prefill ratio in the legend:
-    a noisy ratio does not resize markers)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9.5, 5.5), dpi=120)
-    markers = "*osDv^<>phXPd8H1234+x|_"
-    for i, (name, r) in enumerate(results["presets"].items()):
-        ax.scatter(r["density"], r["accuracy"], s=110, alpha=0.8, marker=markers[i % len(markers)],
-                   color=plt.cm.tab20(i % 20), edgecolors="black", linewidths=0.5,
-                   label=f"{r.get('stack', name)}: {r['prefill_ratio']:.2f}x prefill")
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False, markerscale=0.7)
-    ax.set_xlabel("mean attention density (fraction of causal pairs computed)")
-    ax.set_ylabel("NIAH accuracy (exact match)")
-    ax.set_xlim(0, 1.08)
-    ax.set_ylim(-0.05, 1.1)
-    s = results["settings"]
-    ax.set_title(f"{s['model']}: lengths {s['lengths']}, {results['presets']['full']['n_prompts']} prompts/preset"
-                 f"\nlegend: prefill speed ratio vs full attention", fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def write(results: dict, out_dir) -> tuple[Path, Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    return out / "results.json", pareto_plot(results, out / "pareto.png")

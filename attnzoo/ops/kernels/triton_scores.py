@@ -6,16 +6,16 @@ Same definition as the torch backend (``attnzoo.ops.antidiagonal``): reduced que
 then summed over each (query block, key block) cell.
 
 A program owns a few consecutive query blocks of one query head (``R_TILE`` reduced rows, tall
-enough for the tensor cores). Each column tile is one ``[R_TILE, S*D] x [S*D, C_TILE]`` product
-(K~ rows are S consecutive keys, so a K~ tile is a plain strided load): either with the reduced
-query tile resident in registers (``Q_RESIDENT``, small S*D), or streamed as S steps of
-``[R_TILE, D] x [D, C_TILE]`` (the GPU default; ``launch_config`` says why). The scores are visited **once**: the softmax runs
-online (running max and sum per reduced row) and each column tile leaves its per-row block sums,
-relative to the running max at that tile, in a scratch buffer (``[rows, Nkb]`` fp32, 1/(b/S) of
-the reduced score matrix) with that max. A short epilogue in the same program rescales each row's
-partials to the final max and sum and adds the rows of each query block. The reduced score matrix
-is never stored, and the product runs once (the first version computed it twice: one pass for the
-row statistics, one to normalise).
+enough for the tensor cores). Each column tile is one ``[R_TILE, S*D] x [S*D, C_TILE]`` product (K~
+rows are S consecutive keys, so a K~ tile is a plain strided load): either with the reduced query
+tile resident in registers (``Q_RESIDENT``, small S*D), or streamed as S steps of ``[R_TILE, D] x
+[D, C_TILE]`` (the GPU default; ``launch_config`` says why). The scores are visited **once**: the
+softmax runs online (running max and sum per reduced row) and each column tile leaves its per-row
+block sums, relative to the running max at that tile, in a scratch buffer (``[rows, Nkb]`` fp32,
+1/(b/S) of the reduced score matrix) with that max. A short epilogue in the same program rescales
+each row's partials to the final max and sum and adds the rows of each query block. The reduced
+score matrix is never stored, and the product runs once (the first version computed it twice: one
+pass for the row statistics, one to normalise).
 """
 
 from __future__ import annotations
