@@ -94,9 +94,8 @@ def load_embedded(dtype: torch.dtype = torch.float32, cache_dir=None, gguf=None)
         gguf = Path(gguf) if gguf is not None else embedded_gguf_path()
         print(f"attnzoo: converting {gguf.name} to a cached Hugging Face model in {cache} (once; about a "
               f"minute on two cores)", flush=True)
-        for dep in ("gguf", "accelerate"):
-            if importlib.util.find_spec(dep) is None:
-                raise ModuleNotFoundError(f"loading the GGUF needs {dep!r}: {INSTALL_HINT}")
+        if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF through it
+            raise ModuleNotFoundError(f"loading the GGUF needs 'gguf': {INSTALL_HINT}")
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # GGUF weights arrive de-quantised, but the model stays marked as quantised and refuses

@@ -40,6 +40,7 @@ FULL = {"lengths": (2048, 3072), "tasks": ("single", "multikey"), "depths": (0.1
 # every (length, task, depth) cell: 3 x 3 x 5 = 45 prompts per preset
 GPU = {"lengths": (8192, 16384, 32768), "tasks": ("single", "multikey", "multivalue"),
        "depths": (0.1, 0.3, 0.5, 0.7, 0.9), "per_cell": True}
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
 EVAL_SEED = 0  # calibration and training use other seeds and haystack offsets
 EMBEDDED_CONTEXT = 8192  # SmolLM2-135M's max_position_embeddings (checked against the model once loaded)
 
@@ -225,7 +226,7 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
                      "prefill_repeats": repeats, "presets_interleaved": True,
                      "quick": quick, "per_cell": per_cell, "dtype": str(dt).replace("torch.", ""),
                      "yarn_factor": factor, "context": ctx,
-                     "model": "SmolLM2-135M-Instruct (embedded)" if model_spec == "embedded" else str(model_spec)},
+                     "model": EMBEDDED_NAME if model_spec == "embedded" else Path(model_spec).name},
         "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device,
                     "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else None},

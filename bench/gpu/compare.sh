@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# `attnzoo compare` with its GPU defaults on the embedded model, in two back-to-back calls (a call
+# carries <= 64 MiB; the GGUF is 98 MB):
+#   part a:  bash bench/gpu/compare.sh a          (carry .whl/gguf_a .whl/py)  keeps GGUF part 1 in /tmp
+#   part b:  bash bench/gpu/compare.sh b [args]   (carry .whl/gguf_b .whl/py)  joins it, runs compare
+# Later calls on the still-warm machine may run `bash bench/gpu/compare.sh c [args]` (no carry):
+# the joined GGUF and the converted model stay in /tmp.
+set -uo pipefail
+PART=${1:?usage: compare.sh a|b|c [compare args...]}; shift
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/py/*.whl 2>/dev/null
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 ATTNZOO_CACHE=/tmp/attnzoo-cache
+GGUF=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+if [ "$PART" = a ]; then
+  cp .whl/gguf_a/* /tmp/ && ls -la /tmp/gguf.part.*
+  exit 0
+fi
+[ "$PART" = b ] && cat /tmp/gguf.part.aa .whl/gguf_b/gguf.part.ab > "$GGUF"
+md5sum "$GGUF"
+python3 -m attnzoo.cli compare --model "$GGUF" --out "$OUT/compare" "$@"
