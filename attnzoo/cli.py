@@ -139,7 +139,8 @@ def compare(args) -> int:
     presets = args.presets or list(cmp.DEFAULT_PRESETS)
     results = cmp.run(presets, lengths=args.lengths, tasks=args.tasks, depths=args.depths, quick=args.quick,
                       max_new_tokens=args.max_new_tokens, repeats=args.repeats, device=args.device,
-                      dtype=args.dtype, model_spec=args.model, context=args.context, **templates)
+                      dtype=args.dtype, model_spec=args.model, context=args.context,
+                      checkpoint=lambda partial: report.write(partial, args.out), **templates)
     json_path, png_path = report.write(results, args.out)
     print()
     print(report.header(results))

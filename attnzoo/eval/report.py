@@ -26,9 +26,10 @@ def header(results: dict) -> str:
     m, s = results["machine"], results["settings"]
     device = m.get("device_name") or m.get("device", "cpu")
     ctx = f", YaRN x{s['yarn_factor']}" if s.get("yarn_factor", 1) > 1 else ""
+    partial = "" if s.get("complete", True) else " **PARTIAL: the run stopped before its last prompt**;"
     return (f"{s['model']} ({s.get('dtype', 'float32')}{ctx}) on {device}; torch {m['torch']}; lengths "
             f"{s['lengths']}, tasks {s['tasks']}, depths {s['depths']}; prefill: median of "
-            f"{s.get('prefill_repeats', 1)}, presets interleaved")
+            f"{s.get('prefill_repeats', 1)}, presets interleaved;{partial}")
 
 
 def table(results: dict) -> str:
