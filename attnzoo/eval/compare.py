@@ -28,7 +28,7 @@ from ..integrations.hf import patch
 from ..stack import DensityMeter, build
 from .memory import peak_memory
 from .niah import MAX_NEW_TOKENS, score, suite
-from .report import wilson_interval
+from .report import summarise
 
 DEFAULT_PRESETS = ("full", "xattention", "xattention-calibrated", "streaming", "topk-blocks", "token-sparse",
                    "token-sparse-calibrated", "token-sparse-xattention", "router-table-example",
@@ -206,6 +206,7 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
 
     longest = max(prompts, key=lambda p: p.n_tokens)
     warm: set = set()  # (preset, length) pairs run once untimed
+    names = {p: stacks[p].name for p in presets}
     per_prompt: dict[str, list] = {name: [] for name in presets}
     peaks = dict.fromkeys(presets, 0)
     meters = {name: DensityMeter() for name in presets}
@@ -230,36 +231,11 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
                     text, prefill = got["r"]
                 else:
                     text, prefill = _answer(model, tok, ids, budget, repeats, meter, p.answers)
-            per_prompt[name].append({"task": p.task, "tokens": p.n_tokens, "depth": p.depth,
+            per_prompt[name].append({"task": p.task, "length": p.length, "tokens": p.n_tokens, "depth": p.depth,
                                      "answers": list(p.answers), "output": text, "correct": score(text, p.answers),
                                      "prefill_s": prefill, "density": meter.mean()})
             bar.update(1)
         if checkpoint is not None and i + 1 < len(prompts):
-            checkpoint(_results(per_prompt, peaks, stacks, meta(complete=False)))
+            checkpoint(summarise(per_prompt, peaks, names, meta(complete=False)))
     bar.close()
-    return _results(per_prompt, peaks, stacks, meta(complete=True))
-
-
-def _results(per_prompt: dict, peaks: dict, stacks: dict, meta: dict) -> dict:
-    """The ``results.json`` dict from every preset's per-prompt records (equal counts)."""
-    rows: dict[str, dict] = {}
-    for name, rs in per_prompt.items():
-        n_correct = sum(r["correct"] for r in rs)
-        rows[name] = {
-            "stack": stacks[name].name,
-            "accuracy": n_correct / len(rs),
-            "accuracy_ci": list(wilson_interval(n_correct, len(rs))),
-            "density": sum(r["density"] for r in rs) / len(rs),
-            "prefill_s": sum(r["prefill_s"] for r in rs) / len(rs),
-            "peak_memory_mib": peaks[name] / 2**20,
-            "n_prompts": len(rs),
-            "prompts": rs,
-        }
-    full = rows["full"]
-    for r in rows.values():
-        r["prefill_ratio"] = full["prefill_s"] / r["prefill_s"]  # > 1: faster than full attention
-        ratios = sorted(f["prefill_s"] / x["prefill_s"] for f, x in zip(full["prompts"], r["prompts"], strict=True))
-        r["prefill_ratio_range"] = [ratios[0], ratios[-1]]  # per prompt, same prompt back to back
-        # None (not nan) where full attention answered nothing: there is no ratio to report
-        r["accuracy_vs_full"] = r["accuracy"] / full["accuracy"] if full["accuracy"] else None
-    return {"presets": rows, **meta}
+    return summarise(per_prompt, peaks, names, meta(complete=True))

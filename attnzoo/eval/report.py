@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 
@@ -22,6 +23,56 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def summarise(per_prompt: dict, peaks: dict, names: dict, meta: dict) -> dict:
+    """The ``results.json`` dict from every preset's per-prompt records (equal counts; ``names``:
+    preset -> stack name, ``peaks``: preset -> peak bytes, ``meta``: settings and machine)."""
+    rows: dict[str, dict] = {}
+    for name, rs in per_prompt.items():
+        n_correct = sum(r["correct"] for r in rs)
+        rows[name] = {
+            "stack": names[name],
+            "accuracy": n_correct / len(rs),
+            "accuracy_ci": list(wilson_interval(n_correct, len(rs))),
+            "density": sum(r["density"] for r in rs) / len(rs),
+            "prefill_s": sum(r["prefill_s"] for r in rs) / len(rs),
+            "peak_memory_mib": peaks[name] / 2**20,
+            "n_prompts": len(rs),
+            "prompts": rs,
+        }
+    full = rows["full"]
+    for r in rows.values():
+        # the median of per-prompt ratios (each prompt ran through every preset back to back): one
+        # slow prefill (a JIT compile, a load spike) moves a mean of times, not this
+        ratios = sorted(f["prefill_s"] / x["prefill_s"] for f, x in zip(full["prompts"], r["prompts"], strict=True))
+        r["prefill_ratio"] = statistics.median(ratios)  # > 1: faster than full attention
+        r["prefill_ratio_range"] = [ratios[0], ratios[-1]]
+        # None (not nan) where full attention answered nothing: there is no ratio to report
+        r["accuracy_vs_full"] = r["accuracy"] / full["accuracy"] if full["accuracy"] else None
+        r["by_length"] = _by_length(r["prompts"], full["prompts"], meta.get("settings", {}).get("lengths", ()))
+    return {"presets": rows, **meta}
+
+
+def _by_length(rs: list, full: list, lengths=()) -> dict:
+    """Per target length: prompts, correct answers, accuracy interval, density, median ratio."""
+    out: dict = {}
+    for r, f in zip(rs, full, strict=True):
+        out.setdefault(str(r.get("length") or _nearest(r["tokens"], lengths)), []).append((r, f))
+    table = {}
+    for length, pairs in out.items():
+        n, correct = len(pairs), sum(r["correct"] for r, _ in pairs)
+        table[length] = {"n_prompts": n, "correct": correct, "accuracy": correct / n,
+                         "accuracy_ci": list(wilson_interval(correct, n)),
+                         "density": sum(r["density"] for r, _ in pairs) / n,
+                         "prefill_ms_median": 1e3 * statistics.median(r["prefill_s"] for r, _ in pairs),
+                         "prefill_ratio": statistics.median(f["prefill_s"] / r["prefill_s"] for r, f in pairs)}
+    return table
+
+
+def _nearest(tokens: int, lengths) -> int:
+    """The target length of a prompt recorded before results kept it (prompts fall a few tokens short)."""
+    return min(lengths, key=lambda n: abs(n - tokens)) if lengths else tokens
+
+
 def header(results: dict) -> str:
     m, s = results["machine"], results["settings"]
     device = m.get("device_name") or m.get("device", "cpu")
@@ -33,8 +84,8 @@ def header(results: dict) -> str:
 
 
 def table(results: dict) -> str:
-    lines = ["| preset | accuracy [95% CI] | vs full | mean density | prefill s | prefill ratio (per-prompt range) | "
-             "peak MiB | prompts |",
+    lines = ["| preset | accuracy [95% CI] | vs full | mean density | mean prefill s | prefill ratio: median "
+             "(per-prompt range) | peak MiB | prompts |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in results["presets"].items():
         vs = "n/a (full 0)" if r["accuracy_vs_full"] is None else f"{r['accuracy_vs_full']:.0%}"
@@ -44,6 +95,27 @@ def table(results: dict) -> str:
         acc = f"{r['accuracy']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
         lines.append(f"| {r.get('stack') or name} | {acc} | {vs} | {r['density']:.3f} | "
                      f"{r['prefill_s']:.3f} | {ratio} | {r['peak_memory_mib']:.0f} | {r['n_prompts']} |")
+    return "\n".join(lines)
+
+
+def table_by_length(results: dict) -> str:
+    """One row per preset, one column per prompt length: accuracy (correct / prompts, 95 %
+    interval), density and the median per-prompt prefill ratio at that length."""
+    names = list(results["presets"])
+    lengths = sorted({int(n) for r in results["presets"].values() for n in r.get("by_length", {})})
+    if not lengths:
+        return ""
+    lines = ["| preset | " + " | ".join(f"{n:,} tokens" for n in lengths) + " |",
+             "|---|" + "---|" * len(lengths)]
+    for name in names:
+        r = results["presets"][name]
+        cells = []
+        for n in lengths:
+            c = r["by_length"].get(str(n))
+            cells.append("-" if c is None else
+                         f"{c['correct']}/{c['n_prompts']} [{c['accuracy_ci'][0]:.2f}, {c['accuracy_ci'][1]:.2f}], "
+                         f"density {c['density']:.2f}, {c['prefill_ratio']:.2f}x ({c['prefill_ms_median']:.0f} ms)")
+        lines.append(f"| {r.get('stack') or name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -88,5 +160,31 @@ def write(results: dict, out_dir) -> tuple[Path, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(f"{header(results)}\n\n{table(results)}\n")
+    by_length = table_by_length(results)
+    (out / "results.md").write_text(f"{header(results)}\n\n{table(results)}\n" +
+                                    (f"\nPer length (correct / prompts [95% interval], density, median prefill "
+                                     f"ratio vs full and median prefill):\n\n{by_length}\n" if by_length else ""))
     return out / "results.json", pareto_plot(results, out / "pareto.png")
+
+
+def main(argv=None) -> int:
+    """Re-render a run's results.md and pareto.png from its results.json (``python -m
+    attnzoo.eval.report DIR``)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("folder", type=Path, help="a folder holding results.json")
+    args = p.parse_args(argv)
+    results = json.loads((args.folder / "results.json").read_text())
+    rows = results["presets"]
+    meta = {k: v for k, v in results.items() if k != "presets"}
+    results = summarise({n: r["prompts"] for n, r in rows.items()},
+                        {n: r["peak_memory_mib"] * 2**20 for n, r in rows.items()},
+                        {n: r.get("stack", n) for n, r in rows.items()}, meta)
+    write(results, args.folder)
+    print((args.folder / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
