@@ -82,12 +82,18 @@ class Routed(Node):
         them, which leaves the GPU idle while the host launches the rest. The hybrid queues the
         sparse branches' single launch before that sync, so the GPU has work while it waits. Which
         wins depends on the share of dense heads (a router sends most heads of some layers to full
-        attention) and the length, so the first call of each shape in each layer times each path
+        attention) and the length, so the first call of each shape (lengths bucketed by powers of
+        two) in each layer times each path
         (CUDA events, best of two after a warm-up, behind queued GPU work as in a prefill) and keeps
         the fastest for that layer. On the CPU there is no single-launch backend: split."""
         if q.device.type != "cuda" or ctx.decode:
             return "mixed"  # _fused declines where it cannot run; the CPU falls through to split
-        key = (ctx.layer_idx, tuple(q.shape), tuple(k.shape), q.dtype, ctx.key_padding_mask is None)
+        # keyed by the key length's power-of-two bucket, not the exact shape: every new prompt
+        # length re-timed three paths inside its own prefill (a 32,767-token NIAH prompt after a
+        # 32,768 one took 6.4 s on an H100 instead of ~0.13)
+        B, Hq, _, D = q.shape
+        bucket = 1 << max(0, k.shape[2] - 1).bit_length()
+        key = (ctx.layer_idx, B, Hq, k.shape[1], D, bucket, q.dtype, ctx.key_padding_mask is None)
         if key not in self._path:
             quiet = replace(ctx, meter=None)
             timings = {}
