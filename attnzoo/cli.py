@@ -24,7 +24,7 @@ def installed_version(dist: str) -> str:
 
 def info_text() -> str:
     from .ops import dispatch
-    from .registry import KINDS, available
+    from .registry import KINDS, PLUGIN_GROUP, available, plugins
 
     lines = ["attnzoo " + installed_version("attnzoo"), ""]
     lines.append(f"python             {platform.python_version()} ({platform.machine()})")
@@ -64,6 +64,11 @@ def info_text() -> str:
     lines.append("registered components:")
     for kind in KINDS:
         lines.append(f"  {kind}: {', '.join(available(kind)) or '-'}")
+    lines.append(f"plugins ({PLUGIN_GROUP} entry points):")
+    for name, why in plugins().items():
+        lines.append(f"  {name}: {'loaded' if why is None else 'failed: ' + why}")
+    if not plugins():
+        lines.append("  -")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ import dataclasses
 from .config import ConfigError, check_fields, suggest
 from .contracts import check_component
 
-__all__ = ["KINDS", "register", "create", "get", "available", "to_config", "unregister"]
+__all__ = ["KINDS", "PLUGIN_GROUP", "register", "create", "get", "available", "plugins", "to_config", "unregister"]
 
 KINDS = ("op", "selector", "router")
 
@@ -119,11 +119,46 @@ def _join(path: str, key: str) -> str:
 _LOADED = False
 
 
+PLUGIN_GROUP = "attnzoo.plugins"
+_PLUGIN_ERRORS: dict[str, str] = {}  # entry point -> why it did not load
+
+
 def _load_builtins() -> None:
-    """Import the packages whose modules register built-in components."""
+    """Import the packages whose modules register built-in components, then every plugin: a
+    module named by an entry point in the ``attnzoo.plugins`` group, e.g. in its pyproject.toml
+
+        [project.entry-points."attnzoo.plugins"]
+        my_method = "my_package.my_method"
+
+    A plugin that fails to import is reported (a warning, and ``attnzoo info``), not fatal: one
+    broken third-party package must not take every other method down with it."""
     global _LOADED
     if _LOADED:
         return
     _LOADED = True
     from . import routers, selectors  # noqa: F401
     from .ops import components  # noqa: F401
+
+    _load_plugins()
+
+
+def _load_plugins() -> None:
+    import importlib.metadata
+    import warnings
+
+    for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            ep.load()
+        except Exception as e:  # noqa: BLE001 - any import failure of foreign code is reported
+            _PLUGIN_ERRORS[f"{ep.name} = {ep.value}"] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"attnzoo plugin {ep.name!r} ({ep.value}) failed to load: {type(e).__name__}: {e}",
+                          RuntimeWarning, stacklevel=3)
+
+
+def plugins() -> dict[str, str | None]:
+    """Every plugin entry point: ``"name = module"`` -> None if it loaded, else why not."""
+    import importlib.metadata
+
+    _load_builtins()
+    eps = importlib.metadata.entry_points(group=PLUGIN_GROUP)
+    return {f"{ep.name} = {ep.value}": _PLUGIN_ERRORS.get(f"{ep.name} = {ep.value}") for ep in eps}

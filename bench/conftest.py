@@ -18,6 +18,8 @@ RESULTS: dict[str, dict[str, dict]] = defaultdict(dict)
 
 def record(group: str, name: str, benchmark, **info) -> None:
     """Remember a finished benchmark's median for the ratio table."""
+    if benchmark.stats is None:  # --benchmark-disable: the body ran once, untimed
+        return
     RESULTS[group][name] = {"median": benchmark.stats.stats.median, **info}
 
 
