@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..plans.geometry import cdiv
 from .dispatch import DEFAULT_TOLERANCES, Backend, Tolerance, choose, make_request, register_backend
 from .merge import masked_softmax_
 
@@ -30,7 +31,7 @@ def _torch_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_pa
     Hkv, Nk = k.shape[1], k.shape[2]
     g, S, b = Hq // Hkv, stride, block_size
     r = b // S  # reduced positions per block
-    nqb, nkb = -(-Nq // b), -(-Nk // b)
+    nqb, nkb = cdiv(Nq, b), cdiv(Nk, b)
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     qd, kd = q.to(dt), k.to(dt)
     if key_padding_mask is not None:
@@ -62,7 +63,7 @@ def _torch_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_pa
     for I0 in range(0, nqb, step):
         I1 = min(nqb, I0 + step)
         # columns right of the chunk's last reduced diagonal are all masked: skip them
-        ncol = min(nkb, -(-(I1 * r + shift) // r)) * r
+        ncol = min(nkb, cdiv(I1 * r + shift, r)) * r
         ir = torch.arange(I0 * r, I1 * r, device=dev)
         allowed = key_ok[:, None, :ncol] & q_ok[:, I0 * r: I1 * r, None]  # [B, C~, ncol]
         allowed = allowed & (jr[None, None, :ncol] <= ir[None, :, None] + shift)

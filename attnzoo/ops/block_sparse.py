@@ -20,6 +20,7 @@ import shutil
 import torch
 
 from ..plans import BlockPlan
+from ..plans.geometry import cdiv
 from ..settings import value_checks
 from ._checks import check_qkv, default_scale
 from .dispatch import Backend, choose, make_request, register_backend
@@ -111,7 +112,7 @@ class _Layout:
 
     def kv_blocks(self, x):
         """``[B, Hkv, Nk, D]`` -> ``[B, Hkv, Nkb, bk, D]`` (one O(N) pad when Nk % bk != 0)."""
-        nkb = -(-self.Nk // self.bk)
+        nkb = cdiv(self.Nk, self.bk)
         pad = nkb * self.bk - self.Nk
         if pad:
             x = torch.nn.functional.pad(x, (0, 0, 0, pad))

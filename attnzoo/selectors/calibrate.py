@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..config import dump_config, load_config
 from ..ops.selection import causal_block_sets
 from ..plans import last_visible_block
+from ..plans.geometry import cdiv
 from .base import Context
 from .xattention import XAttention
 
@@ -36,7 +37,7 @@ def exact_block_mass(q, k, block_size: int, key_padding_mask=None, chunk: int = 
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     g, b = Hq // Hkv, block_size
-    nqb, nkb = -(-Nq // b), -(-Nk // b)
+    nqb, nkb = cdiv(Nq, b), cdiv(Nk, b)
     chunk = max(b, chunk // b * b)
     kf = k.float()
     out = torch.zeros(B, Hq, nqb, nkb, device=q.device)

@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 
 from ..plans import BlockPlan, streaming_block_mask
+from ..plans.geometry import cdiv
 from ..registry import register
 from .base import as_context, check_block, check_positive, check_qk
 
@@ -50,7 +51,7 @@ class Streaming:
         """Key blocks a query block keeps at most: the sink's, the window's, and the two partial
         blocks at the window's edges (a static bound, so building the plan needs no host sync)."""
         b = self.block_size
-        return -(-self.sink // b) + -(-self.local // b) + 2
+        return cdiv(self.sink, b) + cdiv(self.local, b) + 2
 
     def ranges(self) -> dict:
         """The pattern as ranges (sink, local window, block size) for kernels that take them."""

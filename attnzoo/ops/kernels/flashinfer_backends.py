@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ...plans import BlockPlan
+from ...plans.geometry import cdiv
 from ..dispatch import Backend, register_backend
 from ..merge import merge_attention
 
@@ -96,7 +97,7 @@ def geometry_reason(plan_or_sizes) -> str | None:
 
 
 def _sizes(n: int, block: int, heads: int, device) -> torch.Tensor:
-    nb = -(-n // block)
+    nb = cdiv(n, block)
     sz = torch.full((heads, nb), block, dtype=torch.int32, device=device)
     sz[:, -1] = n - (nb - 1) * block
     return sz

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ...plans.geometry import cdiv
 from ._triton import interpreting, tile
 
 MODE_DENSE, MODE_STREAMING, MODE_BLOCK = 0, 1, 2
@@ -297,7 +298,7 @@ class KernelPlan:
     def dense(cls, batch: int, heads: int, q_len: int, causal: bool, device) -> KernelPlan:
         """Every head dense (walks every visible block; the tile size is the kernel's own)."""
         mode = torch.full((batch, heads), MODE_DENSE, dtype=torch.int32, device=device)
-        nqb = -(-q_len // 128)
+        nqb = cdiv(q_len, 128)
         cnt = torch.zeros((batch, heads, nqb), dtype=torch.int32, device=device)
         return cls(mode, mode, mode, cnt[..., None], cnt, 128, 128, causal)
 
@@ -306,7 +307,7 @@ class KernelPlan:
         if plan.block is not None:
             idx, cnt = plan.block.kv_indices, plan.block.kv_counts
         else:  # no block-mode head: a placeholder the kernel never reads
-            nqb = -(-plan.q_len // plan.block_size)
+            nqb = cdiv(plan.q_len, plan.block_size)
             cnt = torch.zeros((*plan.mode.shape, nqb), dtype=torch.int32, device=plan.mode.device)
             idx = cnt[..., None]
         return cls(plan.mode, plan.sink, plan.local, idx, cnt, plan.block_size, plan.block_size,

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...plans.geometry import cdiv
 from ..pooled import pooled_keys
 from ._triton import interpreting
 
@@ -137,7 +138,7 @@ def pooled_scores(q, k, *, block_size: int, chunk_size: int, key_padding_mask=No
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     b = block_size
-    nqb, nkb = -(-Nq // b), -(-Nk // b)
+    nqb, nkb = cdiv(Nq, b), cdiv(Nk, b)
     kmean, real = pooled_keys(k, b, key_padding_mask)  # [B, Hkv, Nkb, D] in q's dtype, bool [B, Nkb]
     upcast = interpreting() and q.dtype != torch.float32
     # blocks the kernel never reaches are not candidates

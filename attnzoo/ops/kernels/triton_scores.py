@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...plans.geometry import cdiv
 from ._triton import interpreting
 
 LOG2E = 1.0 / math.log(2.0)
@@ -198,7 +199,7 @@ def block_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_pad
     Hkv, Nk = k.shape[1], k.shape[2]
     S, b = stride, block_size
     R = b // S
-    nqb, nkb = -(-Nq // b), -(-Nk // b)
+    nqb, nkb = cdiv(Nq, b), cdiv(Nk, b)
     meta = dict(S=S, R=R, HEAD_DIM=D, HAS_KPM=key_padding_mask is not None, HAS_ACT=active_heads is not None,
                 UPCAST=interpreting() and q.dtype != torch.float32,
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", **launch_config(R, D, S))
