@@ -104,3 +104,19 @@ def test_info_lists_backends_and_reasons(capsys):
     for op in ("dense", "block_sparse", "mixed", "head_router"):
         order = " > ".join(b.name for b in dispatch.backends(op))
         assert f"  {op:<20} {order}" in text
+
+
+def test_dispatch_order_is_the_priority_table():
+    """Precedence lives in one table (dispatch.PRIORITY); import and registration order do not
+    move it, and a backend the table does not name goes after the built-ins."""
+    for op, order in dispatch.PRIORITY.items():
+        names = [b.name for b in dispatch.backends(op)]
+        assert names == [n for n in order if n in names], op
+    extra = dispatch.Backend(op="dense", name="mine", fn=lambda *a, **k: None, devices=("cpu",),
+                             dtypes=(torch.float32,), plan_kinds=("dense",), backward=False, lse=False)
+    try:
+        dispatch.register_backend(extra)
+        assert [b.name for b in dispatch.backends("dense")][-1] == "mine"
+    finally:
+        dispatch._BACKENDS["dense"].remove(extra)
+        dispatch._CHOSEN.clear()

@@ -39,8 +39,7 @@ _TRITON = dict(devices=("cuda", "cpu"), dtypes=_FLOATS, backward=True, lse=True,
 
 register_backend(Backend(
     op="block_sparse", name="triton", fn=_block_sparse_triton, plan_kinds=("block",),
-    description="Triton flash attention over the plan's blocks; fp32 online softmax, fwd+bwd", **_TRITON),
-    before="flex")
+    description="Triton flash attention over the plan's blocks; fp32 online softmax, fwd+bwd", **_TRITON))
 
 def _dense_triton(q, k, v, *, causal, key_padding_mask, scale, return_lse):
     from .triton_attention import KernelPlan, attention
@@ -56,8 +55,7 @@ register_backend(Backend(
 
 register_backend(Backend(
     op="mixed", name="triton", fn=_mixed_triton, plan_kinds=("mixed",),
-    description="Triton: dense / streaming / block-sparse heads in one launch, fwd+bwd", **_TRITON),
-    before="blocked")
+    description="Triton: dense / streaming / block-sparse heads in one launch, fwd+bwd", **_TRITON))
 
 
 def _scores_triton(q, k, **kw):
@@ -77,8 +75,7 @@ def _selection_backend(op: str, fn, check, description: str, **overrides) -> Non
     """The scoring / selection ops: Triton kernels that feed a discrete choice (no backward, no lse),
     tried before the op's torch backend."""
     register_backend(Backend(op=op, name="triton", fn=fn, plan_kinds=("scores",), description=description,
-                             **{**_TRITON, "backward": False, "lse": False, "check": check, **overrides}),
-                     before="torch")
+                             **{**_TRITON, "backward": False, "lse": False, "check": check, **overrides}))
 
 
 def _pooled_triton(q, k, **kw):
@@ -125,8 +122,7 @@ def _router_limits(req) -> str | None:
 register_backend(Backend(
     op="head_router", name="triton", fn=_router_triton, plan_kinds=("head",),
     description="Triton: pooling, both MLPs and the logits of every KV head of a layer in one launch",
-    **{**_TRITON, "backward": False, "lse": False, "padding": False, "check": _router_limits}),
-    before="torch")
+    **{**_TRITON, "backward": False, "lse": False, "padding": False, "check": _router_limits}))
 
 # after Triton: for block-sparse calls both fit, Triton is tried first (it also takes padding,
 # per-query-head plans and backward)

@@ -70,8 +70,7 @@ FLASHINFER_DENSE = register_backend(Backend(
     op="dense", name="flashinfer", fn=_dense, devices=("cuda",), dtypes=_DTYPES,
     plan_kinds=("dense",), backward=False, lse=True, head_dims=_HEAD_DIMS, padding=False,
     available=flashinfer_missing, device_check=_cuda_only,
-    description="FlashInfer single_prefill_with_kv_cache (HND K/V, bottom-right causal, GQA)"),
-    before="triton")  # after sdpa_cuda: SDPA's default dispatch measured faster on Hopper
+    description="FlashInfer single_prefill_with_kv_cache (HND K/V, bottom-right causal, GQA)"))
 
 
 # -- variable block-sparse -----------------------------------------------------------------------
@@ -177,5 +176,4 @@ FLASHINFER_BLOCK_SPARSE = register_backend(Backend(
     op="block_sparse", name="flashinfer", fn=_block_sparse, devices=("cuda",), dtypes=_DTYPES,
     plan_kinds=("block",), backward=False, lse=True, head_dims=_HEAD_DIMS, padding=False,
     available=flashinfer_missing, device_check=_cuda_only, check=_block_sparse_limits,
-    description="FlashInfer VariableBlockSparseAttentionWrapper (per-KV-head plans, inference)"),
-    before="flex")
+    description="FlashInfer VariableBlockSparseAttentionWrapper (per-KV-head plans, inference)"))
