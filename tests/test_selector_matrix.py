@@ -85,6 +85,25 @@ def test_selector_contract(name, shape):
     assert 0.0 <= r <= 1.0 + 1e-6
 
 
+@pytest.mark.parametrize("name", attnzoo.available("selector"))
+def test_padding_does_not_change_plans(name):
+    """A right-padded sequence (garbage in the padding) gets the same plan as the sequence alone."""
+    sel = build(name)
+    n, N = 203, 260
+    q, k, _ = make_qkv(1, 4, 2, N, N, 16, seed=9)
+    q[:, :, n:], k[:, :, n:] = 50.0, -50.0  # garbage that would dominate if it leaked
+    kpm = torch.zeros(1, N, dtype=torch.bool)
+    kpm[:, :n] = True
+    padded = sel(q, k, Context(key_padding_mask=kpm))
+    alone = sel(q[:, :, :n].contiguous(), k[:, :, :n].contiguous())
+    assert type(padded) is type(alone)
+    if isinstance(alone, BlockPlan):
+        assert torch.equal(padded.to_mask()[..., :n, :n], alone.to_mask())
+    elif isinstance(alone, TokenPlan):
+        assert torch.equal(padded.keep_mask()[..., :n], alone.keep_mask())
+        assert not padded.keep_mask()[..., n:].any()
+
+
 def test_readme_example_is_the_file_and_is_in_the_matrix():
     readme = (EXAMPLES.parent / "README.md").read_text()
     assert (EXAMPLES / "vertical_slash.py").read_text().strip() in readme

@@ -298,23 +298,3 @@ def test_topk_chunked_equals_unchunked_and_budget():
     assert int(a.kv_counts.max()) == 5
     diag = torch.arange(a.num_q_blocks)
     assert a.to_block_mask()[..., diag, diag].all(), "own block kept"
-
-
-@pytest.mark.parametrize("name", ["xattention", "streaming", "topk_blocks", "token_coverage"])
-def test_padding_does_not_change_plans(name):
-    """A right-padded sequence (garbage in the padding) gets the same plan as the sequence alone."""
-    cls = attnzoo.registry.get("selector", name)
-    sel = attnzoo.create("selector", {"name": name, **cls.small_config})
-    n, N = 203, 260
-    q, k = _qk(1, 4, 2, N, N, 16, seed=9)
-    q[:, :, n:], k[:, :, n:] = 50.0, -50.0  # garbage that would dominate if it leaked
-    kpm = torch.zeros(1, N, dtype=torch.bool)
-    kpm[:, :n] = True
-    padded = sel(q, k, Context(key_padding_mask=kpm))
-    alone = sel(q[:, :, :n].contiguous(), k[:, :, :n].contiguous())
-    assert type(padded) is type(alone)
-    if isinstance(alone, BlockPlan):
-        assert torch.equal(padded.to_mask()[..., :n, :n], alone.to_mask())
-    elif isinstance(alone, TokenPlan):
-        assert torch.equal(padded.keep_mask()[..., :n], alone.keep_mask())
-        assert not padded.keep_mask()[..., n:].any()
