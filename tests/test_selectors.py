@@ -1,9 +1,7 @@
-"""Each selector against a slow, obviously-correct fp64 loop implementation of its algorithm,
+"""Each selector against its slow, obviously-correct loop reference (``attnzoo.selectors.naive``),
 plus the method's own invariants and config errors."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -11,6 +9,7 @@ import torch
 import attnzoo
 from attnzoo.plans import BlockPlan, DensePlan, TokenPlan
 from attnzoo.selectors import Context
+from attnzoo.selectors.naive import streaming_slow, token_coverage_slow, topk_slow, xattention_slow
 
 from .conftest import make_qkv, padding_mask
 
@@ -21,55 +20,6 @@ def _qk(B, Hq, Hkv, Nq, Nk, D, seed=0):
 
 
 # -- XAttention ----------------------------------------------------------------------------------
-
-def xattention_slow(q, k, tau, S, b, kpm=None):
-    """Loops straight from the method's description (fp64)."""
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    g = Hq // Hkv
-    nqb, nkb = -(-Nq // b), -(-Nk // b)
-    nq_r, nk_r = nqb * b // S, nkb * b // S
-    shift = (Nk - Nq + S - 1) // S
-    out = torch.zeros(B, Hq, nqb, nkb, dtype=torch.bool)
-    for bi in range(B):
-        for h in range(Hq):
-            Q, K = q[bi, h], k[bi, h // g]
-            A = torch.zeros(nq_r, nk_r, dtype=torch.float64)
-            for i in range(nq_r):
-                for j in range(nk_r):
-                    A[i, j] = sum(float(Q[i * S + S - 1 - t] @ K[j * S + t])
-                                  for t in range(S) if i * S + S - 1 - t < Nq and j * S + t < Nk
-                                  and (kpm is None or (kpm[bi, j * S + t] and kpm[bi, Nk - Nq + i * S + S - 1 - t])))
-            P = torch.zeros_like(A)
-            for i in range(nq_r):
-                if i * S >= Nq or (kpm is not None and not kpm[bi, Nk - Nq + i * S: Nk - Nq + i * S + S].any()):
-                    continue  # rows without a real query vote for nothing
-                js = [j for j in range(nk_r) if j <= i + shift and j * S < Nk
-                      and (kpm is None or kpm[bi, j * S: j * S + S].any())]
-                if not js:
-                    continue
-                e = torch.tensor([A[i, j] / (math.sqrt(D) * S) for j in js], dtype=torch.float64)
-                P[i, js] = torch.softmax(e, 0)
-            r = b // S
-            Wt = torch.zeros(nqb, nkb, dtype=torch.float64)
-            for I in range(nqb):
-                for J in range(nkb):
-                    Wt[I, J] = P[I * r:(I + 1) * r, J * r:(J + 1) * r].sum()
-            for I in range(nqb):
-                last = (min((I + 1) * b, Nq) - 1 + Nk - Nq) // b
-                forced = {0, last}
-                sel = set(forced)
-                mass = sum(float(Wt[I, J]) for J in forced)
-                target = tau[h] * float(Wt[I].sum())
-                others = sorted((J for J in range(last + 1) if J not in forced),
-                                key=lambda J: (-float(Wt[I, J]), J))
-                for J in others:
-                    if mass < target or tau[h] >= 1:
-                        sel.add(J)
-                    mass += float(Wt[I, J])
-                out[bi, h, I, sorted(sel)] = True
-    return out
-
 
 @pytest.mark.parametrize("B,Hq,Hkv,Nq,Nk,S,b,tau", [
     (2, 4, 2, 96, 96, 4, 16, 0.9),
@@ -138,16 +88,6 @@ def test_xattention_per_head_threshold_count_is_checked():
 
 # -- streaming -----------------------------------------------------------------------------------
 
-def streaming_slow(Nq, Nk, sink, local, b):
-    out = torch.zeros(-(-Nq // b), -(-Nk // b), dtype=torch.bool)
-    for I in range(out.shape[0]):
-        first = I * b + Nk - Nq
-        last = min((I + 1) * b, Nq) - 1 + Nk - Nq
-        for pos in list(range(0, min(sink, last + 1))) + list(range(max(0, first - local), last + 1)):
-            out[I, pos // b] = True
-    return out
-
-
 @pytest.mark.parametrize("Nq,Nk,sink,local,b", [(300, 300, 32, 64, 32), (1, 1000, 128, 256, 64),
                                                 (100, 777, 0, 100, 16), (64, 64, 1000, 0, 16)])
 def test_streaming_matches_slow_reference(Nq, Nk, sink, local, b):
@@ -168,34 +108,6 @@ def test_streaming_bad_config(spec, match):
 
 # -- top-k blocks --------------------------------------------------------------------------------
 
-def topk_slow(q, k, b, top_k):
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    g = Hq // Hkv
-    nqb, nkb = -(-Nq // b), -(-Nk // b)
-    out = torch.zeros(B, Hkv, nqb, nkb, dtype=torch.bool)
-    for bi in range(B):
-        for hk in range(Hkv):
-            kmean = [k[bi, hk, J * b:(J + 1) * b].mean(0) for J in range(nkb)]
-            for I in range(nqb):
-                first = I * b + Nk - Nq
-                last_pos = min((I + 1) * b, Nq) - 1 + Nk - Nq
-                past = [J for J in range(nkb) if (J + 1) * b - 1 <= first and (J + 1) * b <= Nk]
-                own = [J for J in range(nkb) if J * b <= last_pos and J not in past]
-                score = {J: 0.0 for J in past}
-                for h in range(hk * g, (hk + 1) * g):
-                    for i in range(I * b, min((I + 1) * b, Nq)):
-                        if not past:
-                            break
-                        e = torch.tensor([float(q[bi, h, i] @ kmean[J]) / math.sqrt(D) for J in past])
-                        for J, p in zip(past, torch.softmax(e, 0).tolist(), strict=True):
-                            score[J] += p
-                n_pick = max(0, top_k - len(own))
-                picked = sorted(past, key=lambda J: (-score[J], J))[:n_pick]
-                out[bi, hk, I, own + picked] = True
-    return out
-
-
 @pytest.mark.parametrize("Nq,Nk,b,top_k", [(128, 128, 16, 3), (50, 130, 16, 4), (64, 64, 8, 1)])
 def test_topk_blocks_matches_slow_reference(Nq, Nk, b, top_k):
     q, k = _qk(2, 4, 2, Nq, Nk, 8, seed=Nk)
@@ -214,38 +126,6 @@ def test_topk_bad_config(spec, match):
 
 
 # -- token coverage ------------------------------------------------------------------------------
-
-def token_coverage_slow(q, k, tau, W, min_tokens, kernel):
-    """One sequence (batch 0), per query head; fp64 loops over heads and tokens."""
-    _, Hq, N, D = q.shape
-    g = Hq // k.shape[1]
-    P = N - W
-    a = torch.zeros(Hq, N, dtype=torch.float64)
-    for h in range(Hq):
-        for i in range(N - W, N):
-            s = torch.tensor([float(q[0, h, i] @ k[0, h // g, j]) / math.sqrt(D) for j in range(i + 1)])
-            a[h, : i + 1] += torch.softmax(s, 0) / W
-    sm = torch.zeros_like(a)
-    for h in range(Hq):
-        for j in range(N):
-            sm[h, j] = sum(a[h, t] for t in range(j - kernel // 2, j + kernel // 2 + 1) if 0 <= t < N) / kernel
-    sm = sm[:, :P]
-    s = sm / sm.sum(-1, keepdim=True)
-    gl = sm.mean(0) / sm.mean(0).sum()
-    total, n = 0.0, 0
-    for x in sorted(gl.tolist()):
-        total += x
-        if total < tau:
-            n += 1
-    if n == 0:
-        return None
-    K = max(min_tokens, P - (n + 1))
-    keep = torch.zeros(Hq, N, dtype=torch.bool)
-    for h in range(Hq):
-        keep[h, sorted(range(P), key=lambda j: -float(s[h, j]))[:K]] = True
-    keep[:, P:] = True
-    return keep
-
 
 def test_token_coverage_matches_slow_reference():
     q, k = _qk(1, 3, 1, 120, 120, 8, seed=5)
