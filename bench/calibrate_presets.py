@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
-from attnzoo.config import dump_config
-from attnzoo.eval.niah import make_prompt, suite
-from attnzoo.models import load_embedded
-from attnzoo.selectors.calibrate import (
+from attnzoo.calibration import (
     calibrate_thresholds,
     choose_sparse_layers,
     save_calibration,
     xattention_layer_configs,
 )
+from attnzoo.config import dump_config
+from attnzoo.eval.niah import make_prompt, suite
+from attnzoo.models import load_embedded
 
 PRESETS = Path(__file__).resolve().parents[1] / "attnzoo" / "presets"
 CAL_SEED, CAL_OFFSET = 7, 40_000  # evaluation: seed 0, offset 0

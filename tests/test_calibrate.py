@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnzoo.integrations.hf import capture_qk, decoder_layers
-from attnzoo.selectors.calibrate import (  # noqa: I001
+from attnzoo.calibration import (
     calibrate_thresholds,
     choose_sparse_layers,
     exact_block_mass,
@@ -14,6 +13,7 @@ from attnzoo.selectors.calibrate import (  # noqa: I001
     load_calibration,
     save_calibration,
 )
+from attnzoo.integrations.hf import capture_qk, decoder_layers
 
 from .conftest import make_qkv, padding_mask
 
@@ -78,7 +78,7 @@ def test_calibrate_thresholds_shape_monotone_and_roundtrip(tiny_llama, tmp_path)
     path = save_calibration(two, tmp_path / "tau.yaml")
     assert load_calibration(path) == two
     import attnzoo
-    from attnzoo.selectors.calibrate import xattention_layer_configs
+    from attnzoo.calibration import xattention_layer_configs
 
     cfgs = xattention_layer_configs(load_calibration(path))
     sel = attnzoo.create("selector", cfgs[1])

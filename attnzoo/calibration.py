@@ -1,4 +1,6 @@
-"""Offline calibration on any Hugging Face causal LM, saved as YAML a stack can load.
+"""Offline calibration on any Hugging Face causal LM, saved as YAML a stack can load (a tool that
+runs models, so it lives beside the stack, not among the selectors' pure ``(q, k, ctx) -> plan``
+functions).
 
 - ``calibrate_thresholds``: per-layer, per-head XAttention thresholds from real attention (the
   authors' profile procedure). Per head and calibration text: in every query-block row take the
@@ -19,12 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import dump_config, load_config
-from ..ops.selection import causal_block_sets
-from ..plans import last_visible_block
-from ..plans.geometry import cdiv
-from .base import Context
-from .xattention import XAttention
+from .config import dump_config, load_config
+from .ops.selection import causal_block_sets
+from .plans import last_visible_block
+from .plans.geometry import cdiv
+from .selectors.base import Context
+from .selectors.xattention import XAttention
 
 __all__ = ["exact_block_mass", "head_thresholds", "calibrate_thresholds", "choose_sparse_layers",
            "xattention_layer_configs", "save_calibration", "load_calibration"]
@@ -87,7 +89,7 @@ def calibrate_thresholds(model, calibration_inputs, *, stride: int = 8, block_si
     ``attention_mask``) or of ``input_ids`` tensors. Returns a YAML-ready dict with
     ``thresholds: {layer_idx: [tau per query head]}``.
     """
-    from ..integrations.hf import capture_qk
+    from .integrations.hf import capture_qk
 
     if not 0 < target_recall <= 1:
         raise ValueError(f"target_recall must lie in (0, 1], got {target_recall}")
@@ -124,7 +126,7 @@ def calibrate_thresholds(model, calibration_inputs, *, stride: int = 8, block_si
 def choose_sparse_layers(model, inputs, *, quantile: float = 0.5) -> dict:
     """Token Sparse's representation-drift layer choice. ``inputs``: a dict of model inputs or an
     ``input_ids`` tensor (one long prompt). Returns a YAML-ready dict with ``sparse_layers``."""
-    from ..integrations.hf import decoder_layers
+    from .integrations.hf import decoder_layers
 
     if not 0 < quantile <= 1:
         raise ValueError(f"quantile must lie in (0, 1], got {quantile}")
