@@ -176,11 +176,11 @@ def _targets(text: str) -> dict:
 
 
 def train(args) -> int:
-    from .eval.compare import _spec
+    from .config import preset_spec
     from .stack import build
     from .training import train_elastic, train_ssa, training_samples
 
-    stack = None if args.stack is None else _spec(args.stack)
+    stack = None if args.stack is None else preset_spec(args.stack)
     if stack is not None:
         build(stack)  # a bad name or file fails before the model loads
     model, tok = _load_model(args.model)  # a folder that is not a model: UsageError before loading

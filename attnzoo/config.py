@@ -135,6 +135,21 @@ def preset_names() -> list[str]:
     return sorted(p.name.rsplit(".", 1)[0] for p in d.iterdir() if p.name.endswith(".yaml"))
 
 
+def preset_spec(preset: str) -> str:
+    """What ``build`` takes for a command-line preset: a stack file path as it is (it must exist),
+    ``preset:NAME`` for a shipped preset name; anything else raises ConfigError with a suggestion."""
+    if preset.endswith((".yaml", ".yml", ".json")):
+        if not Path(preset).is_file():
+            raise ConfigError(f"stack file not found: {preset}")
+        return preset
+    if preset.startswith("preset:"):
+        return preset
+    if preset not in preset_names():
+        raise ConfigError(f"unknown preset {preset!r}{suggest(preset, preset_names())}. Presets: {preset_names()} "
+                          f"(or a path to a stack YAML)")
+    return f"preset:{preset}"
+
+
 def _parse(text: str, where: str, json_text: bool = False):
     """YAML (or JSON) text to Python data; a syntax error becomes one ConfigError naming ``where``
     and the line, instead of the parser's traceback."""

@@ -81,3 +81,30 @@ def test_modules_are_small():
     long = {str(p.relative_to(PKG.parent)): n for p in PKG.rglob("*.py")
             if "kernels" not in p.parts and (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines (split them by what they hold): {long}"
+
+
+def test_no_private_names_imported_across_modules():
+    """A name with a leading underscore is its module's business: no other attnzoo module imports
+    it or reaches it through the module (``from .x import _y``, ``x._y``)."""
+    mods = _modules()
+    private = lambda name: name.startswith("_") and not name.startswith("__")  # noqa: E731
+    offenders = []
+    for mod, path in mods.items():
+        package = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+        module_aliases = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = package[:len(package) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module or ""
+            if not target.startswith("attnzoo"):
+                continue
+            for a in node.names:
+                if private(a.name):
+                    offenders.append(f"{mod}: from {target} import {a.name}")
+                if f"{target}.{a.name}" in mods:
+                    module_aliases.add(a.asname or a.name)
+        offenders += [f"{mod}: {n.value.id}.{n.attr}" for n in ast.walk(ast.parse(path.read_text()))
+                      if isinstance(n, ast.Attribute) and private(n.attr) and isinstance(n.value, ast.Name)
+                      and n.value.id in module_aliases]
+    assert not offenders, offenders

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import preset_names
+from ..config import preset_spec
 from ..integrations.hf import patch
 from ..stack import DensityMeter, build
 from .memory import peak_memory
@@ -43,23 +43,6 @@ GPU = {"lengths": (8192, 16384, 32768), "tasks": ("single", "multikey", "multiva
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
 EVAL_SEED = 0  # calibration and training use other seeds and haystack offsets
 EMBEDDED_CONTEXT = 8192  # SmolLM2-135M's max_position_embeddings (checked against the model once loaded)
-
-
-def _spec(preset: str) -> str:
-    if preset.endswith((".yaml", ".yml", ".json")):
-        if not Path(preset).is_file():
-            from ..config import ConfigError
-
-            raise ConfigError(f"stack file not found: {preset}")
-        return preset
-    if preset.startswith("preset:"):
-        return preset
-    if preset not in preset_names():
-        from ..config import ConfigError, suggest
-
-        raise ConfigError(f"unknown preset {preset!r}{suggest(preset, preset_names())}. Presets: {preset_names()} "
-                          f"(or a path to a stack YAML)")
-    return f"preset:{preset}"
 
 
 def _cache_arg(model) -> str:
@@ -175,7 +158,7 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
     presets = list(presets)
     if "full" not in presets:
         presets.insert(0, "full")  # the reference for accuracy and speed ratios
-    stacks = {p: build(_spec(p)) for p in presets}  # fail on a bad preset before any model work
+    stacks = {p: build(preset_spec(p)) for p in presets}  # fail on a bad preset before any model work
     if model is None:
         model, tok = load_model(model_spec, dt, device)
     # YaRN where asked (``context``), or where the device's default lengths need it (GPU: 32K)

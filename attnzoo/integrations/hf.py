@@ -70,7 +70,7 @@ def capture_qk(model: nn.Module, **inputs) -> dict[int, tuple[torch.Tensor, torc
     return captured
 
 
-def _key_padding(attention_mask, key: torch.Tensor):
+def key_padding_mask_of(attention_mask, key: torch.Tensor):
     """``[B, Nk]`` real-token mask from the bool ``[B, 1, Nq, Nk]`` mask transformers builds with
     the SDPA mask function, or None when nothing is padded. The last query row sees every key
     before it, so its row is the padding mask whatever the causal pattern above it."""
@@ -138,7 +138,7 @@ def patch(model: nn.Module, stack, meter=None):
         decode = query.shape[2] == 1 and key.shape[2] > 1
         if not decode:
             caches[layer] = {}  # a new prompt: routers decide again
-        ctx = CallContext(key_padding_mask=_key_padding(attention_mask, key), layer_idx=layer, scale=scaling,
+        ctx = CallContext(key_padding_mask=key_padding_mask_of(attention_mask, key), layer_idx=layer, scale=scaling,
                           pre_rope_keys=keys.get(layer), cache=caches.setdefault(layer, {}), decode=decode,
                           meter=meter)
         out = stack(layer, query, key, value, ctx)

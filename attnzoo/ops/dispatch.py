@@ -169,7 +169,7 @@ def backends(op: str | None = None) -> list[Backend]:
     return list(_BACKENDS[op])
 
 
-def _forced(op: str, backend: str | None) -> str | None:
+def forced_backend(op: str, backend: str | None) -> str | None:
     if backend is not None:
         return backend
     env = os.environ.get("ATTNZOO_BACKEND", "").strip()
@@ -196,7 +196,7 @@ _CHOSEN: dict = {}  # (request, forced name) -> backend, for GPU requests (see c
 
 
 def choose(req: Request, backend: str | None = None) -> Backend:
-    name = _forced(req.op, backend)
+    name = forced_backend(req.op, backend)
     if req.device != "cpu":
         # a GPU prefill asks the same question every layer; the answer depends only on the request
         # and the registry (CPU answers also depend on the flex compile state, so they are not kept)

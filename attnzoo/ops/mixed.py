@@ -43,7 +43,7 @@ def fused_backend(q, k, v, plan_heads: int, block_size: int, *, key_padding_mask
     """The single-launch backend that would serve such a call, or None (callers split it)."""
     req = make_request("mixed", q, k, v, "mixed", return_lse=False, key_padding_mask=key_padding_mask,
                        causal=causal, plan_heads=plan_heads, block_size=(block_size, block_size))
-    forced = dispatch._forced("mixed", None)
+    forced = dispatch.forced_backend("mixed", None)
     for b in dispatch.backends("mixed"):
         if b.name in PORTABLE or (forced is not None and b.name != forced):
             continue

@@ -8,7 +8,7 @@ import math
 import time
 from pathlib import Path
 
-from ..integrations.hf import _key_padding, decoder_layers, pre_rope_key_hooks, use_attention
+from ..integrations.hf import decoder_layers, key_padding_mask_of, pre_rope_key_hooks, use_attention
 from ..stack import CallContext, build
 
 
@@ -28,7 +28,7 @@ def layer_attention(model, fn):
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if dropout:
             raise ValueError(f"attnzoo training implements no attention dropout, got {dropout}")
-        ctx = CallContext(key_padding_mask=_key_padding(attention_mask, key), layer_idx=module.layer_idx,
+        ctx = CallContext(key_padding_mask=key_padding_mask_of(attention_mask, key), layer_idx=module.layer_idx,
                           scale=scaling, pre_rope_keys=keys.get(module.layer_idx))
         return fn(query, key, value, ctx).transpose(1, 2).contiguous(), None
 
