@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .context import Context
 from .ops import dense as dense_op
 from .ops import mixed as mixed_op
 from .ops.executor import HeadMode, uniform_plan
 from .ops.mixed import fused_backend
 from .plans import DensePlan
 from .registry import to_config
-from .selectors.base import Context
 
 __all__ = ["CallContext", "DensityMeter", "Node", "Branch", "density_of", "head_mode", "dense_below_applies"]
 
@@ -48,27 +48,7 @@ class DensityMeter:
         self._sums.clear()
 
 
-@dataclass
-class CallContext:
-    """What one attention call knows besides q/k/v. ``cache`` is the per-layer state object
-    (router decisions made at prefill and reused while decoding)."""
-
-    key_padding_mask: torch.Tensor | None = None  # [B, Nk], True = real
-    layer_idx: int | None = None
-    scale: float | None = None
-    pre_rope_keys: torch.Tensor | None = None  # [B, N, Hkv, D], for routers that need them
-    cache: dict | None = None
-    decode: bool = False  # one new query against a cache
-    meter: DensityMeter | None = None
-    share: float = 1.0  # fraction of the layer's (batch, head) slots this call covers
-    density_scale: float = 1.0  # multiplier from enclosing compressed nodes
-
-    def record(self, density: float) -> None:
-        if self.meter is not None and not self.decode:
-            self.meter.add(self.layer_idx, self.share, self.density_scale * density)
-
-    def selector_context(self) -> Context:
-        return Context(key_padding_mask=self.key_padding_mask, layer_idx=self.layer_idx)
+CallContext = Context  # the stack's name for the one context type (attnzoo.context)
 
 
 def density_of(plan):
@@ -113,7 +93,7 @@ class Branch(Node):
         if ranged is not None:
             return ranged
         with torch.no_grad():  # plans are discrete; a plugin selector must not build a graph either
-            plan = self.selector(q, k, ctx.selector_context())
+            plan = self.selector(q, k, ctx)
         if ctx.meter is not None:
             ctx.record(density_of(plan))
         if isinstance(plan, DensePlan) and "dense" not in self.op.plan_kinds:

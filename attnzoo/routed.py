@@ -201,7 +201,7 @@ class Routed(Node):
         for i, m in enumerate(modes):
             if m.kind == "block":  # every head's rows, but a selector may skip those routed elsewhere
                 with torch.no_grad():
-                    sctx = replace(ctx.selector_context(), active_heads=plan.branch == i)
+                    sctx = replace(ctx, active_heads=plan.branch == i)
                     bp = self.branches[self.labels[i]].selector(q, k, sctx)
                 if not isinstance(bp, BlockPlan):
                     return None  # e.g. a selector that fell back to a dense plan on a short input

@@ -55,7 +55,7 @@ class Compressed(Node):
         if ctx.decode:
             return self.inner(q, k, v, ctx)  # the cache holds uncompressed K/V
         with torch.no_grad():
-            plan = self.compress(q, k, ctx.selector_context())
+            plan = self.compress(q, k, ctx)
         if isinstance(plan, DensePlan):
             return self.inner(q, k, v, ctx)
         if not isinstance(plan, TokenPlan):

@@ -1,35 +1,11 @@
-"""What every selector shares: the call context and config checks."""
+"""What every selector shares: the call context (``attnzoo.context``) and config checks."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from ..context import Context, as_context  # noqa: F401  (re-exported for selectors)
 from ..ops._checks import check_qkv
-
-
-@dataclass
-class Context:
-    """Optional information a selector may use; selectors stay pure functions of (q, k, ctx)."""
-
-    key_padding_mask: torch.Tensor | None = None  # [B, Nk], True = real token
-    layer_idx: int | None = None
-    # [B, Hkv] bool on q's device: the (batch, KV head) pairs whose plan rows will be used (a routed
-    # layer sends the others to another branch). A selector may skip scoring the rest; their plan
-    # rows are then valid but unspecified. None: every row is used.
-    active_heads: torch.Tensor | None = None
-
-
-def as_context(ctx) -> Context:
-    if ctx is None:
-        return Context()
-    if isinstance(ctx, Context):
-        return ctx
-    if isinstance(ctx, dict):
-        return Context(**ctx)
-    raise TypeError(f"ctx must be an attnzoo.selectors.Context, a dict or None, got {type(ctx).__name__}")
-
 
 _SELECTOR_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 

@@ -1,0 +1,46 @@
+"""The one context type: what an attention call knows besides q, k and v.
+
+The stack builds it per call (``attnzoo.integrations.hf`` from the model's attention mask and
+layer); selectors read the fields that concern them (``key_padding_mask``, ``layer_idx``,
+``active_heads``) and stay pure functions of ``(q, k, ctx)``; routers and nodes read the rest.
+A leaf module: it imports nothing from attnzoo, so every layer can use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Context:
+    key_padding_mask: torch.Tensor | None = None  # [B, Nk], True = real token
+    layer_idx: int | None = None
+    # [B, Hkv] bool on q's device: the (batch, KV head) pairs whose plan rows will be used (a routed
+    # layer sends the others to another branch). A selector may skip scoring the rest; their plan
+    # rows are then valid but unspecified. None: every row is used.
+    active_heads: torch.Tensor | None = None
+    scale: float | None = None
+    pre_rope_keys: torch.Tensor | None = None  # [B, N, Hkv, D], for routers that need them
+    cache: dict | None = None  # per-layer state: router decisions made at prefill, reused while decoding
+    decode: bool = False  # one new query against a cache
+    meter: object | None = None  # an attnzoo.nodes.DensityMeter
+    share: float = 1.0  # fraction of the layer's (batch, head) slots this call covers
+    density_scale: float = 1.0  # multiplier from enclosing compressed nodes
+
+    def record(self, density) -> None:
+        """Add this call's density to the meter (prefill only)."""
+        if self.meter is not None and not self.decode:
+            self.meter.add(self.layer_idx, self.share, self.density_scale * density)
+
+
+def as_context(ctx) -> Context:
+    """``None`` (an empty context), a Context, or a dict of its fields."""
+    if ctx is None:
+        return Context()
+    if isinstance(ctx, Context):
+        return ctx
+    if isinstance(ctx, dict):
+        return Context(**ctx)
+    raise TypeError(f"ctx must be an attnzoo Context, a dict or None, got {type(ctx).__name__}")
