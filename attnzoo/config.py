@@ -49,14 +49,13 @@ def _coerce(value, tp, path: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, path)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue  # the next member may take it; the message below names them all
         raise ConfigError(f"{path}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is typing.Literal:
         if value not in args:

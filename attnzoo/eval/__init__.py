@@ -1,4 +1,5 @@
-"""Evaluation: metrics now; the NIAH suite and Pareto plots arrive with `attnzoo compare`."""
+"""Evaluation: plan metrics (density, attention recall, relative error), the NIAH suite, and
+`attnzoo compare` (runner and report)."""
 
 from .metrics import attention_recall, density, relative_error
 

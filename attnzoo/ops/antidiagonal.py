@@ -96,7 +96,7 @@ def antidiagonal_block_scores(q, k, *, stride: int, block_size: int, chunk_size:
     q, k = q.detach(), k.detach()
     req = make_request("antidiagonal_scores", q, k, k, "scores", return_lse=False,
                        key_padding_mask=key_padding_mask, causal=True,
-                       block_size=(block_size, stride))
+                       block_size=(block_size, block_size), stride=stride)
     impl = choose(req, backend)
     kw = {} if active_heads is None else {"active_heads": active_heads}
     return impl.fn(q, k, stride=stride, block_size=block_size, chunk_size=chunk_size,

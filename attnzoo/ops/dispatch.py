@@ -59,6 +59,7 @@ class Request:
     plan_heads: int = 0
     plan_density: float | None = None
     block_size: tuple[int, int] | None = None  # (block_q, block_k) of a block plan
+    stride: int | None = None  # the antidiagonal stride of an XAttention scoring call
 
 
 @dataclass(frozen=True)
@@ -235,10 +236,12 @@ def _choose(req: Request, name: str | None) -> Backend:
 
 def make_request(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan_kind: str, *,
                  return_lse: bool, key_padding_mask, causal: bool, plan_heads: int = 0,
-                 plan_density: float | None = None, block_size: tuple[int, int] | None = None) -> Request:
+                 plan_density: float | None = None, block_size: tuple[int, int] | None = None,
+                 stride: int | None = None) -> Request:
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return Request(op=op, device=q.device.type, dtype=q.dtype, head_dim=q.shape[-1],
                    plan_kind=plan_kind, needs_grad=needs_grad, needs_lse=return_lse,
                    has_padding=key_padding_mask is not None, causal=causal, q_len=q.shape[2],
                    kv_len=k.shape[2], q_heads=q.shape[1], kv_heads=k.shape[1],
-                   plan_heads=plan_heads or q.shape[1], plan_density=plan_density, block_size=block_size)
+                   plan_heads=plan_heads or q.shape[1], plan_density=plan_density, block_size=block_size,
+                   stride=stride)

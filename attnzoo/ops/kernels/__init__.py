@@ -64,7 +64,7 @@ def _scores_triton(q, k, **kw):
 
 
 def _scores_limits(req) -> str | None:
-    block, stride = req.block_size
+    block, stride = req.block_size[0], req.stride
     r = block // stride
     if r & (r - 1) or stride & (stride - 1):
         return f"stride ({stride}) and block_size / stride ({r}) must be powers of two (tile shapes)"
