@@ -30,10 +30,14 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ...plans import MODES
 from ...plans.geometry import cdiv
 from ._triton import interpreting, tile
 
-MODE_DENSE, MODE_STREAMING, MODE_BLOCK = 0, 1, 2
+# the head-mode encoding is plans.MODES' (one definition); constexpr globals so kernels may read them
+MODE_DENSE = tl.constexpr(MODES.index("dense"))
+MODE_STREAMING = tl.constexpr(MODES.index("streaming"))
+MODE_BLOCK = tl.constexpr(MODES.index("block"))
 LN2 = math.log(2.0)
 LOG2E = 1.0 / LN2
 
@@ -55,20 +59,20 @@ def _row_walk(MODE, SINK, LOCAL, IDX, CNT, b, hp, Hp, qb, m0, Nq, Nk, offset, si
     else:
         hi = nkb - 1
         limit = Nk
-    is_stream = mode == 1
+    is_stream = mode == MODE_STREAMING
     lo_s = tl.maximum(qb * PLAN_BQ + offset - local, 0) // PLAN_BK
     lo = tl.where(is_stream, lo_s, 0)
     s_ = tl.where(is_stream, tl.minimum((sink + PLAN_BK - 1) // PLAN_BK, lo_s), 0)
-    cnt = tl.load(CNT + b * scb + hp * sch + qb * scq, mask=mode == 2, other=0)
-    n_blocks = tl.where(mode == 2, cnt, s_ + hi - lo + 1)
+    cnt = tl.load(CNT + b * scb + hp * sch + qb * scq, mask=mode == MODE_BLOCK, other=0)
+    n_blocks = tl.where(mode == MODE_BLOCK, cnt, s_ + hi - lo + 1)
     return mode, lo, s_, n_blocks, IDX + b * sib + hp * sih + qb * siq, limit
 
 
 @triton.jit
 def _block_at(j, mode, lo, s_, idx_row, sis):
     """The j-th key block walked: an index-list entry, or a position in the sink/local ranges."""
-    kb_sparse = tl.load(idx_row + j * sis, mask=mode == 2, other=0)
-    return tl.where(mode == 2, kb_sparse, tl.where(j < s_, j, lo + j - s_))
+    kb_sparse = tl.load(idx_row + j * sis, mask=mode == MODE_BLOCK, other=0)
+    return tl.where(mode == MODE_BLOCK, kb_sparse, tl.where(j < s_, j, lo + j - s_))
 
 
 @triton.jit
@@ -289,7 +293,7 @@ class KernelPlan:
     def from_block_plan(cls, plan) -> KernelPlan:
         B, H = plan.kv_counts.shape[:2]
         dev = plan.kv_counts.device
-        mode = torch.full((B, H), MODE_BLOCK, dtype=torch.int32, device=dev)
+        mode = torch.full((B, H), MODE_BLOCK.value, dtype=torch.int32, device=dev)
         zero = torch.zeros((B, H), dtype=torch.int32, device=dev)
         return cls(mode, zero, zero, plan.kv_indices, plan.kv_counts, plan.block_q, plan.block_k,
                    plan.causal)
@@ -297,7 +301,7 @@ class KernelPlan:
     @classmethod
     def dense(cls, batch: int, heads: int, q_len: int, causal: bool, device) -> KernelPlan:
         """Every head dense (walks every visible block; the tile size is the kernel's own)."""
-        mode = torch.full((batch, heads), MODE_DENSE, dtype=torch.int32, device=device)
+        mode = torch.full((batch, heads), MODE_DENSE.value, dtype=torch.int32, device=device)
         nqb = cdiv(q_len, 128)
         cnt = torch.zeros((batch, heads, nqb), dtype=torch.int32, device=device)
         return cls(mode, mode, mode, cnt[..., None], cnt, 128, 128, causal)
