@@ -198,7 +198,7 @@ def test_antidiagonal_scores_backend(backend, data):
     chunk = block * data.draw(st.integers(1, 4))
     target = f"antidiagonal_scores/{backend.name}"
     req = make_request("antidiagonal_scores", p.q, p.k, p.k, "scores", return_lse=False, key_padding_mask=p.kpm,
-                       causal=True, block_size=(block, stride))
+                       causal=True, block_size=(block, block), stride=stride)
     if not _takes(backend, req, target):
         return
     q = p.q.detach().requires_grad_(data.draw(st.booleans()))  # scores never need (or build) a graph

@@ -64,6 +64,8 @@ def _scores_triton(q, k, **kw):
 
 
 def _scores_limits(req) -> str | None:
+    if req.block_size is None or req.stride is None:
+        return "a scoring request names its block size and stride (make_request(..., block_size=, stride=))"
     block, stride = req.block_size[0], req.stride
     r = block // stride
     if r & (r - 1) or stride & (stride - 1):
