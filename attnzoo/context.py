@@ -28,6 +28,10 @@ class Context:
     meter: object | None = None  # an attnzoo.nodes.DensityMeter
     share: float = 1.0  # fraction of the layer's (batch, head) slots this call covers
     density_scale: float = 1.0  # multiplier from enclosing compressed nodes
+    # tensor parallelism (heads sharded): this call's KV heads are global heads
+    # [kv_head_offset, kv_head_offset + Hkv) of kv_heads_total; None: the whole layer is local
+    kv_head_offset: int = 0
+    kv_heads_total: int | None = None
 
     def record(self, density) -> None:
         """Add this call's density to the meter (prefill only)."""

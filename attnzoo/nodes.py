@@ -29,8 +29,12 @@ class DensityMeter:
     Densities are accumulated as device tensors where the plan lives on a GPU, so metering a
     prefill adds no host sync; reading ``layers`` or ``mean()`` afterwards waits for them once."""
 
-    def __init__(self):
+    def __init__(self, group=None):
         self._sums: dict[int, float | torch.Tensor] = {}
+        # a torch.distributed group whose ranks each hold a slice of every layer's heads (set by
+        # attnzoo.patch under tensor parallelism): reading averages over the ranks, a collective
+        # every rank must make
+        self.group = group
 
     def add(self, layer, share, density) -> None:
         key = -1 if layer is None else layer
@@ -38,7 +42,15 @@ class DensityMeter:
 
     @property
     def layers(self) -> dict[int, float]:
-        return {k: float(v) for k, v in self._sums.items()}
+        if self.group is None:
+            return {k: float(v) for k, v in self._sums.items()}
+        import torch.distributed as dist
+
+        keys = sorted(self._sums)
+        dev = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
+        local = torch.tensor([float(self._sums[k]) for k in keys], dtype=torch.float64, device=dev)
+        dist.all_reduce(local, group=self.group)
+        return {k: float(v) / dist.get_world_size(self.group) for k, v in zip(keys, local, strict=True)}
 
     def mean(self) -> float:
         layers = self.layers

@@ -111,6 +111,16 @@ def pre_rope_key_hooks(model: nn.Module):
             h.remove()
 
 
+def tensor_parallel_rank(model: nn.Module) -> tuple[int, int]:
+    """``(rank, size)`` of ``model``'s tensor-parallel mesh dimension (transformers'
+    ``tp_plan``), ``(0, 1)`` for a model on one process."""
+    mesh = getattr(model, "_device_mesh", None)
+    names = getattr(mesh, "mesh_dim_names", None) or ()
+    if mesh is None or "tp" not in names:
+        return 0, 1
+    return mesh.get_local_rank("tp"), mesh.size(names.index("tp"))
+
+
 @contextlib.contextmanager
 def patch(model: nn.Module, stack, meter=None):
     """Run ``model`` with the attention ``stack`` (anything ``attnzoo.build`` takes) inside the
@@ -129,6 +139,9 @@ def patch(model: nn.Module, stack, meter=None):
     needs_keys = any(isinstance(n, Routed) and n.router.needs_pre_rope_keys for n in stack.nodes())
     caches: dict[int, dict] = {}
     keys_ctx = pre_rope_key_hooks(model) if needs_keys else contextlib.nullcontext({})
+    tp_rank, tp_size = tensor_parallel_rank(model)
+    if meter is not None and tp_size > 1:
+        meter.group = model._device_mesh.get_group("tp")  # densities average over every rank's heads
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if dropout:
@@ -141,6 +154,8 @@ def patch(model: nn.Module, stack, meter=None):
         ctx = CallContext(key_padding_mask=key_padding_mask_of(attention_mask, key), layer_idx=layer, scale=scaling,
                           pre_rope_keys=keys.get(layer), cache=caches.setdefault(layer, {}), decode=decode,
                           meter=meter)
+        if tp_size > 1:  # this rank holds an even slice of the layer's KV heads (HF's colwise plan)
+            ctx.kv_head_offset, ctx.kv_heads_total = tp_rank * key.shape[1], tp_size * key.shape[1]
         out = stack(layer, query, key, value, ctx)
         return out.transpose(1, 2).contiguous(), None
 

@@ -56,8 +56,11 @@ class TableRouter:
             if self.default is None:
                 raise ValueError(f"table router: layer {ctx.layer_idx} is not in the table and no default is set")
             row = [self.default] * Hkv
-        if len(row) != Hkv:
-            raise ValueError(f"table router: layer {ctx.layer_idx} lists {len(row)} heads, the layer has {Hkv} "
-                             f"KV heads")
+        total = ctx.kv_heads_total or Hkv  # under tensor parallelism the row covers every rank's heads
+        if len(row) != total:
+            sharded = f" ({Hkv} on each of {total // Hkv} tensor-parallel ranks)" if total != Hkv else ""
+            raise ValueError(f"table router: layer {ctx.layer_idx} lists {len(row)} heads, the layer has {total} "
+                             f"KV heads{sharded}")
+        row = row[ctx.kv_head_offset: ctx.kv_head_offset + Hkv]
         branch = torch.tensor([labels.index(x) for x in row], device=k.device)
         return HeadPlan(branch.expand(B, Hkv), labels)
