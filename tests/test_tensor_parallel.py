@@ -66,9 +66,13 @@ def _worker(rank, world, port, path, out):
             with torch.no_grad():
                 with attnzoo.patch(ref_model, cfg, meter=meters[0]):
                     ref = ref_model(ids).logits
+                    d_ref = meters[0].mean()
+                    ref_tokens = ref_model.generate(ids, max_new_tokens=6, do_sample=False)
                 with attnzoo.patch(tp_model, cfg, meter=meters[1]):
                     got = tp_model(ids).logits
-            res[name] = (float((got - ref).abs().max()), meters[0].mean(), meters[1].mean())
+                    d_tp = meters[1].mean()
+                    tp_tokens = tp_model.generate(ids, max_new_tokens=6, do_sample=False)
+            res[name] = (float((got - ref).abs().max()), d_ref, d_tp, bool(torch.equal(ref_tokens, tp_tokens)))
         table = {"name": "table", "heads": {0: ["full", "sparse"]}, "default": "full"}
         bad = {"name": "bad", "default": {"router": table, "branches": STACKS["table"]["default"]["branches"]}}
         try:
@@ -100,8 +104,9 @@ def test_tensor_parallel_patch_matches_one_process(tiny_llama):
     mp.spawn(_worker, args=(2, _free_port(), tiny_llama, out), nprocs=2, join=True)
     print({k: out[k] for k in out.keys()})
     for name in STACKS:
-        err, d_ref, d_tp = out[name]
+        err, d_ref, d_tp, same_tokens = out[name]
         assert err <= 1e-4, (name, err)
+        assert same_tokens, f"{name}: greedy tokens differ between one process and two TP ranks"
         assert abs(d_ref - d_tp) <= 1e-6, (name, d_ref, d_tp)  # the meter averages over both ranks
     assert out["streaming"][1] < 1.0 and out["table"][1] < out["full"][1] and out["elastic"][1] < 1.0
     assert "lists 2 heads, the layer has 4 KV heads (2 on each of 2 tensor-parallel ranks)" in out["bad"]
