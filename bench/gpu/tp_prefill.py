@@ -1,7 +1,8 @@
 """Tensor-parallel sparse prefill (issue 15's run): one process per GPU, heads sharded by
 transformers' ``tp_plan="auto"``, every preset patched with ``attnzoo.patch``.
 
-    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node N bench/gpu/tp_prefill.py --out DIR
+    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node N bench/gpu/tp_prefill.py --check --out DIR   # correctness
+    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node N bench/gpu/tp_prefill.py --out DIR           # speed
     torchrun --nproc-per-node 2 bench/gpu/tp_prefill.py --smoke --out /tmp/tp   # CPU, gloo, tiny shapes
 
 Run it once per TP degree (1, 2, 4, 8); each run writes ``tp{N}.json``, and ``--report DIR`` merges
@@ -55,7 +56,7 @@ def build_checkpoint(layers: int, smoke: bool) -> str:
     where = [None]
     if dist.get_rank() == 0:
         where[0] = tempfile.mkdtemp(prefix="attnzoo-tp-bench-")
-        shape = (dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=8,
+        shape = (dict(hidden_size=1024, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=8,
                       vocab_size=256) if smoke else
                  dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                       vocab_size=128256))
@@ -64,6 +65,61 @@ def build_checkpoint(layers: int, smoke: bool) -> str:
         LlamaForCausalLM(cfg).to(torch.float32 if smoke else torch.bfloat16).save_pretrained(where[0])
     dist.broadcast_object_list(where, src=0)
     return where[0]
+
+
+def check_stacks() -> dict:
+    """Issue 15's correctness set at GPU-sized blocks (the CPU test uses tiny ones)."""
+    sparse = {"selector": {"name": "streaming", "sink": 64, "local": 256, "block_size": 64}, "op": "block_sparse"}
+    return {
+        "full": "preset:full",
+        "streaming": {"name": "streaming", "default": sparse},
+        "xattention": {"name": "xattention", "default": {
+            "selector": {"name": "xattention", "threshold": 0.9, "stride": 8, "block_size": 64}, "op": "block_sparse"}},
+        "table": {"name": "table", "default": {
+            "router": {"name": "table", "heads": {}, "default": "full"}, "branches": {"full": {"op": "dense"},
+                                                                                      "sparse": sparse}}},
+        "elastic": {"name": "elastic", "default": {
+            "router": {"name": "elastic", "head_dim": 128, "pool_tokens": 100, "seed": 3},
+            "branches": {"full": {"op": "dense"}, "sparse": sparse}}},
+    }
+
+
+def check(args) -> None:
+    """Greedy tokens and logits of each stack: the TP model against a whole copy on this rank's
+    GPU (a random Llama with 8 KV heads, 2 layers)."""
+    from transformers import AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available() and not args.smoke
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    path = build_checkpoint(2, smoke=True)  # the small shape: 8 query and 8 KV heads
+    dt = torch.float32
+    whole = AutoModelForCausalLM.from_pretrained(path, dtype=dt).eval().to("cuda" if cuda else "cpu")
+    tp_model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, tp_plan="auto").eval()
+    rank, tp = tensor_parallel_rank(tp_model)
+    ids = torch.randint(0, 256, (1, 1000), generator=torch.Generator().manual_seed(0)).to(whole.device)
+    stacks_ = check_stacks()
+    stacks_["table"]["default"]["router"]["heads"] = {i: ["full", "sparse"] * 4 for i in range(2)}
+    res = {}
+    for name, spec in stacks_.items():
+        with torch.no_grad():
+            with attnzoo.patch(whole, spec):
+                ref = whole(ids).logits
+                ref_tokens = whole.generate(ids, max_new_tokens=8, do_sample=False)
+            with attnzoo.patch(tp_model, spec):
+                got = tp_model(ids).logits
+                tp_tokens = tp_model.generate(ids, max_new_tokens=8, do_sample=False)
+        res[name] = {"max_logit_error": float((got.float() - ref.float()).abs().max()),
+                     "same_greedy_tokens": bool(torch.equal(ref_tokens, tp_tokens))}
+        if rank == 0:
+            print(f"tp {tp} check {name}: {res[name]}", flush=True)
+    if rank == 0:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"check-tp{tp}.json").write_text(json.dumps({"tp": tp, "machine": machine(cuda, tp), **res}, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def timed(fn, cuda: bool, reps: int) -> float:
@@ -180,11 +236,12 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--smoke", action="store_true", help="CPU, gloo, a tiny model: checks the script")
     p.add_argument("--report", type=Path, help="merge a folder's tp*.json into tp.md and exit")
+    p.add_argument("--check", action="store_true", help="correctness: TP vs one whole copy, greedy tokens")
     args = p.parse_args()
     if args.report:
         print(report(args.report))
         return
-    run(args)
+    check(args) if args.check else run(args)
 
 
 if __name__ == "__main__":
