@@ -27,17 +27,28 @@ class Context:
     decode: bool = False  # one new query against a cache
     meter: object | None = None  # an attnzoo.nodes.DensityMeter
     share: float = 1.0  # fraction of the layer's (batch, head) slots this call covers
-    density_scale: float = 1.0  # multiplier from enclosing compressed nodes
+    # multiplier from enclosing compressed nodes: a number, or a function the meter calls when read
+    density_scale: object = 1.0
     # tensor parallelism (heads sharded): this call's KV heads are global heads
     # [kv_head_offset, kv_head_offset + Hkv) of kv_heads_total; None: the whole layer is local
     kv_head_offset: int = 0
     kv_heads_total: int | None = None
 
     def record(self, density) -> None:
-        """Add this call's density to the meter (prefill only)."""
-        if self.meter is not None and not self.decode:
-            self.meter.add(self.layer_idx, self.share, self.density_scale * density)
+        """Add this call's density to the meter (prefill only): a number, a 0-dim tensor, or a
+        zero-argument function the meter calls when it is read (the hot path computes nothing)."""
+        if self.meter is None or self.decode:
+            return
+        scale = self.density_scale
+        if not callable(scale) and not isinstance(scale, torch.Tensor) and scale == 1.0:
+            self.meter.add(self.layer_idx, self.share, density)
+        else:
+            self.meter.add(self.layer_idx, self.share, lambda: deferred_value(scale) * deferred_value(density))
 
+
+def deferred_value(x):
+    """A meter entry's value: ``x()`` for a deferred one, else ``x``."""
+    return x() if callable(x) else x
 
 def as_context(ctx) -> Context:
     """``None`` (an empty context), a Context, or a dict of its fields."""

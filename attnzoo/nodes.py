@@ -26,29 +26,43 @@ class DensityMeter:
     ``share x density`` where share is the fraction of the layer's (batch, head) slots the call
     covers; dense work counts 1.0, compressed nodes multiply in their token plan's density.
 
-    Densities are accumulated as device tensors where the plan lives on a GPU, so metering a
-    prefill adds no host sync; reading ``layers`` or ``mean()`` afterwards waits for them once."""
+    Recording is lazy: a call hands over its plan's density as a zero-argument function (or a
+    number), and the meter evaluates them when ``layers`` or ``mean()`` is read. A metered prefill
+    therefore runs the same kernels as an unmetered one (no density reductions, no host sync in
+    the hot path) and can be timed as is; reading afterwards does the work once. The plans stay
+    referenced until then: ``reset()`` between prompts."""
 
     def __init__(self, group=None):
-        self._sums: dict[int, float | torch.Tensor] = {}
+        self._entries: dict[int, list] = {}
         # a torch.distributed group whose ranks each hold a slice of every layer's heads (set by
         # attnzoo.patch under tensor parallelism): reading averages over the ranks, a collective
         # every rank must make
         self.group = group
 
     def add(self, layer, share, density) -> None:
-        key = -1 if layer is None else layer
-        self._sums[key] = self._sums.get(key, 0.0) + share * density
+        """``share x density`` for ``layer``; ``density`` may be a number, a 0-dim tensor or a
+        function returning one (called when the meter is read)."""
+        self._entries.setdefault(-1 if layer is None else layer, []).append((share, density))
+
+    def _sums(self) -> dict[int, float]:
+        out = {}
+        for layer, entries in self._entries.items():
+            total = 0.0
+            for share, density in entries:
+                total = total + share * (density() if callable(density) else density)
+            out[layer] = float(total)
+        return out
 
     @property
     def layers(self) -> dict[int, float]:
+        sums = self._sums()
         if self.group is None:
-            return {k: float(v) for k, v in self._sums.items()}
+            return sums
         import torch.distributed as dist
 
-        keys = sorted(self._sums)
+        keys = sorted(sums)
         dev = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
-        local = torch.tensor([float(self._sums[k]) for k in keys], dtype=torch.float64, device=dev)
+        local = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=dev)
         dist.all_reduce(local, group=self.group)
         return {k: float(v) / dist.get_world_size(self.group) for k, v in zip(keys, local, strict=True)}
 
@@ -57,7 +71,7 @@ class DensityMeter:
         return sum(layers.values()) / len(layers) if layers else float("nan")
 
     def reset(self) -> None:
-        self._sums.clear()
+        self._entries.clear()
 
 
 CallContext = Context  # the stack's name for the one context type (attnzoo.context)
@@ -107,7 +121,7 @@ class Branch(Node):
         with torch.no_grad():  # plans are discrete; a plugin selector must not build a graph either
             plan = self.selector(q, k, ctx)
         if ctx.meter is not None:
-            ctx.record(density_of(plan))
+            ctx.record(functools.partial(density_of, plan))
         if isinstance(plan, DensePlan) and "dense" not in self.op.plan_kinds:
             return dense_op(q, k, v, causal=plan.causal, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
         return self.op(q, k, v, plan, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)

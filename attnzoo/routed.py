@@ -69,6 +69,20 @@ class Routed(Node):
                 return out
         return self._split(q, k, v, plan, ctx)
 
+    def path_choices(self) -> dict[int, dict[str, int]]:
+        """Which path each layer chose so far, per key-length bucket: ``{bucket: {path: layers}}``
+        (what a benchmark reports beside its timings)."""
+        out: dict[int, dict[str, int]] = {}
+        for key, path in self._path.items():
+            counts = out.setdefault(key[5], {})
+            counts[path] = counts.get(path, 0) + 1
+        return out
+
+    @staticmethod
+    def length_bucket(n: int) -> int:
+        """The power-of-two bucket a key length ``n`` is timed under."""
+        return 1 << max(0, n - 1).bit_length()
+
     def _paths(self) -> dict:
         return {"mixed": self._fused, "hybrid": self._hybrid, "split": self._split}
 
@@ -92,7 +106,7 @@ class Routed(Node):
         # length re-timed three paths inside its own prefill (a 32,767-token NIAH prompt after a
         # 32,768 one took 6.4 s on an H100 instead of ~0.13)
         B, Hq, _, D = q.shape
-        bucket = 1 << max(0, k.shape[2] - 1).bit_length()
+        bucket = self.length_bucket(k.shape[2])
         key = (ctx.layer_idx, B, Hq, k.shape[1], D, bucket, q.dtype, ctx.key_padding_mask is None)
         if key not in self._path:
             quiet = replace(ctx, meter=None)
@@ -212,9 +226,12 @@ class Routed(Node):
     def _record_mixed(self, plan: HeadPlan, mplan, ctx: CallContext, skip: int | None = None) -> None:
         if ctx.meter is None:
             return
-        for i, (share, density) in enumerate(branch_densities(plan.branch, mplan, len(self.labels))):
-            if i != skip:  # the skipped branch's own call records it
-                replace(ctx, share=ctx.share * share).record(density)
+
+        def density():  # sum over branches of (share of the layer's pairs) x (their density)
+            parts = branch_densities(plan.branch, mplan, len(self.labels))
+            return sum(share * d for i, (share, d) in enumerate(parts) if i != skip)  # skip records its own
+
+        ctx.record(density)
 
     def to_config(self) -> dict:
         out = {"router": to_config(self.router), "branches": {k: n.to_config() for k, n in self.branches.items()}}

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .config import ConfigError, dump_config, load_config, suggest
+from .context import deferred_value
 from .nodes import Branch, CallContext, DensityMeter, Node, dense_below_applies, density_of  # noqa: F401
 from .ops import dense as dense_op
 from .ops import token_sparse
@@ -62,8 +63,9 @@ class Compressed(Node):
             raise TypeError(f"compress selector returned {type(plan).__name__}, expected a TokenPlan")
         qc, kc, vc = token_sparse.compress(q, k, v, plan, key_padding_mask=ctx.key_padding_mask)
         # kept tokens are real tokens; shorter heads' tail slots sit after every real row (causal)
-        inner = replace(ctx, key_padding_mask=None, pre_rope_keys=None,
-                        density_scale=ctx.density_scale * density_of(plan))
+        outer = ctx.density_scale
+        inner = replace(ctx, key_padding_mask=None, pre_rope_keys=None,  # the scale is read lazily
+                        density_scale=lambda: deferred_value(outer) * density_of(plan))
         oc = self.inner(qc, kc, vc, inner)
         return token_sparse.decompress(oc, plan, q.shape[2])
 

@@ -248,3 +248,44 @@ def test_dense_below_runs_dense_attention_on_its_device_and_records_density_one(
             is_dense = (out - ops.dense(q, k, v)).abs().max() < 1e-5
             assert bool(is_dense) == expect_dense, (below, list(node))
             assert (meter.mean() == 1.0) == expect_dense
+
+
+def _aten_ops(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
+@pytest.mark.parametrize("node", [
+    XATTN,
+    {"router": {"name": "table", "heads": {0: ["s", "full"]}}, "branches": {"s": XATTN, "full": {"op": "dense"}}},
+    {"compress": {"name": "token_coverage", "window": 16, "min_tokens": 32}, "inner": XATTN},
+], ids=["branch", "routed", "compressed"])
+def test_density_meter_adds_no_work_to_the_call_and_reads_the_eager_density(node):
+    """A metered prefill is timed as is (attnzoo compare), so recording must cost no tensor op:
+    the densities are computed when the meter is read, and equal what the plans say."""
+    from attnzoo.stack import CallContext, DensityMeter, density_of
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 160, 16), torch.randn(2, 2, 160, 16), torch.randn(2, 2, 160, 16)
+    stack = attnzoo.build({"default": node})
+    meter = DensityMeter()
+    stack(0, q, k, v, CallContext(layer_idx=0))  # first call fills per-shape caches
+    plain = _aten_ops(lambda: stack(0, q, k, v, CallContext(layer_idx=0)))
+    metered = _aten_ops(lambda: stack(0, q, k, v, CallContext(layer_idx=0, meter=meter)))
+    assert metered == plain, f"metering ran {metered - plain} extra ops inside the call"
+    got = meter.mean()
+    sel = attnzoo.registry.create("selector", XATTN["selector"])
+    if "router" in node:  # KV head 0 sparse, head 1 dense: (d0 + 1) / 2 over both batch rows
+        d = sel(q, k, CallContext(layer_idx=0)).density(reduce=False).view(2, 2, 2).mean(-1)
+        want = float((d[:, 0].mean() + 1.0) / 2)
+    elif "compress" in node:
+        assert 0.0 < got < 1.0  # kept tokens' share times the inner plan's density
+        return
+    else:
+        want = float(density_of(sel(q, k, CallContext(layer_idx=0))))
+    assert got == pytest.approx(want, rel=1e-6)
+    meter.reset()
+    assert meter.layers == {}

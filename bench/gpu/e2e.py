@@ -178,9 +178,8 @@ def routed_paths(stack, num_layers: int, length: int) -> dict:
         seen.add(id(node))
         todo.extend(node.children())
         if isinstance(node, Routed):
-            for key, path in node._path.items():
-                if key[1][2] == length:  # q's length
-                    out[path] = out.get(path, 0) + 1
+            for path, n in node.path_choices().get(Routed.length_bucket(length), {}).items():
+                out[path] = out.get(path, 0) + n
     return out
 
 
