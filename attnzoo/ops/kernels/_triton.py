@@ -3,6 +3,11 @@
 Kernel modules are imported lazily (at first call): Triton reads ``TRITON_INTERPRET`` when a
 ``@triton.jit`` function is defined, so importing them eagerly would freeze the mode at
 ``import attnzoo`` time.
+
+Every kernel lists its sequence-length arguments in ``do_not_specialize``: Triton otherwise
+compiles one variant for lengths divisible by 16 and another for the rest, and a prompt of
+32,767 tokens after one of 32,768 paid a fresh compile inside its prefill (0.8-1.7 s on an H100
+in ``attnzoo compare``, against ~0.1 s). Strides and pointers keep their specialisation.
 """
 
 from __future__ import annotations

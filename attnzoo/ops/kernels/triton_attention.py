@@ -118,7 +118,7 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, offs_m, offs_n, offs_d,
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Nq", "Nk", "offset"])  # lengths: see _triton.py
 def _fwd_kernel(
     Q, K, V, O, LSE, MODE, SINK, LOCAL, IDX, CNT, KPM,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
@@ -211,7 +211,7 @@ def _bwd_tile(dq, q, do, lse2, delta, row_ok, K, V, KPM, DK, DV, b, hkv, kv_base
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Nq", "Nk", "offset"])  # lengths: see _triton.py
 def _bwd_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DK, DV, MODE, SINK, LOCAL, IDX, CNT, KPM,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,

@@ -41,7 +41,7 @@ def _allowed(REAL, KPM, b, rows, cols, Nq, Nk, nkb, offset, BLOCK: tl.constexpr,
     return row_ok[:, None] & col_ok[None, :] & past
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Nq", "Nk", "nqb", "nkb"])  # lengths: see _triton.py
 def _pooled_kernel(
     Q, KM, REAL, KPM, OUT,
     sqb, sqh, sqn, skb, skh, skj, sob, soh, soi,

@@ -48,7 +48,7 @@ def _matvec_chunks(x, W_IN, B_IN, W_OUT, D: tl.constexpr, H4: tl.constexpr, CH: 
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P1", "S2", "P2"])  # lengths: see _triton.py
 def _router_kernel(K, W1, B1, W2, B2, W3, B3, W4, B4, W5, B5, Z, Hkv, P1, S2, P2, skb, skn, skh, inv_count,
                    D: tl.constexpr, H4: tl.constexpr, CH: tl.constexpr, T: tl.constexpr):
     r = tl.program_id(0)

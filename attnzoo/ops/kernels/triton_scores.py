@@ -75,7 +75,7 @@ def _reduced_dot(q_base, k_base, KPM, b, rows, cols, Nq, Nk, offset, sqn, skn,
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Nq", "Nk", "I0", "I1", "nkb", "n_ct"])  # lengths: see _triton.py
 def _scores_kernel(
     Q, K, KPM, ACT, W, PS, PM,
     sqb, sqh, sqn, skb, skh, skn, swb, swh, swi,

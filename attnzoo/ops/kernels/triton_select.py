@@ -28,7 +28,7 @@ import triton.language as tl
 from ._triton import interpreting
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nkb", "width"])  # lengths: see _triton.py
 def _select_kernel(
     S, TAU, KEEP_ALL, LAST, N_PICK, OWN_LO, IDX, CNT,
     ss_bh, ss_i, si_bh, si_i, sc_bh,
