@@ -50,6 +50,7 @@ def deferred_value(x):
     """A meter entry's value: ``x()`` for a deferred one, else ``x``."""
     return x() if callable(x) else x
 
+
 def as_context(ctx) -> Context:
     """``None`` (an empty context), a Context, or a dict of its fields."""
     if ctx is None:

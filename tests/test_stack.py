@@ -281,9 +281,14 @@ def test_density_meter_adds_no_work_to_the_call_and_reads_the_eager_density(node
     if "router" in node:  # KV head 0 sparse, head 1 dense: (d0 + 1) / 2 over both batch rows
         d = sel(q, k, CallContext(layer_idx=0)).density(reduce=False).view(2, 2, 2).mean(-1)
         want = float((d[:, 0].mean() + 1.0) / 2)
-    elif "compress" in node:
-        assert 0.0 < got < 1.0  # kept tokens' share times the inner plan's density
-        return
+    elif "compress" in node:  # the kept tokens' density times the inner plan's on them
+        from attnzoo.ops import token_sparse
+
+        comp = stack.default
+        tplan = comp.compress(q, k, CallContext(layer_idx=0))
+        qc, kc, _ = token_sparse.compress(q, k, v, tplan)
+        want = float(density_of(tplan) * density_of(comp.inner.selector(qc, kc, CallContext(layer_idx=0))))
+        assert want < 1.0
     else:
         want = float(density_of(sel(q, k, CallContext(layer_idx=0))))
     assert got == pytest.approx(want, rel=1e-6)

@@ -338,7 +338,7 @@ FLEX = register_backend(Backend(
     description="torch.compile(flex_attention) with a BlockMask from the plan (CPU: inference)"))
 
 
-# registered after flex: dispatch is first-fit, and flex only fits large inference calls
+# last in dispatch.PRIORITY: flex only fits large inference calls; blocked takes everything else
 BLOCKED = register_backend(Backend(
     op="block_sparse", name="blocked", fn=_blocked, devices=("cpu", "cuda"),
     dtypes=(torch.float32, torch.float16, torch.bfloat16), plan_kinds=("block",),

@@ -41,6 +41,7 @@ register_backend(Backend(
     op="block_sparse", name="triton", fn=_block_sparse_triton, plan_kinds=("block",),
     description="Triton flash attention over the plan's blocks; fp32 online softmax, fwd+bwd", **_TRITON))
 
+
 def _dense_triton(q, k, v, *, causal, key_padding_mask, scale, return_lse):
     from .triton_attention import KernelPlan, attention
     return attention(q, k, v, KernelPlan.dense(q.shape[0], q.shape[1], q.shape[2], causal, q.device),
@@ -126,6 +127,6 @@ register_backend(Backend(
     description="Triton: pooling, both MLPs and the logits of every KV head of a layer in one launch",
     **{**_TRITON, "backward": False, "lse": False, "padding": False, "check": _router_limits}))
 
-# after Triton: for block-sparse calls both fit, Triton is tried first (it also takes padding,
-# per-query-head plans and backward)
+# dispatch.PRIORITY puts Triton before FlashInfer for block-sparse calls both fit (Triton also takes
+# padding, per-query-head plans and backward)
 from . import flashinfer_backends  # noqa: E402,F401
