@@ -23,9 +23,6 @@ from attnzoo.eval import attention_recall
 from attnzoo.integrations.hf import capture_qk
 from attnzoo.models import load_embedded
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import vertical_slash  # noqa: E402,F401  (the README's example is measured too)
-
 VARIANTS = {  # extra configurations worth reporting beside the defaults
     "xattention per_kv_head": {"name": "xattention", "per_kv_head": True},
     "xattention tau=0.8": {"name": "xattention", "threshold": 0.8},
