@@ -1,5 +1,6 @@
-"""One matrix over every registered selector — including ones added later (import your module
-before the tests collect, as this file does with the README's example).
+"""One matrix over every registered selector — including ones added later: a module imported before
+the tests collect, or a plugin installed in the ``attnzoo.plugins`` entry-point group, as the
+README's example is (``pip install -e examples/vertical_slash``).
 
 Each selector runs at its ``small_config`` (if it declares one) on several shapes and must:
 return a Dense/Block/TokenPlan that validates; be pure (same input, same plan); treat batch
