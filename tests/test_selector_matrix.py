@@ -102,6 +102,44 @@ def test_padding_does_not_change_plans(name):
         assert not padded.keep_mask()[..., n:].any()
 
 
+def _as_layer(name):
+    """A one-layer stack running the selector as the stack would: block and dense plans drive a
+    Branch, token plans a Compressed node around dense attention."""
+    cfg = {"name": name, **getattr(attnzoo.registry.get("selector", name), "small_config", {})}
+    kind = attnzoo.registry.get("selector", name).plan_kind
+    node = {"compress": cfg, "inner": {"op": "dense"}} if kind == "token" else {"selector": cfg, "op": "block_sparse"}
+    return attnzoo.build({"name": "m", "default": node})
+
+
+@pytest.mark.parametrize("name", attnzoo.available("selector"))
+def test_plan_kind_is_the_declared_one(name):
+    """What a selector declares (``plan_kind``) is what the stack wires it by; it may fall back to a
+    dense plan (short inputs), never to another kind."""
+    sel = build(name)
+    q, k, _ = make_qkv(2, 4, 2, 300, 300, 32, seed=3)
+    plan = sel(q, k, Context())
+    assert plan.kind in (type(sel).plan_kind, "dense"), (name, plan.kind, type(sel).plan_kind)
+
+
+@pytest.mark.parametrize("name", attnzoo.available("selector"))
+def test_left_padded_layer_equals_each_sequence_alone(name):
+    """Left padding (batched generate) through the stack: each sequence's rows equal the sequence
+    run alone, for every registered selector (the stack realigns sequences to start at row 0)."""
+    from attnzoo.stack import CallContext
+
+    layer = _as_layer(name)
+    q, k, v = make_qkv(3, 4, 2, 300, 300, 32, seed=11)
+    q, k = q * 2, k * 2
+    pads = (0, 13, 64)
+    kpm = torch.arange(300)[None, :] >= torch.tensor(pads)[:, None]
+    out = layer(0, q, k, v, CallContext(layer_idx=0, key_padding_mask=kpm))
+    for b, p in enumerate(pads):
+        alone = layer(0, q[b:b + 1, :, p:], k[b:b + 1, :, p:], v[b:b + 1, :, p:], CallContext(layer_idx=0))
+        assert rel_err(out[b:b + 1, :, p:], alone) <= 1e-5, f"{name}: sequence {b} ({p} pads)"
+        dense = ops.dense(q[b:b + 1, :, p:], k[b:b + 1, :, p:], v[b:b + 1, :, p:])
+        assert rel_err(dense, alone) > 1e-3, f"{name} kept every pair: the check would be empty"
+
+
 def test_readme_example_is_the_file_and_is_in_the_matrix():
     """The README's selector is examples/vertical_slash, installed as a plugin (an entry point in
     ``attnzoo.plugins``) by the README's test command: the matrix above finds it like any user's."""
