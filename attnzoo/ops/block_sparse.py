@@ -26,11 +26,18 @@ from ._checks import check_qkv, default_scale
 from .dispatch import Backend, choose, make_request, register_backend
 
 # Upper bound on score elements materialised per chunk (fp32): bounds memory, keeps GEMMs big.
-CHUNK_ELEMENTS = 1 << 23
+CHUNK_ELEMENTS = 1 << 19
 
 
 class _Layout:
-    """Index bookkeeping shared by forward and backward for one (q, k, plan) triple."""
+    """Index bookkeeping shared by forward and backward for one (q, k, plan) triple.
+
+    Work is organised in *rows*: one (batch element, plan head, query block) each, flattened to
+    ``row = (b * Hp + hp) * Nqb + I``. A row holds the ``r * bq`` query rows of the query heads
+    its plan head serves and gathers its own key blocks straight from the KV head that serves it
+    (K/V are never repeated to Hq). Rows are processed in chunks of similar selection counts, so
+    padding every row of a chunk to its longest costs little even when heads differ widely (one
+    head near-dense, its neighbour at 0.1, as XAttention leaves them)."""
 
     def __init__(self, q_shape, k_shape, plan: BlockPlan, device):
         B, Hq, Nq, D = q_shape
@@ -42,48 +49,58 @@ class _Layout:
         self.Nqb = plan.num_q_blocks
         self.offset = plan.offset
         self.causal = plan.causal
-        self.indices = plan.kv_indices
-        self.counts = plan.kv_counts
-        self.kv_head = (torch.arange(self.Hp, device=device) // (self.Hp // Hkv))[None, :, None, None]
-        self.bidx = torch.arange(B, device=device)[:, None, None, None]
+        self.indices = plan.kv_indices.reshape(B * self.Hp * self.Nqb, -1)
+        self.counts = plan.kv_counts.reshape(-1)
         self.device = device
 
+    def split(self, rows):
+        """(batch element, plan head, KV head, query block) of each row."""
+        I = rows % self.Nqb
+        bh = rows // self.Nqb
+        hp = bh % self.Hp
+        return bh // self.Hp, hp, hp // (self.Hp // self.Hkv), I
+
     def chunks(self):
-        """Yield (c0, c1, kmax) ranges of query blocks sized to CHUNK_ELEMENTS."""
-        per_row = self.B * self.Hp * self.r * self.bq * self.bk  # score elements per (block, slot)
-        counts_max = self.counts.amax(dim=(0, 1)).tolist()  # per query block
-        c0 = 0
-        while c0 < self.Nqb:
+        """Yield (rows, kmax): rows (a long tensor) sized to CHUNK_ELEMENTS, and the most key blocks
+        any of them selects. Rows are taken in order of their selection count, so padding each
+        to ``kmax`` wastes little (in plan order, causal growth and per-head differences padded a
+        3K-token plan to 1.6-2x its pairs)."""
+        per_slot = self.r * self.bq * self.bk  # score elements per (row, slot)
+        ordered = torch.sort(self.counts.cpu(), stable=True)
+        counts, order = ordered.values.tolist(), ordered.indices
+        c0, n = 0, len(counts)
+        while c0 < n:
             c1, kmax = c0, 0
-            while c1 < self.Nqb:
-                k_new = max(kmax, int(counts_max[c1]))
-                if c1 > c0 and (c1 - c0 + 1) * max(k_new, 1) * per_row > CHUNK_ELEMENTS:
+            while c1 < n:
+                k_new = max(kmax, counts[c1])
+                if c1 > c0 and (c1 - c0 + 1) * max(k_new, 1) * per_slot > CHUNK_ELEMENTS:
                     break
                 kmax, c1 = k_new, c1 + 1
-            yield c0, c1, kmax
+            yield order[c0:c1].to(self.device), kmax
             c0 = c1
 
-    def keys(self, c0, c1, kmax, key_padding_mask):
-        """Selected blocks ``[B, Hp, C, kmax]`` and token positions ``[B, Hp, C, L]`` of their keys,
-        with unusable keys (empty slot, past Nk, padding) moved to position ``BIG`` so that one
+    def keys(self, rows, kmax, key_padding_mask):
+        """Selected blocks ``[C, kmax]`` and token positions ``[C, L]`` of their keys, with
+        unusable keys (empty slot, past Nk, padding) moved to position ``BIG`` so that one
         comparison against the query position masks both them and the causal future."""
-        blk = self.indices[:, :, c0:c1, :kmax].long()
-        slot_ok = torch.arange(kmax, device=self.device) < self.counts[:, :, c0:c1, None]
+        blk = self.indices[rows, :kmax].long()
+        slot_ok = torch.arange(kmax, device=self.device) < self.counts[rows, None]
         blk = torch.where(slot_ok, blk, 0)
         tok = (blk[..., None] * self.bk + torch.arange(self.bk, device=self.device)).flatten(-2)
         ok = slot_ok.repeat_interleave(self.bk, dim=-1) & (tok < self.Nk)
         if key_padding_mask is not None:
-            ok = ok & key_padding_mask[self.bidx, tok.clamp(max=self.Nk - 1)]
+            b = self.split(rows)[0]
+            ok = ok & key_padding_mask[b[:, None], tok.clamp(max=self.Nk - 1)]
             first = 0
         else:
-            first = self._first_masked_slot(c0, c1, blk, slot_ok)
+            first = self._first_masked_slot(rows, blk, slot_ok)
         return blk, torch.where(ok, tok, self.BIG), first
 
-    def _first_masked_slot(self, c0, c1, blk, slot_ok) -> int:
-        """Smallest slot in the chunk whose block is not entirely visible to every row of its
-        query block (empty slot, partial last block, or crossing the causal diagonal). Slots
-        before it need no mask: indices are ascending, so masking is confined to the tail."""
-        first_row = torch.arange(c0, c1, device=self.device)[:, None] * self.bq + self.offset
+    def _first_masked_slot(self, rows, blk, slot_ok) -> int:
+        """Smallest slot in the chunk whose block is not entirely visible to every query of its
+        row (empty slot, partial last block, or crossing the causal diagonal). Slots before it
+        need no mask: indices are ascending, so masking is confined to the tail."""
+        first_row = self.split(rows)[3][:, None] * self.bq + self.offset
         end = (blk + 1) * self.bk  # one past the block's last key
         needs = ~slot_ok | (end > self.Nk)
         if self.causal:
@@ -95,20 +112,18 @@ class _Layout:
 
     BIG = 1 << 40
 
-    def masked(self, c0, c1, tok_eff):
-        """Bool ``[B, Hp, C, r*bq, L]``: True where the key must be excluded."""
-        rows = torch.arange(self.r * self.bq, device=self.device) % self.bq
-        qpos = torch.arange(c0, c1, device=self.device)[:, None] * self.bq + rows + self.offset
+    def masked(self, rows, tok_eff):
+        """Bool ``[C, r*bq, L]``: True where the key must be excluded."""
+        within = torch.arange(self.r * self.bq, device=self.device) % self.bq
+        qpos = self.split(rows)[3][:, None] * self.bq + within + self.offset
         if not self.causal:
             qpos = torch.full_like(qpos, self.BIG - 1)
-        return tok_eff[:, :, :, None, :] > qpos[None, None, :, :, None]
+        return tok_eff[:, None, :] > qpos[:, :, None]
 
-    def gather(self, x_blocks, blk):
-        """Key blocks of ``x_blocks`` ``[B, Hkv, Nkb, bk, D]`` for each plan head: ``[B, Hp, C, L, D]``.
-
-        Indexes the KV head serving each plan head directly: K/V are never repeated to Hq."""
-        g = x_blocks[self.bidx, self.kv_head, blk]  # [B, Hp, C, kmax, bk, D]
-        return g.flatten(3, 4)
+    def gather(self, x_blocks, rows, blk):
+        """Key blocks of ``x_blocks`` ``[B, Hkv, Nkb, bk, D]`` for each row: ``[C, L, D]``."""
+        b, _, kvh, _ = self.split(rows)
+        return x_blocks[b[:, None], kvh[:, None], blk].flatten(1, 2)
 
     def kv_blocks(self, x):
         """``[B, Hkv, Nk, D]`` -> ``[B, Hkv, Nkb, bk, D]`` (one O(N) pad when Nk % bk != 0)."""
@@ -118,32 +133,33 @@ class _Layout:
             x = torch.nn.functional.pad(x, (0, 0, 0, pad))
         return x.reshape(x.shape[0], x.shape[1], nkb, self.bk, x.shape[3])
 
-    def q_rows(self, x, c0, c1):
-        """``[B, Hq, Nq_pad, ...]`` -> ``[B, Hp, C, r*bq, ...]`` for query blocks [c0, c1)."""
-        sl = x[:, :, c0 * self.bq: c1 * self.bq]
-        C = c1 - c0
-        sl = sl.reshape(self.B, self.Hp, self.r, C, self.bq, *x.shape[3:])
-        return sl.transpose(2, 3).reshape(self.B, self.Hp, C, self.r * self.bq, *x.shape[3:])
+    def _by_row(self, x):
+        """``[B, Hq, Nq_pad, ...]`` viewed as ``[B, Hp, r, Nqb, bq, ...]``."""
+        return x.view(self.B, self.Hp, self.r, self.Nqb, self.bq, *x.shape[3:])
 
-    def put_rows(self, dst, val, c0, c1):
-        """Inverse of ``q_rows``: write ``val`` into ``dst[:, :, c0*bq:c1*bq]``."""
-        C = c1 - c0
-        tail = val.shape[4:]
-        val = val.reshape(self.B, self.Hp, C, self.r, self.bq, *tail).transpose(2, 3)
-        dst[:, :, c0 * self.bq: c1 * self.bq] = val.reshape(self.B, self.Hq, C * self.bq, *tail)
+    def q_rows(self, x, rows):
+        """``[B, Hq, Nq_pad, ...]`` -> ``[C, r*bq, ...]``: the query rows of each row."""
+        b, hp, _, I = self.split(rows)
+        sl = self._by_row(x)[b, hp, :, I]  # advanced indices around a slice: [C, r, bq, ...]
+        return sl.reshape(len(rows), self.r * self.bq, *x.shape[3:])
+
+    def put_rows(self, dst, val, rows):
+        """Inverse of ``q_rows``: write ``val`` into ``dst`` (contiguous) at ``rows``."""
+        b, hp, _, I = self.split(rows)
+        self._by_row(dst)[b, hp, :, I] = val.view(len(rows), self.r, self.bq, *val.shape[2:])
 
     def pad_q(self, x):
         pad = self.Nqb * self.bq - self.Nq
         if pad == 0:
-            return x
+            return x.contiguous()
         return torch.nn.functional.pad(x, (0, 0, 0, pad) if x.ndim == 4 else (0, pad))
 
 
-def _scores(qb, kg, scale, lay, c0, c1, tok, first_slot):
+def _scores(qb, kg, scale, lay, rows, tok, first_slot):
     s = torch.matmul(qb, kg.transpose(-1, -2)).mul_(scale)
     tail = first_slot * lay.bk
     if tail < s.shape[-1]:
-        s[..., tail:].masked_fill_(lay.masked(c0, c1, tok[..., tail:]), float("-inf"))
+        s[..., tail:].masked_fill_(lay.masked(rows, tok[..., tail:]), float("-inf"))
     return s
 
 
@@ -157,22 +173,22 @@ def _forward(q, k, v, lay: _Layout, key_padding_mask, scale):
     kb, vb = lay.kv_blocks(k), lay.kv_blocks(v)
     out = torch.zeros(lay.B, lay.Hq, lay.Nqb * lay.bq, lay.D, dtype=torch.float32, device=q.device)
     lse = torch.full((lay.B, lay.Hq, lay.Nqb * lay.bq), float("-inf"), device=q.device)
-    for c0, c1, kmax in lay.chunks():
+    for rows, kmax in lay.chunks():
         if kmax == 0:
             continue
-        blk, tok, first = lay.keys(c0, c1, kmax, key_padding_mask)
-        qb = lay.q_rows(qp, c0, c1).float()
-        s = _scores(qb, lay.gather(kb, blk).float(), scale, lay, c0, c1, tok, first)
+        blk, tok, first = lay.keys(rows, kmax, key_padding_mask)
+        qb = lay.q_rows(qp, rows).float()
+        s = _scores(qb, lay.gather(kb, rows, blk).float(), scale, lay, rows, tok, first)
         # one exp per score: e = exp(s - rowmax); normalise the (few) output rows afterwards
         m = s.amax(-1)
         m = torch.where(torch.isinf(m), 0.0, m)
         e = s.sub_(m[..., None]).exp_()
         z = e.sum(-1)
-        o_c = torch.matmul(e, lay.gather(vb, blk).float())
+        o_c = torch.matmul(e, lay.gather(vb, rows, blk).float())
         o_c = o_c.div_(torch.where(z > 0, z, 1.0)[..., None])
         l_c = torch.where(z > 0, m + torch.log(z), float("-inf"))
-        lay.put_rows(out, o_c, c0, c1)
-        lay.put_rows(lse, l_c, c0, c1)
+        lay.put_rows(out, o_c, rows)
+        lay.put_rows(lse, l_c, rows)
     return out[:, :, : lay.Nq].to(q.dtype), lse[:, :, : lay.Nq]
 
 
@@ -187,19 +203,20 @@ def _backward(q, k, v, out, lse, dout, dlse, lay: _Layout, key_padding_mask, sca
     dq = torch.zeros(lay.B, lay.Hq, lay.Nqb * lay.bq, lay.D, dtype=torch.float32, device=q.device)
     dkb = torch.zeros(kb.shape, dtype=torch.float32, device=k.device)
     dvb = torch.zeros(vb.shape, dtype=torch.float32, device=v.device)
-    for c0, c1, kmax in lay.chunks():
+    for rows, kmax in lay.chunks():
         if kmax == 0:
             continue
-        blk, tok, first = lay.keys(c0, c1, kmax, key_padding_mask)
-        qb = lay.q_rows(qp, c0, c1).float()
-        kg, vg = lay.gather(kb, blk).float(), lay.gather(vb, blk).float()
-        p = _probs_(_scores(qb, kg, scale, lay, c0, c1, tok, first), lay.q_rows(lsep, c0, c1))
-        do_c = lay.q_rows(dop, c0, c1)
+        blk, tok, first = lay.keys(rows, kmax, key_padding_mask)
+        qb = lay.q_rows(qp, rows).float()
+        kg, vg = lay.gather(kb, rows, blk).float(), lay.gather(vb, rows, blk).float()
+        p = _probs_(_scores(qb, kg, scale, lay, rows, tok, first), lay.q_rows(lsep, rows))
+        do_c = lay.q_rows(dop, rows)
         dp = torch.matmul(do_c, vg.transpose(-1, -2))
-        ds = dp.sub_(lay.q_rows(delta, c0, c1)[..., None]).mul_(p).mul_(scale)
-        lay.put_rows(dq, torch.matmul(ds, kg), c0, c1)
+        ds = dp.sub_(lay.q_rows(delta, rows)[..., None]).mul_(p).mul_(scale)
+        lay.put_rows(dq, torch.matmul(ds, kg), rows)
         # the same key block can be gathered for several query blocks and plan heads: accumulate
-        where = (lay.bidx.expand_as(blk), lay.kv_head.expand_as(blk), blk)
+        b, _, kvh, _ = lay.split(rows)
+        where = (b[:, None].expand_as(blk), kvh[:, None].expand_as(blk), blk)
         shape = (*blk.shape, lay.bk, lay.D)
         dkb.index_put_(where, torch.matmul(ds.transpose(-1, -2), qb).view(shape), accumulate=True)
         dvb.index_put_(where, torch.matmul(p.transpose(-1, -2), do_c).view(shape), accumulate=True)
