@@ -205,3 +205,54 @@ def test_ops_accept_hf_layout_and_match_contiguous():
         a = ops.block_sparse(q, k, v, plan, key_padding_mask=kpm, backend=backend)
         assert torch.equal(a, ops.block_sparse(qc, kc, vc, plan, key_padding_mask=kpm, backend=backend))
     assert rel_err(ops.dense(q, k, v, key_padding_mask=kpm), ops.dense(qc, kc, vc, key_padding_mask=kpm)) < 1e-6
+
+
+def _uneven_plan(B, H, N, b, densities, seed=0):
+    from attnzoo.plans import BlockPlan
+
+    g = torch.Generator().manual_seed(seed)
+    bm = BlockPlan.full(B, H, N, N, b, b).to_block_mask()
+    bm &= torch.rand(bm.shape, generator=g) < torch.tensor(densities)[None, :, None, None]
+    bm |= torch.eye(bm.shape[-1], dtype=torch.bool)  # the diagonal block, as every selector keeps
+    return BlockPlan.from_block_mask(bm, b, b, N, N)
+
+
+def test_blocked_chunks_rows_by_selection_count_and_stays_exact(monkeypatch):
+    """Rows of very different lengths (a near-dense head beside sparse ones) are chunked by their
+    counts, so padding stays small; out of plan order and across tiny chunks, forward, lse and
+    gradients still match the reference."""
+    import importlib
+
+    bsm = importlib.import_module("attnzoo.ops.block_sparse")
+    plan = _uneven_plan(2, 4, 200, 16, [1.0, 0.5, 0.1, 0.05])
+    q, k, v = make_qkv(2, 8, 4, 200, 200, 16, seed=5)
+    monkeypatch.setattr(bsm, "CHUNK_ELEMENTS", 2 * 16 * 16 * 40)  # ~40 padded slots a chunk: several chunks
+    lay = bsm._Layout(q.shape, k.shape, plan, q.device)
+    chunks = list(lay.chunks())
+    rows = torch.cat([r for r, _ in chunks])
+    assert sorted(rows.tolist()) == list(range(2 * 4 * plan.num_q_blocks))  # every row once
+    assert rows.tolist() != sorted(rows.tolist())  # by count, not plan order, for this plan
+    padded = sum(len(r) * kmax for r, kmax in chunks)
+    assert padded <= 1.3 * int(plan.kv_counts.sum()), padded / int(plan.kv_counts.sum())
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = ops.block_sparse(q, k, v, plan, backend="blocked", return_lse=True)
+    ref, ref_lse = ops.reference(q, k, v, plan, return_lse=True)
+    assert rel_err(out, ref) <= 1e-5
+    assert_lse_close(lse, ref_lse, 1e-5)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g)
+    for a, w in zip(got, want, strict=True):
+        assert rel_err(a, w) <= 1e-4
+
+
+def test_blocked_keeps_plan_order_for_alike_rows():
+    import importlib
+
+    bsm = importlib.import_module("attnzoo.ops.block_sparse")
+    from attnzoo.plans import BlockPlan
+
+    plan = BlockPlan.full(1, 2, 256, 256, 16, 16)  # every row as long as its neighbours, in order
+    q, k, _ = make_qkv(1, 2, 2, 256, 256, 16, seed=1)
+    rows = torch.cat([r for r, _ in bsm._Layout(q.shape, k.shape, plan, q.device).chunks()])
+    assert rows.tolist() == list(range(2 * 16))

@@ -25,8 +25,11 @@ from ..settings import value_checks
 from ._checks import check_qkv, default_scale
 from .dispatch import Backend, choose, make_request, register_backend
 
-# Upper bound on score elements materialised per chunk (fp32): bounds memory, keeps GEMMs big.
-CHUNK_ELEMENTS = 1 << 19
+# Upper bound on score elements materialised per chunk (fp32): bounds memory, keeps GEMMs big. 2^21
+# (8 MiB) on the 2-core CPU, 3K tokens, 9/3 heads, interleaved medians: 2^19-2^20 suited plans with
+# uneven rows best, 2^22-2^23 a streaming plan's (fewer chunks, less per-chunk overhead); 2^21
+# was within ~10 % of the best for each.
+CHUNK_ELEMENTS = 1 << 21
 
 
 class _Layout:
@@ -62,13 +65,24 @@ class _Layout:
 
     def chunks(self):
         """Yield (rows, kmax): rows (a long tensor) sized to CHUNK_ELEMENTS, and the most key blocks
-        any of them selects. Rows are taken in order of their selection count, so padding each
-        to ``kmax`` wastes little (in plan order, causal growth and per-head differences padded a
-        3K-token plan to 1.6-2x its pairs)."""
+        any of them selects. Rows go in order of their selection count where that pads less than
+        plan order by a tenth or more (XAttention's per-head densities, from near-dense to 0.05,
+        padded a 3K-token layer to several times its pairs in plan order); otherwise in plan order,
+        whose neighbouring rows share memory (a streaming plan's rows are all alike)."""
         per_slot = self.r * self.bq * self.bk  # score elements per (row, slot)
-        ordered = torch.sort(self.counts.cpu(), stable=True)
-        counts, order = ordered.values.tolist(), ordered.indices
-        c0, n = 0, len(counts)
+        counts = self.counts.cpu()
+        ordered = torch.sort(counts, stable=True)
+        plan_order = (self._split_counts(counts.tolist(), per_slot), None)
+        by_count = (self._split_counts(ordered.values.tolist(), per_slot), ordered.indices)
+        spans, order = by_count if _padded(by_count[0]) < 0.9 * _padded(plan_order[0]) else plan_order
+        for c0, c1, kmax in spans:
+            rows = torch.arange(c0, c1) if order is None else order[c0:c1]
+            yield rows.to(self.device), kmax
+
+    @staticmethod
+    def _split_counts(counts: list, per_slot: int) -> list:
+        """Greedy ``(c0, c1, kmax)`` spans of ``counts`` whose padded score size fits a chunk."""
+        spans, c0, n = [], 0, len(counts)
         while c0 < n:
             c1, kmax = c0, 0
             while c1 < n:
@@ -76,8 +90,9 @@ class _Layout:
                 if c1 > c0 and (c1 - c0 + 1) * max(k_new, 1) * per_slot > CHUNK_ELEMENTS:
                     break
                 kmax, c1 = k_new, c1 + 1
-            yield order[c0:c1].to(self.device), kmax
+            spans.append((c0, c1, kmax))
             c0 = c1
+        return spans
 
     def keys(self, rows, kmax, key_padding_mask):
         """Selected blocks ``[C, kmax]`` and token positions ``[C, L]`` of their keys, with
@@ -153,6 +168,11 @@ class _Layout:
         if pad == 0:
             return x.contiguous()
         return torch.nn.functional.pad(x, (0, 0, 0, pad) if x.ndim == 4 else (0, pad))
+
+
+def _padded(spans) -> int:
+    """Slots a chunking computes, padding included."""
+    return sum((c1 - c0) * kmax for c0, c1, kmax in spans)
 
 
 def _scores(qb, kg, scale, lay, rows, tok, first_slot):
