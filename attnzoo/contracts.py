@@ -8,7 +8,11 @@ registered component carries them:
 - **selector** ``(q, k, ctx) -> plan``:
   - ``plan_kind``: ``"block"``, ``"token"`` or ``"dense"``, the plan it returns;
   - ``decode`` (optional, default ``"dense"``): ``"plan"`` if it also places blocks while
-    decoding, ``"dense"`` if decoding attends to the whole cache.
+    decoding, ``"dense"`` if decoding attends to the whole cache;
+  - ``block_size`` (optional, default None): the block size its block plans always use, where
+    the configuration fixes it (routed layers run such selectors in one mixed launch);
+  - ``ranges`` (optional, default None): a method returning ``{"sink", "local", "block_size"}``
+    where the pattern is a range rule a kernel can walk without index lists (streaming).
 - **op** ``(q, k, v, plan, *, key_padding_mask, scale, return_lse) -> out``:
   - ``plan_kinds``: the plan kinds it consumes;
   - ``backend`` (optional, default None): a forced backend name.
@@ -47,6 +51,10 @@ def _optional_method():
     return (lambda v: v is None or callable(v)), "a method or None"
 
 
+def _optional_int():
+    return (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool))), "an int or None"
+
+
 def _optional_str():
     return (lambda v: v is None or isinstance(v, str)), "a backend name or None"
 
@@ -54,7 +62,8 @@ def _optional_str():
 # kind -> attribute -> (check, what it must be, default or _MISSING when required)
 CONTRACTS = {
     "selector": {"__call__": (*_callable(), _MISSING), "plan_kind": (*_one_of(PLAN_KINDS), _MISSING),
-                 "decode": (*_one_of(("dense", "plan")), "dense")},
+                 "decode": (*_one_of(("dense", "plan")), "dense"),
+                 "block_size": (*_optional_int(), None), "ranges": (*_optional_method(), None)},
     "op": {"__call__": (*_callable(), _MISSING), "plan_kinds": (*_plan_kinds(), _MISSING),
            "backend": (*_optional_str(), None)},
     "router": {"__call__": (*_callable(), _MISSING), "needs_pre_rope_keys": (*_bool(), _MISSING),

@@ -165,10 +165,10 @@ def head_mode(node) -> HeadMode | None:
         return HeadMode("dense") if "dense" in kinds else None
     if "block" not in kinds or node.selector.plan_kind != "block":
         return None
-    if hasattr(node.selector, "ranges"):
+    if node.selector.ranges is not None:  # declared capabilities (attnzoo.contracts)
         r = node.selector.ranges()
         return HeadMode("streaming", r["block_size"], r["sink"], r["local"])
-    size = getattr(node.selector, "block_size", None)
+    size = node.selector.block_size
     return HeadMode("block", size) if isinstance(size, int) else None
 
 

@@ -150,3 +150,39 @@ def test_load_config_errors(tmp_path):
     p = tmp_path / "c.json"
     p.write_text('{"name": "dense"}')
     assert load_config(str(p)) == {"name": "dense"}
+
+
+def test_optional_selector_capabilities_are_declared_with_defaults():
+    """A selector that declares neither a fixed block size nor a range rule gets None for both at
+    registration, and the stack reads them directly: such a selector runs per branch, not in a
+    mixed launch (a wrongly typed declaration is rejected)."""
+    from attnzoo.nodes import head_mode
+
+    @dataclass
+    class Minimal:
+        plan_kind: ClassVar[str] = "block"
+
+        def __call__(self, q, k, ctx=None):
+            return None
+
+    try:
+        attnzoo.register("selector", "minimal_caps")(Minimal)
+        assert Minimal.block_size is None and Minimal.ranges is None and Minimal.decode == "dense"
+        node = attnzoo.build({"default": {"selector": {"name": "minimal_caps"}, "op": "block_sparse"}}).default
+        assert head_mode(node) is None
+        stream = attnzoo.build({"default": {"selector": {"name": "streaming", "sink": 16, "local": 32,
+                                                         "block_size": 16}, "op": "block_sparse"}}).default
+        assert head_mode(stream).kind == "streaming"
+    finally:
+        attnzoo.registry.unregister("selector", "minimal_caps")
+
+    @dataclass
+    class BadSize:
+        plan_kind: ClassVar[str] = "block"
+        block_size: ClassVar[str] = "64"
+
+        def __call__(self, q, k, ctx=None):
+            return None
+
+    with pytest.raises(TypeError, match=r"'block_size' must be an int or None"):
+        attnzoo.register("selector", "bad_size")(BadSize)
