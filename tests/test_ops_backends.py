@@ -223,11 +223,11 @@ def test_blocked_chunks_rows_by_selection_count_and_stays_exact(monkeypatch):
     gradients still match the reference."""
     import importlib
 
-    bsm = importlib.import_module("attnzoo.ops.block_sparse")
+    bsm = importlib.import_module("attnzoo.ops.block_layout")
     plan = _uneven_plan(2, 4, 200, 16, [1.0, 0.5, 0.1, 0.05])
     q, k, v = make_qkv(2, 8, 4, 200, 200, 16, seed=5)
     monkeypatch.setattr(bsm, "CHUNK_ELEMENTS", 2 * 16 * 16 * 40)  # ~40 padded slots a chunk: several chunks
-    lay = bsm._Layout(q.shape, k.shape, plan, q.device)
+    lay = bsm.BlockLayout(q.shape, k.shape, plan, q.device)
     chunks = list(lay.chunks())
     rows = torch.cat([r for r, _ in chunks])
     assert sorted(rows.tolist()) == list(range(2 * 4 * plan.num_q_blocks))  # every row once
@@ -249,10 +249,10 @@ def test_blocked_chunks_rows_by_selection_count_and_stays_exact(monkeypatch):
 def test_blocked_keeps_plan_order_for_alike_rows():
     import importlib
 
-    bsm = importlib.import_module("attnzoo.ops.block_sparse")
+    bsm = importlib.import_module("attnzoo.ops.block_layout")
     from attnzoo.plans import BlockPlan
 
     plan = BlockPlan.full(1, 2, 256, 256, 16, 16)  # every row as long as its neighbours, in order
     q, k, _ = make_qkv(1, 2, 2, 256, 256, 16, seed=1)
-    rows = torch.cat([r for r, _ in bsm._Layout(q.shape, k.shape, plan, q.device).chunks()])
+    rows = torch.cat([r for r, _ in bsm.BlockLayout(q.shape, k.shape, plan, q.device).chunks()])
     assert rows.tolist() == list(range(2 * 16))
