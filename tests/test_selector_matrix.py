@@ -33,9 +33,13 @@ SHAPES = [  # B, Hq, Hkv, Nq, Nk, pad
 ]
 
 
+def small_config(name) -> dict:
+    """The selector's config for short test sequences (its ``small_config``, if it declares one)."""
+    return {"name": name, **getattr(attnzoo.registry.get("selector", name), "small_config", {})}
+
+
 def build(name):
-    cls = attnzoo.registry.get("selector", name)
-    return attnzoo.create("selector", {"name": name, **getattr(cls, "small_config", {})})
+    return attnzoo.create("selector", small_config(name))
 
 
 def run_plan(q, k, v, plan, kpm):
@@ -105,7 +109,7 @@ def test_padding_does_not_change_plans(name):
 def _as_layer(name):
     """A one-layer stack running the selector as the stack would: block and dense plans drive a
     Branch, token plans a Compressed node around dense attention."""
-    cfg = {"name": name, **getattr(attnzoo.registry.get("selector", name), "small_config", {})}
+    cfg = small_config(name)
     kind = attnzoo.registry.get("selector", name).plan_kind
     node = {"compress": cfg, "inner": {"op": "dense"}} if kind == "token" else {"selector": cfg, "op": "block_sparse"}
     return attnzoo.build({"name": "m", "default": node})
