@@ -109,3 +109,23 @@ def test_a_stack_with_xattention_takes_a_training_step():
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_flex_declines_keys_shorter_than_one_key_block():
+    # B: compiled flex on CPU gave wrong rows (max error 0.8-17 against the reference) when kv_len <
+    # block_k (24 keys, 32-key blocks; found by the fuzz test). It now declines such calls, also when
+    # forced, and dispatch computes them with `blocked`.
+    counts = torch.tensor([[[1, 1], [0, 1], [0, 0]], [[0, 1], [1, 1], [0, 1]]], dtype=torch.int32)
+    idx = torch.where(counts[..., None] > 0, torch.zeros(2, 3, 2, 1, dtype=torch.int32), -1)
+    import importlib
+
+    from attnzoo.plans import BlockPlan
+
+    bs = importlib.import_module("attnzoo.ops.block_sparse")
+    if bs._flex_unavailable() is not None:
+        pytest.skip(bs._flex_unavailable())
+    plan = BlockPlan(idx, counts, 1, 32, 2, 24, causal=False)
+    q, k, v = make_qkv(2, 3, 3, 2, 24, 8, seed=0)
+    with pytest.raises(ops.dispatch.NoBackendError, match="kv_len 24 < block_k 32"):
+        ops.block_sparse(q, k, v, plan, backend="flex")
+    assert rel_err(ops.block_sparse(q, k, v, plan), ops.reference(q, k, v, plan)) <= 1e-5

@@ -219,11 +219,21 @@ def _flex_preference(req):
     return None
 
 
+def _flex_limits(req) -> str | None:
+    # a capability, not a preference: forcing flex must not get past it. Compiled flex on CPU
+    # (torch 2.13) returned wrong rows (errors up to 17 against the reference) whenever the keys
+    # were shorter than one key block (kv_len 24, block_k 32); kv_len >= block_k was exact
+    # (found by tests/fuzz/test_ops_fuzz.py; tests/test_regressions.py keeps the case)
+    if req.block_size is not None and req.kv_len < req.block_size[1]:
+        return f"kv_len {req.kv_len} < block_k {req.block_size[1]}: compiled flex miscomputes keys shorter than a block"
+    return None
+
+
 FLEX = register_backend(Backend(
     op="block_sparse", name="flex", fn=_flex, devices=("cpu",),
     dtypes=(torch.float32, torch.bfloat16), plan_kinds=("block",), backward=False, lse=False,
     padding=False,  # a captured mask tensor would be baked into the compiled graph
-    available=_flex_unavailable_now, prefer=_flex_preference,
+    available=_flex_unavailable_now, check=_flex_limits, prefer=_flex_preference,
     description="torch.compile(flex_attention) with a BlockMask from the plan (CPU: inference)"))
 
 
