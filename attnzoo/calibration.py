@@ -28,7 +28,8 @@ from .plans.geometry import cdiv
 from .selectors.base import Context
 from .selectors.xattention import XAttention
 
-__all__ = ["exact_block_mass", "head_thresholds", "calibrate_thresholds", "choose_sparse_layers",
+__all__ = ["exact_block_mass", "head_thresholds", "calibrate_thresholds", "calibrate_threshold_sweep",
+           "choose_sparse_layers",
            "xattention_layer_configs", "save_calibration", "load_calibration"]
 
 
@@ -89,13 +90,28 @@ def calibrate_thresholds(model, calibration_inputs, *, stride: int = 8, block_si
     ``attention_mask``) or of ``input_ids`` tensors. Returns a YAML-ready dict with
     ``thresholds: {layer_idx: [tau per query head]}``.
     """
+    return calibrate_threshold_sweep(model, calibration_inputs, (target_recall,), stride=stride,
+                                     block_size=block_size, progress=progress)[0]
+
+
+@torch.no_grad()
+def calibrate_threshold_sweep(model, calibration_inputs, target_recalls, *, stride: int = 8,
+                              block_size: int = 128, progress: bool = False) -> list[dict]:
+    """``calibrate_thresholds`` for several target recalls at the cost of one: each text's scores
+    and exact block masses are computed once and reduced for every recall. Returns one result per
+    recall, in the order given (a density budget then picks among them: see
+    ``bench/calibrate_presets.py --max-density``)."""
     from .integrations.hf import capture_qk
 
-    if not 0 < target_recall <= 1:
-        raise ValueError(f"target_recall must lie in (0, 1], got {target_recall}")
+    recalls = tuple(float(r) for r in target_recalls)
+    if not recalls:
+        raise ValueError("target_recalls is empty")
+    for r in recalls:
+        if not 0 < r <= 1:
+            raise ValueError(f"target_recall must lie in (0, 1], got {r}")
     scorer = XAttention(threshold=1.0, stride=stride, block_size=block_size,
                         chunk_size=max(block_size, 2048 // block_size * block_size))
-    best: dict[int, torch.Tensor] = {}
+    best: list[dict[int, torch.Tensor]] = [{} for _ in recalls]
     items = list(calibration_inputs)
     if not items:
         raise ValueError("calibration_inputs is empty")
@@ -111,15 +127,16 @@ def calibrate_thresholds(model, calibration_inputs, *, stride: int = 8, block_si
         for layer, (q, k) in capture_qk(model, **inputs).items():
             w = torch.cat([w for _, _, w in scorer.block_scores(q, k, Context(key_padding_mask=kpm))], 2)
             exact = exact_block_mass(q, k, block_size, kpm)
-            tau = head_thresholds(w, exact, target_recall, q.shape[2], k.shape[2], block_size).amax(0)
-            best[layer] = tau if layer not in best else torch.maximum(best[layer], tau)
-    return {
+            for r, found in zip(recalls, best, strict=True):
+                tau = head_thresholds(w, exact, r, q.shape[2], k.shape[2], block_size).amax(0)
+                found[layer] = tau if layer not in found else torch.maximum(found[layer], tau)
+    return [{
         "method": "xattention_thresholds",
         "stride": stride,
         "block_size": block_size,
-        "target_recall": target_recall,
-        "thresholds": {int(layer): [round(float(t), 6) for t in tau] for layer, tau in sorted(best.items())},
-    }
+        "target_recall": r,
+        "thresholds": {int(layer): [round(float(t), 6) for t in tau] for layer, tau in sorted(found.items())},
+    } for r, found in zip(recalls, best, strict=True)]
 
 
 @torch.no_grad()

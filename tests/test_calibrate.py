@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from attnzoo.calibration import (
+    calibrate_threshold_sweep,
     calibrate_thresholds,
     choose_sparse_layers,
     exact_block_mass,
@@ -87,6 +88,16 @@ def test_calibrate_thresholds_shape_monotone_and_roundtrip(tiny_llama, tmp_path)
     assert sel(q, k).heads == 4  # per-head thresholds applied to that layer's 4 query heads
     with pytest.raises(ValueError, match="target_recall"):
         calibrate_thresholds(tiny_llama, texts, target_recall=0)
+
+
+def test_threshold_sweep_equals_one_calibration_per_recall(tiny_llama):
+    texts = [torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    sweep = calibrate_threshold_sweep(tiny_llama, texts, (0.95, 0.5), stride=4, block_size=16)
+    for r, got in zip((0.95, 0.5), sweep, strict=True):
+        assert got == calibrate_thresholds(tiny_llama, texts, stride=4, block_size=16, target_recall=r)
+    assert sweep[0] != sweep[1]  # the recalls really differ on these texts
+    with pytest.raises(ValueError, match="target_recalls is empty"):
+        calibrate_threshold_sweep(tiny_llama, texts, ())
 
 
 def test_choose_sparse_layers(tiny_llama, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from attnzoo.routers.elastic import ElasticRouter
-from attnzoo.training.common import cosine_temperature, warmup_cosine
+from attnzoo.training.common import cosine_temperature, supervised_loss, warmup_cosine
 from attnzoo.training.data import Sample
 from attnzoo.training.elastic import Multipliers, gumbel_gate, router_sparsity, train_elastic
 from attnzoo.training.ssa import alignment_losses, set_trainable, train_ssa
@@ -117,6 +117,22 @@ def test_ssa_five_steps_reduce_alignment_and_ce(tmp_path):
         set_trainable(model, "lora")
     assert all(p.requires_grad for p in set_trainable(model, "attention"))
     assert not model.model.embed_tokens.weight.requires_grad
+
+
+def test_supervised_loss_equals_the_models_own_loss_and_backpropagates():
+    model = _tiny()
+    for s in _samples(2):
+        labels = s.labels.clone()
+        labels[:, 100:110] = -100  # a gap inside the supervised span is skipped as the model's loss skips it
+        want = model(input_ids=s.input_ids, labels=labels, use_cache=False).loss
+        got = supervised_loss(model, s.input_ids, labels)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    emb = model.get_input_embeddings().weight
+    emb.grad = None
+    supervised_loss(model, s.input_ids, labels).backward()
+    assert emb.grad is not None and emb.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="supervise no position"):
+        supervised_loss(model, s.input_ids, torch.full_like(labels, -100))
 
 
 def test_elastic_five_steps_reduce_penalty_and_save(tmp_path):

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import time
 from pathlib import Path
+
+import torch
+import torch.nn.functional as F
 
 from ..integrations.hf import decoder_layers, key_padding_mask_of, pre_rope_key_hooks, use_attention
 from ..stack import CallContext, build
@@ -18,6 +22,23 @@ def layer_nodes(stack, model) -> list:
     n = len(decoder_layers(model))
     stack.check_num_layers(n)
     return [stack.node_for(i) for i in range(n)]
+
+
+def supervised_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions ``labels`` supervises (-100 elsewhere),
+    the same value as ``model(input_ids, labels=labels).loss``; where the model takes
+    ``logits_to_keep``, only the logits from the first supervised position on are formed (a 16K
+    prompt with a 10-token answer would otherwise build 16K x vocabulary logits for nothing)."""
+    device = next(model.parameters()).device
+    input_ids, labels = input_ids.to(device), labels.to(device)
+    if "logits_to_keep" not in inspect.signature(type(model).forward).parameters:
+        return model(input_ids=input_ids, labels=labels, use_cache=False).loss
+    supervised = (labels[:, 1:] != -100).any(0).nonzero()
+    if supervised.numel() == 0:
+        raise ValueError("labels supervise no position after the first")
+    first = int(supervised[0]) + 1  # the first supervised label; the logit before it predicts it
+    logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=input_ids.shape[1] - first + 1).logits
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, first:].flatten(), ignore_index=-100)
 
 
 @contextlib.contextmanager

@@ -13,12 +13,13 @@ cosine from 1.5 to 1.0 over the first 60% of the steps.
 from __future__ import annotations
 
 import random
+import time
 
 import torch
 from torch import nn
 
 from ..routers.elastic import ElasticRouter
-from .common import RunLog, cosine_temperature, layer_attention, layer_nodes, warmup_cosine
+from .common import RunLog, cosine_temperature, layer_attention, layer_nodes, supervised_loss, warmup_cosine
 from .data import TASK_TYPES
 
 DEFAULT_SPARSE = {"default": {"selector": {"name": "streaming", "sink": 64, "local": 256, "block_size": 64},
@@ -71,9 +72,11 @@ class Multipliers(nn.Module):
 def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse=None, full=None,
                   targets: dict | None = None, steps: int = 100, batch: int = 4, lr: float = 5e-4,
                   lambda_lr: float = 1e-3, grad_clip: float = 5.0, seed: int = 0, out_dir=None,
-                  progress: bool = True) -> tuple[ElasticRouter, RunLog]:
-    """Train a router for ``model`` (kept frozen); returns (router, run log). With ``out_dir``,
-    writes ``router.pt`` (fp16 weights), ``log.jsonl`` and ``training.png`` there."""
+                  progress: bool = True, max_seconds: float | None = None) -> tuple[ElasticRouter, RunLog]:
+    """Train a router for ``model`` (kept frozen, on its own device); returns (router, run log).
+    With ``out_dir``, writes ``router.pt`` (fp16 weights), ``log.jsonl`` and ``training.png``
+    there. ``max_seconds``: stop after the step that crosses this wall-clock budget (the schedules
+    still assume ``steps``; the log's last row says where it stopped)."""
     from tqdm import tqdm
 
     if not samples:
@@ -94,6 +97,7 @@ def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse
     full_nodes = layer_nodes(full or {"default": {"op": "dense"}}, model)
     for i in range(len(full_nodes)):
         router.layer(i)
+    router.layers.to(next(model.parameters()).device)
     for p in model.parameters():
         p.requires_grad_(False)
     params = list(router.layers.parameters())
@@ -139,7 +143,7 @@ def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse
                 s = next_sample()
                 gates.clear()
                 soft.clear()
-                ce = model(input_ids=s.input_ids, labels=s.labels, use_cache=False).loss
+                ce = supervised_loss(model, s.input_ids, s.labels)
                 omega = 1.0 - torch.cat([g.flatten() for g in gates]).mean()
                 pen = lam.penalty(omega, targets[s.task_type], s.task_type)
                 ((ce + pen) / batch).backward()
@@ -159,9 +163,14 @@ def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse
                 rec[f"omega_{t}"] = sum(vals) / len(vals) if vals else None
             for i, t in enumerate(lam.task_types):
                 rec[f"lambda1_{t}"], rec[f"lambda2_{t}"] = (float(x) for x in lam.values[i].detach())
+            stop = max_seconds is not None and time.perf_counter() - log.t0 >= max_seconds and step + 1 < steps
+            if stop:
+                rec["stopped"] = f"wall-clock budget of {max_seconds} s reached after {step + 1} of {steps} steps"
             row = log.add({"step": step, "temperature": temperature, "lr": sched.get_last_lr()[0], **rec})
             bar.set_postfix(ce=f"{row['ce']:.3f}", **{f"Ω_{t[:3]}": f"{row[f'omega_{t}']:.2f}"
                                                       for t in targets if row[f"omega_{t}"] is not None})
+            if stop:
+                break
     for p in params:
         p.requires_grad_(False)
     if out_dir is not None:
@@ -177,6 +186,6 @@ def router_sparsity(model, router: ElasticRouter, input_ids: torch.Tensor) -> fl
     from ..integrations.hf import pre_rope_key_hooks
 
     with pre_rope_key_hooks(model) as keys:
-        model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+        model(input_ids=input_ids.to(next(model.parameters()).device), use_cache=False, logits_to_keep=1)
         fa = [router.logits(keys[i], i).argmax(-1).float() for i in sorted(keys)]
     return 1.0 - float(torch.cat([f.flatten() for f in fa]).mean())

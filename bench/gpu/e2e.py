@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import attnzoo  # noqa: E402
 from attnzoo.cli import installed_version  # noqa: E402
-from attnzoo.config import preset_names  # noqa: E402
+from attnzoo.config import load_config, preset_names, preset_spec  # noqa: E402
 from attnzoo.models import extend_context  # noqa: E402
 from attnzoo.stack import CallContext, DensityMeter  # noqa: E402
 
@@ -183,10 +183,34 @@ def routed_paths(stack, num_layers: int, length: int) -> dict:
     return out
 
 
-def run_length(model, tok, length: int, presets: list[str], reps: int, device: str) -> dict:
+def without_dense_below(spec):
+    """A stack config with every ``dense_below`` switch removed: the preset runs its sparse path at
+    every length (to measure what the switch saves or costs)."""
+    if isinstance(spec, dict):
+        return {k: without_dense_below(v) for k, v in spec.items() if k != "dense_below"}
+    if isinstance(spec, list):
+        return [without_dense_below(v) for v in spec]
+    return spec
+
+
+def preset_stacks(presets: list[str], sparse_everywhere: bool = False) -> dict:
+    """Label -> stack config for shipped preset names or stack YAML paths (labelled by the stack's
+    name). With ``sparse_everywhere``, each preset with a ``dense_below`` switch also gets a row
+    "NAME (sparse everywhere)" without it."""
+    out = {}
+    for p in presets:
+        spec = load_config(preset_spec(p))
+        out[spec.get("name", p)] = spec
+        if sparse_everywhere and without_dense_below(spec) != spec:
+            out[f"{spec.get('name', p)} (sparse everywhere)"] = without_dense_below(spec)
+    return out
+
+
+def run_length(model, tok, length: int, specs: dict, reps: int, device: str) -> dict:
     factor = extend_context(model, length)
     ids = prompt_ids(tok, length).to(device)
-    stacks = {p: attnzoo.build(f"preset:{p}") for p in presets}
+    stacks = {p: attnzoo.build(spec) for p, spec in specs.items()}
+    presets = list(specs)
     layer = model.config.num_hidden_layers // 2
     rows = {p: {"times": []} for p in presets}
     for p in presets:  # warm-up: Triton compiles, per-shape caches; density and counts on the side
@@ -293,7 +317,10 @@ def main(argv=None) -> int:
     p.add_argument("--gguf", type=Path, required=True, help="SmolLM2-135M-Instruct.Q4_1.gguf")
     p.add_argument("--out", type=Path, default=Path("bench/results/gpu-e2e"))
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
-    p.add_argument("--presets", nargs="+", default=None, help="default: every shipped preset")
+    p.add_argument("--presets", nargs="+", default=None, help="shipped preset names or stack YAML paths "
+                   "(default: every shipped preset)")
+    p.add_argument("--sparse-everywhere", action="store_true", help="also run each preset that has a "
+                   "dense_below switch without it (one more row per such preset)")
     p.add_argument("--reps", type=int, default=5, help="repeats at 32K and up; 32768 / length times more below")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -302,12 +329,13 @@ def main(argv=None) -> int:
     presets = args.presets or preset_names()
     if "full" in presets:
         presets = ["full"] + [x for x in presets if x != "full"]
+    specs = preset_stacks(presets, args.sparse_everywhere)
     args.out.mkdir(parents=True, exist_ok=True)
     log(f"loading {args.gguf}")
     model, tok = load(args.gguf, args.device)
     result = {"machine": header(args.device), "command": "python3 " + " ".join(sys.argv), "runs": []}
     for length in args.lengths:
-        result["runs"].append(run_length(model, tok, length, presets, args.reps, args.device))
+        result["runs"].append(run_length(model, tok, length, specs, args.reps, args.device))
         (args.out / "e2e.json").write_text(json.dumps(result, indent=1))
         (args.out / "e2e.md").write_text(markdown(result))
     print(markdown(result))
