@@ -145,7 +145,8 @@ def compare(args) -> int:
     results = cmp.run(presets, lengths=args.lengths, tasks=args.tasks, depths=args.depths, quick=args.quick,
                       max_new_tokens=args.max_new_tokens, repeats=args.repeats, device=args.device,
                       dtype=args.dtype, model_spec=args.model, context=args.context,
-                      checkpoint=lambda partial: report.write(partial, args.out), **templates)
+                      checkpoint=lambda partial: report.write(partial, args.out),
+                      sparse_everywhere=args.sparse_everywhere, **templates)
     json_path, png_path = report.write(results, args.out)
     print()
     print(report.header(results))
@@ -234,6 +235,8 @@ def main(argv=None) -> int:
     c.add_argument("--out", default="attnzoo-compare", help="folder for results.json and pareto.png")
     c.add_argument("--repeats", type=int, default=1, help="prefills timed per prompt and preset; the median "
                    "is reported (default 1)")
+    c.add_argument("--sparse-everywhere", action="store_true", help="run every preset's sparse path at every "
+                   "length (drop the dense_below switches that run dense attention where sparse measured slower)")
     c.add_argument("--haystack", help="a UTF-8 text file the needles hide in (default: CPython's documentation)")
     t = sub.add_parser("train", help="SSA alignment training, or Elastic router training (frozen backbone)")
     t.add_argument("method", choices=["ssa", "elastic"])

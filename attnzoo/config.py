@@ -189,6 +189,17 @@ def load_config(src) -> dict:
     return data
 
 
+def without_dense_below(spec):
+    """A stack config with every ``dense_below`` switch removed, so each node runs its sparse path
+    at every length: what the method itself does, as opposed to the speed-tuned preset (the switch
+    runs dense attention where the sparse path measured slower)."""
+    if isinstance(spec, dict):
+        return {k: without_dense_below(v) for k, v in spec.items() if k != "dense_below"}
+    if isinstance(spec, list):
+        return [without_dense_below(v) for v in spec]
+    return spec
+
+
 def dump_config(data: dict) -> str:
     """YAML text for a config dict (round-trips through ``load_config``)."""
     return yaml.safe_dump(data, sort_keys=False)

@@ -2,7 +2,8 @@
 
     python bench/train_router.py --out bench/results/elastic-smollm2 [--steps 80 --batch 4]   # CPU
     python bench/train_router.py --model FILE.gguf --device cuda --context 32768 --sparse xattention \\
-        --lengths 4096 8192 12288 16384 --steps 300 --batch 16 --out OUT/router-xa             # GPU
+        --lengths 4096 8192 12288 16384 --steps 300 --batch 16 --micro-batch-tokens 32768 \
+        --out OUT/router-xa                                                                     # GPU
 
 ``--sparse``: the sparse branch the router learns to send heads to, the one the preset using the
 router runs: ``streaming`` (sink 64 + local 256, elastic-fa-streaming and elastic-xa-streaming)
@@ -53,6 +54,8 @@ def main() -> None:
     p.add_argument("--held-out", type=int, default=12)
     p.add_argument("--held-out-length", type=int, default=1024)
     p.add_argument("--max-minutes", type=float, help="stop after the step that crosses this wall-clock budget")
+    p.add_argument("--micro-batch-tokens", type=int, help="run a step's samples in padded micro-batches of at "
+                   "most this many tokens (default: one sample at a time)")
     args = p.parse_args()
     torch.manual_seed(0)
     device = resolve_device(args.device)
@@ -62,7 +65,8 @@ def main() -> None:
     t0 = time.perf_counter()
     router, log = train_elastic(model, samples, sparse=SPARSE[args.sparse], steps=args.steps, batch=args.batch,
                                 lr=args.lr, lambda_lr=args.lambda_lr, seed=0, out_dir=args.out,
-                                max_seconds=args.max_minutes * 60 if args.max_minutes else None)
+                                max_seconds=args.max_minutes * 60 if args.max_minutes else None,
+                                micro_batch_tokens=args.micro_batch_tokens)
     train_s = time.perf_counter() - t0
     held = training_samples(tok, args.held_out, lengths=(args.held_out_length,), seed=200)
     omegas = {"retrieval": [], "other": []}
@@ -71,7 +75,8 @@ def main() -> None:
             else s.input_ids  # retrieval: the prompt without its answer
         omegas[s.task_type].append(router_sparsity(model, router, ids))
     summary = {"train_seconds": round(train_s, 1), "steps": args.steps, "steps_done": len(log.rows),
-               "batch": args.batch, "lr": args.lr, "lambda_lr": args.lambda_lr, "sparse": SPARSE[args.sparse],
+               "batch": args.batch, "micro_batch_tokens": args.micro_batch_tokens, "samples": args.samples,
+               "lr": args.lr, "lambda_lr": args.lambda_lr, "sparse": SPARSE[args.sparse],
                "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
                "dtype": str(next(model.parameters()).dtype), "yarn_factor": factor,
                "lengths": args.lengths, "held_out_length": args.held_out_length,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from attnzoo.routers.elastic import ElasticRouter
-from attnzoo.training.common import cosine_temperature, supervised_loss, warmup_cosine
+from attnzoo.training.common import cosine_temperature, micro_batches, pad_right, supervised_loss, warmup_cosine
 from attnzoo.training.data import Sample
 from attnzoo.training.elastic import Multipliers, gumbel_gate, router_sparsity, train_elastic
 from attnzoo.training.ssa import alignment_losses, set_trainable, train_ssa
@@ -133,6 +133,48 @@ def test_supervised_loss_equals_the_models_own_loss_and_backpropagates():
     assert emb.grad is not None and emb.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="supervise no position"):
         supervised_loss(model, s.input_ids, torch.full_like(labels, -100))
+
+
+def test_supervised_loss_per_row_of_a_right_padded_batch_equals_each_sample_alone():
+    model = _tiny()
+    rows = [(s.input_ids[:, :n], s.labels[:, :n]) for s, n in zip(_samples(3), (160, 131, 97), strict=True)]
+    ids, labels, mask = pad_right(rows)
+    assert ids.shape == (3, 160) and mask.sum(-1).tolist() == [160, 131, 97]
+    got = supervised_loss(model, ids, labels, mask, per_row=True)
+    want = torch.stack([supervised_loss(model, x, y) for x, y in rows])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_micro_batches_pack_by_length_within_the_token_budget():
+    assert micro_batches("abcd", [400, 100, 300, 100], None) == [["a"], ["b"], ["c"], ["d"]]
+    assert micro_batches("abcd", [400, 100, 300, 100], 600) == [["b", "d"], ["c"], ["a"]]
+    assert micro_batches("abcd", [400, 100, 300, 100], 10_000) == [["b", "d", "c", "a"]]
+
+
+def test_elastic_micro_batched_step_equals_one_sample_at_a_time(monkeypatch):
+    """With the Gumbel noise taken out, a step over right-padded micro-batches moves the router
+    exactly as the same step one sample at a time (padding changes nothing a sample sees)."""
+    import attnzoo.training.elastic as el
+
+    def noise_free(z, temperature, generator=None):
+        return el._StraightThrough.apply(torch.softmax(z.float(), -1))
+
+    monkeypatch.setattr(el, "gumbel_gate", noise_free)
+    sparse = {"default": {"selector": {"name": "streaming", "sink": 16, "local": 16, "block_size": 16},
+                          "op": "block_sparse"}}
+    samples = [Sample(s.task_type, s.input_ids[:, :n], s.labels[:, :n])
+               for s, n in zip(_samples(4), (160, 131, 150, 97), strict=True)]
+    runs = {}
+    for tokens in (None, 1000):
+        model = _tiny()
+        router, log = train_elastic(model, samples, sparse=sparse, steps=1, batch=4, lr=1e-2, seed=0,
+                                    progress=False, micro_batch_tokens=tokens)
+        runs[tokens] = (router, log.rows[0])
+    (r1, row1), (r2, row2) = runs[None], runs[1000]
+    for key in ("ce", "penalty", "violation", "expected_violation"):
+        assert row2[key] == pytest.approx(row1[key], rel=1e-4, abs=1e-6), key
+    for a, b in zip(r1.layers.parameters(), r2.layers.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_elastic_five_steps_reduce_penalty_and_save(tmp_path):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import preset_spec
+from ..config import load_config, preset_spec, without_dense_below
 from ..integrations.hf import patch
 from ..stack import DensityMeter, build
 from .memory import peak_memory
@@ -132,7 +132,7 @@ def defaults(device: str, quick: bool = False) -> dict:
 def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick: bool = False,
         max_new_tokens: int | None = None, seed: int = EVAL_SEED, model=None, tok=None, progress: bool = True,
         repeats: int = 1, device: str = "auto", dtype=None, model_spec: str = "embedded", context: int | None = None,
-        checkpoint=None, **templates) -> dict:
+        checkpoint=None, sparse_everywhere: bool = False, **templates) -> dict:
     """Run the comparison; returns the ``results.json`` dict. ``repeats``: prefills timed per prompt
     and preset (the median is reported). ``device``/``dtype``: where and in what precision the
     model runs (auto: CUDA and bf16 when present). ``model_spec``: ``"embedded"``, a ``.gguf``
@@ -140,7 +140,9 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
     model with YaRN to this many tokens (default: the longest default length where that is past
     the model's context; lengths given without a context must fit the model's). ``checkpoint``:
     called with the results so far after each prompt (every preset answered it), so a long run
-    that is stopped keeps what it measured. ``templates``: ``haystack``, ``needle``, ``question``
+    that is stopped keeps what it measured. ``sparse_everywhere``: drop every preset's ``dense_below``
+    switch (``attnzoo.config.without_dense_below``), to measure the methods' accuracy and density
+    at every length rather than the speed-tuned presets. ``templates``: ``haystack``, ``needle``, ``question``
     for the prompts (``attnzoo.eval.niah.make_prompt``)."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
@@ -158,7 +160,9 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
     presets = list(presets)
     if "full" not in presets:
         presets.insert(0, "full")  # the reference for accuracy and speed ratios
-    stacks = {p: build(preset_spec(p)) for p in presets}  # fail on a bad preset before any model work
+    # fail on a bad preset before any model work
+    stacks = {p: build(without_dense_below(load_config(preset_spec(p))) if sparse_everywhere else preset_spec(p))
+              for p in presets}
     if model is None:
         model, tok = load_model(model_spec, dt, device)
     # YaRN where asked (``context``), or where the device's default lengths need it (GPU: 32K)
@@ -180,6 +184,7 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
                          "max_new_tokens": max_new_tokens or dict(MAX_NEW_TOKENS), "seed": seed,
                          "prefill_repeats": repeats, "presets_interleaved": True, "complete": complete,
                          "quick": quick, "per_cell": per_cell, "dtype": str(dt).replace("torch.", ""),
+                         "sparse_everywhere": sparse_everywhere,
                          "yarn_factor": factor, "context": ctx,
                          "model": EMBEDDED_NAME if model_spec == "embedded" else Path(model_spec).name},
             "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),

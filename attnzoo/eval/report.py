@@ -78,6 +78,8 @@ def header(results: dict) -> str:
     device = m.get("device_name") or m.get("device", "cpu")
     ctx = f", YaRN x{s['yarn_factor']}" if s.get("yarn_factor", 1) > 1 else ""
     partial = "" if s.get("complete", True) else " **PARTIAL: the run stopped before its last prompt**;"
+    if s.get("sparse_everywhere"):
+        partial += " presets sparse at every length (--sparse-everywhere: dense_below switches off);"
     return (f"{s['model']} ({s.get('dtype', 'float32')}{ctx}) on {device}; torch {m['torch']}; lengths "
             f"{s['lengths']}, tasks {s['tasks']}, depths {s['depths']}; prefill: median of "
             f"{s.get('prefill_repeats', 1)}, presets interleaved;{partial}")

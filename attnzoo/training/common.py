@@ -24,21 +24,62 @@ def layer_nodes(stack, model) -> list:
     return [stack.node_for(i) for i in range(n)]
 
 
-def supervised_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def supervised_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask=None,
+                    per_row: bool = False) -> torch.Tensor:
     """Mean next-token cross-entropy over the positions ``labels`` supervises (-100 elsewhere),
-    the same value as ``model(input_ids, labels=labels).loss``; where the model takes
-    ``logits_to_keep``, only the logits from the first supervised position on are formed (a 16K
-    prompt with a 10-token answer would otherwise build 16K x vocabulary logits for nothing)."""
+    the same value as ``model(input_ids, labels=labels).loss``; ``per_row``: one mean per batch row
+    ``[B]`` instead. Where the model takes ``logits_to_keep``, only the logits from the first
+    supervised position on are formed (a 16K prompt with a 10-token answer would otherwise build
+    16K x vocabulary logits for nothing)."""
     device = next(model.parameters()).device
     input_ids, labels = input_ids.to(device), labels.to(device)
-    if "logits_to_keep" not in inspect.signature(type(model).forward).parameters:
-        return model(input_ids=input_ids, labels=labels, use_cache=False).loss
+    extra = {} if attention_mask is None else {"attention_mask": attention_mask.to(device)}
     supervised = (labels[:, 1:] != -100).any(0).nonzero()
     if supervised.numel() == 0:
         raise ValueError("labels supervise no position after the first")
-    first = int(supervised[0]) + 1  # the first supervised label; the logit before it predicts it
-    logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=input_ids.shape[1] - first + 1).logits
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, first:].flatten(), ignore_index=-100)
+    first = 1
+    if "logits_to_keep" in inspect.signature(type(model).forward).parameters:
+        first = int(supervised[0]) + 1  # the first supervised label; the logit before it predicts it
+        extra["logits_to_keep"] = input_ids.shape[1] - first + 1
+    logits = model(input_ids=input_ids, use_cache=False, **extra).logits[:, -(input_ids.shape[1] - first + 1):]
+    target = labels[:, first:]
+    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100, reduction="none")
+    counts = (target != -100).sum(-1)
+    if not per_row:
+        return ce.sum() / counts.sum()
+    if bool((counts == 0).any()):
+        raise ValueError("a row of labels supervises no position after the first")
+    return ce.sum(-1) / counts
+
+
+def pad_right(rows, pad_id: int = 0) -> tuple[torch.Tensor, ...]:
+    """``[1, n_i]`` (input_ids, labels) pairs to ``[B, max n]`` tensors padded on the right, with
+    the attention mask (1 = real token). Right padding keeps every real token at its own position,
+    and causal attention never looks right of a token, so real tokens see what they saw alone."""
+    n = max(ids.shape[1] for ids, _ in rows)
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, : x.shape[1]], labels[i, : y.shape[1]], mask[i, : x.shape[1]] = x[0], y[0], 1
+    return ids, labels, mask
+
+
+def micro_batches(items, lengths, max_tokens: int | None) -> list[list]:
+    """``items`` grouped by length (shortest first) into micro-batches whose padded size
+    (rows x longest) stays within ``max_tokens``; ``None``: one item per micro-batch."""
+    if max_tokens is None:
+        return [[x] for x in items]
+    order = sorted(range(len(items)), key=lambda i: lengths[i])
+    groups, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * lengths[i] > max_tokens:
+            groups.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        groups.append(cur)
+    return [[items[i] for i in g] for g in groups]
 
 
 @contextlib.contextmanager

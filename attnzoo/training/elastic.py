@@ -19,7 +19,16 @@ import torch
 from torch import nn
 
 from ..routers.elastic import ElasticRouter
-from .common import RunLog, cosine_temperature, layer_attention, layer_nodes, supervised_loss, warmup_cosine
+from .common import (
+    RunLog,
+    cosine_temperature,
+    layer_attention,
+    layer_nodes,
+    micro_batches,
+    pad_right,
+    supervised_loss,
+    warmup_cosine,
+)
 from .data import TASK_TYPES
 
 DEFAULT_SPARSE = {"default": {"selector": {"name": "streaming", "sink": 64, "local": 256, "block_size": 64},
@@ -72,11 +81,15 @@ class Multipliers(nn.Module):
 def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse=None, full=None,
                   targets: dict | None = None, steps: int = 100, batch: int = 4, lr: float = 5e-4,
                   lambda_lr: float = 1e-3, grad_clip: float = 5.0, seed: int = 0, out_dir=None,
-                  progress: bool = True, max_seconds: float | None = None) -> tuple[ElasticRouter, RunLog]:
+                  progress: bool = True, max_seconds: float | None = None,
+                  micro_batch_tokens: int | None = None) -> tuple[ElasticRouter, RunLog]:
     """Train a router for ``model`` (kept frozen, on its own device); returns (router, run log).
     With ``out_dir``, writes ``router.pt`` (fp16 weights), ``log.jsonl`` and ``training.png``
     there. ``max_seconds``: stop after the step that crosses this wall-clock budget (the schedules
-    still assume ``steps``; the log's last row says where it stopped)."""
+    still assume ``steps``; the log's last row says where it stopped). ``micro_batch_tokens``: run a
+    step's samples in right-padded micro-batches of at most this many tokens (rows x longest)
+    instead of one by one: the same loss terms per sample, fewer and fuller launches (a GPU
+    trains 4K-token samples several times faster four at a time)."""
     from tqdm import tqdm
 
     if not samples:
@@ -139,20 +152,23 @@ def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse
             lam_opt.zero_grad(set_to_none=True)
             rec = {"ce": 0.0, "penalty": 0.0, "violation": 0.0, "expected_violation": 0.0, "loss": 0.0}
             omegas: dict[str, list[float]] = {t: [] for t in targets}
-            for _ in range(batch):
-                s = next_sample()
+            step_samples = [next_sample() for _ in range(batch)]
+            for group in micro_batches(step_samples, [x.n_tokens for x in step_samples], micro_batch_tokens):
                 gates.clear()
                 soft.clear()
-                ce = supervised_loss(model, s.input_ids, s.labels)
-                omega = 1.0 - torch.cat([g.flatten() for g in gates]).mean()
-                pen = lam.penalty(omega, targets[s.task_type], s.task_type)
-                ((ce + pen) / batch).backward()
-                rec["ce"] += float(ce.detach()) / batch
-                rec["penalty"] += float(pen.detach()) / batch
-                rec["violation"] += abs(float(omega.detach()) - targets[s.task_type]) / batch  # |Omega - t|
-                soft_omega = 1.0 - float(torch.cat([p.flatten() for p in soft]).mean())
-                rec["expected_violation"] += abs(soft_omega - targets[s.task_type]) / batch
-                omegas[s.task_type].append(float(omega.detach()))
+                ids, labels, mask = pad_right([(x.input_ids, x.labels) for x in group])
+                ce = supervised_loss(model, ids, labels, mask if len(group) > 1 else None, per_row=True)
+                omega = 1.0 - torch.stack(gates).float().mean((0, 2))  # [rows]: per-sample sparsity
+                soft_omega = 1.0 - torch.stack(soft).mean((0, 2))
+                pens = [lam.penalty(omega[j], targets[x.task_type], x.task_type) for j, x in enumerate(group)]
+                ((ce.sum() + torch.stack(pens).sum()) / batch).backward()
+                for j, x in enumerate(group):
+                    t = targets[x.task_type]
+                    rec["ce"] += float(ce[j].detach()) / batch
+                    rec["penalty"] += float(pens[j].detach()) / batch
+                    rec["violation"] += abs(float(omega[j].detach()) - t) / batch  # |Omega - t|
+                    rec["expected_violation"] += abs(float(soft_omega[j]) - t) / batch
+                    omegas[x.task_type].append(float(omega[j].detach()))
             rec["loss"] = rec["ce"] + rec["penalty"]
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import attnzoo  # noqa: E402
 from attnzoo.cli import installed_version  # noqa: E402
-from attnzoo.config import load_config, preset_names, preset_spec  # noqa: E402
+from attnzoo.config import load_config, preset_names, preset_spec, without_dense_below  # noqa: E402
 from attnzoo.models import extend_context  # noqa: E402
 from attnzoo.stack import CallContext, DensityMeter  # noqa: E402
 
@@ -181,16 +181,6 @@ def routed_paths(stack, num_layers: int, length: int) -> dict:
             for path, n in node.path_choices().get(Routed.length_bucket(length), {}).items():
                 out[path] = out.get(path, 0) + n
     return out
-
-
-def without_dense_below(spec):
-    """A stack config with every ``dense_below`` switch removed: the preset runs its sparse path at
-    every length (to measure what the switch saves or costs)."""
-    if isinstance(spec, dict):
-        return {k: without_dense_below(v) for k, v in spec.items() if k != "dense_below"}
-    if isinstance(spec, list):
-        return [without_dense_below(v) for v in spec]
-    return spec
 
 
 def preset_stacks(presets: list[str], sparse_everywhere: bool = False) -> dict:

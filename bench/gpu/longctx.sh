@@ -3,11 +3,11 @@
 #   part a:  bash bench/gpu/longctx.sh a   (carry .whl/gguf_a .whl/py)  keeps GGUF part 1 in /tmp
 #   part b:  bash bench/gpu/longctx.sh b   (carry .whl/gguf_b .whl/py)  joins it; in parallel:
 #            per-head XAttention thresholds and Token Sparse layers on the YaRN x4 model
-#            (bench/calibrate_presets.py, a density budget picks the recall) and one Elastic router
-#            per sparse mode (bench/train_router.py: xattention, streaming); writes candidate
-#            presets to $OUT/candidates (and /tmp/candidates for part c)
-#   part c:  bash bench/gpu/longctx.sh c [compare args]   `attnzoo compare` (GPU defaults, 45 prompts)
-#            on full and the candidates, every one sparse at every length
+#            (bench/calibrate_presets.py, a density budget picks the recall; with CALIBRATE=1) and
+#            one Elastic router per sparse mode (bench/train_router.py: xattention, streaming);
+#            writes $OUT/train.tgz and the elastic presets with the new routers to /tmp/candidates
+#   part c:  bash bench/gpu/longctx.sh c COMPARE-ARGS   `attnzoo compare` (GPU defaults, 45 prompts),
+#            e.g. --presets full,/tmp/candidates/elastic-fa-xa.yaml [--sparse-everywhere]
 set -uo pipefail
 PART=${1:?usage: longctx.sh a|b|c}; shift
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -34,7 +34,7 @@ ids = torch.randint(0, 128, (1, 2048))
 labels = ids.clone(); labels[:, :-16] = -100
 samples = [Sample("retrieval", ids, labels), Sample("other", ids, labels)]
 for mode, sparse in SPARSE.items():
-    _, log = train_elastic(model, samples, sparse=sparse, steps=2, batch=2, progress=False)
+    _, log = train_elastic(model, samples, sparse=sparse, steps=2, batch=2, progress=False, micro_batch_tokens=4096)
     print(mode, "ok", {k: round(v, 3) for k, v in log.rows[-1].items() if isinstance(v, float)})
 EOF
   exit 0
@@ -44,38 +44,40 @@ if [ "$PART" = b ]; then
   # convert once before the parallel jobs (they would race on the model cache)
   python3 -c "from attnzoo.models import load_model; load_model('$GGUF')" 2>&1 | grep -v Loading
   TRAIN="--model $GGUF --device cuda --context 32768 --lengths 4096 8192 12288 16384 --steps 300 --batch 16
-         --samples 320 --lr 1e-3 --lambda-lr 0.02 --held-out 12 --held-out-length 8192 --max-minutes ${TRAIN_MIN:-6.5}"
-  python3 bench/train_router.py $TRAIN --sparse xattention --out "$OUT/router-xa" > "$OUT/router-xa.log" 2>&1 &
-  python3 bench/train_router.py $TRAIN --sparse streaming --out "$OUT/router-streaming" > "$OUT/router-streaming.log" 2>&1 &
-  python3 bench/calibrate_presets.py --model "$GGUF" --device cuda --context 32768 --lengths 8192 16384 32768 \
-    --target-recall 0.95 0.9 0.8 0.7 0.6 0.5 --max-density 0.3 --token-sparse-dense-below 65536 \
-    --presets-dir "$OUT/candidates" 2>&1 | grep -v "Loading\|calibrating thr" | tee "$OUT/calibrate.log"
+         --samples 320 --lr 1e-3 --lambda-lr 0.02 --held-out 12 --held-out-length 8192 --max-minutes ${TRAIN_MIN:-7.5}
+         --micro-batch-tokens 32768"
+  T=/tmp/train; mkdir -p $T
+  python3 bench/train_router.py $TRAIN --sparse xattention --out $T/router-xa > $T/router-xa.log 2>&1 &
+  python3 bench/train_router.py $TRAIN --sparse streaming --out $T/router-streaming > $T/router-streaming.log 2>&1 &
+  [ -n "${CALIBRATE:-}" ] && python3 bench/calibrate_presets.py --model "$GGUF" --device cuda --context 32768 \
+    --lengths 8192 16384 32768 --target-recall 0.95 0.9 0.8 0.7 0.6 0.5 --max-density 0.3 \
+    --token-sparse-dense-below 65536 --presets-dir "$OUT/candidates" 2>&1 | grep -v "Loading\|calibrating thr" \
+    | tee "$OUT/calibrate.log"
   wait
-  tail -3 "$OUT"/router-*.log
+  for f in $T/router-*.log; do tr '\r' '\n' < $f | grep -v "^$" | tail -2; done
+  # one archive: a call brings back only a handful of files
+  tar czf "$OUT/train.tgz" -C /tmp train && ls -la "$OUT/train.tgz"
+  mkdir -p "$OUT/candidates"
   python3 - "$OUT" <<'EOF'
 import shutil, sys
 from pathlib import Path
 from attnzoo.config import dump_config, load_config
 out = Path(sys.argv[1])
-def strip(x):
-    if isinstance(x, dict):
-        return {k: strip(v) for k, v in x.items() if k != "dense_below"}
-    return [strip(v) for v in x] if isinstance(x, list) else x
-for preset, router in (("elastic-fa-xa", "router-xa"), ("elastic-fa-streaming", "router-streaming")):
-    spec = strip(load_config(f"preset:{preset}"))
-    weights = Path("/tmp/candidates") / f"{router}.pt"
-    if (out / router / "router.pt").is_file():
-        spec["default"]["router"]["weights"] = str(weights)
+# the shipped elastic presets with the routers trained here (router-xa for FA-XA, router-streaming
+# for the two streaming modes); everything else as shipped
+for preset, router in (("elastic-fa-xa", "router-xa"), ("elastic-fa-streaming", "router-streaming"),
+                       ("elastic-xa-streaming", "router-streaming")):
+    spec = load_config(f"preset:{preset}")
+    if Path(f"/tmp/train/{router}/router.pt").is_file():
+        spec["default"]["router"]["weights"] = f"/tmp/candidates/{router}.pt"
     (out / "candidates" / f"{preset}.yaml").write_text(dump_config(spec))
 shutil.rmtree("/tmp/candidates", ignore_errors=True)
 shutil.copytree(out / "candidates", "/tmp/candidates")
 for router in ("router-xa", "router-streaming"):
-    if (out / router / "router.pt").is_file():
-        shutil.copy(out / router / "router.pt", f"/tmp/candidates/{router}.pt")
+    if Path(f"/tmp/train/{router}/router.pt").is_file():
+        shutil.copy(f"/tmp/train/{router}/router.pt", f"/tmp/candidates/{router}.pt")
 print(sorted(p.name for p in Path("/tmp/candidates").iterdir()))
 EOF
   exit 0
 fi
-C=/tmp/candidates
-python3 -m attnzoo.cli compare --model "$GGUF" --out "$OUT/compare" \
-  --presets "full,$C/xattention-calibrated.yaml,$C/elastic-fa-xa.yaml,$C/elastic-fa-streaming.yaml" "$@"
+python3 -m attnzoo.cli compare --model "$GGUF" --out "$OUT/compare" "$@"
