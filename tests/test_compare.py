@@ -185,3 +185,32 @@ def test_compare_accepts_a_stack_yaml(tok, tmp_path):
     assert list(results["presets"]) == ["full", str(path)]
     assert results["presets"][str(path)]["stack"] == "mine"
     assert results["presets"][str(path)]["density"] < 1.0
+
+
+def test_compare_sparse_everywhere_drops_the_dense_below_switch(tok, tmp_path):
+    """A preset whose switch keeps it dense at this length measures density 1.0; with
+    ``sparse_everywhere`` the same preset runs its sparse path (and the header says so)."""
+    from attnzoo.eval.compare import run
+    from attnzoo.eval.report import header
+
+    path = tmp_path / "switched.yaml"
+    path.write_text("name: switched\ndefault:\n  selector: {name: streaming, sink: 64, local: 256}\n"
+                    "  op: block_sparse\n  dense_below: {cpu: 100000}\n")
+    as_shipped = run([str(path)], quick=True, progress=False)
+    everywhere = run([str(path)], quick=True, progress=False, sparse_everywhere=True)
+    assert as_shipped["presets"][str(path)]["density"] == pytest.approx(1.0)
+    assert everywhere["presets"][str(path)]["density"] < 0.9
+    assert everywhere["settings"]["sparse_everywhere"] and "--sparse-everywhere" in header(everywhere)
+    assert "--sparse-everywhere" not in header(as_shipped)
+
+
+def test_without_dense_below_removes_every_switch_and_nothing_else():
+    from attnzoo.config import load_config, without_dense_below
+
+    spec = load_config("preset:elastic-fa-xa")
+    assert "dense_below" in spec["default"]
+    got = without_dense_below(spec)
+    assert "dense_below" not in got["default"] and got["default"]["router"] == spec["default"]["router"]
+    assert "dense_below" in spec["default"], "the input is not changed"
+    nested = {"layers": {"0-1": {"op": "dense"}, "2": [{"dense_below": 5, "op": "x"}]}, "dense_below": 1}
+    assert without_dense_below(nested) == {"layers": {"0-1": {"op": "dense"}, "2": [{"op": "x"}]}}
