@@ -81,6 +81,9 @@ def head_thresholds(w, exact, target_recall: float, q_len: int, kv_len: int, blo
     return tau.clamp(min=1e-3, max=1.0)
 
 
+AGGREGATES = {"max": lambda t: t.amax(0), "median": lambda t: t.median(0).values, "mean": lambda t: t.mean(0)}
+
+
 @torch.no_grad()
 def calibrate_thresholds(model, calibration_inputs, *, stride: int = 8, block_size: int = 128,
                          target_recall: float = 0.9, progress: bool = False) -> dict:
@@ -96,11 +99,15 @@ def calibrate_thresholds(model, calibration_inputs, *, stride: int = 8, block_si
 
 @torch.no_grad()
 def calibrate_threshold_sweep(model, calibration_inputs, target_recalls, *, stride: int = 8,
-                              block_size: int = 128, progress: bool = False) -> list[dict]:
+                              block_size: int = 128, progress: bool = False, aggregate: str = "max") -> list[dict]:
     """``calibrate_thresholds`` for several target recalls at the cost of one: each text's scores
     and exact block masses are computed once and reduced for every recall. Returns one result per
     recall, in the order given (a density budget then picks among them: see
-    ``bench/calibrate_presets.py --max-density``)."""
+    ``bench/calibrate_presets.py --max-density``). ``aggregate``: how a head's per-text taus
+    combine: ``max`` (the authors': every calibration text keeps its recall), ``median`` or
+    ``mean`` (one text whose attention is unusually spread does not make the head dense)."""
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {sorted(AGGREGATES)}, got {aggregate!r}")
     from .integrations.hf import capture_qk
 
     recalls = tuple(float(r) for r in target_recalls)
@@ -111,7 +118,7 @@ def calibrate_threshold_sweep(model, calibration_inputs, target_recalls, *, stri
             raise ValueError(f"target_recall must lie in (0, 1], got {r}")
     scorer = XAttention(threshold=1.0, stride=stride, block_size=block_size,
                         chunk_size=max(block_size, 2048 // block_size * block_size))
-    best: list[dict[int, torch.Tensor]] = [{} for _ in recalls]
+    per_text: list[dict[int, list[torch.Tensor]]] = [{} for _ in recalls]
     items = list(calibration_inputs)
     if not items:
         raise ValueError("calibration_inputs is empty")
@@ -127,14 +134,17 @@ def calibrate_threshold_sweep(model, calibration_inputs, target_recalls, *, stri
         for layer, (q, k) in capture_qk(model, **inputs).items():
             w = torch.cat([w for _, _, w in scorer.block_scores(q, k, Context(key_padding_mask=kpm))], 2)
             exact = exact_block_mass(q, k, block_size, kpm)
-            for r, found in zip(recalls, best, strict=True):
-                tau = head_thresholds(w, exact, r, q.shape[2], k.shape[2], block_size).amax(0)
-                found[layer] = tau if layer not in found else torch.maximum(found[layer], tau)
+            for r, found in zip(recalls, per_text, strict=True):
+                tau = head_thresholds(w, exact, r, q.shape[2], k.shape[2], block_size)  # [B, H]
+                found.setdefault(layer, []).extend(tau.unbind(0))
+    reduce = AGGREGATES[aggregate]
+    best = [{layer: reduce(torch.stack(taus)) for layer, taus in found.items()} for found in per_text]
     return [{
         "method": "xattention_thresholds",
         "stride": stride,
         "block_size": block_size,
         "target_recall": r,
+        "aggregate": aggregate,
         "thresholds": {int(layer): [round(float(t), 6) for t in tau] for layer, tau in sorted(found.items())},
     } for r, found in zip(recalls, best, strict=True)]
 

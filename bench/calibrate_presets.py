@@ -55,7 +55,8 @@ def xattention_preset(taus: dict, dense_layers: tuple[int, int], dense_below: in
         node["dense_below"] = {"cuda": dense_below}
     return {"name": "xattention-calibrated",
             "description": f"XAttention with per-layer, per-head thresholds calibrated on SmolLM2 to attention "
-                           f"recall {taus['target_recall']} ({about}; bench/calibrate_presets.py); layers {lo}-{hi} "
+                           f"recall {taus['target_recall']} ({taus.get('aggregate', 'max')} over texts; {about}; "
+                           f"bench/calibrate_presets.py); layers {lo}-{hi} "
                            f"dense." + (f" On CUDA below {dense_below} keys it runs dense attention." if dense_below
                                         else ""),
             "default": {"op": "dense"},
@@ -85,6 +86,8 @@ def main(argv=None) -> int:
                     help="one recall, or candidates for --max-density to choose among")
     ap.add_argument("--max-density", type=float, help="ship the highest recall whose held-out density is at "
                     "most this (needs no more than one candidate otherwise)")
+    ap.add_argument("--aggregate", default="max", choices=["max", "median", "mean"],
+                    help="how a head's per-text taus combine (max: the authors')")
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--stride", type=int, default=8)
     ap.add_argument("--dense-layers", default="0-1")
@@ -103,7 +106,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     prompts = suite(tok, lengths=tuple(args.lengths), depths=(0.2, 0.6), seed=CAL_SEED, offset=CAL_OFFSET)
     sweep = calibrate_threshold_sweep(model, [p.input_ids.to(device) for p in prompts], args.target_recall,
-                                      stride=args.stride, block_size=args.block_size, progress=True)
+                                      stride=args.stride, block_size=args.block_size, progress=True,
+                                      aggregate=args.aggregate)
     dense_layers = tuple(int(x) for x in args.dense_layers.split("-"))
     chosen = sweep[0]
     if args.max_density is not None:

@@ -98,6 +98,18 @@ def test_threshold_sweep_equals_one_calibration_per_recall(tiny_llama):
     assert sweep[0] != sweep[1]  # the recalls really differ on these texts
     with pytest.raises(ValueError, match="target_recalls is empty"):
         calibrate_threshold_sweep(tiny_llama, texts, ())
+    # per-text taus combine by max (the authors'), median or mean: never above the max
+    texts3 = texts + [torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(9))]
+    by = {a: calibrate_threshold_sweep(tiny_llama, texts3, (0.9,), stride=4, block_size=16, aggregate=a)[0]
+          for a in ("max", "median", "mean")}
+    assert by["max"]["aggregate"] == "max" and by["mean"]["aggregate"] == "mean"
+    for layer in range(3):
+        hi = by["max"]["thresholds"][layer]
+        for a in ("median", "mean"):
+            assert all(x <= y + 1e-9 for x, y in zip(by[a]["thresholds"][layer], hi, strict=True)), a
+    assert by["mean"]["thresholds"] != by["max"]["thresholds"], "the texts must disagree somewhere"
+    with pytest.raises(ValueError, match="aggregate must be one of"):
+        calibrate_threshold_sweep(tiny_llama, texts, (0.9,), aggregate="min")
 
 
 def test_choose_sparse_layers(tiny_llama, tmp_path):

@@ -6,6 +6,8 @@
 #            (bench/calibrate_presets.py, a density budget picks the recall; with CALIBRATE=1) and
 #            one Elastic router per sparse mode (bench/train_router.py: xattention, streaming);
 #            writes $OUT/train.tgz and the elastic presets with the new routers to /tmp/candidates
+#   part cal: bash bench/gpu/longctx.sh cal  (carry .whl/gguf_b .whl/py)  instead of b: thresholds with the
+#            per-text taus combined by median and by mean (AGGREGATES), presets in /tmp/cal-AGG
 #   part c:  bash bench/gpu/longctx.sh c COMPARE-ARGS   `attnzoo compare` (GPU defaults, 45 prompts),
 #            e.g. --presets full,/tmp/candidates/elastic-fa-xa.yaml [--sparse-everywhere]
 set -uo pipefail
@@ -37,6 +39,21 @@ for mode, sparse in SPARSE.items():
     _, log = train_elastic(model, samples, sparse=sparse, steps=2, batch=2, progress=False, micro_batch_tokens=4096)
     print(mode, "ok", {k: round(v, 3) for k, v in log.rows[-1].items() if isinstance(v, float)})
 EOF
+  exit 0
+fi
+if [ "$PART" = cal ]; then  # thresholds per aggregation over texts, in parallel (after part a, instead of b)
+  [ -f "$GGUF" ] || cat /tmp/gguf.part.aa .whl/gguf_b/gguf.part.ab > "$GGUF"
+  python3 -c "from attnzoo.models import load_model; load_model('$GGUF')" 2>&1 | grep -v "Loading\|Convert\|Writing"
+  for AGG in ${AGGREGATES:-median mean}; do
+    ( python3 bench/calibrate_presets.py --model "$GGUF" --device cuda --context 32768 --lengths 8192 16384 32768 \
+        --target-recall 0.95 0.9 0.8 0.7 0.6 0.5 --max-density 0.3 --aggregate $AGG --presets-dir /tmp/cal-$AGG 2>&1 \
+        | grep -v "Loading\|calibrating thr" > "$OUT/calibrate-$AGG.log"
+      sed -i "s/^name: xattention-calibrated$/name: xattention-calibrated-$AGG/" /tmp/cal-$AGG/xattention-calibrated.yaml
+      cp /tmp/cal-$AGG/xattention-calibrated.yaml "$OUT/xattention-calibrated-$AGG.yaml"
+      cp /tmp/cal-$AGG/calibration/smollm2-xattention-thresholds.yaml "$OUT/thresholds-$AGG.yaml" ) &
+  done
+  wait
+  tail -n 4 "$OUT"/calibrate-*.log
   exit 0
 fi
 if [ "$PART" = b ]; then
