@@ -35,7 +35,8 @@ DEFAULT_PRESETS = ("full", "xattention", "xattention-calibrated", "streaming", "
                    "elastic-fa-xa", "elastic-fa-streaming", "elastic-xa-streaming")
 # a prompt full attention answers (fp32 CPU; at depth 0.5 it talks past the 32-token budget)
 QUICK = {"lengths": (1024,), "tasks": ("single",), "depths": (0.3,)}
-# all twelve shipped presets took 10-11 minutes on 2 CPU cores (model cached); widen with --lengths/--tasks/--depths
+# all twelve shipped presets took 10-12 minutes on 2 CPU cores (model cached: 9 min 58 s, 11 min 34 s);
+# widen with --lengths/--tasks/--depths
 FULL = {"lengths": (2048, 3072), "tasks": ("single", "multikey"), "depths": (0.1, 0.5, 0.9)}
 # every (length, task, depth) cell: 3 x 3 x 5 = 45 prompts per preset
 GPU = {"lengths": (8192, 16384, 32768), "tasks": ("single", "multikey", "multivalue"),

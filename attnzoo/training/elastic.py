@@ -90,7 +90,8 @@ def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse
     step's samples in right-padded micro-batches of at most this many tokens (rows x longest)
     instead of one by one: the same loss terms per sample in fewer, larger launches. Whether that is
     faster depends on where the step is bound: on an H100 at 4K-16K tokens it was slower (8-10 s
-    per 16-sample step against 5-6 s one by one, bench/results/longctx-gpu-2026-11-25)."""
+    per 16-sample step against 5-6 s one by one, two routers sharing the GPU in both runs;
+    bench/results/longctx-gpu-2026-11-25)."""
     from tqdm import tqdm
 
     if not samples:
