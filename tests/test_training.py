@@ -140,6 +140,8 @@ def test_supervised_loss_per_row_of_a_right_padded_batch_equals_each_sample_alon
     rows = [(s.input_ids[:, :n], s.labels[:, :n]) for s, n in zip(_samples(3), (160, 131, 97), strict=True)]
     ids, labels, mask = pad_right(rows)
     assert ids.shape == (3, 160) and mask.sum(-1).tolist() == [160, 131, 97]
+    with pytest.raises(ValueError, match=r"\[1, n\] input_ids"):  # a second row would be dropped silently
+        pad_right([(ids[:2], labels[:2])])
     got = supervised_loss(model, ids, labels, mask, per_row=True)
     want = torch.stack([supervised_loss(model, x, y) for x, y in rows])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

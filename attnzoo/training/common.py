@@ -56,6 +56,10 @@ def pad_right(rows, pad_id: int = 0) -> tuple[torch.Tensor, ...]:
     """``[1, n_i]`` (input_ids, labels) pairs to ``[B, max n]`` tensors padded on the right, with
     the attention mask (1 = real token). Right padding keeps every real token at its own position,
     and causal attention never looks right of a token, so real tokens see what they saw alone."""
+    for x, y in rows:
+        if x.ndim != 2 or x.shape[0] != 1 or y.shape != x.shape:
+            raise ValueError(f"pad_right takes [1, n] input_ids with labels of the same shape, got "
+                             f"{tuple(x.shape)} and {tuple(y.shape)}")
     n = max(ids.shape[1] for ids, _ in rows)
     ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), n), -100, dtype=torch.long)
