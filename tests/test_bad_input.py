@@ -183,3 +183,22 @@ def test_misspelled_op_in_attnzoo_backend_is_an_error(monkeypatch):
     q, k, v = _qkv()
     with pytest.raises(ValueError, match=r"ATTNZOO_BACKEND names op 'blocksparse'.*did you mean 'block_sparse'"):
         ops.dense(q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_is_exact(dtype):
+    """The one-sum NaN/Inf scan: one bad element anywhere is found, and finite values whose sum
+    overflows (the fast path's only false alarm) are still accepted through the exact scan."""
+    from attnzoo.ops._checks import all_finite
+
+    big = torch.finfo(dtype).max
+    x = torch.randn(2, 3, 17, 8).to(dtype)
+    assert all_finite(x)
+    assert all_finite(torch.full((4, 1000), big, dtype=dtype))  # sum overflows, every value finite
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[1, 2, 16, 7] = bad
+        assert not all_finite(y), bad
+    z = x.clone()
+    z[0, 0, 0, 0], z[1, 1, 1, 1] = float("inf"), -float("inf")  # the sum is NaN, not a cancellation
+    assert not all_finite(z)

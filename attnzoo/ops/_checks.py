@@ -65,8 +65,20 @@ def check_qkv(q, k, v, *, causal: bool = True, key_padding_mask=None, scale=None
             raise ValueError(f"scale must be a finite positive float, got {scale}")
     if _finite_check_enabled(q.device):
         for name, t in (("q", q), ("k", k), ("v", v)):
-            if not torch.isfinite(t).all():
+            if not all_finite(t):
                 raise ValueError(f"{name} contains NaN or Inf (ATTNZOO_CHECK_VALUES=0 skips this check)")
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN or Inf. One sum decides almost always: a NaN or an Inf anywhere
+    makes the sum NaN or Inf, so a finite sum proves the tensor finite. Only a non-finite sum (a NaN
+    or Inf, or finite values whose sum overflowed) pays for the exact scan. On the 2-core CPU,
+    [1, 9, 3072, 64] fp32: 0.2 ms against 5 ms for ``torch.isfinite(t).all()``, which
+    materialises a bool tensor through several ops and was a third of an XAttention selector call."""
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(t.sum(dtype=acc))):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def default_scale(q: torch.Tensor, scale) -> float:

@@ -34,6 +34,7 @@ class BlockLayout:
         self.r = Hq // self.Hp  # query heads served by one plan head
         self.bq, self.bk = plan.block_q, plan.block_k
         self.Nqb = plan.num_q_blocks
+        self.Nkb = cdiv(Nk, self.bk)
         self.offset = plan.offset
         self.causal = plan.causal
         self.indices = plan.kv_indices.reshape(B * self.Hp * self.Nqb, -1)
@@ -85,14 +86,8 @@ class BlockLayout:
         blk = self.indices[rows, :kmax].long()
         slot_ok = torch.arange(kmax, device=self.device) < self.counts[rows, None]
         blk = torch.where(slot_ok, blk, 0)
-        tok = (blk[..., None] * self.bk + torch.arange(self.bk, device=self.device)).flatten(-2)
-        ok = slot_ok.repeat_interleave(self.bk, dim=-1) & (tok < self.Nk)
-        if key_padding_mask is not None:
-            b = self.split(rows)[0]
-            ok = ok & key_padding_mask[b[:, None], tok.clamp(max=self.Nk - 1)]
-            first = 0
-        else:
-            first = self._first_masked_slot(rows, blk, slot_ok)
+        tok, ok = self._key_ok(rows, blk, slot_ok, key_padding_mask)
+        first = 0 if key_padding_mask is not None else self._first_masked_slot(rows, blk, slot_ok)
         return blk, torch.where(ok, tok, self.BIG), first
 
     def _first_masked_slot(self, rows, blk, slot_ok) -> int:
@@ -120,17 +115,55 @@ class BlockLayout:
         return tok_eff[:, None, :] > qpos[:, :, None]
 
     def gather(self, x_blocks, rows, blk):
-        """Key blocks of ``x_blocks`` ``[B, Hkv, Nkb, bk, D]`` for each row: ``[C, L, D]``."""
+        """Key blocks of ``x_blocks`` ``[B, Hkv, Nkb, bk, D]`` (``kv_blocks``) for each row:
+        ``[C, L, D]``. One ``index_select`` of whole blocks (contiguous bk x D copies): advanced
+        indexing with three index tensors gathered element by element, ~2 GB/s on the 2-core CPU,
+        and was a third of the forward."""
         b, _, kvh, _ = self.split(rows)
-        return x_blocks[b[:, None], kvh[:, None], blk].flatten(1, 2)
+        flat = ((b * self.Hkv + kvh) * self.Nkb)[:, None] + blk
+        return x_blocks.view(-1, self.bk, self.D).index_select(0, flat.reshape(-1)).view(len(rows), -1, self.D)
 
     def kv_blocks(self, x):
-        """``[B, Hkv, Nk, D]`` -> ``[B, Hkv, Nkb, bk, D]`` (one O(N) pad when Nk % bk != 0)."""
-        nkb = cdiv(self.Nk, self.bk)
-        pad = nkb * self.bk - self.Nk
+        """``[B, Hkv, Nk, D]`` -> ``[B, Hkv, Nkb, bk, D]``, contiguous (one O(N) pad when
+        Nk % bk != 0, one O(N) copy when ``x`` is a strided view)."""
+        pad = self.Nkb * self.bk - self.Nk
         if pad:
             x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-        return x.reshape(x.shape[0], x.shape[1], nkb, self.bk, x.shape[3])
+        return x.reshape(x.shape[0], x.shape[1], self.Nkb, self.bk, x.shape[3]).contiguous()
+
+    def open_and_edge(self, rows, kmax, key_padding_mask):
+        """Each row's selected slots split in two, for kernels that take a mask per key but not
+        cheaply one per (query, key): *open* slots, whose keys every query of the row may see
+        (up to key-level exclusions: empty slot, past Nk, padding), and *edge* slots, which cross
+        the causal diagonal (the last one or two of a row: indices ascend). Returns
+        ``(open_blk [C, Ko], open_ok [C, Ko*bk] bool)`` and ``(edge_blk [C, Ke], edge_tok
+        [C, Ke*bk])`` with ``edge_tok`` as in ``keys`` (unusable keys at ``BIG``, for ``masked``)."""
+        cnt = self.counts[rows]
+        blk = self.indices[rows, :kmax].long()
+        slot = torch.arange(kmax, device=self.device)
+        slot_ok = slot < cnt[:, None]
+        if self.causal:
+            first_row = self.split(rows)[3][:, None] * self.bq + self.offset
+            n_open = (slot_ok & ((blk + 1) * self.bk - 1 <= first_row)).sum(-1)
+        else:
+            n_open = cnt
+        ko, ke = int(n_open.max()), int((cnt - n_open).max())
+        open_blk = torch.where(slot_ok[:, :ko], blk[:, :ko], 0)
+        open_ok = self._key_ok(rows, open_blk, slot[:ko] < n_open[:, None], key_padding_mask)[1]
+        j = n_open[:, None] + slot[:ke]
+        edge_slot_ok = j < cnt[:, None]
+        edge_blk = torch.where(edge_slot_ok, blk.gather(1, j.clamp(max=max(kmax - 1, 0))), 0)
+        tok, ok = self._key_ok(rows, edge_blk, edge_slot_ok, key_padding_mask)
+        return (open_blk, open_ok), (edge_blk, torch.where(ok, tok, self.BIG))
+
+    def _key_ok(self, rows, blk, slot_ok, key_padding_mask):
+        """Token positions ``[C, L]`` of the slots' keys and whether each is a real key."""
+        tok = (blk[..., None] * self.bk + torch.arange(self.bk, device=self.device)).flatten(-2)
+        ok = slot_ok.repeat_interleave(self.bk, dim=-1) & (tok < self.Nk)
+        if key_padding_mask is not None:
+            b = self.split(rows)[0]
+            ok = ok & key_padding_mask[b[:, None], tok.clamp(max=self.Nk - 1)]
+        return tok, ok
 
     def _by_row(self, x):
         """``[B, Hq, Nq_pad, ...]`` viewed as ``[B, Hp, r, Nqb, bq, ...]``."""

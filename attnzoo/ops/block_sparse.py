@@ -4,10 +4,10 @@ Backends here (the Triton and FlashInfer kernels register from ``attnzoo.ops.ker
 
 - ``blocked``: portable torch. Rows of (batch element, plan head, query block) are processed in
   chunks (``ops.block_layout``); for each chunk only the selected key blocks are gathered (per
-  plan head, straight from the KV head that serves it, so K/V are never repeated to Hq), scores
-  are computed for those blocks only, and the output and lse are written. Backward is a
-  flash-style recomputation from (q, k, v, out, lse) chunk by chunk, so saved state is O(N), not
-  O(computed pairs).
+  plan head, straight from the KV head that serves it, so K/V are never repeated to Hq), and
+  attention runs over those blocks only: on a CPU through aten's fused flash kernel (scores never
+  materialised), elsewhere as fp32 torch math. Backward is a flash-style recomputation from
+  (q, k, v, out, lse) chunk by chunk, so saved state is O(N), not O(computed pairs).
 - ``flex``: ``torch.compile(flex_attention)`` with a BlockMask built straight from the plan's
   indices. On CPU PyTorch supports it for inference only and without lse; dispatch says so.
 """
@@ -25,6 +25,7 @@ from ..settings import value_checks
 from ._checks import check_qkv, default_scale
 from .block_layout import BlockLayout
 from .dispatch import Backend, choose, make_request, register_backend
+from .merge import merge_attention
 
 
 def _scores(qb, kg, scale, lay, rows, tok, first_slot):
@@ -64,6 +65,56 @@ def _forward(q, k, v, lay: BlockLayout, key_padding_mask, scale):
     return out[:, :, : lay.Nq].to(q.dtype), lse[:, :, : lay.Nq]
 
 
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _flash_part(qb, kg, vg, allow, scale):
+    """aten's fused CPU flash kernel over one chunk's gathered keys: ``qb`` ``[C, M, D]``, ``kg``/
+    ``vg`` ``[C, L, D]``, ``allow`` ``None`` or bool broadcastable to ``[C, M, L]``. Returns out
+    ``[C, M, D]`` and lse ``[C, M]`` (fp32; -inf where a query saw no key: the kernel says 0)."""
+    bias = None
+    if allow is not None:
+        bias = torch.zeros((), dtype=qb.dtype, device=qb.device).masked_fill(~allow, float("-inf"))[:, None]
+    o, lse = _FLASH_CPU(qb[:, None], kg[:, None], vg[:, None], 0.0, False, attn_mask=bias, scale=scale)
+    o, lse = o[:, 0], lse[:, 0]
+    if allow is not None:
+        lse = lse.masked_fill(~allow.any(-1).expand(lse.shape), float("-inf"))
+    return o, lse
+
+
+def _forward_flash_cpu(q, k, v, lay: BlockLayout, key_padding_mask, scale):
+    """The forward on a CPU through aten's fused flash kernel, chunk by chunk over gathered key
+    blocks, in the input dtype (the kernel accumulates in fp32), never materialising scores. The
+    kernel takes an additive mask, which it reads at full size: a per-(query, key) mask over all
+    of a chunk's keys cost as much as the kernel itself. So each row's *open* slots (every query
+    may see every key) take a per-key mask broadcast over queries, or none, and only its *edge*
+    slots (crossing the causal diagonal: one or two blocks) a full one; the two parts merge by lse.
+    Same outputs as ``_forward`` to rounding (tests/test_ops_backends.py). Op-level times:
+    ``bench/results/cpu-ops.md`` (16K, density 0.1: 0.58 s against 0.87 s for the fp32 path and
+    2.5 s for dense). The kernel is least efficient with few queries per row: 64 (block 64, plan
+    per query head) ran at ~74 GFLOP/s, 128 or more at ~120, dense causal SDPA at ~116."""
+    qp = lay.pad_q(q)
+    kb, vb = lay.kv_blocks(k), lay.kv_blocks(v)
+    out = torch.zeros(lay.B, lay.Hq, lay.Nqb * lay.bq, lay.D, dtype=q.dtype, device=q.device)
+    lse = torch.full((lay.B, lay.Hq, lay.Nqb * lay.bq), float("-inf"), device=q.device)
+    for rows, kmax in lay.chunks():
+        if kmax == 0:
+            continue
+        (open_blk, open_ok), (edge_blk, edge_tok) = lay.open_and_edge(rows, kmax, key_padding_mask)
+        qb = lay.q_rows(qp, rows)
+        parts = []
+        if open_blk.shape[1]:
+            allow = None if bool(open_ok.all()) else open_ok[:, None, :]
+            parts.append(_flash_part(qb, lay.gather(kb, rows, open_blk), lay.gather(vb, rows, open_blk), allow, scale))
+        if edge_blk.shape[1]:
+            allow = ~lay.masked(rows, edge_tok)
+            parts.append(_flash_part(qb, lay.gather(kb, rows, edge_blk), lay.gather(vb, rows, edge_blk), allow, scale))
+        o_c, l_c = parts[0] if len(parts) == 1 else merge_attention(*parts[0], *parts[1])
+        lay.put_rows(out, o_c, rows)
+        lay.put_rows(lse, l_c, rows)
+    return out[:, :, : lay.Nq], lse[:, :, : lay.Nq]
+
+
 def _backward(q, k, v, out, lse, dout, dlse, lay: BlockLayout, key_padding_mask, scale):
     qp = lay.pad_q(q)
     dop = lay.pad_q(dout.float())
@@ -100,7 +151,8 @@ def _backward(q, k, v, out, lse, dout, dlse, lay: BlockLayout, key_padding_mask,
 class _BlockedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, lay, key_padding_mask, scale):
-        out, lse = _forward(q, k, v, lay, key_padding_mask, scale)
+        fwd = _forward_flash_cpu if q.device.type == "cpu" else _forward
+        out, lse = fwd(q, k, v, lay, key_padding_mask, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.lay, ctx.kpm, ctx.scale = lay, key_padding_mask, scale
         return out, lse
@@ -199,10 +251,12 @@ def _flex_unavailable_now() -> str | None:
 
 
 # Where compiled flex beats the blocked backend on CPU, from bench/test_ops_bench.py on the 2-core
-# development machine (four runs, bench/results/cpu-ops.md): below ~4K keys the one-off compile
-# (~10 s per process) is not amortised; above 8K keys and above density ~0.3 blocked was faster.
+# development machine (bench/results/cpu-ops.md): below ~4K keys the one-off compile (~10 s per
+# process) is not amortised; above 8K keys blocked was faster. Since blocked's CPU forward runs
+# aten's flash kernel, it also won at density 0.25 (4K / 8K: 0.072 / 0.270 s vs flex 0.132 /
+# 0.365 s); flex still led at 0.1 (0.038 / 0.137 s vs 0.054 / 0.146 s).
 FLEX_MAX_LEN = 8192
-FLEX_MAX_DENSITY = 0.3
+FLEX_MAX_DENSITY = 0.15
 
 
 def flex_min_len() -> int:
@@ -242,7 +296,7 @@ BLOCKED = register_backend(Backend(
     op="block_sparse", name="blocked", fn=_blocked, devices=("cpu", "cuda"),
     dtypes=(torch.float32, torch.float16, torch.bfloat16), plan_kinds=("block",),
     backward=True, lse=True,
-    description="torch gather of selected key blocks, fp32 math, recompute backward"))
+    description="gathered key blocks: CPU aten flash kernel, else fp32 torch math; recompute backward"))
 
 
 def block_sparse(q, k, v, plan: BlockPlan, *, key_padding_mask=None, scale=None,
