@@ -35,7 +35,7 @@ DEFAULT_PRESETS = ("full", "xattention", "xattention-calibrated", "streaming", "
                    "elastic-fa-xa", "elastic-fa-streaming", "elastic-xa-streaming")
 # a prompt full attention answers (fp32 CPU; at depth 0.5 it talks past the 32-token budget)
 QUICK = {"lengths": (1024,), "tasks": ("single",), "depths": (0.3,)}
-# all twelve shipped presets took 10-12 minutes on 2 CPU cores (model cached: 9 min 58 s, 11 min 34 s);
+# all twelve shipped presets took 10-12 minutes on 2 CPU cores (model cached: 9 min 58 s, 11 min 34 s, 10 min 43 s);
 # widen with --lengths/--tasks/--depths
 FULL = {"lengths": (2048, 3072), "tasks": ("single", "multikey"), "depths": (0.1, 0.5, 0.9)}
 # every (length, task, depth) cell: 3 x 3 x 5 = 45 prompts per preset
