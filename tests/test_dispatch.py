@@ -40,6 +40,21 @@ def test_first_fit_prefers_flex_where_it_measured_faster():
     assert dispatch.choose(_req(kv_len=1000, q_len=1000)).name == "blocked"
 
 
+def test_flex_bound_follows_the_plan_row_size():
+    """Blocked's CPU forward is slow on rows of few queries (a plan per query head, block 64), so
+    flex takes those up to density 0.35 at 4K-6K keys; rows of a KV head's 4 x 64 queries only up
+    to 0.15, and so does everything at 8K (bench/results/cpu-flex-vs-blocked.md)."""
+    per_q = dict(plan_heads=8, block_size=(64, 64), kv_len=4096, q_len=4096)
+    per_kv = dict(per_q, plan_heads=2)
+    assert dispatch.choose(_req(plan_density=0.3, **per_q)).name == "flex"
+    assert dispatch.choose(_req(plan_density=0.4, **per_q)).name == "blocked"
+    assert dispatch.choose(_req(plan_density=0.3, **per_kv)).name == "blocked"
+    assert dispatch.choose(_req(plan_density=0.1, **per_kv)).name == "flex"
+    assert dispatch.choose(_req(plan_density=0.3, **{**per_q, "kv_len": 8192, "q_len": 8192})).name == "blocked"
+    reason = dict(dispatch.explain(_req(plan_density=0.3, **per_kv)))["flex"]
+    assert "rows of 256 queries" in reason, reason
+
+
 def test_reasons_name_every_backend():
     reasons = dict(dispatch.explain(_req(needs_grad=True, dtype=torch.float16)))
     assert reasons["flex"].startswith("dtype") and reasons["blocked"] is None

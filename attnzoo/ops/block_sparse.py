@@ -250,13 +250,18 @@ def _flex_unavailable_now() -> str | None:
     return reason
 
 
-# Where compiled flex beats the blocked backend on CPU, from bench/test_ops_bench.py on the 2-core
-# development machine (bench/results/cpu-ops.md): below ~4K keys the one-off compile (~10 s per
-# process) is not amortised; above 8K keys blocked was faster. Since blocked's CPU forward runs
-# aten's flash kernel, it also won at density 0.25 (4K / 8K: 0.072 / 0.270 s vs flex 0.132 /
-# 0.365 s); flex still led at 0.1 (0.038 / 0.137 s vs 0.054 / 0.146 s).
+# Where compiled flex beats the blocked backend on CPU, from the 2-core development machine. Below
+# ~4K keys the one-off compile (~10-14 s per process) is not amortised; above 8K keys blocked was
+# faster (bench/results/cpu-ops.md). Between, it depends on how many queries a plan row holds, since
+# blocked's CPU forward runs aten's flash kernel per row and that kernel is slow with few queries
+# (bench/results/cpu-flex-vs-blocked.md, two runs): with rows of 64 queries (a plan per query head,
+# XAttention's default) flex was 1.16-1.60x faster at 4K up to density 0.35, 0.84-1.25x at 8K; with
+# rows of 256 (per KV head) 1.20-1.36x at density 0.1 and 4K, and slower or even elsewhere.
 FLEX_MAX_LEN = 8192
-FLEX_MAX_DENSITY = 0.15
+FLEX_MAX_DENSITY = 0.15  # any row size, up to FLEX_MAX_LEN keys
+FLEX_SMALL_ROWS = 64  # rows of at most this many queries ...
+FLEX_SMALL_ROWS_MAX_LEN = 6144  # ... up to this many keys ...
+FLEX_SMALL_ROWS_MAX_DENSITY = 0.35  # ... take flex up to this density
 
 
 def flex_min_len() -> int:
@@ -268,8 +273,13 @@ def _flex_preference(req):
         return f"kv_len {req.kv_len} < {flex_min_len()}: compile cost not amortised (ATTNZOO_FLEX_MIN_LEN)"
     if req.kv_len > FLEX_MAX_LEN:
         return f"kv_len {req.kv_len} > {FLEX_MAX_LEN}: blocked measured faster on CPU"
-    if req.plan_density is not None and req.plan_density > FLEX_MAX_DENSITY:
-        return f"plan density {req.plan_density:.2f} > {FLEX_MAX_DENSITY}: blocked measured faster on CPU"
+    if req.plan_density is None:
+        return None
+    row = (req.q_heads // max(req.plan_heads, 1)) * (req.block_size[0] if req.block_size else 0)
+    small = 0 < row <= FLEX_SMALL_ROWS and req.kv_len <= FLEX_SMALL_ROWS_MAX_LEN
+    limit = FLEX_SMALL_ROWS_MAX_DENSITY if small else FLEX_MAX_DENSITY
+    if req.plan_density > limit:
+        return f"plan density {req.plan_density:.2f} > {limit} (rows of {row} queries): blocked measured faster on CPU"
     return None
 
 
