@@ -41,28 +41,39 @@ def _probs_(s, lse):
     return s.sub_(torch.where(torch.isinf(lse), 0.0, lse)[..., None]).exp_()
 
 
-def _forward(q, k, v, lay: BlockLayout, key_padding_mask, scale):
+def _rows_forward(q, k, v, lay: BlockLayout, key_padding_mask, scale, attend, out_dtype):
+    """The frame both forwards share: pad q, view K/V as blocks, walk the layout's chunks and write
+    each chunk's ``attend(qp, kb, vb, lay, rows, kmax, key_padding_mask, scale) -> (out, lse)``."""
     qp = lay.pad_q(q)
     kb, vb = lay.kv_blocks(k), lay.kv_blocks(v)
-    out = torch.zeros(lay.B, lay.Hq, lay.Nqb * lay.bq, lay.D, dtype=torch.float32, device=q.device)
+    out = torch.zeros(lay.B, lay.Hq, lay.Nqb * lay.bq, lay.D, dtype=out_dtype, device=q.device)
     lse = torch.full((lay.B, lay.Hq, lay.Nqb * lay.bq), float("-inf"), device=q.device)
     for rows, kmax in lay.chunks():
         if kmax == 0:
             continue
-        blk, tok, first = lay.keys(rows, kmax, key_padding_mask)
-        qb = lay.q_rows(qp, rows).float()
-        s = _scores(qb, lay.gather(kb, rows, blk).float(), scale, lay, rows, tok, first)
-        # one exp per score: e = exp(s - rowmax); normalise the (few) output rows afterwards
-        m = s.amax(-1)
-        m = torch.where(torch.isinf(m), 0.0, m)
-        e = s.sub_(m[..., None]).exp_()
-        z = e.sum(-1)
-        o_c = torch.matmul(e, lay.gather(vb, rows, blk).float())
-        o_c = o_c.div_(torch.where(z > 0, z, 1.0)[..., None])
-        l_c = torch.where(z > 0, m + torch.log(z), float("-inf"))
+        o_c, l_c = attend(qp, kb, vb, lay, rows, kmax, key_padding_mask, scale)
         lay.put_rows(out, o_c, rows)
         lay.put_rows(lse, l_c, rows)
     return out[:, :, : lay.Nq].to(q.dtype), lse[:, :, : lay.Nq]
+
+
+def _attend_fp32(qp, kb, vb, lay: BlockLayout, rows, kmax, key_padding_mask, scale):
+    blk, tok, first = lay.keys(rows, kmax, key_padding_mask)
+    qb = lay.q_rows(qp, rows).float()
+    s = _scores(qb, lay.gather(kb, rows, blk).float(), scale, lay, rows, tok, first)
+    # one exp per score: e = exp(s - rowmax); normalise the (few) output rows afterwards
+    m = s.amax(-1)
+    m = torch.where(torch.isinf(m), 0.0, m)
+    e = s.sub_(m[..., None]).exp_()
+    z = e.sum(-1)
+    o_c = torch.matmul(e, lay.gather(vb, rows, blk).float())
+    o_c = o_c.div_(torch.where(z > 0, z, 1.0)[..., None])
+    return o_c, torch.where(z > 0, m + torch.log(z), float("-inf"))
+
+
+def _forward(q, k, v, lay: BlockLayout, key_padding_mask, scale):
+    """The forward as fp32 torch math over materialised scores of the gathered blocks (CUDA)."""
+    return _rows_forward(q, k, v, lay, key_padding_mask, scale, _attend_fp32, torch.float32)
 
 
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -82,6 +93,19 @@ def _flash_part(qb, kg, vg, allow, scale):
     return o, lse
 
 
+def _attend_flash_cpu(qp, kb, vb, lay: BlockLayout, rows, kmax, key_padding_mask, scale):
+    (open_blk, open_ok), (edge_blk, edge_tok) = lay.open_and_edge(rows, kmax, key_padding_mask)
+    qb = lay.q_rows(qp, rows)
+    parts = []
+    if open_blk.shape[1]:
+        allow = None if bool(open_ok.all()) else open_ok[:, None, :]
+        parts.append(_flash_part(qb, lay.gather(kb, rows, open_blk), lay.gather(vb, rows, open_blk), allow, scale))
+    if edge_blk.shape[1]:
+        allow = ~lay.masked(rows, edge_tok)
+        parts.append(_flash_part(qb, lay.gather(kb, rows, edge_blk), lay.gather(vb, rows, edge_blk), allow, scale))
+    return parts[0] if len(parts) == 1 else merge_attention(*parts[0], *parts[1])
+
+
 def _forward_flash_cpu(q, k, v, lay: BlockLayout, key_padding_mask, scale):
     """The forward on a CPU through aten's fused flash kernel, chunk by chunk over gathered key
     blocks, in the input dtype (the kernel accumulates in fp32), never materialising scores. The
@@ -93,26 +117,7 @@ def _forward_flash_cpu(q, k, v, lay: BlockLayout, key_padding_mask, scale):
     ``bench/results/cpu-ops.md`` (16K, density 0.1: 0.58 s against 0.87 s for the fp32 path and
     2.5 s for dense). The kernel is least efficient with few queries per row: 64 (block 64, plan
     per query head) ran at ~74 GFLOP/s, 128 or more at ~120, dense causal SDPA at ~116."""
-    qp = lay.pad_q(q)
-    kb, vb = lay.kv_blocks(k), lay.kv_blocks(v)
-    out = torch.zeros(lay.B, lay.Hq, lay.Nqb * lay.bq, lay.D, dtype=q.dtype, device=q.device)
-    lse = torch.full((lay.B, lay.Hq, lay.Nqb * lay.bq), float("-inf"), device=q.device)
-    for rows, kmax in lay.chunks():
-        if kmax == 0:
-            continue
-        (open_blk, open_ok), (edge_blk, edge_tok) = lay.open_and_edge(rows, kmax, key_padding_mask)
-        qb = lay.q_rows(qp, rows)
-        parts = []
-        if open_blk.shape[1]:
-            allow = None if bool(open_ok.all()) else open_ok[:, None, :]
-            parts.append(_flash_part(qb, lay.gather(kb, rows, open_blk), lay.gather(vb, rows, open_blk), allow, scale))
-        if edge_blk.shape[1]:
-            allow = ~lay.masked(rows, edge_tok)
-            parts.append(_flash_part(qb, lay.gather(kb, rows, edge_blk), lay.gather(vb, rows, edge_blk), allow, scale))
-        o_c, l_c = parts[0] if len(parts) == 1 else merge_attention(*parts[0], *parts[1])
-        lay.put_rows(out, o_c, rows)
-        lay.put_rows(lse, l_c, rows)
-    return out[:, :, : lay.Nq], lse[:, :, : lay.Nq]
+    return _rows_forward(q, k, v, lay, key_padding_mask, scale, _attend_flash_cpu, q.dtype)
 
 
 def _backward(q, k, v, out, lse, dout, dlse, lay: BlockLayout, key_padding_mask, scale):
