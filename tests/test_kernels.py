@@ -17,7 +17,7 @@ from attnzoo import build, ops
 from attnzoo.ops import dispatch
 from attnzoo.ops.antidiagonal import antidiagonal_block_scores
 from attnzoo.ops.kernels import flashinfer_backends as fib
-from attnzoo.ops.kernels._triton import triton_reason
+from attnzoo.ops.kernels._triton import tma_fits, triton_reason
 from attnzoo.plans import MODES, BlockPlan, MixedPlan
 from attnzoo.stack import CallContext
 
@@ -138,7 +138,7 @@ def test_triton_tma_forward_matches_reference(case, layout, monkeypatch):
         k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
     elif layout == "unaligned":  # a row stride of D + 1 elements: not a multiple of 16 bytes
         k, v = (torch.cat([t, t[..., :1]], -1)[..., :case.D] for t in (k, v))
-    assert ta._tma_fits(k, v) == (layout != "unaligned")
+    assert tma_fits(k, v) == (layout != "unaligned")
     plan = _plan_to(random_block_plan(case.B, case.Hkv, case.Nq, case.Nk, *case.block, p=0.5, seed=case.Nq,
                                       causal=case.causal), DEVICE)
     out, lse = ops.block_sparse(q, k, v, plan, key_padding_mask=kpm, return_lse=True, backend="triton")
@@ -248,6 +248,42 @@ def test_triton_scores_match_torch(case, stride, block, dtype, q_tile, monkeypat
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert got.shape == ref.shape
     assert (got - ref).abs().max() <= tol  # probabilities: absolute error
+
+
+TMA_SCORE_CASES = [
+    (Case(1, 2, 1, 256, 256, 32), 8, 64),  # whole stride groups: every program through descriptors
+    (Case(2, 4, 2, 203, 203, 32), 8, 64),  # a partial last group of queries and keys
+    (Case(1, 2, 1, 70, 202, 16), 4, 32),  # chunked prefill (Nq < Nk), partial groups at both ends
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", ["contiguous", "token-major", "unaligned"])
+@pytest.mark.parametrize("case,stride,block", TMA_SCORE_CASES, ids=lambda x: str(x))
+def test_triton_scores_tma_matches_torch(case, stride, block, layout, monkeypatch):
+    """Q and K through tensor descriptors (forced on, as on Hopper): programs whose rows or
+    columns hold a partial stride group take pointer loads, the others the descriptors; layouts a
+    model passes (token-major views) and strides TMA cannot take (which fall back)."""
+    from attnzoo.ops.kernels import triton_scores as ts
+
+    config = ts.launch_config
+    monkeypatch.setattr(ts, "USE_TMA", True)
+    monkeypatch.setattr(ts, "launch_config", lambda *a: {**config(*a), "Q_RESIDENT": False})
+    seen = []
+    kernel = ts._scores_kernel
+    monkeypatch.setattr(ts, "_scores_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: lambda *a, **meta: (seen.append(meta["TMA"]), kernel[grid](*a, **meta))})())
+    q, k, _, _ = _qkv(case, torch.bfloat16, False, seed=11)
+    if layout == "token-major":
+        q, k = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k))
+    elif layout == "unaligned":  # a row stride of D + 1 elements: not a multiple of 16 bytes
+        q, k = (torch.cat([t, t[..., :1]], -1)[..., :case.D] for t in (q, k))
+    kw = dict(stride=stride, block_size=block, chunk_size=2 * block)
+    ref = torch.cat([w for _, _, w in antidiagonal_block_scores(q.float(), k.float(), backend="torch", **kw)], 2)
+    got = torch.cat([w for _, _, w in antidiagonal_block_scores(q, k, backend="triton", **kw)], 2)
+    assert seen and all(seen) == (layout != "unaligned")
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max() <= 2e-2
 
 
 @needs_triton

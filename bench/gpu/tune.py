@@ -152,6 +152,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench/results/gpu-tune"))
     p.add_argument("--xa-block", type=int, default=64, help="XAttention block size for the scoring sweeps")
     p.add_argument("--xa-wide", action="store_true", help="XAttention scoring: sweep flattened 64-256 x 128-256 tiles")
+    p.add_argument("--xa-tma", action="store_true",
+                   help="XAttention scoring: Q/K through TMA descriptors at tiles that fit shared memory, "
+                        "beside the shipped config with pointer loads")
     p.add_argument("--only", default=None, help="regex: sweep only the sections it matches")
     p.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny grid: checks the script")
     args = p.parse_args(argv)
@@ -192,6 +195,14 @@ def main(argv=None) -> int:
             if args.xa_wide:  # larger tiles, flattened streamed loop only
                 grid = [dict(QB=max(1, rt // R), C_TILE=ct, num_warps=w, num_stages=st, Q_RESIDENT=False, FLATTEN=True)
                         for rt, ct, w, st in product((64, 128, 256), (128, 256), (4, 8), (3, 4))]
+            if args.xa_tma:  # (rows, columns, warps, stages, flattened): boxes of rows x D and columns x D
+                tiles = [(64, 128, 4, 3, True), (64, 128, 4, 4, True), (64, 128, 8, 3, True), (64, 128, 8, 4, True),
+                         (128, 128, 8, 2, True), (128, 128, 8, 3, True), (128, 128, 4, 3, True),
+                         (64, 256, 8, 2, True), (64, 256, 8, 3, True), (128, 256, 8, 2, True),
+                         (128, 128, 8, 3, False), (64, 128, 4, 3, False)]
+                grid = [dict(ts.launch_config(R, D, stride), TMA=False)] + [
+                    dict(QB=max(1, rt // R), C_TILE=ct, num_warps=w, num_stages=st, Q_RESIDENT=False, FLATTEN=fl,
+                         TMA=True) for rt, ct, w, st, fl in (tiles[:1] if args.smoke else tiles)]
             sweep(f"xattention_scores_s{stride}", ts, grid, call, ref, res,
                   lambda out, ref: bool((out - ref).abs().max() <= 1e-3))
         # -- top-k pooled scoring (16-token blocks) -----------------------------------------------

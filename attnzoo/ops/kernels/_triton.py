@@ -16,6 +16,8 @@ import functools
 import importlib.util
 import os
 
+import torch
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -43,6 +45,22 @@ def interpreter_preference(req) -> str | None:
     if req.device == "cpu":
         return "Triton interpreter on CPU is for testing: force it with backend='triton'"
     return None
+
+
+def tma_fits(*ts) -> bool:
+    """TMA needs a 16-byte aligned base and 16-byte multiple strides (last stride 1)."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+               and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in ts)
+
+
+def tma_capable(device, forced: bool | None = None) -> bool:
+    """Whether tensor descriptors (TMA) run on ``device``: Hopper or newer, not under the
+    interpreter; ``forced`` (a module's ``USE_TMA`` switch) overrides, so tests can check the TMA
+    path under the interpreter."""
+    if forced is not None:
+        return forced
+    return (not interpreting() and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def tile(block: int, cap: int = 64) -> int | None:

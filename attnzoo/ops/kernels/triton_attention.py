@@ -32,7 +32,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ...plans import MODES
 from ...plans.geometry import cdiv
-from ._triton import interpreting, tile
+from ._triton import interpreting, tile, tma_capable, tma_fits
 
 # the head-mode encoding is plans.MODES' (one definition); constexpr globals so kernels may read them
 MODE_DENSE = tl.constexpr(MODES.index("dense"))
@@ -353,19 +353,6 @@ def launch_config(head_dim: int, block_m: int, backward: bool) -> dict:
     return dict(num_warps=8 if head_dim > 64 else 4, num_stages=3, BLOCK_N=128, TMA=True)
 
 
-def _tma_fits(*ts) -> bool:
-    """TMA needs a 16-byte aligned base and 16-byte multiple strides (last stride 1)."""
-    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
-               and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in ts)
-
-
-def _tma_wanted(device) -> bool:
-    if USE_TMA is not None:
-        return USE_TMA
-    return (not interpreting() and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
-
-
 def _common(q, k, v, kp: KernelPlan, key_padding_mask, backward=False):
     B, Hq, Nq, D = q.shape
     Nk = k.shape[2]
@@ -381,7 +368,7 @@ def _common(q, k, v, kp: KernelPlan, key_padding_mask, backward=False):
                 CAUSAL=kp.causal, HAS_KPM=kpm is not None, UPCAST=upcast,
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SKIP_CHECK=bm < kp.block_q, **cfg)
     if not backward:  # the config may decline TMA; it never forces it where it cannot run
-        meta["TMA"] = _tma_wanted(q.device) and tma is not False and _tma_fits(k, v)
+        meta["TMA"] = tma_capable(q.device, USE_TMA) and tma is not False and tma_fits(k, v)
     grid = lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq)  # noqa: E731
     plan_args = (kp.mode, kp.sink, kp.local, kp.indices, kp.counts, kpm if kpm is not None else kp.mode)
     plan_strides = (*kp.indices.stride(), *kp.counts.stride())

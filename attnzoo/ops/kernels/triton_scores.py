@@ -25,12 +25,16 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ...plans.geometry import cdiv
-from ._triton import interpreting
+from ._triton import interpreting, tma_capable, tma_fits
 
 LOG2E = 1.0 / math.log(2.0)
 SCRATCH_BYTES = 1 << 29  # per launch; longer inputs are scored in several chunks of query blocks
+# Q and K through TMA tensor descriptors: None = wherever they can run (Hopper or newer, not under
+# the interpreter, 16-bit inputs, no key padding mask); tests force True under the interpreter.
+USE_TMA: bool | None = None
 
 
 @triton.jit
@@ -75,40 +79,39 @@ def _reduced_dot(q_base, k_base, KPM, b, rows, cols, Nq, Nk, offset, sqn, skn,
     return acc
 
 
-@triton.jit(do_not_specialize=["Nq", "Nk", "I0", "I1", "nkb", "n_ct"])  # lengths: see _triton.py
-def _scores_kernel(
-    Q, K, KPM, ACT, W, PS, PM,
-    sqb, sqh, sqn, skb, skh, skn, swb, swh, swi,
-    Hq, Hkv, Nq, Nk, I0, I1, nkb, n_ct, qk_scale,
-    S: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr, QB: tl.constexpr,
-    C_TILE: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    HAS_ACT: tl.constexpr, Q_RESIDENT: tl.constexpr, FLATTEN: tl.constexpr = False,
-):
-    R_TILE: tl.constexpr = QB * R
-    SD: tl.constexpr = S * HEAD_DIM
-    CB: tl.constexpr = C_TILE // R  # key blocks per column tile
-    # last query blocks first: under causality they walk the most columns (better tail balance)
-    I = I0 + (tl.num_programs(0) - 1 - tl.program_id(0)) * QB
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    hq = pid_bh % Hq
-    hkv = hq // (Hq // Hkv)
-    offset = Nk - Nq
-    shift = (offset + S - 1) // S  # bottom-right alignment in reduced units
-    rows = I * R + tl.arange(0, R_TILE)
-    row_in = rows < I1 * R
-    # reduced keys right of the last block's last reduced diagonal are all masked
-    ncol = tl.minimum(nkb * R, tl.minimum(I + QB, I1) * R + shift)
-    if HAS_ACT:  # a query group routed to another branch: its rows stay zero (no column is walked)
-        ncol = tl.where(tl.load(ACT + b * Hkv + hkv) != 0, ncol, 0)
+@triton.jit
+def _reduced_dot_desc(QD, KD, b, hq, hkv, r0, c0, S: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      R_TILE: tl.constexpr, C_TILE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The same product from tensor descriptors over ``[B, H, N // S, S, D]`` views of Q and K:
+    stride offset t of reduced rows r0.. (or columns c0..) is one box, which the copy engine
+    fetches without per-element address math or masks; it covers only whole stride groups."""
+    acc = tl.zeros([R_TILE, C_TILE], tl.float32)
+    for t in range(S):
+        qt = QD.load([b, hq, r0, S - 1 - t, 0]).reshape(R_TILE, HEAD_DIM)
+        kt = KD.load([b, hkv, c0, t, 0]).reshape(C_TILE, HEAD_DIM)
+        if UPCAST:
+            qt = qt.to(tl.float32)
+            kt = kt.to(tl.float32)
+        acc = tl.dot(qt, tl.trans(kt), acc, input_precision=DOT_PREC)
+    return acc
 
+
+@triton.jit
+def _walk_columns(QD, KD, KPM, PS, PM, b, hq, hkv, I, rows, row_in, srow, ncol, q_base, k_base,
+                  Nq, Nk, offset, shift, nkb, n_ct, sqn, skn, qk_scale,
+                  S: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr, R_TILE: tl.constexpr,
+                  C_TILE: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                  Q_RESIDENT: tl.constexpr, FLATTEN: tl.constexpr, DESC: tl.constexpr):
+    """The program's one pass over its reduced columns: online softmax per reduced row, and per
+    column tile the rows' block sums (relative to the running max then) into the scratch buffer.
+    Returns the final running max and sum per row."""
+    CB: tl.constexpr = C_TILE // R  # key blocks per column tile
+    SD: tl.constexpr = S * HEAD_DIM
     # element e of a reduced row is (t, d) = (e // D, e % D): query position iS + S-1-t (reversed
     # stride order), key position jS + t -- dot products run along antidiagonals
     e = tl.arange(0, SD)
     t_e = e // HEAD_DIM
     d_e = e % HEAD_DIM
-    q_base = Q + b * sqb + hq * sqh
-    k_base = K + b * skb + hkv * skh
     if Q_RESIDENT:  # the whole reduced query tile [R_TILE, S*D] stays in registers
         qpos = rows[:, None] * S + (S - 1 - t_e)[None, :]
         q_ok = qpos < Nq
@@ -117,9 +120,6 @@ def _scores_kernel(
         q = tl.load(q_base + qpos * sqn + d_e[None, :], mask=q_ok, other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
-
-    # scratch rows of this program (relative to the launch's first reduced row)
-    srow = pid_bh * (I1 - I0) * R + (rows - I0 * R)
     m_i = tl.full([R_TILE], float("-inf"), tl.float32)
     l_i = tl.zeros([R_TILE], tl.float32)
     # FLATTEN: the column loop and the streamed product's S-step loop pipeline as one loop (at
@@ -127,7 +127,10 @@ def _scores_kernel(
     # the tensor cores idle between tiles)
     for c0 in tl.range(0, ncol, C_TILE, flatten=FLATTEN):
         cols = c0 + tl.arange(0, C_TILE)
-        if Q_RESIDENT:
+        if DESC:
+            s = _reduced_dot_desc(QD, KD, b, hq, hkv, I * R, c0, S, HEAD_DIM, R_TILE, C_TILE,
+                                  UPCAST, DOT_PREC) * qk_scale
+        elif Q_RESIDENT:
             kpos = cols[None, :] * S + t_e[:, None]  # [SD, C_TILE]
             k_ok = kpos < Nk
             if HAS_KPM:
@@ -154,6 +157,58 @@ def _scores_kernel(
         J = c0 // R + tl.arange(0, CB)
         tl.store(PS + srow[:, None] * nkb + J[None, :], part, mask=row_in[:, None] & (J[None, :] < nkb))
         tl.store(PM + srow * n_ct + c0 // C_TILE, m_new, mask=row_in)
+    return m_i, l_i
+
+
+@triton.jit(do_not_specialize=["Nq", "Nk", "I0", "I1", "nkb", "n_ct"])  # lengths: see _triton.py
+def _scores_kernel(
+    Q, K, QD, KD, KPM, ACT, W, PS, PM,
+    sqb, sqh, sqn, skb, skh, skn, swb, swh, swi,
+    Hq, Hkv, Nq, Nk, I0, I1, nkb, n_ct, qk_scale,
+    S: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr, QB: tl.constexpr,
+    C_TILE: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_ACT: tl.constexpr, Q_RESIDENT: tl.constexpr, FLATTEN: tl.constexpr = False, TMA: tl.constexpr = False,
+):
+    R_TILE: tl.constexpr = QB * R
+    CB: tl.constexpr = C_TILE // R  # key blocks per column tile
+    # last query blocks first: under causality they walk the most columns (better tail balance)
+    I = I0 + (tl.num_programs(0) - 1 - tl.program_id(0)) * QB
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    hq = pid_bh % Hq
+    hkv = hq // (Hq // Hkv)
+    offset = Nk - Nq
+    shift = (offset + S - 1) // S  # bottom-right alignment in reduced units
+    rows = I * R + tl.arange(0, R_TILE)
+    row_in = rows < I1 * R
+    # reduced keys right of the last block's last reduced diagonal are all masked
+    ncol = tl.minimum(nkb * R, tl.minimum(I + QB, I1) * R + shift)
+    if HAS_ACT:  # a query group routed to another branch: its rows stay zero (no column is walked)
+        ncol = tl.where(tl.load(ACT + b * Hkv + hkv) != 0, ncol, 0)
+    q_base = Q + b * sqb + hq * sqh
+    k_base = K + b * skb + hkv * skh
+    # scratch rows of this program (relative to the launch's first reduced row)
+    srow = pid_bh * (I1 - I0) * R + (rows - I0 * R)
+    if TMA:
+        # the descriptors hold whole stride groups only: a program whose rows include the last,
+        # partial query group, or whose columns reach the partial key group, takes pointer loads
+        part_row = Nq // S
+        rows_whole = (Nq % S == 0) | (part_row < I * R) | (part_row >= tl.minimum(I + QB, I1) * R)
+        cols_whole = (Nk % S == 0) | (ncol <= Nk // S)
+        if rows_whole & cols_whole:
+            m_i, l_i = _walk_columns(QD, KD, KPM, PS, PM, b, hq, hkv, I, rows, row_in, srow, ncol, q_base, k_base,
+                                     Nq, Nk, offset, shift, nkb, n_ct, sqn, skn, qk_scale,
+                                     S, R, HEAD_DIM, R_TILE, C_TILE, HAS_KPM, UPCAST, DOT_PREC, Q_RESIDENT, FLATTEN,
+                                     True)
+        else:
+            m_i, l_i = _walk_columns(QD, KD, KPM, PS, PM, b, hq, hkv, I, rows, row_in, srow, ncol, q_base, k_base,
+                                     Nq, Nk, offset, shift, nkb, n_ct, sqn, skn, qk_scale,
+                                     S, R, HEAD_DIM, R_TILE, C_TILE, HAS_KPM, UPCAST, DOT_PREC, Q_RESIDENT, FLATTEN,
+                                     False)
+    else:
+        m_i, l_i = _walk_columns(QD, KD, KPM, PS, PM, b, hq, hkv, I, rows, row_in, srow, ncol, q_base, k_base,
+                                 Nq, Nk, offset, shift, nkb, n_ct, sqn, skn, qk_scale,
+                                 S, R, HEAD_DIM, R_TILE, C_TILE, HAS_KPM, UPCAST, DOT_PREC, Q_RESIDENT, FLATTEN, False)
 
     tl.debug_barrier()  # the epilogue reads partials other threads of this program wrote
     m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
@@ -185,7 +240,17 @@ def launch_config(R: int, D: int, S: int) -> dict:
     # tile (the [rows, S*D] reduced tile does not fit on chip at D 128), ~260-330 TFLOP/s.
     wide = S <= 8
     return dict(QB=max(1, (128 if wide else 64) // R), C_TILE=max(R, 128), num_warps=8 if wide else 4,
-                num_stages=3, Q_RESIDENT=False, FLATTEN=True)
+                num_stages=3, Q_RESIDENT=False, FLATTEN=True, TMA=True)
+
+
+def _descriptors(q, k, S: int, meta: dict):
+    """Tensor descriptors over ``[B, H, N // S, S, D]`` views: a box of ``[rows, 1, D]`` is stride
+    offset t of consecutive reduced rows, for any token stride (contiguous or token-major layouts)."""
+    def view(x, rows):
+        B, H, N, D = x.shape
+        return TensorDescriptor(x, [B, H, N // S, S, D], [x.stride(0), x.stride(1), S * x.stride(2), x.stride(2), 1],
+                                [1, 1, rows, 1, D])
+    return view(q, meta["QB"] * meta["R"]), view(k, meta["C_TILE"])
 
 
 def block_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_padding_mask=None, active_heads=None):
@@ -200,9 +265,16 @@ def block_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_pad
     S, b = stride, block_size
     R = b // S
     nqb, nkb = cdiv(Nq, b), cdiv(Nk, b)
+    cfg = dict(launch_config(R, D, S))
+    tma = cfg.pop("TMA", None)
     meta = dict(S=S, R=R, HEAD_DIM=D, HAS_KPM=key_padding_mask is not None, HAS_ACT=active_heads is not None,
                 UPCAST=interpreting() and q.dtype != torch.float32,
-                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", **launch_config(R, D, S))
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
+    # the config may decline TMA; it never forces it where it cannot run (padding masks need the
+    # per-position loads, and a tile that holds the query tile in registers has its own loads)
+    meta["TMA"] = (tma_capable(q.device, USE_TMA) and tma is not False and key_padding_mask is None
+                   and not meta.get("Q_RESIDENT") and q.dtype in (torch.float16, torch.bfloat16)
+                   and Nq >= S and Nk >= S and tma_fits(q, k))
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
     act = None if active_heads is None else active_heads.to(torch.int8).contiguous()
     n_ct = triton.cdiv(nkb * R, max(R, 16))  # column tiles at the smallest C_TILE a retry may use
@@ -219,12 +291,13 @@ def block_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_pad
             scratch = torch.empty(rows * (nkb + n_ct), dtype=torch.float32, device=q.device)
         ps, pm = scratch[: rows * nkb], scratch[rows * nkb: rows * (nkb + n_ct)]
         w = torch.zeros((B, Hq, I1 - I0, nkb), dtype=torch.float32, device=q.device)
-        args = (q, k, kpm if kpm is not None else w, act if act is not None else w, w, ps, pm,
+        args = (kpm if kpm is not None else w, act if act is not None else w, w, ps, pm,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 w.stride(0), w.stride(1), w.stride(2), Hq, Hkv, Nq, Nk, I0, I1, nkb, n_ct, scale * LOG2E)
         while True:
+            qd, kd = _descriptors(q, k, S, meta) if meta["TMA"] else (q, k)
             try:
-                _scores_kernel[(triton.cdiv(I1 - I0, meta["QB"]), B * Hq)](*args, **meta)
+                _scores_kernel[(triton.cdiv(I1 - I0, meta["QB"]), B * Hq)](q, k, qd, kd, *args, **meta)
                 break
             except triton.runtime.errors.OutOfResources:  # smaller tiles for this GPU
                 if meta["QB"] * R <= 16 and meta["C_TILE"] <= max(R, 16):
