@@ -39,12 +39,14 @@ def _torch_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_pa
         # right-padded sequence scores exactly like the same sequence alone
         kd = kd * key_padding_mask[:, None, :, None]
         qd = qd * key_padding_mask[:, None, Nk - Nq:, None]
-    qp = F.pad(qd, (0, 0, 0, nqb * b - Nq))
-    kp = F.pad(kd, (0, 0, 0, nkb * b - Nk))
-    # reversed stride order for queries, natural for keys: dot products run along antidiagonals
-    qr = qp.reshape(B, Hq, nqb * r, S, D).flip(3).reshape(B, Hkv, g, nqb * r, S * D)
-    kr = kp.reshape(B, Hkv, nkb * r, S * D)
+    qp = F.pad(qd, (0, 0, 0, nqb * b - Nq)) if nqb * b != Nq else qd  # F.pad copies even when it adds nothing
+    kp = F.pad(kd, (0, 0, 0, nkb * b - Nk)) if nkb * b != Nk else kd
+    # sum_t Q[iS + S-1-t] . K[jS + t] = sum_t Q[iS + t] . K[jS + S-1-t]: the reversed stride order
+    # and the scale go on the keys, Hq/Hkv times smaller than the queries under GQA, and the
+    # reduced queries are a view of Q (no copy when Q is contiguous)
     scale = 1.0 / (math.sqrt(D) * S)
+    qr = qp.reshape(B, Hkv, g, nqb * r, S * D)
+    kr = kp.reshape(B, Hkv, nkb * r, S, D).flip(3).mul_(scale).reshape(B, Hkv, nkb * r, S * D)
     dev = q.device
     jr = torch.arange(nkb * r, device=dev)
     key_ok = jr * S < Nk  # reduced key holds at least one real position
@@ -59,7 +61,6 @@ def _torch_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_pa
         key_ok = key_ok[None]
     shift = (Nk - Nq + S - 1) // S  # bottom-right alignment in reduced units
     step = chunk_size // b
-    qr = qr * scale  # on q: far smaller than the score matrix
     for I0 in range(0, nqb, step):
         I1 = min(nqb, I0 + step)
         # columns right of the chunk's last reduced diagonal are all masked: skip them
