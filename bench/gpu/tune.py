@@ -155,8 +155,6 @@ def main(argv=None) -> int:
     p.add_argument("--xa-tma", action="store_true",
                    help="XAttention scoring: Q/K through TMA descriptors at tiles that fit shared memory, "
                         "beside the shipped config with pointer loads")
-    p.add_argument("--half-tiles", action="store_true",
-                   help="block-sparse with 128-token blocks: 64-row query tiles beside the shipped config")
     p.add_argument("--only", default=None, help="regex: sweep only the sections it matches")
     p.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny grid: checks the script")
     args = p.parse_args(argv)
@@ -249,11 +247,7 @@ def main(argv=None) -> int:
                 plan = random_plan(N, Hkv, block, density, dev)
                 call = lambda plan=plan: ops.block_sparse(q, k, v, plan, return_lse=True, backend="triton")  # noqa: E731
                 ref = ops.block_sparse(q, k, v, plan, return_lse=True, backend="blocked")
-                grid = wide_grid if block >= 128 else fwd_grid
-                if block >= 128 and args.half_tiles:  # 64-row tiles: smaller shared memory, 2 programs per SM
-                    grid = [dict(num_warps=4, num_stages=st, TMA=True, BLOCK_M=64, BLOCK_N=bn)
-                            for bn, st in product((64, 128), (2, 3, 4))] + [dict(ta.launch_config(D, 128, False))]
-                sweep(name, ta, grid, call, ref, res, close)
+                sweep(name, ta, wide_grid if block >= 128 else fwd_grid, call, ref, res, close)
                 per_pair(res, name, plan.density(), dense_ms)
         if wanted("mixed_1dense_2sparse") and Hkv == 3:
             # one dense KV head of three, the others block-sparse (an Elastic FA-XA layer)

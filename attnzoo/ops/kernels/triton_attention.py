@@ -360,8 +360,6 @@ def _common(q, k, v, kp: KernelPlan, key_padding_mask, backward=False):
     # q, dO, K, V tiles and dK/dV partials on chip, so it needs the 64-row tile at D = 128
     bm = _tile_or_raise(kp.block_q, 64 if interpreting() or backward else 128, "block_q")
     cfg = {} if interpreting() else dict(launch_config(D, bm, backward))
-    if "BLOCK_M" in cfg:  # the config may ask for a smaller query tile (two per query block)
-        bm = _tile_or_raise(kp.block_q, min(bm, cfg.pop("BLOCK_M")), "block_q")
     bn = _tile_or_raise(kp.block_k, cfg.pop("BLOCK_N", 64), "block_k")
     tma = cfg.pop("TMA", None)
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
