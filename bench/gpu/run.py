@@ -492,6 +492,27 @@ def save() -> None:
     (out / "gpu.md").write_text(markdown())
 
 
+def use_swept_scores_config(path: Path) -> None:
+    """Swap ``triton_scores.launch_config`` for a sweep's best configs (per stride, at the sweep's
+    head dim; query tiles kept at the same number of reduced rows); recorded in the results."""
+    from attnzoo.ops.kernels import triton_scores as ts
+
+    tune = json.loads(path.read_text())
+    best = {int(name.rsplit("_s", 1)[1]): r["best"]["config"] for name, r in tune.items()
+            if name.startswith("xattention_scores_s") and r.get("best")}
+    shipped, dim, block = ts.launch_config, tune["dim"], tune.get("xa_block", 128)
+
+    def config(R, D, S):
+        if D != dim or S not in best:
+            return shipped(R, D, S)
+        cfg = dict(best[S])
+        cfg["QB"] = max(1, cfg["QB"] * (block // S) // R)
+        return cfg
+    ts.launch_config = config
+    RESULTS["scores_config"] = {"from": str(path), "dim": dim, "configs": best}
+    log(f"XAttention scoring configs from {path}: {best}")
+
+
 def main(argv=None) -> int:
     global ARGS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -504,6 +525,9 @@ def main(argv=None) -> int:
     p.add_argument("--e2e-lengths", type=int, nargs="+", default=[32768, 65536, 131072])
     p.add_argument("--e2e-layers", type=int, default=4)
     p.add_argument("--e2e-reps", type=int, default=3)
+    p.add_argument("--scores-config", type=Path, default=None,
+                   help="a bench/gpu/tune.py tune.json: its best XAttention scoring config per stride replaces the "
+                        "shipped launch_config at that head dim (to measure a sweep's winner in the same call)")
     p.add_argument("--sections", nargs="+", default=["correctness", "dense_backends", "block_sparse",
                                                         "xattention_estimation", "mixed", "router", "end_to_end"])
     ARGS = p.parse_args(argv)
@@ -512,6 +536,8 @@ def main(argv=None) -> int:
         return 2
     os.environ.setdefault("ATTNZOO_CHECK_FINITE", "0")  # a NaN scan is a device sync per call
     RESULTS["machine"] = header()
+    if ARGS.scores_config:
+        use_swept_scores_config(ARGS.scores_config)
     log(json.dumps(RESULTS["machine"]))
     table = {
         "correctness": section("correctness", 30)(correctness),

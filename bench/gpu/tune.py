@@ -167,7 +167,8 @@ def main(argv=None) -> int:
     q = torch.randn(1, Hq, N, D, device=dev, dtype=dt, generator=g)
     k = torch.randn(1, Hkv, N, D, device=dev, dtype=dt, generator=g)
     v = torch.randn(1, Hkv, N, D, device=dev, dtype=dt, generator=g)
-    res: dict = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "n": N, "heads": [Hq, Hkv], "dim": D}
+    res: dict = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "n": N, "heads": [Hq, Hkv], "dim": D,
+                 "xa_block": args.xa_block}
 
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
     dense_ms = cuda_ms(sdpa)
