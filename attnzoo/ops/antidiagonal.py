@@ -72,7 +72,8 @@ def _torch_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_pa
         s = qc @ kr[:, :, :ncol].transpose(-1, -2)  # [B, Hkv, g*C~, ncol]
         s = s.view(B, Hq, (I1 - I0) * r, ncol)
         p = masked_softmax_(s, allowed[:, None])
-        w = p.view(B, Hq, I1 - I0, r, ncol // r, r).sum((3, 5))
+        # the contiguous (key) sum first: a third faster on a CPU than one reduction over both axes
+        w = p.view(B, Hq, (I1 - I0) * r, ncol // r, r).sum(-1).view(B, Hq, I1 - I0, r, ncol // r).sum(3)
         yield I0, I1, F.pad(w, (0, nkb - ncol // r))
 
 
