@@ -238,9 +238,12 @@ def launch_config(R: int, D: int, S: int) -> dict:
     # 18.9 ms (7.5 %) at 64 rows, 4 warps. Wider tiles (256 columns) were no faster there.
     # What bounds it: a [rows, D] x [D, 128] step reloads its query slice from L2 for every column
     # tile (the [rows, S*D] reduced tile does not fit on chip at D 128), ~260-330 TFLOP/s.
+    # TMA (Q and K through tensor descriptors) is off until a whole-call sweep shows it faster:
+    # an H200 sweep timed only the first launch (the shortest causal rows), where it was 7-11 %
+    # slower at the same tiles (bench/results/gpu-h200-2026-12-03/).
     wide = S <= 8
     return dict(QB=max(1, (128 if wide else 64) // R), C_TILE=max(R, 128), num_warps=8 if wide else 4,
-                num_stages=3, Q_RESIDENT=False, FLATTEN=True, TMA=True)
+                num_stages=3, Q_RESIDENT=False, FLATTEN=True, TMA=False)
 
 
 def _descriptors(q, k, S: int, meta: dict):
