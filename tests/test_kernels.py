@@ -268,7 +268,8 @@ def test_triton_scores_tma_matches_torch(case, stride, block, layout, monkeypatc
 
     config = ts.launch_config
     monkeypatch.setattr(ts, "USE_TMA", True)
-    monkeypatch.setattr(ts, "launch_config", lambda *a: {**config(*a), "Q_RESIDENT": False})
+    # a GPU's shipped config may decline TMA (it does where pointer loads measured faster): force it
+    monkeypatch.setattr(ts, "launch_config", lambda *a: {**config(*a), "Q_RESIDENT": False, "TMA": True})
     seen = []
     kernel = ts._scores_kernel
     monkeypatch.setattr(ts, "_scores_kernel", type("Spy", (), {

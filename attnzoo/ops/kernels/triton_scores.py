@@ -233,14 +233,16 @@ def launch_config(R: int, D: int, S: int) -> dict:
         return dict(QB=max(1, 16 // R), C_TILE=max(R, 16), Q_RESIDENT=S * D <= 256)
     # H100 sweeps (bench/results/gpu-h100-tune/tune-scores-*.json; run-to-run noise 10-20 %): the
     # streamed product, its column and stride loops flattened into one pipelined loop, won at every
-    # shape measured. 128K, D 128, 128-token blocks, whole selector: stride 8 26.9 ms (10.7 % of
-    # SDPA) at 128 rows x 128 columns, 8 warps, 3 stages (unflattened 64 rows: 30.8 ms); stride 16
-    # 18.9 ms (7.5 %) at 64 rows, 4 warps. Wider tiles (256 columns) were no faster there.
-    # What bounds it: a [rows, D] x [D, 128] step reloads its query slice from L2 for every column
-    # tile (the [rows, S*D] reduced tile does not fit on chip at D 128), ~260-330 TFLOP/s.
-    # TMA (Q and K through tensor descriptors) is off until a whole-call sweep shows it faster:
-    # an H200 sweep timed only the first launch (the shortest causal rows), where it was 7-11 %
-    # slower at the same tiles (bench/results/gpu-h200-2026-12-03/).
+    # shape measured with pointer loads. What bounds it: a [rows, D] x [D, 128] step reloads its
+    # query slice from L2 for every column tile (the [rows, S*D] reduced tile does not fit on chip
+    # at D 128). H200 whole-call sweep, 128K, D 128, 32/8 heads, 128-token blocks
+    # (bench/results/gpu-h200-2026-12-03/tune-scores-128k-d128.json): stride 8, pointer loads at
+    # 128 rows x 128 columns, 8 warps, 3 stages: 23.1 ms (the best TMA tile 24.0); stride 16, Q and
+    # K through TMA at 128 rows, 8 warps, 3 stages, loops not flattened: 14.6 ms against 15.8 for
+    # the pointer tile. TMA is chosen only where it was measured (D >= 128).
+    if S >= 16 and D >= 128:
+        return dict(QB=max(1, 128 // R), C_TILE=max(R, 128), num_warps=8, num_stages=3, Q_RESIDENT=False,
+                    FLATTEN=False, TMA=True)
     wide = S <= 8
     return dict(QB=max(1, (128 if wide else 64) // R), C_TILE=max(R, 128), num_warps=8 if wide else 4,
                 num_stages=3, Q_RESIDENT=False, FLATTEN=True, TMA=False)
