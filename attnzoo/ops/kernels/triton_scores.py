@@ -16,6 +16,11 @@ block sums, relative to the running max at that tile, in a scratch buffer (``[ro
 each row's partials to the final max and sum and adds the rows of each query block. The reduced
 score matrix is never stored, and the product runs once (the first version computed it twice: one
 pass for the row statistics, one to normalise).
+
+On Hopper the streamed product can take Q and K through TMA tensor descriptors over ``[B, H, N/S,
+S, D]`` views (``TMA`` in the launch config, where a sweep measured it faster): a stride offset of
+consecutive reduced rows is one box. The boxes hold whole stride groups only, so a program whose
+rows or columns reach a partial last group (lengths not a multiple of S) walks with pointer loads.
 """
 
 from __future__ import annotations
