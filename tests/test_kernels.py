@@ -250,6 +250,14 @@ def test_triton_scores_match_torch(case, stride, block, dtype, q_tile, monkeypat
     assert (got - ref).abs().max() <= tol  # probabilities: absolute error
 
 
+def _spy_scores_kernel(ts, key: str, monkeypatch) -> list:
+    """Record ``meta[key]`` of every scoring-kernel launch (which path the scorer took)."""
+    seen, kernel = [], ts._scores_kernel
+    monkeypatch.setattr(ts, "_scores_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: lambda *a, **meta: (seen.append(meta.get(key)), kernel[grid](*a, **meta))})())
+    return seen
+
+
 TMA_SCORE_CASES = [
     (Case(1, 2, 1, 256, 256, 32), 8, 64),  # whole stride groups: every program through descriptors
     (Case(2, 4, 2, 203, 203, 32), 8, 64),  # a partial last group of queries and keys
@@ -270,10 +278,7 @@ def test_triton_scores_tma_matches_torch(case, stride, block, layout, monkeypatc
     monkeypatch.setattr(ts, "USE_TMA", True)
     # a GPU's shipped config may decline TMA (it does where pointer loads measured faster): force it
     monkeypatch.setattr(ts, "launch_config", lambda *a: {**config(*a), "Q_RESIDENT": False, "TMA": True})
-    seen = []
-    kernel = ts._scores_kernel
-    monkeypatch.setattr(ts, "_scores_kernel", type("Spy", (), {
-        "__getitem__": lambda self, grid: lambda *a, **meta: (seen.append(meta["TMA"]), kernel[grid](*a, **meta))})())
+    seen = _spy_scores_kernel(ts, "TMA", monkeypatch)
     q, k, _, _ = _qkv(case, torch.bfloat16, False, seed=11)
     if layout == "token-major":
         q, k = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k))
@@ -285,6 +290,32 @@ def test_triton_scores_tma_matches_torch(case, stride, block, layout, monkeypatc
     assert seen and all(seen) == (layout != "unaligned")
     assert got.shape == ref.shape
     assert (got - ref).abs().max() <= 2e-2
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case,stride,block", SCORE_CASES + TMA_SCORE_CASES[1:], ids=lambda x: str(x))
+def test_triton_scores_gemm_matches_torch(case, stride, block, dtype, monkeypatch):
+    """The reduced product through a batched GEMM (cuBLAS on a GPU), then the kernel reads it
+    (``PRE``): padding masks, partial stride groups, GQA, chunked prefill, several launches."""
+    from attnzoo.ops.kernels import triton_scores as ts
+
+    config = ts.launch_config
+    monkeypatch.setattr(ts, "USE_GEMM", True)
+    monkeypatch.setattr(ts, "launch_config", lambda *a: {**config(*a), "GEMM": True})
+    seen = _spy_scores_kernel(ts, "PRE", monkeypatch)
+    q, k, _, kpm = _qkv(case, dtype, False, seed=13)
+    kw = dict(stride=stride, block_size=block, chunk_size=2 * block, key_padding_mask=kpm)
+    ref = torch.cat([w for _, _, w in antidiagonal_block_scores(q.float(), k.float(), backend="torch", **kw)], 2)
+    got = torch.cat([w for _, _, w in antidiagonal_block_scores(q, k, backend="triton", **kw)], 2)
+    assert seen and all(seen)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max() <= (1e-5 if dtype == torch.float32 else 2e-2)
+    # a routed layer declines the GEMM (it would score the unrouted groups too)
+    seen.clear()
+    active = torch.ones(case.B, case.Hkv, dtype=torch.bool, device=DEVICE)
+    next(iter(antidiagonal_block_scores(q, k, backend="triton", active_heads=active, **kw)))
+    assert seen and not any(seen)
 
 
 @needs_triton

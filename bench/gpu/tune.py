@@ -155,6 +155,9 @@ def main(argv=None) -> int:
     p.add_argument("--xa-tma", action="store_true",
                    help="XAttention scoring: Q/K through TMA descriptors at tiles that fit shared memory, "
                         "beside the shipped config with pointer loads")
+    p.add_argument("--xa-gemm", action="store_true",
+                   help="XAttention scoring: the reduced product through cuBLAS (fp32 out) and the kernel reading "
+                        "it, over epilogue tiles and rows per launch, beside the shipped config")
     p.add_argument("--only", default=None, help="regex: sweep only the sections it matches")
     p.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny grid: checks the script")
     args = p.parse_args(argv)
@@ -176,6 +179,9 @@ def main(argv=None) -> int:
     res["sdpa_default_ms"] = dense_ms
     print(f"SDPA default, causal, {N} tokens, {Hq}/{Hkv} heads, D {D}: {dense_ms:.3f} ms = "
           f"{flops / dense_ms / 1e9:.0f} TFLOP/s", flush=True)
+    if dev == "cuda":  # the GEMM configs fall back to the fused kernel without fp32-output bmm
+        res["bmm_fp32_out"] = ts._bmm_fp32_out(q.device)
+        print(f"bmm(out_dtype=float32) on this torch: {res['bmm_fp32_out']}", flush=True)
     topk_plan = None
     wanted = lambda name: args.only is None or re.search(args.only, name) is not None  # noqa: E731
     with torch.no_grad():
@@ -205,6 +211,12 @@ def main(argv=None) -> int:
                 grid = [dict(ts.launch_config(R, D, stride), TMA=False)] + [
                     dict(QB=max(1, rt // R), C_TILE=ct, num_warps=w, num_stages=st, Q_RESIDENT=False, FLATTEN=fl,
                          TMA=True) for rt, ct, w, st, fl in (tiles[:1] if args.smoke else tiles)]
+            if args.xa_gemm:  # (rows, columns, warps, stages, reduced rows per launch) of the PRE kernel
+                tiles = [(rt, 128, w, 2, gr) for rt in (64, 128) for w in (4, 8) for gr in (256, 512, 1024)]
+                tiles += [(128, 256, 8, 2, 512), (64, 256, 4, 2, 512)]
+                grid = (grid if args.xa_tma else [dict(ts.launch_config(R, D, stride))]) + [
+                    dict(QB=max(1, rt // R), C_TILE=ct, num_warps=w, num_stages=st, Q_RESIDENT=False, GEMM=True,
+                         GEMM_ROWS=gr) for rt, ct, w, st, gr in (tiles[:1] if args.smoke else tiles)]
             sweep(f"xattention_scores_s{stride}", ts, grid, call, ref, res,
                   lambda out, ref: bool((out - ref).abs().max() <= 1e-3))
         # -- top-k pooled scoring (16-token blocks) -----------------------------------------------

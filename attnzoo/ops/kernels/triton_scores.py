@@ -25,9 +25,11 @@ rows or columns reach a partial last group (lengths not a multiple of S) walks w
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -40,6 +42,10 @@ SCRATCH_BYTES = 1 << 29  # per launch; longer inputs are scored in several chunk
 # Q and K through TMA tensor descriptors: None = wherever they can run (Hopper or newer, not under
 # the interpreter, 16-bit inputs, no key padding mask); tests force True under the interpreter.
 USE_TMA: bool | None = None
+# the reduced product through cuBLAS (``GEMM`` in the launch config): None = wherever it can run
+# (CUDA, 16-bit inputs, a torch with fp32-output bmm); tests force True under the interpreter
+USE_GEMM: bool | None = None
+SCORES_BYTES = 1 << 30  # GEMM path: fp32 reduced scores of one launch
 
 
 @triton.jit
@@ -103,13 +109,15 @@ def _reduced_dot_desc(QD, KD, b, hq, hkv, r0, c0, S: tl.constexpr, HEAD_DIM: tl.
 
 @triton.jit
 def _walk_columns(QD, KD, KPM, PS, PM, b, hq, hkv, I, rows, row_in, srow, ncol, q_base, k_base,
-                  Nq, Nk, offset, shift, nkb, n_ct, sqn, skn, qk_scale,
+                  sc_base, sc_ld, sc_rows, r0, Nq, Nk, offset, shift, nkb, n_ct, sqn, skn, qk_scale,
                   S: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr, R_TILE: tl.constexpr,
                   C_TILE: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-                  Q_RESIDENT: tl.constexpr, FLATTEN: tl.constexpr, DESC: tl.constexpr):
+                  Q_RESIDENT: tl.constexpr, FLATTEN: tl.constexpr, DESC: tl.constexpr, PRE: tl.constexpr):
     """The program's one pass over its reduced columns: online softmax per reduced row, and per
     column tile the rows' block sums (relative to the running max then) into the scratch buffer.
-    Returns the final running max and sum per row."""
+    Returns the final running max and sum per row. ``PRE``: the unscaled reduced scores were
+    computed before the launch (``[sc_rows, sc_ld]`` fp32 from reduced row ``r0``) and are read,
+    not formed."""
     CB: tl.constexpr = C_TILE // R  # key blocks per column tile
     SD: tl.constexpr = S * HEAD_DIM
     # element e of a reduced row is (t, d) = (e // D, e % D): query position iS + S-1-t (reversed
@@ -132,7 +140,11 @@ def _walk_columns(QD, KD, KPM, PS, PM, b, hq, hkv, I, rows, row_in, srow, ncol, 
     # the tensor cores idle between tiles)
     for c0 in tl.range(0, ncol, C_TILE, flatten=FLATTEN):
         cols = c0 + tl.arange(0, C_TILE)
-        if DESC:
+        if PRE:
+            lr = rows - r0
+            s = tl.load(sc_base + lr[:, None] * sc_ld + cols[None, :],
+                        mask=(lr < sc_rows)[:, None] & (cols < sc_ld)[None, :], other=0.0) * qk_scale
+        elif DESC:
             s = _reduced_dot_desc(QD, KD, b, hq, hkv, I * R, c0, S, HEAD_DIM, R_TILE, C_TILE,
                                   UPCAST, DOT_PREC) * qk_scale
         elif Q_RESIDENT:
@@ -167,12 +179,13 @@ def _walk_columns(QD, KD, KPM, PS, PM, b, hq, hkv, I, rows, row_in, srow, ncol, 
 
 @triton.jit(do_not_specialize=["Nq", "Nk", "I0", "I1", "nkb", "n_ct"])  # lengths: see _triton.py
 def _scores_kernel(
-    Q, K, QD, KD, KPM, ACT, W, PS, PM,
-    sqb, sqh, sqn, skb, skh, skn, swb, swh, swi,
+    Q, K, QD, KD, KPM, ACT, W, PS, PM, SC,
+    sqb, sqh, sqn, skb, skh, skn, swb, swh, swi, s_g, s_bh, sc_ld, sc_rows,
     Hq, Hkv, Nq, Nk, I0, I1, nkb, n_ct, qk_scale,
     S: tl.constexpr, R: tl.constexpr, HEAD_DIM: tl.constexpr, QB: tl.constexpr,
     C_TILE: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     HAS_ACT: tl.constexpr, Q_RESIDENT: tl.constexpr, FLATTEN: tl.constexpr = False, TMA: tl.constexpr = False,
+    PRE: tl.constexpr = False,
 ):
     R_TILE: tl.constexpr = QB * R
     CB: tl.constexpr = C_TILE // R  # key blocks per column tile
@@ -192,8 +205,10 @@ def _scores_kernel(
         ncol = tl.where(tl.load(ACT + b * Hkv + hkv) != 0, ncol, 0)
     q_base = Q + b * sqb + hq * sqh
     k_base = K + b * skb + hkv * skh
+    sc_base = SC + (hq % (Hq // Hkv)) * s_g + (b * Hkv + hkv) * s_bh  # PRE: scores of [G, B*Hkv, rows, cols]
     # scratch rows of this program (relative to the launch's first reduced row)
     srow = pid_bh * (I1 - I0) * R + (rows - I0 * R)
+    r0 = I0 * R  # PRE: the launch's first reduced row, row 0 of its score matrix
     if TMA:
         # the descriptors hold whole stride groups only: a program whose rows include the last,
         # partial query group, or whose columns reach the partial key group, takes pointer loads
@@ -202,18 +217,19 @@ def _scores_kernel(
         cols_whole = (Nk % S == 0) | (ncol <= Nk // S)
         if rows_whole & cols_whole:
             m_i, l_i = _walk_columns(QD, KD, KPM, PS, PM, b, hq, hkv, I, rows, row_in, srow, ncol, q_base, k_base,
-                                     Nq, Nk, offset, shift, nkb, n_ct, sqn, skn, qk_scale,
-                                     S, R, HEAD_DIM, R_TILE, C_TILE, HAS_KPM, UPCAST, DOT_PREC, Q_RESIDENT, FLATTEN,
-                                     True)
+                                     sc_base, sc_ld, sc_rows, r0, Nq, Nk, offset, shift, nkb, n_ct, sqn, skn,
+                                     qk_scale, S, R, HEAD_DIM, R_TILE, C_TILE, HAS_KPM, UPCAST, DOT_PREC,
+                                     Q_RESIDENT, FLATTEN, True, False)
         else:
             m_i, l_i = _walk_columns(QD, KD, KPM, PS, PM, b, hq, hkv, I, rows, row_in, srow, ncol, q_base, k_base,
-                                     Nq, Nk, offset, shift, nkb, n_ct, sqn, skn, qk_scale,
-                                     S, R, HEAD_DIM, R_TILE, C_TILE, HAS_KPM, UPCAST, DOT_PREC, Q_RESIDENT, FLATTEN,
-                                     False)
+                                     sc_base, sc_ld, sc_rows, r0, Nq, Nk, offset, shift, nkb, n_ct, sqn, skn,
+                                     qk_scale, S, R, HEAD_DIM, R_TILE, C_TILE, HAS_KPM, UPCAST, DOT_PREC,
+                                     Q_RESIDENT, FLATTEN, False, False)
     else:
         m_i, l_i = _walk_columns(QD, KD, KPM, PS, PM, b, hq, hkv, I, rows, row_in, srow, ncol, q_base, k_base,
-                                 Nq, Nk, offset, shift, nkb, n_ct, sqn, skn, qk_scale,
-                                 S, R, HEAD_DIM, R_TILE, C_TILE, HAS_KPM, UPCAST, DOT_PREC, Q_RESIDENT, FLATTEN, False)
+                                 sc_base, sc_ld, sc_rows, r0, Nq, Nk, offset, shift, nkb, n_ct, sqn, skn,
+                                 qk_scale, S, R, HEAD_DIM, R_TILE, C_TILE, HAS_KPM, UPCAST, DOT_PREC,
+                                 Q_RESIDENT, FLATTEN, False, PRE)
 
     tl.debug_barrier()  # the epilogue reads partials other threads of this program wrote
     m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
@@ -263,6 +279,63 @@ def _descriptors(q, k, S: int, meta: dict):
     return view(q, meta["QB"] * meta["R"]), view(k, meta["C_TILE"])
 
 
+@functools.cache
+def _bmm_fp32_out(device) -> bool:
+    """Whether this torch has ``bmm(..., out_dtype=float32)`` for 16-bit inputs on ``device``
+    (CUDA, torch >= 2.8): the reduced product must not round its scores to 16 bits."""
+    x = torch.zeros(1, 16, 16, dtype=torch.bfloat16, device=device)
+    try:
+        torch.bmm(x, x, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def _gemm_path(q, cfg_gemm: bool, active_heads) -> bool:
+    """Reduced product through cuBLAS, then the kernel reads it (``PRE``): where the config asks
+    for it and it can run. Declined for routed layers (``active_heads``): the fused kernel skips
+    the unrouted query groups without a host sync, the GEMM would score them all."""
+    if not cfg_gemm or active_heads is not None:
+        return False
+    if USE_GEMM is not None:
+        return USE_GEMM
+    return (not interpreting() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and _bmm_fp32_out(q.device))
+
+
+def _reduced_operands(q, k, S: int, key_padding_mask):
+    """Reduced queries ``[B, Hkv, G, Nq/S, S*D]`` (a view of a contiguous Q) and reduced keys
+    ``[B*Hkv, Nk/S, S*D]`` with the stride order reversed (a copy, Hq/Hkv times smaller than Q).
+    Padded positions are zeroed (they contribute nothing to a stride group) and a partial last
+    group is zero-filled, as the fused kernel's masked loads do."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if key_padding_mask is not None:
+        q = q * key_padding_mask[:, None, Nk - Nq:, None].to(q.dtype)
+        k = k * key_padding_mask[:, None, :, None].to(k.dtype)
+    nq, nk = cdiv(Nq, S), cdiv(Nk, S)
+    if nq * S != Nq:
+        q = F.pad(q, (0, 0, 0, nq * S - Nq))
+    if nk * S != Nk:
+        k = F.pad(k, (0, 0, 0, nk * S - Nk))
+    qr = q.reshape(B, Hkv, Hq // Hkv, nq, S * D)
+    kr = k.reshape(B, Hkv, nk, S, D).flip(3).reshape(B * Hkv, nk, S * D)
+    return qr, kr
+
+
+def _reduced_product(qr, kr, r0: int, r1: int, ncol: int, out) -> None:
+    """``out[g]`` = reduced rows r0..r1 of query group member g times the first ``ncol`` reduced
+    keys, fp32 (``out`` ``[G, B*Hkv, r1-r0, ncol]``): one batched GEMM per group member."""
+    B, Hkv, G = qr.shape[:3]
+    kt = kr[:, :ncol].transpose(1, 2)
+    for g in range(G):
+        a = qr[:, :, g, r0:r1].reshape(B * Hkv, r1 - r0, qr.shape[-1])
+        if a.is_cuda:
+            torch.bmm(a, kt, out_dtype=torch.float32, out=out[g])
+        else:  # the interpreter's tests: fp32 math, like the kernel's accumulator
+            torch.bmm(a.float(), kt.float(), out=out[g])
+
+
 def block_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_padding_mask=None, active_heads=None):
     """Yield ``(I0, I1, W)`` like the torch backend: W ``[B, Hq, I1-I0, Nkb]`` fp32; rows of query
     groups outside ``active_heads`` (``[B, Hkv]`` bool) are left at zero, unscored."""
@@ -277,12 +350,16 @@ def block_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_pad
     nqb, nkb = cdiv(Nq, b), cdiv(Nk, b)
     cfg = dict(launch_config(R, D, S))
     tma = cfg.pop("TMA", None)
+    gemm = _gemm_path(q, cfg.pop("GEMM", False), active_heads)
+    gemm_rows = cfg.pop("GEMM_ROWS", 512)
+    if gemm:
+        cfg.update(Q_RESIDENT=False, FLATTEN=False, PRE=True)
     meta = dict(S=S, R=R, HEAD_DIM=D, HAS_KPM=key_padding_mask is not None, HAS_ACT=active_heads is not None,
                 UPCAST=interpreting() and q.dtype != torch.float32,
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
     # the config may decline TMA; it never forces it where it cannot run (padding masks need the
     # per-position loads, and a tile that holds the query tile in registers has its own loads)
-    meta["TMA"] = (tma_capable(q.device, USE_TMA) and tma is not False and key_padding_mask is None
+    meta["TMA"] = (not gemm and tma_capable(q.device, USE_TMA) and tma is not False and key_padding_mask is None
                    and not meta.get("Q_RESIDENT") and q.dtype in (torch.float16, torch.bfloat16)
                    and Nq >= S and Nk >= S and tma_fits(q, k))
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
@@ -292,6 +369,17 @@ def block_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_pad
     per_block = B * Hq * R * (nkb + n_ct) * 4
     # on a GPU as few launches as the scratch budget allows; the interpreter keeps the caller's chunks
     step = chunk_size // b if interpreting() else max(meta["QB"], SCRATCH_BYTES // per_block // meta["QB"] * meta["QB"])
+    if gemm:
+        qr, kr = _reduced_operands(q, k, S, key_padding_mask)
+        nq, nk = qr.shape[3], kr.shape[1]
+        if not interpreting():
+            # GEMM_ROWS reduced rows per launch: each launch's product also fills the upper
+            # triangle of its diagonal square (rows / 2 of wasted columns per row), and its fp32
+            # scores must fit SCORES_BYTES
+            fit = SCORES_BYTES // (B * Hq * R * min(nkb * R, nk) * 4)
+            step = max(1, min(step, max(1, gemm_rows // R), fit))
+        shift = (Nk - Nq + S - 1) // S
+        sc_buf = None
     scale = 1.0 / (math.sqrt(D) * S)
     scratch = None
     for I0 in range(0, nqb, step):
@@ -301,9 +389,18 @@ def block_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_pad
             scratch = torch.empty(rows * (nkb + n_ct), dtype=torch.float32, device=q.device)
         ps, pm = scratch[: rows * nkb], scratch[rows * nkb: rows * (nkb + n_ct)]
         w = torch.zeros((B, Hq, I1 - I0, nkb), dtype=torch.float32, device=q.device)
-        args = (kpm if kpm is not None else w, act if act is not None else w, w, ps, pm,
+        sc, sc_dims = w, (0, 0, 0, 0)
+        if gemm:
+            r0, r1 = I0 * R, min(I1 * R, nq)
+            ncol = min(nkb * R, I1 * R + shift, nk)  # columns right of the last diagonal: all masked
+            if sc_buf is None:  # sized for the widest launch: the last
+                sc_buf = torch.empty(Hq * B * (r1 - r0) * min(nkb * R, nk), dtype=torch.float32, device=q.device)
+            sc = sc_buf[: Hq * B * (r1 - r0) * ncol].view(Hq // Hkv, B * Hkv, r1 - r0, ncol)
+            _reduced_product(qr, kr, r0, r1, ncol, sc)
+            sc_dims = (sc.stride(0), sc.stride(1), ncol, r1 - r0)
+        args = (kpm if kpm is not None else w, act if act is not None else w, w, ps, pm, sc,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                w.stride(0), w.stride(1), w.stride(2), Hq, Hkv, Nq, Nk, I0, I1, nkb, n_ct, scale * LOG2E)
+                w.stride(0), w.stride(1), w.stride(2), *sc_dims, Hq, Hkv, Nq, Nk, I0, I1, nkb, n_ct, scale * LOG2E)
         while True:
             qd, kd = _descriptors(q, k, S, meta) if meta["TMA"] else (q, k)
             try:
