@@ -21,6 +21,12 @@ On Hopper the streamed product can take Q and K through TMA tensor descriptors o
 S, D]`` views (``TMA`` in the launch config, where a sweep measured it faster): a stride offset of
 consecutive reduced rows is one box. The boxes hold whole stride groups only, so a program whose
 rows or columns reach a partial last group (lengths not a multiple of S) walks with pointer loads.
+
+Where the reduced width S*D is large (stride 16 at D 128: 2048) the fused product is bound by
+memory traffic: a program's reduced query tile does not fit on chip and comes back for every column
+tile. There (``GEMM`` in the launch config) each launch's product runs first as batched cuBLAS
+GEMMs with fp32 output, one per query head of a KV group, over the causally live columns only, and
+the same kernel reads those scores (``PRE``) for its online softmax and block sums.
 """
 
 from __future__ import annotations
@@ -249,7 +255,8 @@ def _scores_kernel(
 def launch_config(R: int, D: int, S: int) -> dict:
     """Tile shapes: >= 64 reduced rows per program (>= 16 under the interpreter), and whether the
     reduced query tile stays in registers (``Q_RESIDENT``: up to 64 KB of bf16) or streams in S
-    slices; a module-level function: ``bench/gpu/tune.py`` swaps it."""
+    slices, or the product comes from cuBLAS (``GEMM``, ``GEMM_ROWS`` reduced rows per launch);
+    a module-level function: ``bench/gpu/tune.py`` swaps it."""
     if interpreting():
         return dict(QB=max(1, 16 // R), C_TILE=max(R, 16), Q_RESIDENT=S * D <= 256)
     # H100 sweeps (bench/results/gpu-h100-tune/tune-scores-*.json; run-to-run noise 10-20 %): the
@@ -261,9 +268,15 @@ def launch_config(R: int, D: int, S: int) -> dict:
     # 128 rows x 128 columns, 8 warps, 3 stages: 23.1 ms (the best TMA tile 24.0); stride 16, Q and
     # K through TMA at 128 rows, 8 warps, 3 stages, loops not flattened: 14.6 ms against 15.8 for
     # the pointer tile. TMA is chosen only where it was measured (D >= 128).
+    # Later H200 sweep (bench/results/gpu-h200-2026-12-03b/tune-scores-128k-d128-gemm.json): at
+    # stride 16 the reduced product through cuBLAS (fp32 out, 512-1024 reduced rows per launch) read
+    # by this kernel at 64 rows x 128 columns, 8 warps: 11.0 ms against 14.8 for the TMA tile -- the
+    # fused product is bound by HBM traffic (each program reloads its 512 KB reduced query tile per
+    # column tile; cuBLAS's tiling reuses both operands); at stride 8 (S*D 1024) the GEMM path lost,
+    # 26.1 ms against 23.2. GEMM is chosen only where it was measured (S >= 16, D >= 128).
     if S >= 16 and D >= 128:
-        return dict(QB=max(1, 128 // R), C_TILE=max(R, 128), num_warps=8, num_stages=3, Q_RESIDENT=False,
-                    FLATTEN=False, TMA=True)
+        return dict(QB=max(1, 64 // R), C_TILE=max(R, 128), num_warps=8, num_stages=2, Q_RESIDENT=False,
+                    GEMM=True, GEMM_ROWS=512)
     wide = S <= 8
     return dict(QB=max(1, (128 if wide else 64) // R), C_TILE=max(R, 128), num_warps=8 if wide else 4,
                 num_stages=3, Q_RESIDENT=False, FLATTEN=True, TMA=False)
