@@ -293,11 +293,13 @@ def test_triton_scores_tma_matches_torch(case, stride, block, layout, monkeypatc
 
 
 @needs_triton
+@pytest.mark.parametrize("layout", ["contiguous", "token-major"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case,stride,block", SCORE_CASES + TMA_SCORE_CASES[1:], ids=lambda x: str(x))
-def test_triton_scores_gemm_matches_torch(case, stride, block, dtype, monkeypatch):
+def test_triton_scores_gemm_matches_torch(case, stride, block, dtype, layout, monkeypatch):
     """The reduced product through a batched GEMM (cuBLAS on a GPU), then the kernel reads it
-    (``PRE``): padding masks, partial stride groups, GQA, chunked prefill, several launches."""
+    (``PRE``): padding masks, partial stride groups, GQA, chunked prefill, several launches, and
+    the token-major layout a model passes (its reduced rows are copied per launch)."""
     from attnzoo.ops.kernels import triton_scores as ts
 
     config = ts.launch_config
@@ -305,6 +307,8 @@ def test_triton_scores_gemm_matches_torch(case, stride, block, dtype, monkeypatc
     monkeypatch.setattr(ts, "launch_config", lambda *a: {**config(*a), "GEMM": True})
     seen = _spy_scores_kernel(ts, "PRE", monkeypatch)
     q, k, _, kpm = _qkv(case, dtype, False, seed=13)
+    if layout == "token-major":
+        q, k = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k))
     kw = dict(stride=stride, block_size=block, chunk_size=2 * block, key_padding_mask=kpm)
     ref = torch.cat([w for _, _, w in antidiagonal_block_scores(q.float(), k.float(), backend="torch", **kw)], 2)
     got = torch.cat([w for _, _, w in antidiagonal_block_scores(q, k, backend="triton", **kw)], 2)

@@ -316,33 +316,40 @@ def _gemm_path(q, cfg_gemm: bool, active_heads) -> bool:
             and _bmm_fp32_out(q.device))
 
 
-def _reduced_operands(q, k, S: int, key_padding_mask):
-    """Reduced queries ``[B, Hkv, G, Nq/S, S*D]`` (a view of a contiguous Q) and reduced keys
-    ``[B*Hkv, Nk/S, S*D]`` with the stride order reversed (a copy, Hq/Hkv times smaller than Q).
-    Padded positions are zeroed (they contribute nothing to a stride group) and a partial last
-    group is zero-filled, as the fused kernel's masked loads do."""
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
+def _reduced_keys(k, S: int, key_padding_mask):
+    """Reduced keys ``[B*Hkv, Nk/S, S*D]`` with the stride order reversed (a copy; K is Hq/Hkv
+    times smaller than Q): padded positions zeroed (they contribute nothing to a stride group) and
+    a partial last group zero-filled, as the fused kernel's masked loads do."""
+    B, Hkv, Nk, D = k.shape
     if key_padding_mask is not None:
-        q = q * key_padding_mask[:, None, Nk - Nq:, None].to(q.dtype)
         k = k * key_padding_mask[:, None, :, None].to(k.dtype)
-    nq, nk = cdiv(Nq, S), cdiv(Nk, S)
-    if nq * S != Nq:
-        q = F.pad(q, (0, 0, 0, nq * S - Nq))
+    nk = cdiv(Nk, S)
     if nk * S != Nk:
         k = F.pad(k, (0, 0, 0, nk * S - Nk))
-    qr = q.reshape(B, Hkv, Hq // Hkv, nq, S * D)
-    kr = k.reshape(B, Hkv, nk, S, D).flip(3).reshape(B * Hkv, nk, S * D)
-    return qr, kr
+    return k.reshape(B, Hkv, nk, S, D).flip(3).reshape(B * Hkv, nk, S * D)
 
 
-def _reduced_product(qr, kr, r0: int, r1: int, ncol: int, out) -> None:
+def _reduced_rows(q, Hkv: int, g: int, r0: int, r1: int, S: int, key_padding_mask):
+    """Reduced query rows r0..r1 of group member g of every KV group, ``[B*Hkv, r1-r0, S*D]``: a
+    view of a contiguous Q; a copy of this launch's rows only for other layouts (token-major
+    views), for a partial last group (zero-filled) or under a padding mask (padded positions zeroed)."""
+    B, Hq, Nq, D = q.shape
+    Nk = key_padding_mask.shape[1] if key_padding_mask is not None else Nq
+    x = q.unflatten(1, (Hkv, Hq // Hkv))[:, :, g, r0 * S: r1 * S]
+    if key_padding_mask is not None:
+        x = x * key_padding_mask[:, None, Nk - Nq + r0 * S: Nk - Nq + r0 * S + x.shape[2], None].to(x.dtype)
+    if x.shape[2] != (r1 - r0) * S:
+        x = F.pad(x, (0, 0, 0, (r1 - r0) * S - x.shape[2]))
+    return x.reshape(B * Hkv, r1 - r0, S * D)
+
+
+def _reduced_product(q, kr, r0: int, r1: int, ncol: int, S: int, key_padding_mask, out) -> None:
     """``out[g]`` = reduced rows r0..r1 of query group member g times the first ``ncol`` reduced
     keys, fp32 (``out`` ``[G, B*Hkv, r1-r0, ncol]``): one batched GEMM per group member."""
-    B, Hkv, G = qr.shape[:3]
+    Hkv = kr.shape[0] // q.shape[0]
     kt = kr[:, :ncol].transpose(1, 2)
-    for g in range(G):
-        a = qr[:, :, g, r0:r1].reshape(B * Hkv, r1 - r0, qr.shape[-1])
+    for g in range(q.shape[1] // Hkv):
+        a = _reduced_rows(q, Hkv, g, r0, r1, S, key_padding_mask)
         if a.is_cuda:
             torch.bmm(a, kt, out_dtype=torch.float32, out=out[g])
         else:  # the interpreter's tests: fp32 math, like the kernel's accumulator
@@ -383,8 +390,8 @@ def block_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_pad
     # on a GPU as few launches as the scratch budget allows; the interpreter keeps the caller's chunks
     step = chunk_size // b if interpreting() else max(meta["QB"], SCRATCH_BYTES // per_block // meta["QB"] * meta["QB"])
     if gemm:
-        qr, kr = _reduced_operands(q, k, S, key_padding_mask)
-        nq, nk = qr.shape[3], kr.shape[1]
+        kr = _reduced_keys(k, S, key_padding_mask)
+        nq, nk = cdiv(Nq, S), kr.shape[1]
         if not interpreting():
             # GEMM_ROWS reduced rows per launch: each launch's product also fills the upper
             # triangle of its diagonal square (rows / 2 of wasted columns per row), and its fp32
@@ -409,7 +416,7 @@ def block_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_pad
             if sc_buf is None:  # sized for the widest launch: the last
                 sc_buf = torch.empty(Hq * B * (r1 - r0) * min(nkb * R, nk), dtype=torch.float32, device=q.device)
             sc = sc_buf[: Hq * B * (r1 - r0) * ncol].view(Hq // Hkv, B * Hkv, r1 - r0, ncol)
-            _reduced_product(qr, kr, r0, r1, ncol, sc)
+            _reduced_product(q, kr, r0, r1, ncol, S, key_padding_mask, sc)
             sc_dims = (sc.stride(0), sc.stride(1), ncol, r1 - r0)
         args = (kpm if kpm is not None else w, act if act is not None else w, w, ps, pm, sc,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
