@@ -288,3 +288,51 @@ def test_blocked_cpu_flash_paths_match_torch_paths(case, blocks):
     got = bsm._backward(q, k, v, out, lse, dout, None, lay, kpm, scale)
     for name, a, w in zip(("dq", "dk", "dv"), got, want, strict=True):
         assert rel_err(a, w) <= 1e-4, name
+
+
+DIAGONAL_CASES = [
+    Case(1, 4, 4, 1000, 1000, 64),  # a partial last block: its padded keys follow every real query
+    Case(2, 6, 2, 256, 768, 32),  # chunked prefill with an aligned offset; plans per KV head (r = 3)
+    Case(3, 6, 2, 1023, 1023, 32, "right"),  # a padding mask: the masked edge path
+    Case(2, 8, 2, 200, 1023, 64),  # an offset that is not a multiple of the block: masked edges
+]
+
+
+@pytest.mark.parametrize("missing_diagonal", [False, True], ids=["diagonals", "one-missing"])
+@pytest.mark.parametrize("block", [64, 32])
+@pytest.mark.parametrize("case", DIAGONAL_CASES, ids=str)
+def test_blocked_cpu_diagonal_edges_run_causal(case, block, missing_diagonal, monkeypatch):
+    """Plans that keep every row's diagonal block (as the selectors do) with aligned square blocks
+    and no padding mask: the CPU flash forward runs the diagonal through ``is_causal`` instead of a
+    mask. Exact against the reference; taken exactly where it applies (a row without its diagonal,
+    a padding mask or an unaligned offset keep the masked edge path)."""
+    import importlib
+
+    from attnzoo.ops.block_layout import BlockLayout
+    from attnzoo.plans import BlockPlan
+
+    bsm = importlib.import_module("attnzoo.ops.block_sparse")
+    calls = []
+    diagonal = bsm._flash_diagonal
+    monkeypatch.setattr(bsm, "_flash_diagonal", lambda *a: calls.append(1) or diagonal(*a))
+    q, k, v, kpm = _inputs(case, torch.float32, "cpu", False)
+    g = torch.Generator().manual_seed(case.Nq + block)
+    bm = BlockPlan.full(case.B, case.Hkv, case.Nq, case.Nk, block, block).to_block_mask()
+    off = (case.Nk - case.Nq) // block
+    diag = torch.zeros_like(bm)
+    idx = torch.arange(bm.shape[2])
+    diag[..., idx, (idx + off).clamp(max=bm.shape[3] - 1)] = True
+    bm = (bm & (torch.rand(bm.shape, generator=g) < 0.3)) | (diag & bm)
+    if missing_diagonal:
+        bm[0, 0, bm.shape[2] // 2] &= ~diag[0, 0, bm.shape[2] // 2]
+    plan = BlockPlan.from_block_mask(bm, block, block, case.Nq, case.Nk)
+    lay = BlockLayout(q.shape, k.shape, plan, q.device)
+    out, lse = bsm._forward_flash_cpu(q, k, v, lay, kpm, case.D ** -0.5)
+    ref, ref_lse = ops.reference(q, k, v, plan, key_padding_mask=kpm, return_lse=True)
+    assert rel_err(out, ref) <= 1e-5
+    assert_lse_close(lse, ref_lse, 1e-5)
+    aligned = kpm is None and (case.Nk - case.Nq) % block == 0
+    if not missing_diagonal:  # (with one row missing, only that row's chunk must fall back)
+        assert bool(calls) == aligned
+    elif not aligned:
+        assert not calls

@@ -156,6 +156,18 @@ class BlockLayout:
         tok, ok = self._key_ok(rows, edge_blk, edge_slot_ok, key_padding_mask)
         return (open_blk, open_ok), (edge_blk, torch.where(ok, tok, self.BIG))
 
+    def diagonal_edges(self, rows, edge_blk, edge_tok, key_padding_mask) -> bool:
+        """Whether every row's edge is exactly its own diagonal block, selected and whole: then
+        the (query, key) mask is the same lower triangle for every row, which a kernel applies with
+        ``is_causal`` instead of reading a mask. Needs aligned square blocks (bq == bk, offset a
+        multiple of bk) and no padding mask; keys past Nk in the last block sit after every real
+        query, so causality alone excludes them."""
+        if not (self.causal and self.bq == self.bk and self.offset % self.bk == 0
+                and key_padding_mask is None and edge_blk.shape[1] == 1):
+            return False
+        diag = self.split(rows)[3] + self.offset // self.bk
+        return bool(((edge_blk[:, 0] == diag) & (edge_tok[:, 0] < self.BIG)).all())
+
     def _key_ok(self, rows, blk, slot_ok, key_padding_mask):
         """Token positions ``[C, L]`` of the slots' keys and whether each is a real key."""
         tok = (blk[..., None] * self.bk + torch.arange(self.bk, device=self.device)).flatten(-2)
