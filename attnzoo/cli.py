@@ -181,6 +181,17 @@ def train(args) -> int:
     from .stack import build
     from .training import train_elastic, train_ssa, training_samples
 
+    if args.method == "ssa" and (args.resume or args.checkpoint_every):
+        raise UsageError("--resume and --checkpoint-every are for elastic router training")
+    if args.resume:
+        from .training.elastic import checkpoint_run
+
+        if not Path(args.resume).is_file():
+            raise UsageError(f"--resume: no such checkpoint file: {args.resume}")
+        want = dict(steps=args.steps, batch=args.batch, seed=args.seed, n_samples=args.samples)
+        if checkpoint_run(args.resume) != want:
+            raise UsageError(f"--resume: {args.resume} is a checkpoint of a run with {checkpoint_run(args.resume)}; "
+                             f"these arguments give {want}")
     stack = None if args.stack is None else preset_spec(args.stack)
     if stack is not None:
         build(stack)  # a bad name or file fails before the model loads
@@ -194,7 +205,8 @@ def train(args) -> int:
             tok.save_pretrained(args.out + "/model")
     else:
         _, log = train_elastic(model, samples, sparse=stack, steps=args.steps, batch=args.batch, lr=args.lr or 5e-4,
-                               lambda_lr=args.lambda_lr, targets=args.targets, seed=args.seed, out_dir=args.out)
+                               lambda_lr=args.lambda_lr, targets=args.targets, seed=args.seed, out_dir=args.out,
+                               checkpoint_every=args.checkpoint_every, resume=args.resume)
     last = log.rows[-1]
     print("last step: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
     print(f"wrote {args.out}/log.jsonl, training.png" + (", router.pt" if args.method == "elastic" else ", model/"))
@@ -255,6 +267,10 @@ def main(argv=None) -> int:
                    "e.g. retrieval=0.6,other=1.0")
     t.add_argument("--seed", type=int, default=100)
     t.add_argument("--out", default="attnzoo-train", help="folder for log.jsonl, training.png and the weights")
+    t.add_argument("--checkpoint-every", type=int, default=None, help="elastic: write OUT/checkpoint.pt every N "
+                   "steps (a run resumed from it ends as if never stopped)")
+    t.add_argument("--resume", default=None, help="elastic: continue the run of this checkpoint.pt (same steps, "
+                   "batch, samples and seed)")
     args = parser.parse_args(argv)
     from .config import ConfigError
 

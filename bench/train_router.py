@@ -5,6 +5,10 @@
         --lengths 4096 8192 12288 16384 --steps 300 --batch 16 --micro-batch-tokens 32768 \
         --out OUT/router-xa                                                                     # GPU
 
+A schedule longer than one device call runs in several: ``--max-minutes`` stops a call after a
+step and writes ``OUT/checkpoint.pt``; the next call passes ``--resume OUT/checkpoint.pt`` with the
+same arguments and continues from the next step (the result equals one uninterrupted run).
+
 ``--sparse``: the sparse branch the router learns to send heads to, the one the preset using the
 router runs: ``streaming`` (sink 64 + local 256, elastic-fa-streaming and elastic-xa-streaming)
 or ``xattention`` (stride 8, tau 0.9, elastic-fa-xa), 64-token blocks. Targets: retrieval 0.6,
@@ -56,6 +60,10 @@ def main() -> None:
     p.add_argument("--max-minutes", type=float, help="stop after the step that crosses this wall-clock budget")
     p.add_argument("--micro-batch-tokens", type=int, help="run a step's samples in padded micro-batches of at "
                    "most this many tokens (default: one sample at a time)")
+    p.add_argument("--checkpoint-every", type=int, help="write OUT/checkpoint.pt every N steps (it is also written "
+                   "when --max-minutes stops the run)")
+    p.add_argument("--resume", help="continue the run of this checkpoint.pt (same steps, batch and samples): a "
+                   "schedule longer than one device call, in several calls")
     args = p.parse_args()
     torch.manual_seed(0)
     device = resolve_device(args.device)
@@ -65,8 +73,9 @@ def main() -> None:
     t0 = time.perf_counter()
     router, log = train_elastic(model, samples, sparse=SPARSE[args.sparse], steps=args.steps, batch=args.batch,
                                 lr=args.lr, lambda_lr=args.lambda_lr, seed=0, out_dir=args.out,
-                                max_seconds=args.max_minutes * 60 if args.max_minutes else None,
-                                micro_batch_tokens=args.micro_batch_tokens)
+                                max_seconds=args.max_minutes * 60 if args.max_minutes is not None else None,
+                                micro_batch_tokens=args.micro_batch_tokens, checkpoint_every=args.checkpoint_every,
+                                resume=args.resume)
     train_s = time.perf_counter() - t0
     held = training_samples(tok, args.held_out, lengths=(args.held_out_length,), seed=200)
     omegas = {"retrieval": [], "other": []}
@@ -74,7 +83,8 @@ def main() -> None:
         ids = s.input_ids[:, : s.n_tokens - int((s.labels[0] != -100).sum())] if s.task_type == "retrieval" \
             else s.input_ids  # retrieval: the prompt without its answer
         omegas[s.task_type].append(router_sparsity(model, router, ids))
-    summary = {"train_seconds": round(train_s, 1), "steps": args.steps, "steps_done": len(log.rows),
+    summary = {"train_seconds": round(train_s, 1), "resumed_from": args.resume, "steps": args.steps,
+               "steps_done": len(log.rows),
                "batch": args.batch, "micro_batch_tokens": args.micro_batch_tokens, "samples": args.samples,
                "lr": args.lr, "lambda_lr": args.lambda_lr, "sparse": SPARSE[args.sparse],
                "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",

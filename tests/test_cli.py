@@ -54,6 +54,8 @@ CASES = {
     "length past --context": (["compare", "--context", "16384", "--lengths", "20000"], "--context 20000 extends it"),
     "compare model that is missing": (["compare", "--model", "/no/such/model"], "--model: no such file or folder"),
     "unknown dtype": (["compare", "--dtype", "fp8"], "invalid choice"),
+    "resume for ssa": (["train", "ssa", "--resume", "checkpoint.pt"], "--checkpoint-every are for elastic"),
+    "missing checkpoint": (["train", "elastic", "--resume", "/no/such/checkpoint.pt"], "--resume: no such checkpoint"),
 }
 
 
@@ -89,3 +91,14 @@ def test_version_and_help_name_every_command():
     assert proc.returncode == 0 and proc.stdout.startswith("attnzoo ")
     proc, _ = attnzoo("--help")
     assert proc.returncode == 0 and all(cmd in proc.stdout for cmd in ("info", "compare", "train"))
+
+
+def test_resume_from_another_runs_checkpoint_is_refused_before_loading(tmp_path):
+    import torch
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"run": {"steps": 300, "batch": 16, "seed": 100, "n_samples": 64}}, path)
+    proc, seconds = attnzoo("train", "elastic", "--resume", str(path), "--steps", "100", "--batch", "16")
+    assert proc.returncode == 2, proc.stderr
+    assert "is a checkpoint of a run with" in _one_line(proc.stderr) and "'steps': 100" in proc.stderr
+    assert "Traceback" not in proc.stderr and seconds < 60

@@ -198,6 +198,34 @@ def test_elastic_five_steps_reduce_penalty_and_save(tmp_path):
     assert router_sparsity(model, again, ids) == router_sparsity(model, router, ids)
 
 
+def test_elastic_run_stopped_and_resumed_equals_one_run(tmp_path):
+    """A run cut by its wall-clock budget after every step and resumed from checkpoint.pt each
+    time (as on a GPU lent for minutes at a time) ends with the same router, multipliers and log
+    as one uninterrupted run; a checkpoint of another run is refused."""
+    sparse = {"default": {"selector": {"name": "streaming", "sink": 16, "local": 16, "block_size": 16},
+                          "op": "block_sparse"}}
+    kw = dict(sparse=sparse, steps=4, batch=3, lr=1e-2, lambda_lr=0.05, seed=0, progress=False)
+    samples = _samples(5)  # 5 samples, 3 per step: the shuffled queue crosses a pass mid-run
+    whole, whole_log = train_elastic(_tiny(), samples, out_dir=tmp_path / "whole", **kw)
+    cut = tmp_path / "cut"
+    router, log = train_elastic(_tiny(), samples, out_dir=cut, max_seconds=0, **kw)
+    assert len(log.rows) == 1 and "stopped" in log.rows[0]
+    for _ in range(3):
+        router, log = train_elastic(_tiny(), samples, out_dir=cut, max_seconds=0, resume=cut / "checkpoint.pt", **kw)
+    assert [r["step"] for r in log.rows] == [0, 1, 2, 3]
+    for a, b in zip(whole_log.rows, log.rows, strict=True):
+        for key in ("ce", "penalty", "omega_retrieval", "omega_other", "lambda1_retrieval", "lr", "temperature"):
+            assert a[key] == b[key], key
+    for a, b in zip(whole.layers.parameters(), router.layers.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert len((cut / "log.jsonl").read_text().splitlines()) == 4
+    with pytest.raises(ValueError, match="checkpoint of a run with"):
+        train_elastic(_tiny(), samples, out_dir=cut, resume=cut / "checkpoint.pt", **{**kw, "steps": 5})
+    assert len((cut / "log.jsonl").read_text().splitlines()) == 4  # a refused resume keeps the run's log
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        train_elastic(_tiny(), samples, checkpoint_every=2, **kw)
+
+
 def test_router_load_uses_weights_only(tmp_path, monkeypatch):
     r = ElasticRouter(head_dim=16)
     r.layer(0)

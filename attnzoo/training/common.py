@@ -129,6 +129,15 @@ class RunLog:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "log.jsonl").write_text("")
 
+    def restore(self, rows: list[dict]) -> None:
+        """Continue a resumed run's log: its rows first (``log.jsonl`` rewritten), and the clock
+        from its last row's seconds."""
+        self.rows = [dict(r) for r in rows]
+        if rows:
+            self.t0 = time.perf_counter() - rows[-1]["seconds"]
+        if self.out is not None:
+            (self.out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
     def add(self, row: dict) -> dict:
         row = {**row, "seconds": round(time.perf_counter() - self.t0, 2)}
         self.rows.append(row)

@@ -78,11 +78,18 @@ class Multipliers(nn.Module):
         self.values.clamp_(min=0.0)
 
 
+def checkpoint_run(path) -> dict:
+    """What a ``checkpoint.pt`` of ``train_elastic`` was a run of (steps, batch, seed, number of
+    samples): a resume must match it."""
+    return torch.load(path, map_location="cpu", weights_only=True)["run"]
+
+
 def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse=None, full=None,
                   targets: dict | None = None, steps: int = 100, batch: int = 4, lr: float = 5e-4,
                   lambda_lr: float = 1e-3, grad_clip: float = 5.0, seed: int = 0, out_dir=None,
                   progress: bool = True, max_seconds: float | None = None,
-                  micro_batch_tokens: int | None = None) -> tuple[ElasticRouter, RunLog]:
+                  micro_batch_tokens: int | None = None, checkpoint_every: int | None = None,
+                  resume=None) -> tuple[ElasticRouter, RunLog]:
     """Train a router for ``model`` (kept frozen, on its own device); returns (router, run log).
     With ``out_dir``, writes ``router.pt`` (fp16 weights), ``log.jsonl`` and ``training.png``
     there. ``max_seconds``: stop after the step that crosses this wall-clock budget (the schedules
@@ -91,13 +98,23 @@ def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse
     instead of one by one: the same loss terms per sample in fewer, larger launches. Whether that is
     faster depends on where the step is bound: on an H100 at 4K-16K tokens it was slower (8-10 s
     per 16-sample step against 5-6 s one by one, two routers sharing the GPU in both runs;
-    bench/results/longctx-gpu-2026-11-25)."""
+    bench/results/longctx-gpu-2026-11-25).
+
+    A run can span several processes (a GPU lent for minutes at a time): with ``out_dir``,
+    ``checkpoint.pt`` there holds everything the next step depends on (router weights in fp32, both
+    optimisers, the schedule, the multipliers, the sample order, the Gumbel generator, the log so
+    far); it is written when ``max_seconds`` stops the run and every ``checkpoint_every`` steps.
+    ``resume`` (such a file) continues the run from its next step: the same ``samples``, ``steps``,
+    ``batch`` and ``seed`` are required, and the result equals a run never stopped."""
     from tqdm import tqdm
 
     if not samples:
         raise ValueError("samples is empty")
     if steps < 1 or batch < 1:
         raise ValueError("steps and batch must be >= 1")
+    if checkpoint_every is not None and (checkpoint_every < 1 or out_dir is None):
+        raise ValueError(f"checkpoint_every must be >= 1 and needs out_dir, got {checkpoint_every} "
+                         f"with out_dir={out_dir!r}")
     targets = dict(DEFAULT_TARGETS if targets is None else targets)
     for s in samples:
         if s.input_ids.ndim != 2 or s.input_ids.shape[0] != 1:
@@ -130,7 +147,34 @@ def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse
         if not queue:  # shuffled passes over the samples, each seen once per pass
             queue.extend(order.sample(samples, len(samples)))
         return queue.pop()
+    run = dict(steps=steps, batch=batch, seed=seed, n_samples=len(samples))  # what checkpoint_run returns
+    state = None
+    if resume is not None:  # read and checked before the log (which starts a new log.jsonl) exists
+        state = torch.load(resume, map_location="cpu", weights_only=True)
+        if state["run"] != run:
+            raise ValueError(f"resume: {resume} is a checkpoint of a run with {state['run']}; this call has {run}")
     log = RunLog(out_dir)
+    where = {id(x): i for i, x in enumerate(samples)}
+
+    def checkpoint(next_step: int) -> None:
+        torch.save({"next_step": next_step, "run": run, "router": router.layers.state_dict(),
+                    "opt": opt.state_dict(), "sched": sched.state_dict(), "lam": lam.state_dict(),
+                    "lam_opt": lam_opt.state_dict(), "gen": gen.get_state(), "order": order.getstate(),
+                    "queue": [where[id(x)] for x in queue], "rows": log.rows}, log.out / "checkpoint.pt")
+
+    start = 0
+    if state is not None:
+        router.layers.load_state_dict(state["router"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        lam.load_state_dict(state["lam"])
+        lam_opt.load_state_dict(state["lam_opt"])
+        gen.set_state(state["gen"])
+        order.setstate(state["order"])
+        queue[:] = [samples[i] for i in state["queue"]]
+        log.restore(state["rows"])
+        start = state["next_step"]
+    run_t0 = time.perf_counter()
     gates: list[torch.Tensor] = []
     soft: list[torch.Tensor] = []
     temperature = 1.5
@@ -146,7 +190,7 @@ def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse
         return mq * o_fa + (1 - mq) * o_sa
 
     model.eval()  # frozen backbone: no dropout; gradients still flow through its activations
-    bar = tqdm(range(steps), desc="elastic", disable=not progress)
+    bar = tqdm(range(start, steps), desc="elastic", disable=not progress, initial=start, total=steps)
     with layer_attention(model, attention):
         for step in bar:
             temperature = cosine_temperature(step, steps)
@@ -181,12 +225,14 @@ def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse
                 rec[f"omega_{t}"] = sum(vals) / len(vals) if vals else None
             for i, t in enumerate(lam.task_types):
                 rec[f"lambda1_{t}"], rec[f"lambda2_{t}"] = (float(x) for x in lam.values[i].detach())
-            stop = max_seconds is not None and time.perf_counter() - log.t0 >= max_seconds and step + 1 < steps
+            stop = max_seconds is not None and time.perf_counter() - run_t0 >= max_seconds and step + 1 < steps
             if stop:
                 rec["stopped"] = f"wall-clock budget of {max_seconds} s reached after {step + 1} of {steps} steps"
             row = log.add({"step": step, "temperature": temperature, "lr": sched.get_last_lr()[0], **rec})
             bar.set_postfix(ce=f"{row['ce']:.3f}", **{f"Ω_{t[:3]}": f"{row[f'omega_{t}']:.2f}"
                                                       for t in targets if row[f"omega_{t}"] is not None})
+            if out_dir is not None and (stop or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
+                checkpoint(step + 1)
             if stop:
                 break
     for p in params:
