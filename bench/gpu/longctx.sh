@@ -8,6 +8,10 @@
 #            writes $OUT/train.tgz and the elastic presets with the new routers to /tmp/candidates
 #   part cal: bash bench/gpu/longctx.sh cal  (carry .whl/gguf_b .whl/py)  instead of b: thresholds with the
 #            per-text taus combined by median and by mean (AGGREGATES), presets in /tmp/cal-AGG
+#   part r:  bash bench/gpu/longctx.sh r xattention|streaming  (carry .whl/gguf_b .whl/py, and .whl/ckpt-MODE
+#            from the previous call if any)  one router's 300-step schedule, resumable: each call trains
+#            for TRAIN_MIN minutes from the checkpoint it carries and returns the new one in 15 MB parts
+#            ($OUT/ckpt.part.*: a returned file may hold 16 MiB) with log.jsonl, summary.json, router.pt
 #   part c:  bash bench/gpu/longctx.sh c COMPARE-ARGS   `attnzoo compare` (GPU defaults, 45 prompts),
 #            e.g. --presets full,/tmp/candidates/elastic-fa-xa.yaml [--sparse-everywhere]
 set -uo pipefail
@@ -54,6 +58,22 @@ if [ "$PART" = cal ]; then  # thresholds per aggregation over texts, in parallel
   done
   wait
   tail -n 4 "$OUT"/calibrate-*.log
+  exit 0
+fi
+if [ "$PART" = r ]; then  # one router, its schedule over several calls (after part a on a warm machine)
+  MODE=${1:?usage: longctx.sh r xattention|streaming}
+  [ -f "$GGUF" ] || cat /tmp/gguf.part.aa .whl/gguf_b/gguf.part.ab > "$GGUF"
+  T=/tmp/train/router-$MODE; mkdir -p $T
+  RESUME=()
+  if ls .whl/ckpt-$MODE/ckpt.part.* > /dev/null 2>&1; then
+    cat .whl/ckpt-$MODE/ckpt.part.* > /tmp/resume-$MODE.pt && RESUME=(--resume /tmp/resume-$MODE.pt)
+  fi
+  python3 bench/train_router.py --model "$GGUF" --device cuda --context 32768 --lengths 4096 8192 12288 16384 \
+    --steps 300 --batch 16 --samples 320 --lr 1e-3 --lambda-lr 0.02 --held-out 12 --held-out-length 8192 \
+    --max-minutes ${TRAIN_MIN:-7.5} --checkpoint-every 10 --sparse $MODE --out $T "${RESUME[@]}" 2>&1 \
+    | tr '\r' '\n' | grep -v "^$" | tail -3
+  [ -f $T/checkpoint.pt ] && split -b 15M $T/checkpoint.pt "$OUT/ckpt.part."
+  cp $T/log.jsonl $T/summary.json $T/training.png $T/router.pt "$OUT/" 2>/dev/null
   exit 0
 fi
 if [ "$PART" = b ]; then
