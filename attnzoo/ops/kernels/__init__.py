@@ -104,7 +104,8 @@ def _select_limits(req) -> str | None:
 
 
 _selection_backend("antidiagonal_scores", _scores_triton, _scores_limits,
-                   "Triton XAttention scoring: antidiagonal scores, online softmax, block sums in one pass")
+                   "Triton XAttention scoring: antidiagonal scores (or a cuBLAS reduced product where S*D is wide), "
+                   "online softmax, block sums in one pass")
 _selection_backend("pooled_scores", _pooled_triton, _pooled_limits,
                    "Triton top-k block scores: q . pooled keys, softmax and block sums in one launch")
 _selection_backend("block_select", _select_triton, _select_limits,
