@@ -188,9 +188,11 @@ def train(args) -> int:
 
         if not Path(args.resume).is_file():
             raise UsageError(f"--resume: no such checkpoint file: {args.resume}")
-        want = dict(steps=args.steps, batch=args.batch, seed=args.seed, n_samples=args.samples)
-        if checkpoint_run(args.resume) != want:
-            raise UsageError(f"--resume: {args.resume} is a checkpoint of a run with {checkpoint_run(args.resume)}; "
+        want = dict(steps=args.steps, batch=args.batch, seed=args.seed, n_samples=args.samples,
+                    lr=args.lr or 5e-4, lambda_lr=args.lambda_lr)
+        had = checkpoint_run(args.resume)
+        if {k: had.get(k) for k in want} != want:  # targets are checked by train_elastic itself
+            raise UsageError(f"--resume: {args.resume} is a checkpoint of a run with {had}; "
                              f"these arguments give {want}")
     stack = None if args.stack is None else preset_spec(args.stack)
     if stack is not None:

@@ -221,6 +221,8 @@ def test_elastic_run_stopped_and_resumed_equals_one_run(tmp_path):
     assert len((cut / "log.jsonl").read_text().splitlines()) == 4
     with pytest.raises(ValueError, match="checkpoint of a run with"):
         train_elastic(_tiny(), samples, out_dir=cut, resume=cut / "checkpoint.pt", **{**kw, "steps": 5})
+    with pytest.raises(ValueError, match="checkpoint of a run with"):  # the loaded optimiser would keep lr 1e-2
+        train_elastic(_tiny(), samples, out_dir=cut, resume=cut / "checkpoint.pt", **{**kw, "lr": 1e-3})
     assert len((cut / "log.jsonl").read_text().splitlines()) == 4  # a refused resume keeps the run's log
     with pytest.raises(ValueError, match="checkpoint_every"):
         train_elastic(_tiny(), samples, checkpoint_every=2, **kw)

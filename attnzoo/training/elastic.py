@@ -80,7 +80,7 @@ class Multipliers(nn.Module):
 
 def checkpoint_run(path) -> dict:
     """What a ``checkpoint.pt`` of ``train_elastic`` was a run of (steps, batch, seed, number of
-    samples): a resume must match it."""
+    samples, learning rates, gradient clip, targets): a resume must match it."""
     return torch.load(path, map_location="cpu", weights_only=True)["run"]
 
 
@@ -105,7 +105,8 @@ def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse
     optimisers, the schedule, the multipliers, the sample order, the Gumbel generator, the log so
     far); it is written when ``max_seconds`` stops the run and every ``checkpoint_every`` steps.
     ``resume`` (such a file) continues the run from its next step: the same ``samples``, ``steps``,
-    ``batch`` and ``seed`` are required, and the result equals a run never stopped."""
+    ``batch``, ``seed``, learning rates, clip and targets are required, and the result equals a run
+    never stopped."""
     from tqdm import tqdm
 
     if not samples:
@@ -147,7 +148,10 @@ def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse
         if not queue:  # shuffled passes over the samples, each seen once per pass
             queue.extend(order.sample(samples, len(samples)))
         return queue.pop()
-    run = dict(steps=steps, batch=batch, seed=seed, n_samples=len(samples))  # what checkpoint_run returns
+    # what checkpoint_run returns: a resume must match it (the loaded optimiser and schedule would
+    # otherwise silently keep the old run's learning rates)
+    run = dict(steps=steps, batch=batch, seed=seed, n_samples=len(samples), lr=lr, lambda_lr=lambda_lr,
+               grad_clip=grad_clip, targets=targets)
     state = None
     if resume is not None:  # read and checked before the log (which starts a new log.jsonl) exists
         state = torch.load(resume, map_location="cpu", weights_only=True)
