@@ -58,8 +58,10 @@ def main() -> None:
     p.add_argument("--held-out", type=int, default=12)
     p.add_argument("--held-out-length", type=int, default=1024)
     p.add_argument("--max-minutes", type=float, help="stop after the step that crosses this wall-clock budget")
-    p.add_argument("--micro-batch-tokens", type=int, help="run a step's samples in padded micro-batches of at "
-                   "most this many tokens (default: one sample at a time)")
+    p.add_argument("--micro-batch-tokens", type=int, help="run a step's samples of equal length together, at "
+                   "most this many tokens per micro-batch (default: one sample at a time)")
+    p.add_argument("--micro-batch-padding", action="store_true", help="also group unequal lengths, right-padded "
+                   "(slower on an H100: a padding mask moves dense attention off cuDNN)")
     p.add_argument("--checkpoint-every", type=int, help="write OUT/checkpoint.pt every N steps (it is also written "
                    "when --max-minutes stops the run)")
     p.add_argument("--resume", help="continue the run of this checkpoint.pt (same steps, batch and samples): a "
@@ -74,7 +76,8 @@ def main() -> None:
     router, log = train_elastic(model, samples, sparse=SPARSE[args.sparse], steps=args.steps, batch=args.batch,
                                 lr=args.lr, lambda_lr=args.lambda_lr, seed=0, out_dir=args.out,
                                 max_seconds=args.max_minutes * 60 if args.max_minutes is not None else None,
-                                micro_batch_tokens=args.micro_batch_tokens, checkpoint_every=args.checkpoint_every,
+                                micro_batch_tokens=args.micro_batch_tokens,
+                                micro_batch_padding=args.micro_batch_padding, checkpoint_every=args.checkpoint_every,
                                 resume=args.resume)
     train_s = time.perf_counter() - t0
     held = training_samples(tok, args.held_out, lengths=(args.held_out_length,), seed=200)
@@ -85,7 +88,8 @@ def main() -> None:
         omegas[s.task_type].append(router_sparsity(model, router, ids))
     summary = {"train_seconds": round(train_s, 1), "resumed_from": args.resume, "steps": args.steps,
                "steps_done": len(log.rows),
-               "batch": args.batch, "micro_batch_tokens": args.micro_batch_tokens, "samples": args.samples,
+               "batch": args.batch, "micro_batch_tokens": args.micro_batch_tokens,
+               "micro_batch_padding": args.micro_batch_padding, "samples": args.samples,
                "lr": args.lr, "lambda_lr": args.lambda_lr, "sparse": SPARSE[args.sparse],
                "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
                "dtype": str(next(model.parameters()).dtype), "yarn_factor": factor,

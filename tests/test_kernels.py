@@ -177,6 +177,33 @@ def test_triton_mixed_matches_reference(case, dtype):
 
 
 @needs_triton
+def test_triton_backward_key_major_equals_atomic(monkeypatch):
+    """The key-major dK/dV kernel and the fp32-atomic one (kept for comparison) agree, every mode
+    present, GQA 3, left padding, Nq < Nk; and the key-major walk lists exactly the blocks the
+    forward walks (a block plan transposed back equals its mask)."""
+    from attnzoo.ops.kernels import triton_attention as ta
+
+    case = MIXED_CASES[1]
+    q, k, v, kpm = _qkv(case, torch.float32, True, seed=5)
+    plan = _mixed_plan(case, case.B, case.Hq, [i % len(MODES) for i in range(case.Hq)], seed=2)
+    grads = []
+    for key_major in (True, False):
+        monkeypatch.setattr(ta, "KEY_MAJOR_BACKWARD", key_major)
+        qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+        ops.mixed(qq, kk, vv, plan, key_padding_mask=kpm, backend="triton").square().sum().backward()
+        grads.append([t.grad for t in (qq, kk, vv)])
+    for a, b in zip(*grads, strict=True):
+        assert rel_err(a, b) <= 1e-5
+    blocks = _plan_to(random_block_plan(2, 3, 70, 130, 16, 32, p=0.4, seed=1), DEVICE)
+    idx, cnt = ta.KernelPlan.from_block_plan(blocks).key_major(70, 130)
+    nqb = blocks.kv_counts.shape[-1]
+    listed = torch.arange(idx.shape[-1], device=DEVICE) < cnt[..., None]
+    got = torch.zeros(2, 3, cnt.shape[-1], nqb + 1, dtype=torch.bool, device=DEVICE)
+    got.scatter_(-1, torch.where(listed, idx.long(), nqb), True)  # unlisted entries: the spare column
+    assert torch.equal(got[..., :nqb].transpose(-1, -2), blocks.to_block_mask().to(DEVICE))
+
+
+@needs_triton
 @pytest.mark.parametrize("mode", MODES)
 def test_triton_mixed_single_mode_equals_its_op(mode):
     """All heads in one mode: dense == dense op, streaming == the streaming selector's plan."""

@@ -151,27 +151,42 @@ def test_micro_batches_pack_by_length_within_the_token_budget():
     assert micro_batches("abcd", [400, 100, 300, 100], None) == [["a"], ["b"], ["c"], ["d"]]
     assert micro_batches("abcd", [400, 100, 300, 100], 600) == [["b", "d"], ["c"], ["a"]]
     assert micro_batches("abcd", [400, 100, 300, 100], 10_000) == [["b", "d", "c", "a"]]
+    # without padding only equal lengths share a micro-batch, still within the budget
+    assert micro_batches("abcde", [400, 100, 300, 100, 100], 10_000, pad=False) == [["b", "d", "e"], ["c"], ["a"]]
+    assert micro_batches("abcde", [400, 100, 300, 100, 100], 200, pad=False) == [["b", "d"], ["e"], ["c"], ["a"]]
 
 
-def test_elastic_micro_batched_step_equals_one_sample_at_a_time(monkeypatch):
-    """With the Gumbel noise taken out, a step over right-padded micro-batches moves the router
-    exactly as the same step one sample at a time (padding changes nothing a sample sees)."""
+@pytest.mark.parametrize("lengths,padding", [((160, 131, 150, 97), True), ((160, 131, 160, 131), False)])
+def test_elastic_micro_batched_step_equals_one_sample_at_a_time(monkeypatch, lengths, padding):
+    """With the Gumbel noise taken out, a step over micro-batches (right-padded, or of equal
+    lengths only) moves the router exactly as the same step one sample at a time (padding changes
+    nothing a sample sees), and equal-length micro-batches pass no padding mask."""
     import attnzoo.training.elastic as el
 
     def noise_free(z, temperature, generator=None):
         return el._StraightThrough.apply(torch.softmax(z.float(), -1))
 
+    calls = []
+
+    def spy(model, ids, labels, mask=None, per_row=False):
+        calls.append((ids.shape[0], mask is not None))
+        return supervised_loss(model, ids, labels, mask, per_row=per_row)
+
     monkeypatch.setattr(el, "gumbel_gate", noise_free)
+    monkeypatch.setattr(el, "supervised_loss", spy)
     sparse = {"default": {"selector": {"name": "streaming", "sink": 16, "local": 16, "block_size": 16},
                           "op": "block_sparse"}}
     samples = [Sample(s.task_type, s.input_ids[:, :n], s.labels[:, :n])
-               for s, n in zip(_samples(4), (160, 131, 150, 97), strict=True)]
+               for s, n in zip(_samples(4), lengths, strict=True)]
     runs = {}
     for tokens in (None, 1000):
+        calls.clear()
         model = _tiny()
         router, log = train_elastic(model, samples, sparse=sparse, steps=1, batch=4, lr=1e-2, seed=0,
-                                    progress=False, micro_batch_tokens=tokens)
+                                    progress=False, micro_batch_tokens=tokens, micro_batch_padding=padding)
         runs[tokens] = (router, log.rows[0])
+    # the batched run: two rows with padding, or the two pairs of equal length without a mask
+    assert calls == ([(4, True)] if padding else [(2, False), (2, False)]), calls
     (r1, row1), (r2, row2) = runs[None], runs[1000]
     for key in ("ce", "penalty", "violation", "expected_violation"):
         assert row2[key] == pytest.approx(row1[key], rel=1e-4, abs=1e-6), key
@@ -260,6 +275,8 @@ def test_training_data_is_deterministic_labelled_and_disjoint_from_eval(tok):
     b = training_samples(tok, 6, lengths=(256,), seed=100)
     assert [torch.equal(x.input_ids, y.input_ids) for x, y in zip(a, b, strict=True)] == [True] * 6
     assert {s.task_type for s in a} == {"retrieval", "other"}
+    # prompt + answer fill the nominal length (so one length batches without padding)
+    assert all(s.n_tokens <= 256 for s in a) and sum(s.n_tokens == 256 for s in a) >= 5, [s.n_tokens for s in a]
     for s in a:
         sup = s.labels[0] != -100
         assert sup.any() and torch.equal(s.labels[0, sup], s.input_ids[0, sup])

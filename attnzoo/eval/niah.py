@@ -110,16 +110,30 @@ def _needles(task: str, rng: random.Random, needle: str = NEEDLE):
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
+def _prompt_rng(task: str, length: int, depth: float, seed: int) -> random.Random:
+    return random.Random(f"{task}/{length}/{depth}/{seed}")
+
+
+def prompt_answers(task: str, length: int, depth: float, seed: int, needle: str = NEEDLE) -> tuple[str, ...]:
+    """The answers ``make_prompt`` with these arguments hides, without building the prompt."""
+    return _needles(task, _prompt_rng(task, length, depth, seed), needle)[2]
+
+
 def make_prompt(tok, task: str, length: int, depth: float, seed: int, offset: int = 0, *,
-                haystack: str | None = None, needle: str = NEEDLE, question: str = QUESTION) -> NiahPrompt:
+                haystack: str | None = None, needle: str = NEEDLE, question: str = QUESTION,
+                reserve: int = 0) -> NiahPrompt:
     """One chat-formatted prompt of about ``length`` tokens (the haystack is cut to fit).
 
     ``haystack``: the text the needles hide in (default: CPython's documentation topics);
     ``needle`` / ``question``: templates (see ``check_templates``), so users test on their own
-    documents and phrasing. A haystack too short for ``length`` raises ``ValueError``."""
+    documents and phrasing. A haystack too short for ``length`` raises ``ValueError``.
+    ``reserve``: cut the prompt to ``length - reserve`` tokens instead, keeping the needles of
+    ``length`` (training appends the answer and wants prompt + answer = ``length``)."""
     check_settings(lengths=(length,), depths=(depth,), tasks=(task,))
     check_templates(needle, question)
-    rng = random.Random(f"{task}/{length}/{depth}/{seed}")
+    if not 0 <= reserve < length:
+        raise ValueError(f"reserve must lie in [0, length={length}), got {reserve}")
+    rng = _prompt_rng(task, length, depth, seed)
     needles, key, answers = _needles(task, rng, needle)
     many = task == "multivalue"
     question = question.format(key=key, is_are="are" if many else "is", number_s="numbers" if many else "number",
@@ -149,11 +163,12 @@ def make_prompt(tok, task: str, length: int, depth: float, seed: int, offset: in
         return tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                        return_tensors="pt", return_dict=True)["input_ids"]
 
+    target = length - reserve
     ids = render(len(hay_ids))
-    n_hay = max(0, len(hay_ids) - (ids.shape[1] - length))
+    n_hay = max(0, len(hay_ids) - (ids.shape[1] - target))
     ids = render(n_hay)
-    while ids.shape[1] > length and n_hay > 0:  # decoding and re-encoding can shift a few tokens
-        n_hay -= ids.shape[1] - length
+    while ids.shape[1] > target and n_hay > 0:  # decoding and re-encoding can shift a few tokens
+        n_hay -= ids.shape[1] - target
         ids = render(max(n_hay, 0))
     return NiahPrompt(task, length, depth, seed, ids, answers)
 

@@ -69,15 +69,16 @@ def pad_right(rows, pad_id: int = 0) -> tuple[torch.Tensor, ...]:
     return ids, labels, mask
 
 
-def micro_batches(items, lengths, max_tokens: int | None) -> list[list]:
+def micro_batches(items, lengths, max_tokens: int | None, pad: bool = True) -> list[list]:
     """``items`` grouped by length (shortest first) into micro-batches whose padded size
-    (rows x longest) stays within ``max_tokens``; ``None``: one item per micro-batch."""
+    (rows x longest) stays within ``max_tokens``; ``None``: one item per micro-batch. ``pad=False``:
+    only items of equal length share a micro-batch (no padding at all)."""
     if max_tokens is None:
         return [[x] for x in items]
     order = sorted(range(len(items)), key=lambda i: lengths[i])
     groups, cur = [], []
     for i in order:
-        if cur and (len(cur) + 1) * lengths[i] > max_tokens:
+        if cur and ((len(cur) + 1) * lengths[i] > max_tokens or (not pad and lengths[i] != lengths[cur[0]])):
             groups.append(cur)
             cur = []
         cur.append(i)

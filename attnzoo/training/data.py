@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..eval.niah import haystack_text, make_prompt
+from ..eval.niah import haystack_text, make_prompt, prompt_answers
 
 TRAIN_SEED = 100
 TRAIN_OFFSET = 80_000
@@ -31,10 +31,21 @@ class Sample:
 
 
 def retrieval_sample(tok, length: int, seed: int, offset: int = TRAIN_OFFSET) -> Sample:
-    """A multi-key needle prompt followed by its answer; the loss covers the answer tokens."""
-    rng = random.Random(seed)
-    p = make_prompt(tok, "multikey", length, rng.choice((0.1, 0.3, 0.5, 0.7, 0.9)), seed, offset)
-    answer = tok(p.answers[0] + (tok.eos_token or ""), add_special_tokens=False, return_tensors="pt").input_ids
+    """A multi-key needle prompt followed by its answer, ``length`` tokens in all where the
+    tokenizer allows (samples of one length then batch without padding; rarely a token short); the
+    loss covers the answer tokens."""
+    depth = random.Random(seed).choice((0.1, 0.3, 0.5, 0.7, 0.9))
+    answer = prompt_answers("multikey", length, depth, seed)[0]
+    answer = tok(answer + (tok.eos_token or ""), add_special_tokens=False, return_tensors="pt").input_ids
+    p = make_prompt(tok, "multikey", length, depth, seed, offset, reserve=answer.shape[1])
+    for _ in range(3):  # re-encoding the cut haystack can fall a token or two short: ask for more
+        short = length - answer.shape[1] - p.n_tokens
+        if short <= 0:
+            break
+        longer = make_prompt(tok, "multikey", length, depth, seed, offset, reserve=answer.shape[1] - short)
+        if longer.n_tokens + answer.shape[1] > length:
+            break
+        p = longer
     ids = torch.cat([p.input_ids, answer], 1)
     labels = torch.full_like(ids, -100)
     labels[:, -answer.shape[1]:] = answer

@@ -88,17 +88,20 @@ def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse
                   targets: dict | None = None, steps: int = 100, batch: int = 4, lr: float = 5e-4,
                   lambda_lr: float = 1e-3, grad_clip: float = 5.0, seed: int = 0, out_dir=None,
                   progress: bool = True, max_seconds: float | None = None,
-                  micro_batch_tokens: int | None = None, checkpoint_every: int | None = None,
+                  micro_batch_tokens: int | None = None, micro_batch_padding: bool = False,
+                  checkpoint_every: int | None = None,
                   resume=None) -> tuple[ElasticRouter, RunLog]:
     """Train a router for ``model`` (kept frozen, on its own device); returns (router, run log).
     With ``out_dir``, writes ``router.pt`` (fp16 weights), ``log.jsonl`` and ``training.png``
     there. ``max_seconds``: stop after the step that crosses this wall-clock budget (the schedules
     still assume ``steps``; the log's last row says where it stopped). ``micro_batch_tokens``: run a
-    step's samples in right-padded micro-batches of at most this many tokens (rows x longest)
-    instead of one by one: the same loss terms per sample in fewer, larger launches. Whether that is
-    faster depends on where the step is bound: on an H100 at 4K-16K tokens it was slower (8-10 s
-    per 16-sample step against 5-6 s one by one, two routers sharing the GPU in both runs;
-    bench/results/longctx-gpu-2026-11-25).
+    step's samples of equal length together, in micro-batches of at most this many tokens (rows x
+    length), instead of one by one: the same loss terms per sample in fewer, larger launches (one
+    step on an H100 spent more host than GPU time one sample at a time,
+    bench/results/longctx-gpu-2026-11-25/train-profile). ``training_samples`` makes samples of
+    one nominal length equally long. ``micro_batch_padding``: also group unequal lengths, right-padded;
+    that was slower on an H100 (8-10 s per 16-sample step against 5-6 s one by one): a padding
+    mask moves dense attention off cuDNN.
 
     A run can span several processes (a GPU lent for minutes at a time): with ``out_dir``,
     ``checkpoint.pt`` there holds everything the next step depends on (router weights in fp32, both
@@ -137,7 +140,9 @@ def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse
     for p in params:
         p.requires_grad_(True)
     lam = Multipliers(tuple(targets), seed=seed)
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    # fused on CUDA: one kernel for the ~100 router tensors instead of a launch chain per step
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=params[0].device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps))
     lam_opt = torch.optim.AdamW(lam.parameters(), lr=lambda_lr, weight_decay=0.0, maximize=True)
     gen = torch.Generator().manual_seed(seed)
@@ -191,7 +196,7 @@ def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse
         o_fa = full_nodes[ctx.layer_idx](q, k, v, ctx)
         o_sa = sparse_nodes[ctx.layer_idx](q, k, v, ctx)
         mq = m.repeat_interleave(q.shape[1] // k.shape[1], dim=1)[:, :, None, None].to(o_fa.dtype)
-        return mq * o_fa + (1 - mq) * o_sa
+        return torch.lerp(o_sa, o_fa, mq)  # m O_FA + (1 - m) O_SA in one kernel each way
 
     model.eval()  # frozen backbone: no dropout; gradients still flow through its activations
     bar = tqdm(range(start, steps), desc="elastic", disable=not progress, initial=start, total=steps)
@@ -200,25 +205,30 @@ def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse
             temperature = cosine_temperature(step, steps)
             opt.zero_grad(set_to_none=True)
             lam_opt.zero_grad(set_to_none=True)
-            rec = {"ce": 0.0, "penalty": 0.0, "violation": 0.0, "expected_violation": 0.0, "loss": 0.0}
-            omegas: dict[str, list[float]] = {t: [] for t in targets}
             step_samples = [next_sample() for _ in range(batch)]
-            for group in micro_batches(step_samples, [x.n_tokens for x in step_samples], micro_batch_tokens):
+            done, parts = [], []  # per-sample terms stay on the device until the step ends (no sync per group)
+            for group in micro_batches(step_samples, [x.n_tokens for x in step_samples], micro_batch_tokens,
+                                       pad=micro_batch_padding):
                 gates.clear()
                 soft.clear()
                 ids, labels, mask = pad_right([(x.input_ids, x.labels) for x in group])
-                ce = supervised_loss(model, ids, labels, mask if len(group) > 1 else None, per_row=True)
+                ce = supervised_loss(model, ids, labels, None if bool(mask.all()) else mask, per_row=True)
                 omega = 1.0 - torch.stack(gates).float().mean((0, 2))  # [rows]: per-sample sparsity
                 soft_omega = 1.0 - torch.stack(soft).mean((0, 2))
-                pens = [lam.penalty(omega[j], targets[x.task_type], x.task_type) for j, x in enumerate(group)]
-                ((ce.sum() + torch.stack(pens).sum()) / batch).backward()
-                for j, x in enumerate(group):
-                    t = targets[x.task_type]
-                    rec["ce"] += float(ce[j].detach()) / batch
-                    rec["penalty"] += float(pens[j].detach()) / batch
-                    rec["violation"] += abs(float(omega[j].detach()) - t) / batch  # |Omega - t|
-                    rec["expected_violation"] += abs(float(soft_omega[j]) - t) / batch
-                    omegas[x.task_type].append(float(omega[j].detach()))
+                pens = torch.stack([lam.penalty(omega[j], targets[x.task_type], x.task_type)
+                                    for j, x in enumerate(group)])
+                ((ce.sum() + pens.sum()) / batch).backward()
+                done += group
+                parts.append(torch.stack([ce.detach().float(), pens.detach().float(), omega.detach(), soft_omega]))
+            rec = {"ce": 0.0, "penalty": 0.0, "violation": 0.0, "expected_violation": 0.0, "loss": 0.0}
+            omegas: dict[str, list[float]] = {t: [] for t in targets}
+            for x, (ce_j, pen_j, om_j, soft_j) in zip(done, torch.cat(parts, 1).T.tolist(), strict=True):
+                t = targets[x.task_type]
+                rec["ce"] += ce_j / batch
+                rec["penalty"] += pen_j / batch
+                rec["violation"] += abs(om_j - t) / batch  # |Omega - t|
+                rec["expected_violation"] += abs(soft_j - t) / batch
+                omegas[x.task_type].append(om_j)
             rec["loss"] = rec["ce"] + rec["penalty"]
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()

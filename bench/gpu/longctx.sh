@@ -24,6 +24,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 git log --oneline -1 2>/dev/null
 if [ "$PART" = a ]; then
   cp .whl/gguf_a/* /tmp/ && ls -la /tmp/gguf.part.*
+  # the Triton kernels' tests on this GPU, then the backward kernels timed (key-major vs atomic)
+  python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_training.py \
+    -k "block_sparse or mixed or dense or key_major or empty or elastic or micro" 2>&1 | tail -3
+  python3 bench/gpu/backward.py --out "$OUT" 2>&1 | tail -12
   # smoke: two router-training steps per sparse mode on a tiny bf16 Llama on this GPU
   python3 - <<'EOF'
 import sys
@@ -70,7 +74,8 @@ if [ "$PART" = r ]; then  # one router, its schedule over several calls (after p
   fi
   python3 bench/train_router.py --model "$GGUF" --device cuda --context 32768 --lengths 4096 8192 12288 16384 \
     --steps 300 --batch 16 --samples 320 --lr 1e-3 --lambda-lr 0.02 --held-out 12 --held-out-length 8192 \
-    --max-minutes ${TRAIN_MIN:-7.5} --checkpoint-every 10 --sparse $MODE --out $T "${RESUME[@]}" 2>&1 \
+    --max-minutes ${TRAIN_MIN:-7.5} --checkpoint-every 10 --micro-batch-tokens ${MICRO:-65536} \
+    --sparse $MODE --out $T "${RESUME[@]}" 2>&1 \
     | tr '\r' '\n' | grep -v "^$" | tail -3
   [ -f $T/checkpoint.pt ] && split -b 15M $T/checkpoint.pt "$OUT/ckpt.part."
   cp $T/log.jsonl $T/summary.json $T/training.png $T/router.pt "$OUT/" 2>/dev/null

@@ -13,9 +13,12 @@ Inside a visited block the token-level rules still hold: bottom-right causal, ke
 keys past ``Nk``. Softmax is online in fp32 (exp2 domain); the kernel returns the output and the
 natural-log lse. GQA reads K/V through the KV head serving the query head (never repeated).
 
-Backward is query-major like the forward: each program recomputes P for its rows, writes dQ,
-and adds its dK/dV contributions with fp32 atomics (a key block may be chosen by many query
-blocks and heads; a key-major transposed plan would avoid the atomics and is left for later).
+Backward runs two kernels. dQ is query-major like the forward: each program recomputes P for
+its rows and walks the same blocks. dK/dV is key-major: each program owns BLOCK_N keys of one KV
+head and walks the query blocks (of every query head it serves) whose walk visits its key
+block, from ``KernelPlan.key_major`` (the walk transposed on the device). No atomics: a key
+block chosen by many query blocks and heads made the earlier fp32-atomic backward 17x its
+forward in router training (bench/results/longctx-gpu-2026-11-25/train-profile).
 
 Under ``TRITON_INTERPRET=1`` the dots are done on fp32-upcast operands: the interpreter
 multiplies raw bf16 bits otherwise. Imported lazily (see ``_triton``).
@@ -183,8 +186,9 @@ def _fwd_kernel(
 def _bwd_tile(dq, q, do, lse2, delta, row_ok, K, V, KPM, DK, DV, b, hkv, kv_base, n0,
               offs_m, offs_n, offs_d, skb, skh, skn, svb, svh, svn, Nk, offset, qk_scale, sm_scale,
               HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-              DOT_PREC: tl.constexpr):
-    """Recompute P for keys [n0, n0 + BLOCK_N); return dQ += dS K, add dK/dV atomically."""
+              DOT_PREC: tl.constexpr, ATOMIC_DKDV: tl.constexpr):
+    """Recompute P for keys [n0, n0 + BLOCK_N); return dQ += dS K (and with ``ATOMIC_DKDV`` add
+    this tile's dK/dV atomically; otherwise the key-major kernel computes them)."""
     kpos = n0 + offs_n
     k_ok = kpos < Nk
     k = tl.load(K + b * skb + hkv * skh + kpos[:, None] * skn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
@@ -203,11 +207,12 @@ def _bwd_tile(dq, q, do, lse2, delta, row_ok, K, V, KPM, DK, DV, b, hkv, kv_base
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC) * sm_scale
-    dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
-    ptrs = (kv_base + kpos[:, None]) * HEAD_DIM + offs_d[None, :]
-    tl.atomic_add(DK + ptrs, dk, mask=k_ok[:, None])
-    tl.atomic_add(DV + ptrs, dv, mask=k_ok[:, None])
+    if ATOMIC_DKDV:
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC) * sm_scale
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+        ptrs = (kv_base + kpos[:, None]) * HEAD_DIM + offs_d[None, :]
+        tl.atomic_add(DK + ptrs, dk, mask=k_ok[:, None])
+        tl.atomic_add(DV + ptrs, dv, mask=k_ok[:, None])
     return dq
 
 
@@ -219,8 +224,9 @@ def _bwd_kernel(
     Hq, Hkv, Hp, Nq, Nk, offset, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_CHECK: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_CHECK: tl.constexpr, ATOMIC_DKDV: tl.constexpr,
 ):
+    """dQ for BLOCK_M query rows of one query head (and their dK/dV share, with ``ATOMIC_DKDV``)."""
     # last query tiles first: under causality they walk the most blocks (better tail balance)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -261,14 +267,89 @@ def _bwd_kernel(
                 if n0 < limit:
                     dq = _bwd_tile(dq, q, do, lse2, delta, row_ok, K, V, KPM, DK, DV, b, hkv, kv_base, n0,
                                    offs_m, offs_n, offs_d, skb, skh, skn, svb, svh, svn, Nk, offset,
-                                   qk_scale, sm_scale, HEAD_DIM, CAUSAL, HAS_KPM, UPCAST, DOT_PREC)
+                                   qk_scale, sm_scale, HEAD_DIM, CAUSAL, HAS_KPM, UPCAST, DOT_PREC, ATOMIC_DKDV)
             else:
                 dq = _bwd_tile(dq, q, do, lse2, delta, row_ok, K, V, KPM, DK, DV, b, hkv, kv_base, n0,
                                offs_m, offs_n, offs_d, skb, skh, skn, svb, svh, svn, Nk, offset,
-                               qk_scale, sm_scale, HEAD_DIM, CAUSAL, HAS_KPM, UPCAST, DOT_PREC)
+                               qk_scale, sm_scale, HEAD_DIM, CAUSAL, HAS_KPM, UPCAST, DOT_PREC, ATOMIC_DKDV)
 
     tl.store(DQ + (pid_bh * Nq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], dq * sm_scale,
              mask=row_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["Nq", "Nk", "offset"])
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, TIDX, TCNT, KPM,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+    stb, sth, stk, scb, sch,
+    Hq, Hkv, Hp, Nq, Nk, offset, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_CHECK: tl.constexpr,  # (every row tile is checked)
+):
+    """dK and dV for BLOCK_N keys of one KV head, summed over the query heads it serves and the
+    query blocks whose walk visits this key block (the key-major plan): each program owns its
+    rows of dK/dV, so nothing is added atomically."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    hkv = pid_bh % Hkv
+    n0 = pid_n * BLOCK_N
+    kb = n0 // PLAN_BK
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_ok = offs_n < Nk
+    k = tl.load(K + b * skb + hkv * skh + offs_n[:, None] * skn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+    v = tl.load(V + b * svb + hkv * svh + offs_n[:, None] * svn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    ok_k = k_ok
+    if HAS_KPM:
+        real = tl.load(KPM + b * Nk + offs_n, mask=k_ok, other=0)
+        ok_k = ok_k & (real != 0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    G = Hq // Hkv
+    for g in range(0, G):
+        hq = hkv * G + g
+        hp = hq // (Hq // Hp)
+        bh = b * Hq + hq
+        cnt = tl.load(TCNT + b * scb + hp * sch + kb)
+        t_row = TIDX + b * stb + hp * sth + kb * stk
+        for j in range(0, cnt):
+            qb = tl.load(t_row + j)
+            for sub in tl.static_range(PLAN_BQ // BLOCK_M):
+                m0 = qb * PLAN_BQ + sub * BLOCK_M
+                # skip row tiles past the end, or wholly above this key tile's diagonal
+                live = m0 < Nq
+                if CAUSAL:
+                    live = live & (m0 + BLOCK_M - 1 + offset >= n0)
+                if live:
+                    offs_m = m0 + tl.arange(0, BLOCK_M)
+                    row_ok = offs_m < Nq
+                    q = tl.load(Q + b * sqb + hq * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+                                mask=row_ok[:, None], other=0.0)
+                    do = tl.load(DO + b * sdb + hq * sdh + offs_m[:, None] * sdn + offs_d[None, :],
+                                 mask=row_ok[:, None], other=0.0)
+                    if UPCAST:
+                        q = q.to(tl.float32)
+                        do = do.to(tl.float32)
+                    lse = tl.load(LSE + bh * Nq + offs_m, mask=row_ok, other=float("-inf"))
+                    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+                    delta = tl.load(DELTA + bh * Nq + offs_m, mask=row_ok, other=0.0)
+                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+                    ok = ok_k[None, :] & row_ok[:, None]
+                    if CAUSAL:
+                        ok = ok & (offs_n[None, :] <= offs_m[:, None] + offset)
+                    p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+                    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+                    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+                    ds = p * (dp - delta[:, None])
+                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+    ptrs = (pid_bh * Nk + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
+    tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
 
 
 class KernelPlan:
@@ -288,6 +369,36 @@ class KernelPlan:
     @property
     def heads(self) -> int:
         return self.mode.shape[1]
+
+    def key_major(self, q_len: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The walk transposed, for the backward's dK/dV: per (batch, plan head, key block), the
+        query blocks whose walk visits it, ascending (``[B, Hp, nkb, nqb]`` int32, the first
+        ``counts [B, Hp, nkb]`` valid). Built on the device from the per-head modes through a
+        block-level mask (blocks, not tokens: ``nqb x nkb`` per head), with no host sync."""
+        B, Hp = self.mode.shape
+        bq, bk, dev = self.block_q, self.block_k, self.mode.device
+        nqb, nkb, offset = cdiv(q_len, bq), cdiv(kv_len, bk), kv_len - q_len
+        qb = torch.arange(nqb, device=dev)[:, None]
+        kb = torch.arange(nkb, device=dev)
+        if self.causal:  # the last visible key block of each query block (as _row_walk)
+            hi = ((torch.clamp((qb + 1) * bq, max=q_len) - 1 + offset) // bk).clamp(max=nkb - 1)
+        else:
+            hi = torch.full_like(qb, nkb - 1)
+        visible = kb <= hi  # [nqb, nkb]
+        sink, local = self.sink[..., None, None].long(), self.local[..., None, None].long()
+        lo = torch.clamp(qb * bq + offset - local, min=0) // bk  # [B, Hp, nqb, 1]
+        stream = visible & ((kb < torch.minimum((sink + bk - 1) // bk, lo)) | (kb >= lo))
+        width = self.indices.shape[-1]
+        listed = torch.arange(width, device=dev) < self.counts[..., None]
+        idx = torch.where(listed, self.indices.long(), nkb)  # unlisted entries land in a spare column
+        block = torch.zeros((*idx.shape[:3], nkb + 1), dtype=torch.bool, device=dev).scatter_(-1, idx, True)
+        mode = self.mode[..., None, None]
+        walked = torch.where(mode == MODE_DENSE.value, visible,
+                             torch.where(mode == MODE_STREAMING.value, stream, block[..., :nkb]))
+        by_key = walked.transpose(-1, -2)  # [B, Hp, nkb, nqb]
+        counts = by_key.sum(-1, dtype=torch.int32)
+        order = torch.argsort((~by_key).to(torch.uint8), dim=-1, stable=True)  # visited blocks first
+        return order.to(torch.int32).contiguous(), counts.contiguous()  # the kernel steps the last dim by 1
 
     @classmethod
     def from_block_plan(cls, plan) -> KernelPlan:
@@ -409,23 +520,38 @@ def forward(q, k, v, kp: KernelPlan, key_padding_mask, scale):
     return out, lse
 
 
+# Backward dK/dV: True = the key-major kernel over the transposed walk (each program owns its
+# keys); False = fp32 atomics from the query-major dQ kernel (kept to compare, bench/gpu/tune.py)
+KEY_MAJOR_BACKWARD = True
+
+
 def backward(q, k, v, out, lse, dout, dlse, kp: KernelPlan, key_padding_mask, scale):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     dout = dout.contiguous()
     B, Hq, Nq, D = q.shape
+    Nk = k.shape[2]
     delta = (dout.float() * out.float()).sum(-1)  # rowsum(dO * O), minus the lse gradient
     if dlse is not None:
         delta = delta - dlse.float()
     delta = delta.contiguous()
+    lse = lse.contiguous()
     dq = torch.empty((B, Hq, Nq, D), dtype=torch.float32, device=q.device)
-    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
-    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    atomic = not KEY_MAJOR_BACKWARD
+    kv_dtype = torch.float32 if atomic else k.dtype
+    dk = (torch.zeros if atomic else torch.empty)(k.shape, dtype=kv_dtype, device=q.device)
+    dv = (torch.zeros if atomic else torch.empty)(v.shape, dtype=kv_dtype, device=q.device)
     grid, meta, plan_args, plan_strides, sizes = _common(q, k, v, kp, key_padding_mask, backward=True)
-    _launch(_bwd_kernel, grid, meta,
-            q, k, v, dout, lse.contiguous(), delta, dq, dk, dv, *plan_args,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
+    _launch(_bwd_kernel, grid, {**meta, "ATOMIC_DKDV": atomic},
+            q, k, v, dout, lse, delta, dq, dk, dv, *plan_args, *strides,
             *plan_strides, *sizes, scale * LOG2E, scale)
+    if not atomic:
+        t_idx, t_cnt = kp.key_major(Nq, Nk)
+        _launch(_bwd_dkdv_kernel, lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), B * k.shape[1]), meta,
+                q, k, v, dout, lse, delta, dk, dv, t_idx, t_cnt, plan_args[-1], *strides,
+                t_idx.stride(0), t_idx.stride(1), t_idx.stride(2), t_cnt.stride(0), t_cnt.stride(1),
+                *sizes, scale * LOG2E, scale)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
