@@ -178,22 +178,27 @@ def test_triton_mixed_matches_reference(case, dtype):
 
 @needs_triton
 def test_triton_backward_key_major_equals_atomic(monkeypatch):
-    """The key-major dK/dV kernel and the fp32-atomic one (kept for comparison) agree, every mode
-    present, GQA 3, left padding, Nq < Nk; and the key-major walk lists exactly the blocks the
-    forward walks (a block plan transposed back equals its mask)."""
+    """The key-major dK/dV kernel (unsplit and split) and the fp32-atomic one (kept for
+    comparison) agree, every mode present, GQA 3, left padding, Nq < Nk; and the key-major walk
+    lists exactly the blocks the forward walks (a block plan transposed back equals its mask)."""
     from attnzoo.ops.kernels import triton_attention as ta
 
     case = MIXED_CASES[1]
     q, k, v, kpm = _qkv(case, torch.float32, True, seed=5)
     plan = _mixed_plan(case, case.B, case.Hq, [i % len(MODES) for i in range(case.Hq)], seed=2)
     grads = []
-    for key_major in (True, False):
+    # the key-major kernel unsplit, split over the group's query heads and over query blocks, both;
+    # then the atomic kernel
+    for key_major, split in ((True, (False, 1)), (True, (True, 1)), (True, (False, 3)), (True, (True, 2)),
+                             (False, None)):
         monkeypatch.setattr(ta, "KEY_MAJOR_BACKWARD", key_major)
+        monkeypatch.setattr(ta, "BACKWARD_SPLIT", split)
         qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
         ops.mixed(qq, kk, vv, plan, key_padding_mask=kpm, backend="triton").square().sum().backward()
         grads.append([t.grad for t in (qq, kk, vv)])
-    for a, b in zip(*grads, strict=True):
-        assert rel_err(a, b) <= 1e-5
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other, strict=True):
+            assert rel_err(a, b) <= 1e-5
     blocks = _plan_to(random_block_plan(2, 3, 70, 130, 16, 32, p=0.4, seed=1), DEVICE)
     idx, cnt = ta.KernelPlan.from_block_plan(blocks).key_major(70, 130)
     nqb = blocks.kv_counts.shape[-1]

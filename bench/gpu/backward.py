@@ -1,6 +1,7 @@
-"""Block-sparse backward on the GPU: the key-major dK/dV kernel against the fp32-atomic one it
-replaced, beside dense attention's backward (PyTorch's default SDPA, the fastest dense here), at
-the shapes router training and long-context prefill use.
+"""Block-sparse backward on the GPU: the key-major dK/dV kernel (as shipped, and with its walk
+split over query heads and query blocks) against the fp32-atomic one it replaced, beside dense
+attention's backward (PyTorch's default SDPA, the fastest dense here), at the shapes router
+training and long-context prefill use.
 
     python3 bench/gpu/backward.py [--out DIR]
 
@@ -32,6 +33,9 @@ from attnzoo.ops.kernels import triton_attention as ta  # noqa: E402
 # and a Llama-8B-like layer at 32K
 SHAPES = [(16384, 9, 3, 64), (4096, 9, 3, 64), (32768, 32, 8, 128)]
 DENSITIES = (0.2, 0.5)
+# (name, key-major?, (split heads, query-block split) or None for launch_config's)
+VARIANTS = [("key-major", True, None), ("split-heads", True, (True, 1)), ("split-heads-q4", True, (True, 4)),
+            ("atomic", False, None)]
 
 
 def rel(a, b) -> float:
@@ -67,22 +71,22 @@ def main() -> int:
         for density in DENSITIES:
             plan = random_plan(n, hkv, 64, density, dev)
             grads, times = {}, {}
-            for key_major in (True, False):
-                ta.KEY_MAJOR_BACKWARD = key_major
+            for name, key_major, split in VARIANTS:
+                ta.KEY_MAJOR_BACKWARD, ta.BACKWARD_SPLIT = key_major, split
                 run = fwd_bwd(lambda plan=plan: ops.block_sparse(q, k, v, plan, backend="triton"))
                 run()
-                grads[key_major] = [t.grad.clone() for t in leaves]
-                times[key_major] = cuda_ms(run)
-            ta.KEY_MAJOR_BACKWARD = True
+                grads[name] = [t.grad.clone() for t in leaves]
+                times[name] = cuda_ms(run)
+            ta.KEY_MAJOR_BACKWARD, ta.BACKWARD_SPLIT = True, None
             kept = float(plan.density())  # kept pairs over the causal pairs
-            err = max(rel(a, b) for a, b in zip(grads[True], grads[False], strict=True))
-            row = dict(n=n, hq=hq, hkv=hkv, d=d, density=kept, dense_ms=dense_ms, key_major_ms=times[True],
-                       atomic_ms=times[False], max_rel_err=err,
-                       key_major_vs_dense=dense_ms / times[True], atomic_vs_dense=dense_ms / times[False])
+            err = max(rel(a, b) for name in grads for a, b in zip(grads[name], grads["atomic"], strict=True))
+            row = dict(n=n, hq=hq, hkv=hkv, d=d, density=kept, dense_ms=dense_ms, max_rel_err=err,
+                       **{f"{name}_ms": ms for name, ms in times.items()},
+                       key_major_ms=times["key-major"], atomic_ms=times["atomic"])
             rows.append(row)
-            print(f"   density {kept:.2f}: key-major {times[True]:.2f} ms ({row['key_major_vs_dense']:.2f}x dense, "
-                  f"{flops * kept / times[True] / 1e9:.0f} TFLOP/s), atomic {times[False]:.2f} ms "
-                  f"({row['atomic_vs_dense']:.2f}x), grads rel err {err:.1e}", flush=True)
+            print(f"   density {kept:.2f}: " + ", ".join(
+                f"{name} {ms:.2f} ms ({dense_ms / ms:.2f}x dense, {flops * kept / ms / 1e9:.0f} TFLOP/s)"
+                for name, ms in times.items()) + f"; grads rel err vs atomic <= {err:.1e}", flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "backward.json").write_text(json.dumps({"device": torch.cuda.get_device_name(),
                                                               "torch": torch.__version__, "rows": rows}, indent=1))

@@ -286,12 +286,17 @@ def _bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_CHECK: tl.constexpr,  # (every row tile is checked)
+    SPLIT_HEADS: tl.constexpr, Q_SPLIT: tl.constexpr,
 ):
     """dK and dV for BLOCK_N keys of one KV head, summed over the query heads it serves and the
-    query blocks whose walk visits this key block (the key-major plan): each program owns its
-    rows of dK/dV, so nothing is added atomically."""
+    query blocks whose walk visits this key block (the key-major plan). Unsplit, each program owns
+    its rows of dK/dV and stores them. A key block every query block visits (a sink) makes one
+    program walk G x nqb tiles in series; ``SPLIT_HEADS`` (one query head per program) and
+    ``Q_SPLIT`` (every Q_SPLIT-th visiting query block per program) shorten that walk, and the
+    programs sharing a key tile then add their sums into fp32 dK/dV, once each."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
     b = pid_bh // Hkv
     hkv = pid_bh % Hkv
     n0 = pid_n * BLOCK_N
@@ -311,13 +316,18 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     G = Hq // Hkv
-    for g in range(0, G):
+    g_lo = 0
+    g_hi = G
+    if SPLIT_HEADS:
+        g_lo = pid_s // Q_SPLIT
+        g_hi = g_lo + 1
+    for g in range(g_lo, g_hi):
         hq = hkv * G + g
         hp = hq // (Hq // Hp)
         bh = b * Hq + hq
         cnt = tl.load(TCNT + b * scb + hp * sch + kb)
         t_row = TIDX + b * stb + hp * sth + kb * stk
-        for j in range(0, cnt):
+        for j in range(pid_s % Q_SPLIT, cnt, Q_SPLIT):
             qb = tl.load(t_row + j)
             for sub in tl.static_range(PLAN_BQ // BLOCK_M):
                 m0 = qb * PLAN_BQ + sub * BLOCK_M
@@ -348,8 +358,12 @@ def _bwd_dkdv_kernel(
                     ds = p * (dp - delta[:, None])
                     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
     ptrs = (pid_bh * Nk + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
-    tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
+    if SPLIT_HEADS or Q_SPLIT > 1:
+        tl.atomic_add(DK + ptrs, dk * sm_scale, mask=k_ok[:, None])
+        tl.atomic_add(DV + ptrs, dv, mask=k_ok[:, None])
+    else:
+        tl.store(DK + ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_ok[:, None])
+        tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
 
 
 class KernelPlan:
@@ -455,8 +469,10 @@ def launch_config(head_dim: int, block_m: int, backward: bool) -> dict:
       against 77.6 with the old 64-key pointer tiles), 4 at D 64.
 
     TMA is used only where the device has it (Hopper or newer) and the layout allows it."""
-    if backward:
-        return dict(num_warps=8 if head_dim > 64 else 4, num_stages=3 if head_dim > 64 else 2)
+    if backward:  # SPLIT_HEADS / Q_SPLIT: the key-major dK/dV walk split (see _bwd_dkdv_kernel); off
+        # as measured (bench/results/router-h200-2026-12-03c), the split is for bench/gpu/backward.py
+        return dict(num_warps=8 if head_dim > 64 else 4, num_stages=3 if head_dim > 64 else 2,
+                    SPLIT_HEADS=False, Q_SPLIT=1)
     if block_m <= 16:
         return dict(num_warps=2, num_stages=2)
     if block_m <= 64:
@@ -523,6 +539,9 @@ def forward(q, k, v, kp: KernelPlan, key_padding_mask, scale):
 # Backward dK/dV: True = the key-major kernel over the transposed walk (each program owns its
 # keys); False = fp32 atomics from the query-major dQ kernel (kept to compare, bench/gpu/tune.py)
 KEY_MAJOR_BACKWARD = True
+# (SPLIT_HEADS, Q_SPLIT) for the key-major kernel, overriding launch_config's: tests force the
+# split under the interpreter (which takes no launch config); None = launch_config decides
+BACKWARD_SPLIT: tuple[bool, int] | None = None
 
 
 def backward(q, k, v, out, lse, dout, dlse, kp: KernelPlan, key_padding_mask, scale):
@@ -536,11 +555,15 @@ def backward(q, k, v, out, lse, dout, dlse, kp: KernelPlan, key_padding_mask, sc
     delta = delta.contiguous()
     lse = lse.contiguous()
     dq = torch.empty((B, Hq, Nq, D), dtype=torch.float32, device=q.device)
-    atomic = not KEY_MAJOR_BACKWARD
-    kv_dtype = torch.float32 if atomic else k.dtype
-    dk = (torch.zeros if atomic else torch.empty)(k.shape, dtype=kv_dtype, device=q.device)
-    dv = (torch.zeros if atomic else torch.empty)(v.shape, dtype=kv_dtype, device=q.device)
     grid, meta, plan_args, plan_strides, sizes = _common(q, k, v, kp, key_padding_mask, backward=True)
+    split = (meta.pop("SPLIT_HEADS", False), meta.pop("Q_SPLIT", 1))
+    if BACKWARD_SPLIT is not None:
+        split = BACKWARD_SPLIT
+    atomic = not KEY_MAJOR_BACKWARD
+    summed = atomic or split[0] or split[1] > 1  # dK/dV added into fp32, zeros first
+    kv_dtype = torch.float32 if summed else k.dtype
+    dk = (torch.zeros if summed else torch.empty)(k.shape, dtype=kv_dtype, device=q.device)
+    dv = (torch.zeros if summed else torch.empty)(v.shape, dtype=kv_dtype, device=q.device)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
     _launch(_bwd_kernel, grid, {**meta, "ATOMIC_DKDV": atomic},
@@ -548,7 +571,9 @@ def backward(q, k, v, out, lse, dout, dlse, kp: KernelPlan, key_padding_mask, sc
             *plan_strides, *sizes, scale * LOG2E, scale)
     if not atomic:
         t_idx, t_cnt = kp.key_major(Nq, Nk)
-        _launch(_bwd_dkdv_kernel, lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), B * k.shape[1]), meta,
+        programs = (Hq // k.shape[1] if split[0] else 1) * split[1]
+        meta = {**meta, "SPLIT_HEADS": split[0], "Q_SPLIT": split[1]}
+        _launch(_bwd_dkdv_kernel, lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), B * k.shape[1], programs), meta,
                 q, k, v, dout, lse, delta, dk, dv, t_idx, t_cnt, plan_args[-1], *strides,
                 t_idx.stride(0), t_idx.stride(1), t_idx.stride(2), t_cnt.stride(0), t_cnt.stride(1),
                 *sizes, scale * LOG2E, scale)
