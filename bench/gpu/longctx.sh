@@ -8,8 +8,9 @@
 #            writes $OUT/train.tgz and the elastic presets with the new routers to /tmp/candidates
 #   part cal: bash bench/gpu/longctx.sh cal  (carry .whl/gguf_b .whl/py)  instead of b: thresholds with the
 #            per-text taus combined by median and by mean (AGGREGATES), presets in /tmp/cal-AGG
-#   part r:  bash bench/gpu/longctx.sh r xattention|streaming  (carry .whl/gguf_b .whl/py, and .whl/ckpt-MODE
-#            from the previous call if any)  one router's 300-step schedule, resumable: each call trains
+#   part j:  bash bench/gpu/longctx.sh j   (carry .whl/gguf_b .whl/py)  joins the GGUF and converts it, only
+#   part r:  bash bench/gpu/longctx.sh r xattention|streaming  (carry .whl/gguf_b .whl/py; or after part j,
+#            .whl/py and .whl/ckpt-MODE from a previous call)  one router's 300-step schedule, resumable: each call trains
 #            for TRAIN_MIN minutes from the checkpoint it carries and returns the new one in 15 MB parts
 #            ($OUT/ckpt.part.*: a returned file may hold 16 MiB) with log.jsonl, summary.json, router.pt
 #   part c:  bash bench/gpu/longctx.sh c COMPARE-ARGS   `attnzoo compare` (GPU defaults, 45 prompts),
@@ -24,10 +25,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 git log --oneline -1 2>/dev/null
 if [ "$PART" = a ]; then
   cp .whl/gguf_a/* /tmp/ && ls -la /tmp/gguf.part.*
-  # the Triton kernels' tests on this GPU, then the backward kernels timed (key-major vs atomic)
+  # Triton kernel tests on this GPU (GPU_TESTS: a pytest -k expression; the whole attention-kernel
+  # set took 256 s of device time, mostly compiling), then the backward kernels timed (BWD=0 skips)
   python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_training.py \
-    -k "block_sparse or mixed or dense or key_major or empty or elastic or micro" 2>&1 | tail -3
-  python3 bench/gpu/backward.py --out "$OUT" 2>&1 | tail -12
+    -k "${GPU_TESTS:-key_major or micro}" 2>&1 | tail -3
+  [ "${BWD:-1}" = 1 ] && python3 bench/gpu/backward.py --out "$OUT" 2>&1 | tail -14
   # smoke: two router-training steps per sparse mode on a tiny bf16 Llama on this GPU
   python3 - <<'EOF'
 import sys
@@ -62,6 +64,12 @@ if [ "$PART" = cal ]; then  # thresholds per aggregation over texts, in parallel
   done
   wait
   tail -n 4 "$OUT"/calibrate-*.log
+  exit 0
+fi
+if [ "$PART" = j ]; then  # join the GGUF only (carry .whl/gguf_b): a later part r may then carry a checkpoint
+  # instead (GGUF part 2 + a router checkpoint exceed the 64 MiB a call carries)
+  cat /tmp/gguf.part.aa .whl/gguf_b/gguf.part.ab > "$GGUF" && md5sum "$GGUF"
+  python3 -c "from attnzoo.models import load_model; load_model('$GGUF')" 2>&1 | grep -v "Loading\|Convert\|Writing"
   exit 0
 fi
 if [ "$PART" = r ]; then  # one router, its schedule over several calls (after part a on a warm machine)
