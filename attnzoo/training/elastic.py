@@ -140,7 +140,7 @@ def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse
     for p in params:
         p.requires_grad_(True)
     lam = Multipliers(tuple(targets), seed=seed)
-    # fused on CUDA: one kernel for the ~100 router tensors instead of a launch chain per step
+    # fused on CUDA: one kernel for all the router's small tensors instead of a launch chain per step
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=params[0].device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps))
