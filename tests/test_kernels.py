@@ -201,6 +201,13 @@ def test_triton_backward_key_major_equals_atomic(monkeypatch):
             assert rel_err(a, b) <= 1e-5
     blocks = _plan_to(random_block_plan(2, 3, 70, 130, 16, 32, p=0.4, seed=1), DEVICE)
     idx, cnt = ta.KernelPlan.from_block_plan(blocks).key_major(70, 130)
+    # built in slices of (batch, plan head) rows, the same walk: a block plan and the mixed one
+    kp_mixed = ta.KernelPlan.from_mixed_plan(plan)
+    whole = kp_mixed.key_major(case.Nq, case.Nk)
+    monkeypatch.setattr(ta.KernelPlan, "KEY_MAJOR_ENTRIES", 40)
+    for got, want in ((ta.KernelPlan.from_block_plan(blocks).key_major(70, 130), (idx, cnt)),
+                      (kp_mixed.key_major(case.Nq, case.Nk), whole)):
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     nqb = blocks.kv_counts.shape[-1]
     listed = torch.arange(idx.shape[-1], device=DEVICE) < cnt[..., None]
     got = torch.zeros(2, 3, cnt.shape[-1], nqb + 1, dtype=torch.bool, device=DEVICE)

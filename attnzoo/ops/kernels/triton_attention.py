@@ -384,6 +384,10 @@ class KernelPlan:
     def heads(self) -> int:
         return self.mode.shape[1]
 
+    # block-mask entries (batch x plan head x nqb x nkb) transposed at once; larger walks go in
+    # slices of plan heads, since the transient tensors take ~10 bytes per entry (argsort's int64)
+    KEY_MAJOR_ENTRIES = 1 << 25
+
     def key_major(self, q_len: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The walk transposed, for the backward's dK/dV: per (batch, plan head, key block), the
         query blocks whose walk visits it, ascending (``[B, Hp, nkb, nqb]`` int32, the first
@@ -399,20 +403,27 @@ class KernelPlan:
         else:
             hi = torch.full_like(qb, nkb - 1)
         visible = kb <= hi  # [nqb, nkb]
-        sink, local = self.sink[..., None, None].long(), self.local[..., None, None].long()
-        lo = torch.clamp(qb * bq + offset - local, min=0) // bk  # [B, Hp, nqb, 1]
-        stream = visible & ((kb < torch.minimum((sink + bk - 1) // bk, lo)) | (kb >= lo))
-        width = self.indices.shape[-1]
-        listed = torch.arange(width, device=dev) < self.counts[..., None]
-        idx = torch.where(listed, self.indices.long(), nkb)  # unlisted entries land in a spare column
-        block = torch.zeros((*idx.shape[:3], nkb + 1), dtype=torch.bool, device=dev).scatter_(-1, idx, True)
-        mode = self.mode[..., None, None]
-        walked = torch.where(mode == MODE_DENSE.value, visible,
-                             torch.where(mode == MODE_STREAMING.value, stream, block[..., :nkb]))
-        by_key = walked.transpose(-1, -2)  # [B, Hp, nkb, nqb]
-        counts = by_key.sum(-1, dtype=torch.int32)
-        order = torch.argsort((~by_key).to(torch.uint8), dim=-1, stable=True)  # visited blocks first
-        return order.to(torch.int32).contiguous(), counts.contiguous()  # the kernel steps the last dim by 1
+        rows = B * Hp
+        flat = [t.reshape(rows, *t.shape[2:]) for t in (self.mode, self.sink, self.local, self.indices, self.counts)]
+        order = torch.empty((rows, nkb, nqb), dtype=torch.int32, device=dev)
+        counts = torch.empty((rows, nkb), dtype=torch.int32, device=dev)
+        step = max(1, self.KEY_MAJOR_ENTRIES // (nqb * nkb))
+        for r0 in range(0, rows, step):
+            mode, sink, local, indices, cnt = (t[r0:r0 + step] for t in flat)
+            sink, local = sink[:, None, None].long(), local[:, None, None].long()
+            lo = torch.clamp(qb * bq + offset - local, min=0) // bk  # [rows, nqb, 1]
+            stream = visible & ((kb < torch.minimum((sink + bk - 1) // bk, lo)) | (kb >= lo))
+            listed = torch.arange(indices.shape[-1], device=dev) < cnt[..., None]
+            idx = torch.where(listed, indices.long(), nkb)  # unlisted entries land in a spare column
+            block = torch.zeros((*idx.shape[:2], nkb + 1), dtype=torch.bool, device=dev).scatter_(-1, idx, True)
+            mode = mode[:, None, None]
+            walked = torch.where(mode == MODE_DENSE.value, visible,
+                                 torch.where(mode == MODE_STREAMING.value, stream, block[..., :nkb]))
+            by_key = walked.transpose(-1, -2)  # [rows, nkb, nqb]
+            counts[r0:r0 + step] = by_key.sum(-1, dtype=torch.int32)
+            order[r0:r0 + step] = torch.argsort((~by_key).to(torch.uint8), dim=-1, stable=True)  # visited first
+        # contiguous: the kernel steps the last dim by 1
+        return order.view(B, Hp, nkb, nqb), counts.view(B, Hp, nkb)
 
     @classmethod
     def from_block_plan(cls, plan) -> KernelPlan:
