@@ -11,7 +11,7 @@ import torch
 import attnzoo
 from attnzoo.cli import main
 from attnzoo.config import ConfigError
-from attnzoo.eval.niah import TASKS, make_prompt, score, suite
+from attnzoo.eval.niah import TASKS, make_prompt, prompt_answers, score, suite
 from attnzoo.stack import CallContext, DensityMeter
 
 from .conftest import make_qkv
@@ -40,6 +40,12 @@ def test_prompts_are_deterministic_sized_and_hold_their_needles(tok, task):
         assert text.count("The special magic number for") == 4
     other = make_prompt(tok, task, 1024, 0.3, seed=5)
     assert other.answers != a.answers
+    # reserve: a shorter prompt with the same needles; prompt_answers names them without a prompt
+    short = make_prompt(tok, task, 1024, 0.3, seed=4, reserve=100)
+    assert short.answers == a.answers == prompt_answers(task, 1024, 0.3, 4)
+    assert 0.95 * 924 <= short.n_tokens <= 924
+    with pytest.raises(ValueError, match="reserve"):
+        make_prompt(tok, task, 1024, 0.3, seed=4, reserve=1024)
 
 
 def test_depth_moves_the_needle(tok):

@@ -42,7 +42,7 @@ def retrieval_sample(tok, length: int, seed: int, offset: int = TRAIN_OFFSET) ->
         short = length - answer.shape[1] - p.n_tokens
         if short <= 0:
             break
-        longer = make_prompt(tok, "multikey", length, depth, seed, offset, reserve=answer.shape[1] - short)
+        longer = make_prompt(tok, "multikey", length, depth, seed, offset, reserve=max(0, answer.shape[1] - short))
         if longer.n_tokens + answer.shape[1] > length:
             break
         p = longer
