@@ -155,15 +155,15 @@ def compare(args) -> int:
     return 0
 
 
-def _load_model(name: str):
-    if name == "embedded":
-        from .models import load_embedded
-        return load_embedded()
-    if not (Path(name) / "config.json").is_file():
-        raise UsageError(f"--model: {name!r} is not a local Hugging Face model folder (no config.json there); "
-                         f"use 'embedded' or a folder saved by save_pretrained")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    return AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+def _load_model(name: str, dtype, device):
+    """``models.load_model``, with a path that is not a model refused in one line before loading."""
+    from .models import load_model
+
+    path = Path(name)
+    if name != "embedded" and not (path.suffix == ".gguf" and path.is_file()) and not (path / "config.json").is_file():
+        raise UsageError(f"--model: {name!r} is not a local Hugging Face model folder (no config.json there) "
+                         f"nor a .gguf file; use 'embedded', a .gguf file or a folder saved by save_pretrained")
+    return load_model(name, dtype, device)
 
 
 def _targets(text: str) -> dict:
@@ -178,11 +178,25 @@ def _targets(text: str) -> dict:
 
 def train(args) -> int:
     from .config import preset_spec
+    from .eval import compare as cmp
+    from .models import extend_context
     from .stack import build
     from .training import train_elastic, train_ssa, training_samples
 
-    if args.method == "ssa" and (args.resume or args.checkpoint_every):
-        raise UsageError("--resume and --checkpoint-every are for elastic router training")
+    if args.method == "ssa" and (args.resume or args.checkpoint_every or args.micro_batch_tokens):
+        raise UsageError("--resume, --checkpoint-every and --micro-batch-tokens are for elastic router training")
+    if args.micro_batch_tokens is not None and args.micro_batch_tokens < 1:
+        raise UsageError(f"--micro-batch-tokens must be >= 1, got {args.micro_batch_tokens}")
+    try:
+        device = cmp.resolve_device(args.device)
+    except ValueError as e:
+        raise UsageError(f"--device: {e}") from None
+    if args.context is not None and not MIN_CONTEXT <= args.context <= MAX_CONTEXT:
+        raise UsageError(f"--context must lie in [{MIN_CONTEXT}, {MAX_CONTEXT}] tokens, got {args.context}")
+    context = args.context or cmp.EMBEDDED_CONTEXT
+    if args.model == "embedded" and max(args.lengths) > context:
+        raise UsageError(f"--lengths: {max(args.lengths)} tokens is past the embedded model's context ({context} "
+                         f"tokens); --context {max(args.lengths)} extends it with YaRN")
     if args.resume:
         from .training.elastic import checkpoint_run
 
@@ -197,7 +211,9 @@ def train(args) -> int:
     stack = None if args.stack is None else preset_spec(args.stack)
     if stack is not None:
         build(stack)  # a bad name or file fails before the model loads
-    model, tok = _load_model(args.model)  # a folder that is not a model: UsageError before loading
+    model, tok = _load_model(args.model, cmp.resolve_dtype(args.dtype, device), device)
+    if args.context is not None:
+        extend_context(model, args.context)
     samples = training_samples(tok, args.samples, lengths=args.lengths, seed=args.seed)
     if args.method == "ssa":
         log = train_ssa(model, samples, sparse=stack, steps=args.steps, lr=args.lr or 1e-5, accum=args.batch,
@@ -208,7 +224,8 @@ def train(args) -> int:
     else:
         _, log = train_elastic(model, samples, sparse=stack, steps=args.steps, batch=args.batch, lr=args.lr or 5e-4,
                                lambda_lr=args.lambda_lr, targets=args.targets, seed=args.seed, out_dir=args.out,
-                               checkpoint_every=args.checkpoint_every, resume=args.resume)
+                               checkpoint_every=args.checkpoint_every, resume=args.resume,
+                               micro_batch_tokens=args.micro_batch_tokens)
     last = log.rows[-1]
     print("last step: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
     print(f"wrote {args.out}/log.jsonl, training.png" + (", router.pt" if args.method == "elastic" else ", model/"))
@@ -254,7 +271,13 @@ def main(argv=None) -> int:
     c.add_argument("--haystack", help="a UTF-8 text file the needles hide in (default: CPython's documentation)")
     t = sub.add_parser("train", help="SSA alignment training, or Elastic router training (frozen backbone)")
     t.add_argument("method", choices=["ssa", "elastic"])
-    t.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M) or a local HF model folder")
+    t.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M), a .gguf file or a local HF "
+                   "model folder")
+    t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    t.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model precision (auto: bfloat16 on a GPU, float32 on a CPU)")
+    t.add_argument("--context", type=int, help="extend the model with YaRN to this many tokens first (e.g. 32768 "
+                   "for samples past the embedded model's 8K)")
     t.add_argument("--stack", help="the sparse branch: a preset name or stack YAML (default: ssa topk_blocks 16x16; "
                    "elastic streaming sink 64 + local 256)")
     t.add_argument("--steps", type=int, default=100)
@@ -271,6 +294,8 @@ def main(argv=None) -> int:
     t.add_argument("--out", default="attnzoo-train", help="folder for log.jsonl, training.png and the weights")
     t.add_argument("--checkpoint-every", type=int, default=None, help="elastic: write OUT/checkpoint.pt every N "
                    "steps (a run resumed from it ends as if never stopped)")
+    t.add_argument("--micro-batch-tokens", type=int, default=None, help="elastic: run a step's samples of equal "
+                   "length together, at most this many tokens per micro-batch (2x faster steps on an H200)")
     t.add_argument("--resume", default=None, help="elastic: continue the run of this checkpoint.pt (same steps, "
                    "batch, samples and seed)")
     args = parser.parse_args(argv)

@@ -54,8 +54,13 @@ CASES = {
     "length past --context": (["compare", "--context", "16384", "--lengths", "20000"], "--context 20000 extends it"),
     "compare model that is missing": (["compare", "--model", "/no/such/model"], "--model: no such file or folder"),
     "unknown dtype": (["compare", "--dtype", "fp8"], "invalid choice"),
-    "resume for ssa": (["train", "ssa", "--resume", "checkpoint.pt"], "--checkpoint-every are for elastic"),
+    "resume for ssa": (["train", "ssa", "--resume", "checkpoint.pt"], "are for elastic router training"),
     "missing checkpoint": (["train", "elastic", "--resume", "/no/such/checkpoint.pt"], "--resume: no such checkpoint"),
+    "micro-batches for ssa": (["train", "ssa", "--micro-batch-tokens", "4096"], "are for elastic router training"),
+    "no micro-batch tokens": (["train", "elastic", "--micro-batch-tokens", "0"], "--micro-batch-tokens must be >= 1"),
+    "train on an unknown device": (["train", "elastic", "--device", "tpu"], "--device: device must be"),
+    "train context too small": (["train", "elastic", "--context", "10"], "--context must lie in"),
+    "train length past the context": (["train", "elastic", "--lengths", "16384"], "--context 16384 extends it"),
 }
 
 

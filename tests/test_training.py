@@ -147,6 +147,21 @@ def test_supervised_loss_per_row_of_a_right_padded_batch_equals_each_sample_alon
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_training_nodes_drop_dense_below():
+    """A preset's dense_below (xattention: dense below 24,576 keys on CUDA) must not make the
+    sparse branch dense at training lengths."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from attnzoo import build
+    from attnzoo.training.common import layer_nodes
+
+    assert any(n.dense_below for n in build("preset:xattention").nodes())
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=16)
+    nodes = layer_nodes("preset:xattention", LlamaForCausalLM(cfg))  # layers 2-3 are XAttention's
+    assert nodes[3].selector is not None and not any(x.dense_below for n in nodes for x in n.walk())
+
+
 def test_micro_batches_pack_by_length_within_the_token_budget():
     assert micro_batches("abcd", [400, 100, 300, 100], None) == [["a"], ["b"], ["c"], ["d"]]
     assert micro_batches("abcd", [400, 100, 300, 100], 600) == [["b", "d"], ["c"], ["a"]]
@@ -296,10 +311,14 @@ def test_cli_train_elastic_writes_log_plot_and_router(tok, tmp_path, monkeypatch
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
-    monkeypatch.setattr(cli, "_load_model", lambda name: (LlamaForCausalLM(cfg).eval(), tok))
+    loaded = []
+    monkeypatch.setattr(cli, "_load_model", lambda name, dtype, device: loaded.append((name, dtype, device)) or
+                        (LlamaForCausalLM(cfg).eval(), tok))
     out = tmp_path / "run"
-    assert cli.main(["train", "elastic", "--steps", "2", "--batch", "1", "--samples", "2", "--lengths", "256",
-                     "--targets", "retrieval=0.6,other=1.0", "--out", str(out)]) == 0
+    assert cli.main(["train", "elastic", "--steps", "2", "--batch", "2", "--samples", "2", "--lengths", "256",
+                     "--targets", "retrieval=0.6,other=1.0", "--out", str(out), "--device", "cpu",
+                     "--micro-batch-tokens", "1024"]) == 0
+    assert loaded == [("embedded", torch.float32, "cpu")]
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1]
     assert {"ce", "penalty", "temperature", "lambda1_retrieval", "lambda2_other"} <= set(rows[0])

@@ -12,13 +12,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..config import without_dense_below
 from ..integrations.hf import decoder_layers, key_padding_mask_of, pre_rope_key_hooks, use_attention
 from ..stack import CallContext, build
 
 
 def layer_nodes(stack, model) -> list:
-    """One stack node per decoder layer of ``model`` (anything ``attnzoo.build`` takes)."""
-    stack = build(stack)
+    """One stack node per decoder layer of ``model`` (anything ``attnzoo.build`` takes), with every
+    ``dense_below`` switch removed: a preset's speed switch (e.g. ``xattention``: dense below 24,576
+    keys on CUDA) would otherwise make the sparse branch dense at training lengths, silently."""
+    stack = build(without_dense_below(build(stack).to_config()))
     n = len(decoder_layers(model))
     stack.check_num_layers(n)
     return [stack.node_for(i) for i in range(n)]
