@@ -183,6 +183,23 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _bwd_rows(Q, DO, LSE, DELTA, b, hq, bh, offs_m, offs_d, row_ok, sqb, sqh, sqn, sdb, sdh, sdn, Nq,
+              UPCAST: tl.constexpr):
+    """What both backward kernels read for query rows ``offs_m`` of query head ``hq``: q, dO, the
+    lse in the exp2 domain (+inf for rows that saw no key: P = exp2(s - inf) = 0 everywhere) and
+    delta = rowsum(dO * O)."""
+    q = tl.load(Q + b * sqb + hq * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + hq * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + bh * Nq + offs_m, mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + bh * Nq + offs_m, mask=row_ok, other=0.0)
+    return q, do, lse2, delta
+
+
+@triton.jit
 def _bwd_tile(dq, q, do, lse2, delta, row_ok, K, V, KPM, DK, DV, b, hkv, kv_base, n0,
               offs_m, offs_n, offs_d, skb, skh, skn, svb, svh, svn, Nk, offset, qk_scale, sm_scale,
               HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
@@ -241,17 +258,8 @@ def _bwd_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < Nq
 
-    q = tl.load(Q + b * sqb + hq * sqh + offs_m[:, None] * sqn + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * sdb + hq * sdh + offs_m[:, None] * sdn + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    lse = tl.load(LSE + pid_bh * Nq + offs_m, mask=row_ok, other=float("-inf"))
-    # rows that saw no key: P = exp2(s - inf) = 0 everywhere
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + pid_bh * Nq + offs_m, mask=row_ok, other=0.0)
+    q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, b, hq, pid_bh, offs_m, offs_d, row_ok,
+                                   sqb, sqh, sqn, sdb, sdh, sdn, Nq, UPCAST)
 
     mode, lo, s_, n_blocks, idx_row, limit = _row_walk(
         MODE, SINK, LOCAL, IDX, CNT, b, hp, Hp, qb, m0, Nq, Nk, offset, sib, sih, siq, scb, sch, scq,
@@ -285,8 +293,7 @@ def _bwd_dkdv_kernel(
     Hq, Hkv, Hp, Nq, Nk, offset, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_CHECK: tl.constexpr,  # (every row tile is checked)
-    SPLIT_HEADS: tl.constexpr, Q_SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT_HEADS: tl.constexpr, Q_SPLIT: tl.constexpr,
 ):
     """dK and dV for BLOCK_N keys of one KV head, summed over the query heads it serves and the
     query blocks whose walk visits this key block (the key-major plan). Unsplit, each program owns
@@ -338,16 +345,8 @@ def _bwd_dkdv_kernel(
                 if live:
                     offs_m = m0 + tl.arange(0, BLOCK_M)
                     row_ok = offs_m < Nq
-                    q = tl.load(Q + b * sqb + hq * sqh + offs_m[:, None] * sqn + offs_d[None, :],
-                                mask=row_ok[:, None], other=0.0)
-                    do = tl.load(DO + b * sdb + hq * sdh + offs_m[:, None] * sdn + offs_d[None, :],
-                                 mask=row_ok[:, None], other=0.0)
-                    if UPCAST:
-                        q = q.to(tl.float32)
-                        do = do.to(tl.float32)
-                    lse = tl.load(LSE + bh * Nq + offs_m, mask=row_ok, other=float("-inf"))
-                    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-                    delta = tl.load(DELTA + bh * Nq + offs_m, mask=row_ok, other=0.0)
+                    q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, b, hq, bh, offs_m, offs_d, row_ok,
+                                                   sqb, sqh, sqn, sdb, sdh, sdn, Nq, UPCAST)
                     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
                     ok = ok_k[None, :] & row_ok[:, None]
                     if CAUSAL:
@@ -523,7 +522,9 @@ def _launch(kernel, grid, meta, *args):
             if meta["BLOCK_M"] <= 16:
                 raise
             bm = meta["BLOCK_M"] // 2
-            meta = {**meta, "BLOCK_M": bm, "SKIP_CHECK": bm < meta["PLAN_BQ"], "num_stages": 2}
+            meta = {**meta, "BLOCK_M": bm, "num_stages": 2}
+            if "SKIP_CHECK" in meta:  # the query-major kernels: a tile now smaller than its query block
+                meta["SKIP_CHECK"] = bm < meta["PLAN_BQ"]
 
 
 def _last_dim_contiguous(x):
@@ -583,7 +584,7 @@ def backward(q, k, v, out, lse, dout, dlse, kp: KernelPlan, key_padding_mask, sc
     if not atomic:
         t_idx, t_cnt = kp.key_major(Nq, Nk)
         programs = (Hq // k.shape[1] if split[0] else 1) * split[1]
-        meta = {**meta, "SPLIT_HEADS": split[0], "Q_SPLIT": split[1]}
+        meta = {**{k: v for k, v in meta.items() if k != "SKIP_CHECK"}, "SPLIT_HEADS": split[0], "Q_SPLIT": split[1]}
         _launch(_bwd_dkdv_kernel, lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), B * k.shape[1], programs), meta,
                 q, k, v, dout, lse, delta, dk, dv, t_idx, t_cnt, plan_args[-1], *strides,
                 t_idx.stride(0), t_idx.stride(1), t_idx.stride(2), t_cnt.stride(0), t_cnt.stride(1),
