@@ -88,19 +88,13 @@ class UsageError(ValueError):
     """A command-line mistake: printed as one line, exit status 2."""
 
 
-def _check_compare_args(args) -> dict:
-    """Everything checkable before the model loads; returns the haystack options."""
+def _check_model_device_context(args, lengths) -> str:
+    """``--model``, ``--device``, ``--context`` and whether ``lengths`` fit the context, before any
+    model loads (compare and train); returns the device."""
     from .eval import compare as cmp
-    from .eval.compare import EMBEDDED_CONTEXT
-    from .eval.niah import check_settings
 
-    for flag in ("lengths", "depths", "tasks"):
-        try:
-            check_settings(**{flag: getattr(args, flag) or ()})
-        except ValueError as e:
-            raise UsageError(f"--{flag}: {e}") from None
     try:
-        cmp.resolve_device(args.device)
+        device = cmp.resolve_device(args.device)
     except ValueError as e:
         raise UsageError(f"--device: {e}") from None
     if args.context is not None and not MIN_CONTEXT <= args.context <= MAX_CONTEXT:
@@ -113,11 +107,24 @@ def _check_compare_args(args) -> dict:
         raise UsageError(f"--model: {args.model} is neither a .gguf file nor a Hugging Face model folder "
                          f"(no config.json there)")
     # the context the lengths must fit: --context, else the embedded model's (its GPU defaults extend it)
-    context = args.context or EMBEDDED_CONTEXT
-    for n in args.lengths or ():
+    context = args.context or cmp.EMBEDDED_CONTEXT
+    for n in lengths:
         if args.model == "embedded" and n > context:
             raise UsageError(f"--lengths: {n} tokens is past the embedded model's context ({context} tokens); "
                              f"--context {n} extends it with YaRN")
+    return device
+
+
+def _check_compare_args(args) -> dict:
+    """Everything checkable before the model loads; returns the haystack options."""
+    from .eval.niah import check_settings
+
+    for flag in ("lengths", "depths", "tasks"):
+        try:
+            check_settings(**{flag: getattr(args, flag) or ()})
+        except ValueError as e:
+            raise UsageError(f"--{flag}: {e}") from None
+    _check_model_device_context(args, args.lengths or ())
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.repeats < 1:
@@ -156,13 +163,8 @@ def compare(args) -> int:
 
 
 def _load_model(name: str, dtype, device):
-    """``models.load_model``, with a path that is not a model refused in one line before loading."""
     from .models import load_model
 
-    path = Path(name)
-    if name != "embedded" and not (path.suffix == ".gguf" and path.is_file()) and not (path / "config.json").is_file():
-        raise UsageError(f"--model: {name!r} is not a local Hugging Face model folder (no config.json there) "
-                         f"nor a .gguf file; use 'embedded', a .gguf file or a folder saved by save_pretrained")
     return load_model(name, dtype, device)
 
 
@@ -187,16 +189,7 @@ def train(args) -> int:
         raise UsageError("--resume, --checkpoint-every and --micro-batch-tokens are for elastic router training")
     if args.micro_batch_tokens is not None and args.micro_batch_tokens < 1:
         raise UsageError(f"--micro-batch-tokens must be >= 1, got {args.micro_batch_tokens}")
-    try:
-        device = cmp.resolve_device(args.device)
-    except ValueError as e:
-        raise UsageError(f"--device: {e}") from None
-    if args.context is not None and not MIN_CONTEXT <= args.context <= MAX_CONTEXT:
-        raise UsageError(f"--context must lie in [{MIN_CONTEXT}, {MAX_CONTEXT}] tokens, got {args.context}")
-    context = args.context or cmp.EMBEDDED_CONTEXT
-    if args.model == "embedded" and max(args.lengths) > context:
-        raise UsageError(f"--lengths: {max(args.lengths)} tokens is past the embedded model's context ({context} "
-                         f"tokens); --context {max(args.lengths)} extends it with YaRN")
+    device = _check_model_device_context(args, args.lengths)
     if args.resume:
         from .training.elastic import checkpoint_run
 
@@ -211,7 +204,7 @@ def train(args) -> int:
     stack = None if args.stack is None else preset_spec(args.stack)
     if stack is not None:
         build(stack)  # a bad name or file fails before the model loads
-    model, tok = _load_model(args.model, cmp.resolve_dtype(args.dtype, device), device)
+    model, tok = _load_model(args.model, cmp.resolve_dtype(args.dtype, device), device)  # checked above
     if args.context is not None:
         extend_context(model, args.context)
     samples = training_samples(tok, args.samples, lengths=args.lengths, seed=args.seed)
