@@ -288,7 +288,8 @@ def main(argv=None) -> int:
     t.add_argument("--checkpoint-every", type=int, default=None, help="elastic: write OUT/checkpoint.pt every N "
                    "steps (a run resumed from it ends as if never stopped)")
     t.add_argument("--micro-batch-tokens", type=int, default=None, help="elastic: run a step's samples of equal "
-                   "length together, at most this many tokens per micro-batch (2x faster steps on an H200)")
+                   "length together, at most this many tokens per micro-batch (on an H200: 2.1 s per 16-sample "
+                   "step against 4.0 s one sample at a time)")
     t.add_argument("--resume", default=None, help="elastic: continue the run of this checkpoint.pt (same steps, "
                    "batch, samples and seed)")
     args = parser.parse_args(argv)
