@@ -81,8 +81,7 @@ def main() -> int:
             kept = float(plan.density())  # kept pairs over the causal pairs
             err = max(rel(a, b) for name in grads for a, b in zip(grads[name], grads["atomic"], strict=True))
             row = dict(n=n, hq=hq, hkv=hkv, d=d, density=kept, dense_ms=dense_ms, max_rel_err=err,
-                       **{f"{name}_ms": ms for name, ms in times.items()},
-                       key_major_ms=times["key-major"], atomic_ms=times["atomic"])
+                       **{f"{name.replace('-', '_')}_ms": ms for name, ms in times.items()})
             rows.append(row)
             print(f"   density {kept:.2f}: " + ", ".join(
                 f"{name} {ms:.2f} ms ({dense_ms / ms:.2f}x dense, {flops * kept / ms / 1e9:.0f} TFLOP/s)"
