@@ -127,8 +127,9 @@ def _check_compare_args(args) -> dict:
     _check_model_device_context(args, args.lengths or ())
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.repeats < 1:
-        raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
+    for flag in ("repeats", "baseline_repeats"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.haystack is None:
         return {}
     path = Path(args.haystack)
@@ -150,7 +151,8 @@ def compare(args) -> int:
     templates = _check_compare_args(args)
     presets = args.presets or list(cmp.DEFAULT_PRESETS)
     results = cmp.run(presets, lengths=args.lengths, tasks=args.tasks, depths=args.depths, quick=args.quick,
-                      max_new_tokens=args.max_new_tokens, repeats=args.repeats, device=args.device,
+                      max_new_tokens=args.max_new_tokens, repeats=args.repeats,
+                      baseline_repeats=args.baseline_repeats, device=args.device,
                       dtype=args.dtype, model_spec=args.model, context=args.context,
                       checkpoint=lambda partial: report.write(partial, args.out),
                       sparse_everywhere=args.sparse_everywhere, **templates)
@@ -259,6 +261,8 @@ def main(argv=None) -> int:
     c.add_argument("--out", default="attnzoo-compare", help="folder for results.json and pareto.png")
     c.add_argument("--repeats", type=int, default=1, help="prefills timed per prompt and preset; the median "
                    "is reported (default 1)")
+    c.add_argument("--baseline-repeats", type=int, default=3, help="prefills timed per prompt for full, the "
+                   "denominator of every ratio (default 3; at least --repeats)")
     c.add_argument("--sparse-everywhere", action="store_true", help="run every preset's sparse path at every "
                    "length (drop the dense_below switches that run dense attention where sparse measured slower)")
     c.add_argument("--haystack", help="a UTF-8 text file the needles hide in (default: CPython's documentation)")

@@ -49,6 +49,7 @@ CASES = {
     "model folder that is not a model": (["train", "elastic", "--model", "/no/such/folder"], "--model"),
     "unknown command": (["comprae"], "invalid choice"),
     "no repeats": (["compare", "--repeats", "0"], "--repeats must be >= 1"),
+    "no baseline repeats": (["compare", "--baseline-repeats", "0"], "--baseline-repeats must be >= 1"),
     "unknown device": (["compare", "--device", "tpu"], "--device: device must be"),
     "context too small": (["compare", "--context", "10"], "--context must lie in"),
     "length past --context": (["compare", "--context", "16384", "--lengths", "20000"], "--context 20000 extends it"),

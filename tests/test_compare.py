@@ -186,8 +186,11 @@ def test_compare_accepts_a_stack_yaml(tok, tmp_path):
     path.write_text("name: mine\ndefault:\n  selector: {name: streaming, sink: 64, local: 256}\n  op: block_sparse\n")
     results = run([str(path)], quick=True, progress=False, repeats=2)
     assert results["settings"]["prefill_repeats"] == 2 and results["settings"]["presets_interleaved"]
+    assert results["settings"]["baseline_prefill_repeats"] == 3  # full, every ratio's denominator
     with pytest.raises(ValueError, match="repeats must be"):
         run([str(path)], quick=True, repeats=0)
+    with pytest.raises(ValueError, match="baseline_repeats must be"):
+        run([str(path)], quick=True, baseline_repeats=0)
     assert list(results["presets"]) == ["full", str(path)]
     assert results["presets"][str(path)]["stack"] == "mine"
     assert results["presets"][str(path)]["density"] < 1.0
@@ -220,3 +223,23 @@ def test_without_dense_below_removes_every_switch_and_nothing_else():
     assert "dense_below" in spec["default"], "the input is not changed"
     nested = {"layers": {"0-1": {"op": "dense"}, "2": [{"dense_below": 5, "op": "x"}]}, "dense_below": 1}
     assert without_dense_below(nested) == {"layers": {"0-1": {"op": "dense"}, "2": [{"op": "x"}]}}
+
+
+def test_compare_times_the_baseline_more_often(tok, tmp_path, monkeypatch):
+    """``full`` is every ratio's denominator: its prefill is timed ``baseline_repeats`` times (the
+    other presets ``repeats`` times), and the header says so."""
+    from attnzoo.eval import compare
+    from attnzoo.eval.report import header
+
+    calls = []
+    real = compare._answer
+
+    def spy(model, tok, ids, max_new_tokens, repeats=1, *args, **kw):
+        calls.append(repeats)
+        return real(model, tok, ids, max_new_tokens, repeats, *args, **kw)
+
+    monkeypatch.setattr(compare, "_answer", spy)
+    results = compare.run(["streaming"], quick=True, progress=False, repeats=1, baseline_repeats=2)
+    assert sorted(calls) == [1, 2], calls  # one prompt: full twice, streaming once
+    assert results["settings"]["baseline_prefill_repeats"] == 2
+    assert "median of 1 (full: 2)" in header(results)

@@ -132,10 +132,12 @@ def defaults(device: str, quick: bool = False) -> dict:
 
 def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick: bool = False,
         max_new_tokens: int | None = None, seed: int = EVAL_SEED, model=None, tok=None, progress: bool = True,
-        repeats: int = 1, device: str = "auto", dtype=None, model_spec: str = "embedded", context: int | None = None,
-        checkpoint=None, sparse_everywhere: bool = False, **templates) -> dict:
+        repeats: int = 1, baseline_repeats: int = 3, device: str = "auto", dtype=None, model_spec: str = "embedded",
+        context: int | None = None, checkpoint=None, sparse_everywhere: bool = False, **templates) -> dict:
     """Run the comparison; returns the ``results.json`` dict. ``repeats``: prefills timed per prompt
-    and preset (the median is reported). ``device``/``dtype``: where and in what precision the
+    and preset (the median is reported); ``full``, the denominator of every ratio, is timed
+    ``max(repeats, baseline_repeats)`` times, so one slow baseline prefill does not move every
+    preset's ratio for that prompt together. ``device``/``dtype``: where and in what precision the
     model runs (auto: CUDA and bf16 when present). ``model_spec``: ``"embedded"``, a ``.gguf``
     file or a local HF folder (ignored when ``model``/``tok`` are given). ``context``: extend the
     model with YaRN to this many tokens (default: the longest default length where that is past
@@ -145,8 +147,10 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
     switch (``attnzoo.config.without_dense_below``), to measure the methods' accuracy and density
     at every length rather than the speed-tuned presets. ``templates``: ``haystack``, ``needle``, ``question``
     for the prompts (``attnzoo.eval.niah.make_prompt``)."""
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+    for arg, value in (("repeats", repeats), ("baseline_repeats", baseline_repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
+    base_repeats = max(repeats, baseline_repeats)
     from tqdm import tqdm
 
     from ..models import extend_context, load_model
@@ -183,7 +187,8 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
         return {
             "settings": {**{k: list(v) for k, v in settings.items()},
                          "max_new_tokens": max_new_tokens or dict(MAX_NEW_TOKENS), "seed": seed,
-                         "prefill_repeats": repeats, "presets_interleaved": True, "complete": complete,
+                         "prefill_repeats": repeats, "baseline_prefill_repeats": base_repeats,
+                         "presets_interleaved": True, "complete": complete,
                          "quick": quick, "per_cell": per_cell, "dtype": str(dt).replace("torch.", ""),
                          "sparse_everywhere": sparse_everywhere,
                          "yarn_factor": factor, "context": ctx,
@@ -205,6 +210,7 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
         ids = p.input_ids.to(device)
         for name in presets[i % len(presets):] + presets[: i % len(presets)]:
             bar.set_postfix_str(f"{name} {p.task}@{p.n_tokens}")
+            reps = base_repeats if name == "full" else repeats
             meter = meters[name]
             meter.reset()
             with patch(model, stacks[name], meter=meter):
@@ -215,11 +221,11 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
                 if p is longest:  # peak memory of the longest real prefill (+ its short decode)
                     got = {}
                     peaks[name] = peak_memory(
-                        lambda ids=ids, n=budget: got.update(r=_answer(model, tok, ids, n, repeats, meter, p.answers)),
+                        lambda ids=ids, n=budget: got.update(r=_answer(model, tok, ids, n, reps, meter, p.answers)),
                         device)
                     text, prefill = got["r"]
                 else:
-                    text, prefill = _answer(model, tok, ids, budget, repeats, meter, p.answers)
+                    text, prefill = _answer(model, tok, ids, budget, reps, meter, p.answers)
             per_prompt[name].append({"task": p.task, "length": p.length, "tokens": p.n_tokens, "depth": p.depth,
                                      "answers": list(p.answers), "output": text, "correct": score(text, p.answers),
                                      "prefill_s": prefill, "density": meter.mean()})

@@ -80,9 +80,11 @@ def header(results: dict) -> str:
     partial = "" if s.get("complete", True) else " **PARTIAL: the run stopped before its last prompt**;"
     if s.get("sparse_everywhere"):
         partial += " presets sparse at every length (--sparse-everywhere: dense_below switches off);"
+    base_reps = s.get("baseline_prefill_repeats", s.get("prefill_repeats", 1))
+    base = f" (full: {base_reps})" if base_reps != s.get("prefill_repeats", 1) else ""
     return (f"{s['model']} ({s.get('dtype', 'float32')}{ctx}) on {device}; torch {m['torch']}; lengths "
             f"{s['lengths']}, tasks {s['tasks']}, depths {s['depths']}; prefill: median of "
-            f"{s.get('prefill_repeats', 1)}, presets interleaved;{partial}")
+            f"{s.get('prefill_repeats', 1)}{base}, presets interleaved;{partial}")
 
 
 def table(results: dict) -> str:
