@@ -21,6 +21,14 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/py/*.whl 2>/dev/null
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 ATTNZOO_CACHE=/tmp/attnzoo-cache
 GGUF=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
+# The GGUF from part a's half in /tmp and the carried half; once per machine. A machine left idle
+# between calls (30 s) comes back fresh: part 1 is gone, and joining part 2 alone (as this script
+# once did) leaves a file every later part takes for the model.
+join_gguf() {
+  [ -f "$GGUF" ] && return 0
+  [ -f /tmp/gguf.part.aa ] || { echo "GGUF part 1 is not in /tmp (a fresh machine?): run part a again"; exit 1; }
+  cat /tmp/gguf.part.aa .whl/gguf_b/gguf.part.ab > "$GGUF.part" && mv "$GGUF.part" "$GGUF" && md5sum "$GGUF"
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 git log --oneline -1 2>/dev/null
 if [ "$PART" = a ]; then
@@ -52,7 +60,7 @@ EOF
   exit 0
 fi
 if [ "$PART" = cal ]; then  # thresholds per aggregation over texts, in parallel (after part a, instead of b)
-  [ -f "$GGUF" ] || cat /tmp/gguf.part.aa .whl/gguf_b/gguf.part.ab > "$GGUF"
+  join_gguf
   python3 -c "from attnzoo.models import load_model; load_model('$GGUF')" 2>&1 | grep -v "Loading\|Convert\|Writing"
   for AGG in ${AGGREGATES:-median mean}; do
     ( python3 bench/calibrate_presets.py --model "$GGUF" --device cuda --context 32768 --lengths 8192 16384 32768 \
@@ -68,13 +76,13 @@ if [ "$PART" = cal ]; then  # thresholds per aggregation over texts, in parallel
 fi
 if [ "$PART" = j ]; then  # join the GGUF only (carry .whl/gguf_b): a later part r may then carry a checkpoint
   # instead (GGUF part 2 + a router checkpoint exceed the 64 MiB a call carries)
-  cat /tmp/gguf.part.aa .whl/gguf_b/gguf.part.ab > "$GGUF" && md5sum "$GGUF"
+  join_gguf
   python3 -c "from attnzoo.models import load_model; load_model('$GGUF')" 2>&1 | grep -v "Loading\|Convert\|Writing"
   exit 0
 fi
 if [ "$PART" = r ]; then  # one router, its schedule over several calls (after part a on a warm machine)
   MODE=${1:?usage: longctx.sh r xattention|streaming}
-  [ -f "$GGUF" ] || cat /tmp/gguf.part.aa .whl/gguf_b/gguf.part.ab > "$GGUF"
+  join_gguf
   T=/tmp/train/router-$MODE; mkdir -p $T
   RESUME=()
   if ls .whl/ckpt-$MODE/ckpt.part.* > /dev/null 2>&1; then
@@ -90,7 +98,7 @@ if [ "$PART" = r ]; then  # one router, its schedule over several calls (after p
   exit 0
 fi
 if [ "$PART" = b ]; then
-  cat /tmp/gguf.part.aa .whl/gguf_b/gguf.part.ab > "$GGUF" && md5sum "$GGUF"
+  join_gguf
   # convert once before the parallel jobs (they would race on the model cache)
   python3 -c "from attnzoo.models import load_model; load_model('$GGUF')" 2>&1 | grep -v Loading
   TRAIN="--model $GGUF --device cuda --context 32768 --lengths 4096 8192 12288 16384 --steps 300 --batch 16
