@@ -129,6 +129,23 @@ def test_table_says_when_full_attention_scored_zero():
     assert "nan" not in out and "n/a (full 0)" in out and "| mine |" in out
 
 
+def test_paired_vs_full_counts_the_prompts_one_side_answered():
+    from attnzoo.eval.report import paired_vs_full, summarise, table
+
+    def recs(bits):
+        return [{"correct": b == "1", "prefill_s": 1.0, "density": 1.0, "tokens": 100} for b in bits]
+
+    full = recs("1111110000")
+    got = paired_vs_full(recs("0000010001"), full)  # lost 5, gained 1
+    assert (got["answers_lost"], got["answers_gained"]) == (5, 1)
+    assert got["paired_p"] == pytest.approx(2 * 7 / 64)  # P(X <= 1), X ~ Bin(6, 1/2), two-sided
+    assert paired_vs_full(recs("0000000000"), full)["paired_p"] == pytest.approx(2 / 64)  # 6 lost of 6
+    assert paired_vs_full(full, full) == {"answers_lost": 0, "answers_gained": 0, "paired_p": 1.0}
+    assert paired_vs_full(recs("1111100001"), full)["paired_p"] == 1.0  # one each way
+    results = summarise({"full": full, "x": recs("0000010001")}, {"full": 0, "x": 0}, {"full": "full", "x": "x"}, {})
+    assert results["presets"]["x"]["answers_lost"] == 5 and "(-5 / +1, p 0.22)" in table(results)
+
+
 def test_wilson_interval():
     from attnzoo.eval.report import wilson_interval
 

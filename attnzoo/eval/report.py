@@ -23,6 +23,19 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def paired_vs_full(records: list, full: list) -> dict:
+    """The answers a preset lost and gained against ``full`` on the same prompts, and the exact
+    two-sided McNemar (sign) test's p-value for that difference. Both ran the same prompts, so the
+    prompts only one of them answered are what tells them apart: two overlapping Wilson intervals
+    say less (6/45 against 7/45 may be one prompt lost, or four lost and three gained)."""
+    pairs = list(zip(records, full, strict=True))
+    lost = sum(1 for r, f in pairs if f["correct"] and not r["correct"])
+    gained = sum(1 for r, f in pairs if r["correct"] and not f["correct"])
+    n = lost + gained
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(lost, gained) + 1)) / 2**n) if n else 1.0
+    return {"answers_lost": lost, "answers_gained": gained, "paired_p": p}
+
+
 def summarise(per_prompt: dict, peaks: dict, names: dict, meta: dict) -> dict:
     """The ``results.json`` dict from every preset's per-prompt records (equal counts; ``names``:
     preset -> stack name, ``peaks``: preset -> peak bytes, ``meta``: settings and machine)."""
@@ -48,6 +61,7 @@ def summarise(per_prompt: dict, peaks: dict, names: dict, meta: dict) -> dict:
         r["prefill_ratio_range"] = [ratios[0], ratios[-1]]
         # None (not nan) where full attention answered nothing: there is no ratio to report
         r["accuracy_vs_full"] = r["accuracy"] / full["accuracy"] if full["accuracy"] else None
+        r.update(paired_vs_full(r["prompts"], full["prompts"]))
         r["by_length"] = _by_length(r["prompts"], full["prompts"], meta.get("settings", {}).get("lengths", ()))
     return {"presets": rows, **meta}
 
@@ -88,11 +102,13 @@ def header(results: dict) -> str:
 
 
 def table(results: dict) -> str:
-    lines = ["| preset | accuracy [95% CI] | vs full | mean density | mean prefill s | prefill ratio: median "
-             "(per-prompt range) | peak MiB | prompts |",
+    lines = ["| preset | accuracy [95% CI] | vs full (answers lost / gained, paired p) | mean density | "
+             "mean prefill s | prefill ratio: median (per-prompt range) | peak MiB | prompts |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in results["presets"].items():
         vs = "n/a (full 0)" if r["accuracy_vs_full"] is None else f"{r['accuracy_vs_full']:.0%}"
+        if r.get("answers_lost") is not None and name != "full":
+            vs += f" (-{r['answers_lost']} / +{r['answers_gained']}, p {r['paired_p']:.2f})"
         spread = r.get("prefill_ratio_range")
         ratio = f"{r['prefill_ratio']:.2f}x" + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else "")
         ci = r.get("accuracy_ci")
