@@ -260,3 +260,31 @@ def test_compare_times_the_baseline_more_often(tok, tmp_path, monkeypatch):
     assert sorted(calls) == [1, 2], calls  # one prompt: full twice, streaming once
     assert results["settings"]["baseline_prefill_repeats"] == 2
     assert "median of 1 (full: 2)" in header(results)
+
+
+def test_compare_warms_up_once_per_prompt_length_in_tokens(tok, monkeypatch):
+    """Prompts of one target length differ by a token or two (here 512 and 510), and a kernel or
+    attention plan is built per exact shape: ``warmup`` runs every preset untimed once per token
+    count, not once per target length."""
+    from attnzoo.eval import compare
+    from attnzoo.models import load_embedded
+
+    monkeypatch.setattr(compare, "defaults", lambda device, quick=False: dict(
+        lengths=(512,), tasks=("single",), depths=(0.5, 0.7), per_cell=True))
+    model, tok = load_embedded()
+    untimed = []
+
+    def hook(module, args, kwargs):
+        if kwargs.get("use_cache") is False:  # the warm-up prefill; timed ones keep their cache
+            untimed.append(kwargs["input_ids"].shape[-1] if "input_ids" in kwargs else args[0].shape[-1])
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        results = compare.run(["streaming"], model=model, tok=tok, progress=False, max_new_tokens=2,
+                              baseline_repeats=1, warmup=True)
+    finally:
+        handle.remove()
+    tokens = sorted({r["tokens"] for r in results["presets"]["full"]["prompts"]})
+    assert len(tokens) == 2, tokens  # the premise: two token counts at one target length
+    assert sorted(untimed) == sorted(tokens * 2)  # full and streaming, once per count
+    assert results["settings"]["warmup"] is True

@@ -135,7 +135,8 @@ def defaults(device: str, quick: bool = False) -> dict:
 def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick: bool = False,
         max_new_tokens: int | None = None, seed: int = EVAL_SEED, model=None, tok=None, progress: bool = True,
         repeats: int = 1, baseline_repeats: int = 3, device: str = "auto", dtype=None, model_spec: str = "embedded",
-        context: int | None = None, checkpoint=None, sparse_everywhere: bool = False, **templates) -> dict:
+        context: int | None = None, checkpoint=None, sparse_everywhere: bool = False, warmup: bool | None = None,
+        **templates) -> dict:
     """Run the comparison; returns the ``results.json`` dict. ``repeats``: prefills timed per prompt
     and preset (the median is reported); ``full``, the denominator of every ratio, is timed
     ``max(repeats, baseline_repeats)`` times, so one slow baseline prefill does not move every
@@ -147,7 +148,11 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
     called with the results so far after each prompt (every preset answered it), so a long run
     that is stopped keeps what it measured. ``sparse_everywhere``: drop every preset's ``dense_below``
     switch (``attnzoo.config.without_dense_below``), to measure the methods' accuracy and density
-    at every length rather than the speed-tuned presets. ``templates``: ``haystack``, ``needle``, ``question``
+    at every length rather than the speed-tuned presets. ``warmup`` (default: on CUDA): run each
+    preset once untimed at every new prompt length in tokens before timing it: Triton compiles and
+    cuDNN builds an attention plan per shape, and prompts of one target length differ by a few
+    tokens (a first 16,383-token prefill of ``full`` took 601 ms against 47 ms once warm, H200).
+    ``templates``: ``haystack``, ``needle``, ``question``
     for the prompts (``attnzoo.eval.niah.make_prompt``)."""
     for arg, value in (("repeats", repeats), ("baseline_repeats", baseline_repeats)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -192,7 +197,7 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
                          "prefill_repeats": repeats, "baseline_prefill_repeats": base_repeats,
                          "presets_interleaved": True, "complete": complete,
                          "quick": quick, "per_cell": per_cell, "dtype": str(dt).replace("torch.", ""),
-                         "sparse_everywhere": sparse_everywhere,
+                         "sparse_everywhere": sparse_everywhere, "warmup": warmup,
                          "yarn_factor": factor, "context": ctx,
                          "model": EMBEDDED_NAME if model_spec == "embedded" else Path(model_spec).name},
             "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
@@ -201,7 +206,9 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
         }
 
     longest = max(prompts, key=lambda p: p.n_tokens)
-    warm: set = set()  # (preset, length) pairs run once untimed
+    warm: set = set()  # (preset, prompt tokens) pairs run once untimed
+    if warmup is None:
+        warmup = device.startswith("cuda")
     names = {p: stacks[p].name for p in presets}
     per_prompt: dict[str, list] = {name: [] for name in presets}
     peaks = dict.fromkeys(presets, 0)
@@ -216,10 +223,10 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
             meter = meters[name]
             meter.reset()
             with patch(model, stacks[name], meter=meter):
-                if ids.is_cuda and (name, p.length) not in warm:  # Triton compiles per shape: untimed
+                if warmup and (name, ids.shape[-1]) not in warm:  # per exact shape, see the docstring
                     with torch.no_grad():
                         model(ids, use_cache=False, logits_to_keep=1)
-                    warm.add((name, p.length))
+                    warm.add((name, ids.shape[-1]))
                 if p is longest:  # peak memory of the longest real prefill (+ its short decode)
                     got = {}
                     peaks[name] = peak_memory(
