@@ -177,6 +177,27 @@ def test_triton_mixed_matches_reference(case, dtype):
 
 
 @needs_triton
+def test_backward_takes_the_atomic_kernel_only_on_a_grid_too_small_for_key_major(monkeypatch):
+    """The dK/dV kernel by the key-major grid's programs per SM (H200: 132 SMs); the module flag
+    overrides; the interpreter and CPU tensors keep the key-major kernel the tests cover."""
+    from types import SimpleNamespace
+
+    from attnzoo.ops.kernels import triton_attention as ta
+
+    gpu_q = SimpleNamespace(is_cuda=True, device="cuda:0")
+    monkeypatch.setattr(ta, "interpreting", lambda: False)
+    monkeypatch.setattr(ta, "_sm_count", lambda device: 132)
+    assert not ta.use_key_major(gpu_q, 64 * 3)  # 4K, batch 1, 3 KV heads: atomics measured faster
+    assert ta.use_key_major(gpu_q, 256 * 3)  # 16K: key-major measured faster
+    assert ta.use_key_major(gpu_q, 64 * 3 * 16)  # 4K, 16 rows (a router-training micro-batch)
+    monkeypatch.setattr(ta, "KEY_MAJOR_BACKWARD", True)
+    assert ta.use_key_major(gpu_q, 1)
+    monkeypatch.setattr(ta, "KEY_MAJOR_BACKWARD", False)
+    assert not ta.use_key_major(gpu_q, 10**6)
+    monkeypatch.setattr(ta, "KEY_MAJOR_BACKWARD", None)
+    assert ta.use_key_major(SimpleNamespace(is_cuda=False, device="cpu"), 1)
+
+
 def test_triton_backward_key_major_equals_atomic(monkeypatch):
     """The key-major dK/dV kernel (unsplit and split) and the fp32-atomic one (kept for
     comparison) agree, every mode present, GQA 3, left padding, Nq < Nk; and the key-major walk

@@ -26,6 +26,7 @@ multiplies raw bf16 bits otherwise. Imported lazily (see ``_triton``).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -480,7 +481,8 @@ def launch_config(head_dim: int, block_m: int, backward: bool) -> dict:
 
     TMA is used only where the device has it (Hopper or newer) and the layout allows it."""
     if backward:  # SPLIT_HEADS / Q_SPLIT: the key-major dK/dV walk split (see _bwd_dkdv_kernel); off
-        # as measured (bench/results/router-h200-2026-12-03c), the split is for bench/gpu/backward.py
+        # as measured (bench/results/gpu-h200-2026-12-03d: at most 8 % faster at 16K, slower
+        # elsewhere), the split is for bench/gpu/backward.py
         return dict(num_warps=8 if head_dim > 64 else 4, num_stages=3 if head_dim > 64 else 2,
                     SPLIT_HEADS=False, Q_SPLIT=1)
     if block_m <= 16:
@@ -549,11 +551,32 @@ def forward(q, k, v, kp: KernelPlan, key_padding_mask, scale):
 
 
 # Backward dK/dV: True = the key-major kernel over the transposed walk (each program owns its
-# keys); False = fp32 atomics from the query-major dQ kernel (kept to compare, bench/gpu/tune.py)
-KEY_MAJOR_BACKWARD = True
+# keys); False = fp32 atomics from the query-major dQ kernel; None = by the key-major grid:
+# with fewer than KEY_MAJOR_MIN_PROGRAMS_PER_SM programs (key tiles x batch x KV heads) per SM its
+# long column walks have too little to overlap with, and the atomic kernel measured faster. H200,
+# batch 1, 9/3 heads, D 64, density 0.2 / 0.5 (bench/results/gpu-h200-2026-12-03d/backward-split.json):
+# 4K = 192 programs, 1.5 per SM: atomics 1.00 / 1.42 ms, key-major 1.76 / 2.29; 16K = 5.8 per SM:
+# key-major 3.24 / 3.46, atomics 3.89 / 8.09; 32K, 32/8 heads, D 128 = 31 per SM: 42.0 / 89.6
+# against 88.6 / 205.5. 2 lies between the measured points (8K, 2.9 per SM, was not measured).
+KEY_MAJOR_BACKWARD: bool | None = None
+KEY_MAJOR_MIN_PROGRAMS_PER_SM = 2
 # (SPLIT_HEADS, Q_SPLIT) for the key-major kernel, overriding launch_config's: tests force the
 # split under the interpreter (which takes no launch config); None = launch_config decides
 BACKWARD_SPLIT: tuple[bool, int] | None = None
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def use_key_major(q, programs: int) -> bool:
+    """Whether the dK/dV gradients take the key-major kernel (``programs``: its unsplit grid)."""
+    if KEY_MAJOR_BACKWARD is not None:
+        return KEY_MAJOR_BACKWARD
+    if interpreting() or not q.is_cuda:  # no SMs to fill: the key-major kernel, as tested
+        return True
+    return programs >= KEY_MAJOR_MIN_PROGRAMS_PER_SM * _sm_count(q.device)
 
 
 def backward(q, k, v, out, lse, dout, dlse, kp: KernelPlan, key_padding_mask, scale):
@@ -571,7 +594,7 @@ def backward(q, k, v, out, lse, dout, dlse, kp: KernelPlan, key_padding_mask, sc
     split = (meta.pop("SPLIT_HEADS", False), meta.pop("Q_SPLIT", 1))
     if BACKWARD_SPLIT is not None:
         split = BACKWARD_SPLIT
-    atomic = not KEY_MAJOR_BACKWARD
+    atomic = not use_key_major(q, triton.cdiv(Nk, meta["BLOCK_N"]) * B * k.shape[1])
     summed = atomic or split[0] or split[1] > 1  # dK/dV added into fp32, zeros first
     kv_dtype = torch.float32 if summed else k.dtype
     dk = (torch.zeros if summed else torch.empty)(k.shape, dtype=kv_dtype, device=q.device)
