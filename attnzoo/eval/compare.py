@@ -64,7 +64,6 @@ def _answer(model, tok, ids: torch.Tensor, max_new_tokens: int, repeats: int = 1
     match looks for the numbers anywhere), so the score is the same and a GPU run is ~2x shorter."""
     times = []
     sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
-    out = None
     for _ in range(repeats):
         out = None  # free the previous prefill's cache first: peak memory stays that of one prefill
         if meter is not None:
