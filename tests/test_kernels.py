@@ -198,6 +198,7 @@ def test_backward_takes_the_atomic_kernel_only_on_a_grid_too_small_for_key_major
     assert ta.use_key_major(SimpleNamespace(is_cuda=False, device="cpu"), 1)
 
 
+@needs_triton
 def test_triton_backward_key_major_equals_atomic(monkeypatch):
     """The key-major dK/dV kernel (unsplit and split) and the fp32-atomic one (kept for
     comparison) agree, every mode present, GQA 3, left padding, Nq < Nk; and the key-major walk
