@@ -607,7 +607,8 @@ def backward(q, k, v, out, lse, dout, dlse, kp: KernelPlan, key_padding_mask, sc
     if not atomic:
         t_idx, t_cnt = kp.key_major(Nq, Nk)
         programs = (Hq // k.shape[1] if split[0] else 1) * split[1]
-        meta = {**{k: v for k, v in meta.items() if k != "SKIP_CHECK"}, "SPLIT_HEADS": split[0], "Q_SPLIT": split[1]}
+        meta = {**{name: val for name, val in meta.items() if name != "SKIP_CHECK"},
+                "SPLIT_HEADS": split[0], "Q_SPLIT": split[1]}
         _launch(_bwd_dkdv_kernel, lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), B * k.shape[1], programs), meta,
                 q, k, v, dout, lse, delta, dk, dv, t_idx, t_cnt, plan_args[-1], *strides,
                 t_idx.stride(0), t_idx.stride(1), t_idx.stride(2), t_cnt.stride(0), t_cnt.stride(1),
