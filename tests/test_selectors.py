@@ -21,21 +21,43 @@ def _qk(B, Hq, Hkv, Nq, Nk, D, seed=0):
 
 # -- XAttention ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("B,Hq,Hkv,Nq,Nk,S,b,tau", [
-    (2, 4, 2, 96, 96, 4, 16, 0.9),
-    (1, 3, 1, 70, 100, 4, 16, 0.7),  # chunked prefill, lengths not multiples of the block
-    (2, 2, 2, 64, 64, 8, 16, [0.5, 1.0]),  # per-head thresholds
+@pytest.mark.parametrize("B,Hq,Hkv,Nq,Nk,S,b,tau,tail", [
+    (2, 4, 2, 96, 96, 4, 16, 0.9, 0),
+    (1, 3, 1, 70, 100, 4, 16, 0.7, 0),  # chunked prefill, lengths not multiples of the block
+    (2, 2, 2, 64, 64, 8, 16, [0.5, 1.0], 0),  # per-head thresholds
+    (2, 4, 2, 96, 96, 4, 16, 0.5, 20),  # a dense tail spanning two blocks of the unpadded row
+    (1, 3, 1, 70, 100, 4, 16, 0.5, 7),  # ... with queries offset from the keys
 ])
 @pytest.mark.parametrize("pad", ["left", "right"])
-def test_xattention_matches_slow_reference(B, Hq, Hkv, Nq, Nk, S, b, tau, pad):
+def test_xattention_matches_slow_reference(B, Hq, Hkv, Nq, Nk, S, b, tau, tail, pad):
     q, k = _qk(B, Hq, Hkv, Nq, Nk, 8, seed=Nq)
     kpm = padding_mask(B, Nk, pad)
     sel = attnzoo.create("selector", {"name": "xattention", "threshold": tau, "stride": S,
-                                      "block_size": b, "chunk_size": 2 * b})
+                                      "block_size": b, "chunk_size": 2 * b, "dense_tail": tail})
     plan = sel(q, k, Context(key_padding_mask=kpm))
     taus = tau if isinstance(tau, list) else [tau] * Hq
-    expected = xattention_slow(q, k, taus, S, b, kpm)
+    expected = xattention_slow(q, k, taus, S, b, kpm, dense_tail=tail)
     assert torch.equal(plan.to_block_mask(), expected)
+    if tail:  # the rule must be doing something here, or the comparison above proves nothing
+        assert not torch.equal(expected, xattention_slow(q, k, taus, S, b, kpm))
+
+
+def test_xattention_dense_tail_rows():
+    """The tail rows are exactly tau = 1's rows; the others are untouched; under right padding the
+    tail moves with each sequence's end."""
+    q, k = _qk(2, 2, 1, 128, 128, 8, seed=3)
+    kpm = torch.ones(2, 128, dtype=torch.bool)
+    kpm[1, 90:] = False  # sequence 1 ends at 90: its tail (50..89 for 40 tokens) is blocks 3-5 of 8
+    make = lambda **kw: attnzoo.create("selector", {"name": "xattention", "stride": 4, "block_size": 16,
+                                                    "threshold": 0.3, **kw})(q, k, Context(key_padding_mask=kpm))
+    tail, base, full = (make(dense_tail=40).to_block_mask(), make().to_block_mask(),
+                        make(threshold=1.0).to_block_mask())
+    rows = {0: [5, 6, 7], 1: [3, 4, 5]}  # 88..127 -> blocks 5-7; 50..89 -> 3-5
+    for bi, tail_rows in rows.items():
+        other = [i for i in range(8) if i not in tail_rows]
+        assert torch.equal(tail[bi][:, tail_rows], full[bi][:, tail_rows])
+        assert torch.equal(tail[bi][:, other], base[bi][:, other])
+        assert not torch.equal(base[bi][:, tail_rows], full[bi][:, tail_rows])
 
 
 def test_xattention_invariants():
@@ -72,6 +94,7 @@ def test_xattention_invariants():
     ({"stride": 6, "block_size": 64}, "stride .* must divide"),
     ({"block_size": 96}, "power of two"),
     ({"chunk_size": 100}, "multiple of block_size"),
+    ({"dense_tail": -1}, "dense_tail must be >= 0"),
 ])
 def test_xattention_bad_config(spec, match):
     with pytest.raises(ValueError, match=match):

@@ -104,6 +104,16 @@ def by_mass(w: torch.Tensor, tau: torch.Tensor, keep_all: torch.Tensor, last: to
                    keep_diagonal=keep_diagonal)
 
 
+def keep_rows(idx: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor, last: torch.Tensor):
+    """Index lists ``[B, H, Nqb, W]`` / counts with the query blocks where ``rows`` ``[B|1, Nqb]`` is
+    True widened to every causally visible block (``W`` must hold them: ``by_mass`` lists are
+    ``Nkb`` wide). On the device, no host sync: the rows come from padding masks."""
+    full = torch.arange(idx.shape[-1], device=idx.device, dtype=idx.dtype)
+    idx = torch.where(rows[:, None, :, None], full, idx)
+    counts = torch.where(rows[:, None, :], (last + 1).to(counts.dtype), counts)
+    return idx, counts
+
+
 def top_n(scores: torch.Tensor, n_pick: torch.Tensor, own_lo: torch.Tensor, last: torch.Tensor, *, width: int,
           backend: str | None = None):
     """The top-k rule on scores ``[B, H, Nqb, Nkb]`` (-1 at non-candidates): ``n_pick``, ``own_lo``,

@@ -15,9 +15,18 @@ key tensor from key 0; the last block of either may be partial.
 from __future__ import annotations
 
 from .block import BlockPlan, DensePlan
-from .geometry import causal_mask, cdiv, last_visible_block, streaming_block_mask, total_visible_pairs, visible_pairs
+from .geometry import (
+                       causal_mask,
+                       cdiv,
+                       last_visible_block,
+                       streaming_block_mask,
+                       tail_query_blocks,
+                       total_visible_pairs,
+                       visible_pairs,
+)
 from .head import MODES, HeadPlan, MixedPlan
 from .token import TokenPlan
 
 __all__ = ["DensePlan", "BlockPlan", "TokenPlan", "HeadPlan", "MixedPlan", "MODES", "visible_pairs",
-           "total_visible_pairs", "cdiv", "last_visible_block", "causal_mask", "streaming_block_mask"]
+           "total_visible_pairs", "cdiv", "last_visible_block", "causal_mask", "streaming_block_mask",
+           "tail_query_blocks"]

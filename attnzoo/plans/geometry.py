@@ -55,6 +55,24 @@ def last_visible_block(q_len: int, kv_len: int, block_q: int, block_k: int, devi
     return (last_row + kv_len - q_len) // block_k
 
 
+def tail_query_blocks(q_len: int, kv_len: int, block_q: int, tail: int,
+                      key_padding_mask: torch.Tensor | None = None, device=None) -> torch.Tensor:
+    """Bool ``[B, Nqb]`` (``[1, Nqb]`` without a mask): the query blocks holding any of the last
+    ``tail`` real query tokens of each sequence. A sequence ends after its last real key (right or
+    left padding alike); query row ``i`` sits at key position ``i + kv_len - q_len``."""
+    nqb = cdiv(q_len, block_q)
+    if key_padding_mask is None:
+        ends = torch.full((1,), kv_len, device=device)
+    else:  # one past the last real key, found without a host sync
+        pos = torch.arange(1, kv_len + 1, device=key_padding_mask.device)
+        ends = (key_padding_mask.to(pos.dtype) * pos).amax(-1)
+    offset = kv_len - q_len
+    lo = (ends - tail - offset).clamp(min=0) // block_q
+    hi = torch.div(ends - offset - 1, block_q, rounding_mode="floor")  # < lo when no real query rows
+    rows = torch.arange(nqb, device=ends.device)[None, :]
+    return (rows >= lo[:, None]) & (rows <= hi[:, None])
+
+
 def streaming_block_mask(q_len: int, kv_len: int, block: int, sink, local, device=None) -> torch.Tensor:
     """Bool ``[..., Nqb, Nkb]`` of the sink + local-window rule (block-aligned, causal), for
     ``sink``/``local`` token counts given as ints or broadcastable int tensors ``[...]``."""

@@ -18,10 +18,11 @@ from ..plans.geometry import cdiv
 __all__ = ["xattention_slow", "streaming_slow", "topk_slow", "token_coverage_slow"]
 
 
-def xattention_slow(q, k, tau, S, b, kpm=None):
+def xattention_slow(q, k, tau, S, b, kpm=None, dense_tail=0):
     """XAttention block selection ``[B, Hq, Nqb, Nkb]`` from loops over reduced rows and columns:
     antidiagonal sums, causal softmax per reduced row, block sums, then the threshold rule with the
-    sink and diagonal blocks forced (fp64). ``tau``: one threshold per query head."""
+    sink and diagonal blocks forced (fp64). ``tau``: one threshold per query head. Query blocks
+    holding one of a sequence's last ``dense_tail`` real tokens keep every visible block."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     g = Hq // Hkv
@@ -30,6 +31,8 @@ def xattention_slow(q, k, tau, S, b, kpm=None):
     shift = (Nk - Nq + S - 1) // S
     out = torch.zeros(B, Hq, nqb, nkb, dtype=torch.bool)
     for bi in range(B):
+        real = [p for p in range(Nk) if kpm is None or kpm[bi, p]]
+        tail = set(real[-dense_tail:]) if dense_tail and real else set()  # key positions
         for h in range(Hq):
             Q, K = q[bi, h], k[bi, h // g]
             A = torch.zeros(nq_r, nk_r, dtype=torch.float64)
@@ -61,8 +64,9 @@ def xattention_slow(q, k, tau, S, b, kpm=None):
                 target = tau[h] * float(Wt[I].sum())
                 others = sorted((J for J in range(last + 1) if J not in forced),
                                 key=lambda J: (-float(Wt[I, J]), J))
+                in_tail = any(i + Nk - Nq in tail for i in range(I * b, min((I + 1) * b, Nq)))
                 for J in others:
-                    if mass < target or tau[h] >= 1:
+                    if mass < target or tau[h] >= 1 or in_tail:
                         sel.add(J)
                     mass += float(Wt[I, J])
                 out[bi, h, I, sorted(sel)] = True

@@ -25,8 +25,8 @@ from typing import ClassVar
 import torch
 
 from ..ops.antidiagonal import antidiagonal_block_scores
-from ..ops.selection import by_mass
-from ..plans import BlockPlan, last_visible_block
+from ..ops.selection import by_mass, keep_rows
+from ..plans import BlockPlan, last_visible_block, tail_query_blocks
 from ..registry import register
 from .base import as_context, check_block, check_fraction, check_positive, check_qk
 
@@ -45,9 +45,13 @@ class XAttention:
     per_kv_head: bool = False
     keep_sink: bool = True
     keep_diagonal: bool = True
+    dense_tail: int = 0  # last query tokens of each sequence that keep every block (module docstring)
 
     def __post_init__(self):
         check_fraction("threshold", self.threshold)
+        if isinstance(self.dense_tail, bool) or not isinstance(self.dense_tail, int):
+            raise TypeError(f"dense_tail must be an int (tokens), got {self.dense_tail!r}")
+        check_positive("dense_tail", self.dense_tail, allow_zero=True)
         check_block("block_size", self.block_size)
         check_positive("stride", self.stride)
         if self.block_size % self.stride:
@@ -85,19 +89,22 @@ class XAttention:
         b = self.block_size
         parts = list(self.block_scores(q, k, ctx))  # one chunk on a GPU (see the Triton scorer)
         w = parts[0][2] if len(parts) == 1 else torch.cat([w for _, _, w in parts], dim=2)
-        plan = self._plan(w, Nq, Nk)
+        plan = self._plan(w, Nq, Nk, ctx.key_padding_mask)
         if self.per_kv_head:  # the union of a group's selections, through the block mask
             mask = plan.to_block_mask()
             mask = mask.view(B, Hkv, Hq // Hkv, *mask.shape[2:]).any(2)
             return BlockPlan.from_block_mask(mask, b, b, Nq, Nk)
         return plan
 
-    def _plan(self, w: torch.Tensor, Nq: int, Nk: int) -> BlockPlan:
+    def _plan(self, w: torch.Tensor, Nq: int, Nk: int, key_padding_mask=None) -> BlockPlan:
         """What ``select`` chooses, written straight into index lists by the ``block_select`` op
         (every query block at once, no block mask, no host sync; one launch on a GPU)."""
         tau, keep_all = self._target(w.shape[1], w.device, w.dtype)
-        idx, counts = by_mass(w, tau, keep_all, _last(Nq, Nk, self.block_size, w.device),
-                              keep_sink=self.keep_sink, keep_diagonal=self.keep_diagonal)
+        last = _last(Nq, Nk, self.block_size, w.device)
+        idx, counts = by_mass(w, tau, keep_all, last, keep_sink=self.keep_sink, keep_diagonal=self.keep_diagonal)
+        if self.dense_tail:
+            rows = tail_query_blocks(Nq, Nk, self.block_size, self.dense_tail, key_padding_mask, w.device)
+            idx, counts = keep_rows(idx, counts, rows, last)
         return BlockPlan(idx, counts, self.block_size, self.block_size, Nq, Nk)
 
     def _target(self, Hq: int, device, dtype):
