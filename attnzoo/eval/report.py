@@ -153,7 +153,9 @@ def pareto_plot(results: dict, path) -> Path:
         color = plt.cm.tab20(i % 20)
         ci = r.get("accuracy_ci")
         if ci:
-            ax.errorbar(r["density"], r["accuracy"], yerr=[[r["accuracy"] - ci[0]], [ci[1] - r["accuracy"]]],
+            # rounded figures can put the interval a hair inside the point: matplotlib refuses that
+            err = [[max(r["accuracy"] - ci[0], 0.0)], [max(ci[1] - r["accuracy"], 0.0)]]
+            ax.errorbar(r["density"], r["accuracy"], yerr=err,
                         fmt="none", ecolor=color, alpha=0.5, capsize=3)
         ax.scatter(r["density"], r["accuracy"], s=110, alpha=0.8, marker=markers[i % len(markers)],
                    color=color, edgecolors="black", linewidths=0.5,

@@ -122,6 +122,19 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, offs_m, offs_n, offs_d,
     return acc, m_new, l_i
 
 
+@triton.jit
+def _tile_order(HEADS_FIRST: tl.constexpr):
+    """(query tile, batch x head) of this program, last query tiles first: under causality they
+    walk the most blocks, so starting them first balances the tail. The GPU starts programs in
+    the order of the grid's first axis fastest; with ``HEADS_FIRST`` that axis runs over batch x
+    heads, so every head's last tile starts in the first wave. (With tiles on the first axis, head
+    0's tiles all start before head 1's: the last head's longest rows start in the last wave and
+    run alone, which a dense row, e.g. XAttention's ``dense_tail``, makes long.)"""
+    if HEADS_FIRST:
+        return tl.num_programs(1) - 1 - tl.program_id(1), tl.program_id(0)
+    return tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
+
+
 @triton.jit(do_not_specialize=["Nq", "Nk", "offset"])  # lengths: see _triton.py
 def _fwd_kernel(
     Q, K, V, O, LSE, MODE, SINK, LOCAL, IDX, CNT, KPM,
@@ -131,10 +144,9 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_CHECK: tl.constexpr, TMA: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,
 ):
-    # last query tiles first: under causality they walk the most blocks (better tail balance)
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _tile_order(HEADS_FIRST)
     b = pid_bh // Hq
     hq = pid_bh % Hq
     hp = hq // (Hq // Hp)
@@ -243,11 +255,10 @@ def _bwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_CHECK: tl.constexpr, ATOMIC_DKDV: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,
 ):
     """dQ for BLOCK_M query rows of one query head (and their dK/dV share, with ``ATOMIC_DKDV``)."""
-    # last query tiles first: under causality they walk the most blocks (better tail balance)
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _tile_order(HEADS_FIRST)
     b = pid_bh // Hq
     hq = pid_bh % Hq
     hp = hq // (Hq // Hp)
@@ -492,6 +503,21 @@ def launch_config(head_dim: int, block_m: int, backward: bool) -> dict:
     return dict(num_warps=8 if head_dim > 64 else 4, num_stages=3, BLOCK_N=128, TMA=True)
 
 
+# Query-major kernels' program order (see _tile_order): True = heads on the grid's first axis, so
+# every head's longest (last) query tiles start first; False = the earlier order, for comparison.
+HEADS_FIRST = True
+_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis
+
+
+def _grid(tiles: int, heads: int, heads_first: bool) -> tuple[int, int]:
+    grid = (heads, tiles) if heads_first else (tiles, heads)
+    if grid[1] > _MAX_GRID_Y:
+        what = f"{tiles} query tiles" if heads_first else f"{heads} batch x heads"
+        raise ValueError(f"the Triton block-sparse kernel launches at most {_MAX_GRID_Y} programs on its "
+                         f"second grid axis; this call needs {what}")
+    return grid
+
+
 def _common(q, k, v, kp: KernelPlan, key_padding_mask, backward=False):
     B, Hq, Nq, D = q.shape
     Nk = k.shape[2]
@@ -508,7 +534,8 @@ def _common(q, k, v, kp: KernelPlan, key_padding_mask, backward=False):
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SKIP_CHECK=bm < kp.block_q, **cfg)
     if not backward:  # the config may decline TMA; it never forces it where it cannot run
         meta["TMA"] = tma_capable(q.device, USE_TMA) and tma is not False and tma_fits(k, v)
-    grid = lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq)  # noqa: E731
+    meta["HEADS_FIRST"] = HEADS_FIRST
+    grid = lambda m: _grid(triton.cdiv(Nq, m["BLOCK_M"]), B * Hq, m["HEADS_FIRST"])  # noqa: E731
     plan_args = (kp.mode, kp.sink, kp.local, kp.indices, kp.counts, kpm if kpm is not None else kp.mode)
     plan_strides = (*kp.indices.stride(), *kp.counts.stride())
     sizes = (Hq, k.shape[1], kp.heads, Nq, Nk, Nk - Nq)
@@ -607,7 +634,7 @@ def backward(q, k, v, out, lse, dout, dlse, kp: KernelPlan, key_padding_mask, sc
     if not atomic:
         t_idx, t_cnt = kp.key_major(Nq, Nk)
         programs = (Hq // k.shape[1] if split[0] else 1) * split[1]
-        meta = {**{name: val for name, val in meta.items() if name != "SKIP_CHECK"},
+        meta = {**{name: val for name, val in meta.items() if name not in ("SKIP_CHECK", "HEADS_FIRST")},
                 "SPLIT_HEADS": split[0], "Q_SPLIT": split[1]}
         _launch(_bwd_dkdv_kernel, lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), B * k.shape[1], programs), meta,
                 q, k, v, dout, lse, delta, dk, dv, t_idx, t_cnt, plan_args[-1], *strides,
