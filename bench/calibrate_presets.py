@@ -47,9 +47,10 @@ PRESETS = Path(__file__).resolve().parents[1] / "attnzoo" / "presets"
 CAL_SEED, HELD_OUT_SEED, CAL_OFFSET = 7, 8, 40_000  # evaluation: seed 0, offset 0
 
 
-def xattention_preset(taus: dict, dense_layers: tuple[int, int], dense_below: int | None, about: str) -> dict:
+def xattention_preset(taus: dict, dense_layers: tuple[int, int], dense_below: int | None, about: str,
+                      dense_tail: int = 0) -> dict:
     lo, hi = dense_layers
-    per_layer = xattention_layer_configs(taus)
+    per_layer = xattention_layer_configs(taus, **({"dense_tail": dense_tail} if dense_tail else {}))
     node = {"op": "block_sparse"}
     if dense_below:
         node["dense_below"] = {"cuda": dense_below}
@@ -57,8 +58,9 @@ def xattention_preset(taus: dict, dense_layers: tuple[int, int], dense_below: in
             "description": f"XAttention with per-layer, per-head thresholds calibrated on SmolLM2 to attention "
                            f"recall {taus['target_recall']} ({taus.get('aggregate', 'max')} over texts; {about}; "
                            f"bench/calibrate_presets.py); layers {lo}-{hi} "
-                           f"dense." + (f" On CUDA below {dense_below} keys it runs dense attention." if dense_below
-                                        else ""),
+                           f"dense." + (f" The last {dense_tail} tokens (the question) keep every block."
+                                        if dense_tail else "")
+                           + (f" On CUDA below {dense_below} keys it runs dense attention." if dense_below else ""),
             "default": {"op": "dense"},
             "layers": {f"{lo}-{hi}": {"op": "dense"},
                        **{str(i): {"selector": per_layer[i], **node} for i in sorted(per_layer) if i > hi}}}
@@ -92,6 +94,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stride", type=int, default=8)
     ap.add_argument("--dense-layers", default="0-1")
     ap.add_argument("--dense-below", type=int, help="write dense_below: {cuda: N} into the XAttention preset")
+    ap.add_argument("--dense-tail", type=int, default=64, help="XAttention's dense_tail in the preset (tokens; "
+                    "0: none); the held-out density check runs without it")
     ap.add_argument("--token-sparse-dense-below", type=int, help="the same for the Token Sparse preset")
     ap.add_argument("--presets-dir", type=Path, default=PRESETS, help="where the presets and calibration/ go")
     args = ap.parse_args(argv)
@@ -132,7 +136,7 @@ def main(argv=None) -> int:
     out = args.presets_dir
     save_calibration(chosen, out / "calibration" / "smollm2-xattention-thresholds.yaml")
     save_calibration(drift, out / "calibration" / "smollm2-drift-layers.yaml")
-    xa = xattention_preset(chosen, dense_layers, args.dense_below, about)
+    xa = xattention_preset(chosen, dense_layers, args.dense_below, about, args.dense_tail)
     (out / "xattention-calibrated.yaml").write_text(dump_config(xa))
     sparse, ts_below = drift["sparse_layers"], args.token_sparse_dense_below
     ts = {"name": "token-sparse-calibrated",
