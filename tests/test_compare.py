@@ -157,6 +157,22 @@ def test_wilson_interval():
     assert lo == pytest.approx(1 - hi) and 0.34 < lo < 0.36
     with pytest.raises(ValueError, match="n must be"):
         wilson_interval(0, 0)
+    # the interval holds the proportion exactly, also at 0 and 1 (rounding once put 6/6's upper bound
+    # at 0.9999999999999999 and 0/11's lower at 2.8e-17)
+    assert all(wilson_interval(k, n)[0] <= k / n <= wilson_interval(k, n)[1]
+               for n in range(1, 80) for k in range(n + 1))
+
+
+def test_pareto_plot_takes_an_interval_a_hair_inside_its_point(tmp_path):
+    """Figures read back from results.json are rounded; the plot must still draw (a negative error
+    bar made matplotlib raise and stopped a GPU run at its checkpoint)."""
+    from attnzoo.eval.report import pareto_plot
+
+    row = dict(stack="full", accuracy=1.0, accuracy_ci=[0.61, 0.9999999999999999], density=1.0, prefill_ratio=1.0,
+               n_prompts=6)
+    results = {"presets": {"full": row, "x": {**row, "stack": "x", "accuracy": 0.0, "accuracy_ci": [2.8e-17, 0.39]}},
+               "settings": {"model": "m", "lengths": [1024]}, "machine": {"device": "cpu"}}
+    assert pareto_plot(results, tmp_path / "p.png").stat().st_size > 0
 
 
 def test_device_and_dtype_defaults():

@@ -20,7 +20,9 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the interval always holds p; at 0 of n or n of n rounding put a bound a hair past it (1e-17),
+    # which made the Pareto plot's error bars negative and stopped a run at its checkpoint
+    return min(max(0.0, centre - half), p), max(min(1.0, centre + half), p)
 
 
 def paired_vs_full(records: list, full: list) -> dict:

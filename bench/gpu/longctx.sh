@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Long-context presets on the GPU (issue 17 item 4), in three back-to-back calls on one warm machine:
-#   part a:  bash bench/gpu/longctx.sh a   (carry .whl/gguf_a .whl/py)  keeps GGUF part 1 in /tmp
+#   part a:  bash bench/gpu/longctx.sh a   (carry .whl/gguf_a .whl/py)  keeps GGUF part 1 in /tmp; GPU tests,
+#            backward and program-order timings (BWD=0 / TAIL=0 skip them)
 #   part b:  bash bench/gpu/longctx.sh b   (carry .whl/gguf_b .whl/py)  joins it; in parallel:
 #            per-head XAttention thresholds and Token Sparse layers on the YaRN x4 model
 #            (bench/calibrate_presets.py, a density budget picks the recall; with CALIBRATE=1) and
@@ -38,6 +39,8 @@ if [ "$PART" = a ]; then
   python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_training.py \
     -k "${GPU_TESTS:-key_major or micro}" 2>&1 | tail -3
   [ "${BWD:-1}" = 1 ] && python3 bench/gpu/backward.py --out "$OUT" 2>&1 | tail -14
+  # the forward kernel's program order with and without a dense tail (TAIL=0 skips)
+  [ "${TAIL:-1}" = 1 ] && python3 bench/gpu/tail_balance.py --out "$OUT" 2>&1 | tail -4
   # smoke: two router-training steps per sparse mode on a tiny bf16 Llama on this GPU
   python3 - <<'EOF'
 import sys
