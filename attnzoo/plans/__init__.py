@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from .block import BlockPlan, DensePlan
 from .geometry import (
-                       causal_mask,
-                       cdiv,
-                       last_visible_block,
-                       streaming_block_mask,
-                       tail_query_blocks,
-                       total_visible_pairs,
-                       visible_pairs,
+    causal_mask,
+    cdiv,
+    last_visible_block,
+    streaming_block_mask,
+    tail_query_blocks,
+    total_visible_pairs,
+    visible_pairs,
 )
 from .head import MODES, HeadPlan, MixedPlan
 from .token import TokenPlan
