@@ -19,6 +19,9 @@ TINY_STACKS = {
     "topk-blocks": {"selector": {"name": "topk_blocks", "block_size": 16, "top_k": 3}, "op": "block_sparse"},
     "xattention": {"selector": {"name": "xattention", "stride": 4, "block_size": 16, "threshold": 0.7,
                                 "chunk_size": 64}, "op": "block_sparse"},
+    # the question's rows keep every block: the tail must follow each sequence's own end
+    "xattention-tail": {"selector": {"name": "xattention", "stride": 4, "block_size": 16, "threshold": 0.7,
+                                     "chunk_size": 64, "dense_tail": 20}, "op": "block_sparse"},
     "token-sparse": {"compress": {"name": "token_coverage", "coverage": 0.05, "window": 16, "min_tokens": 32},
                      "inner": {"op": "dense"}},
     "routed": {"router": {"name": "table", "default": "sparse", "heads": {0: ["full", "sparse"]}},
@@ -49,7 +52,8 @@ def _node_call(stack, q, k, v, kpm):
     return build({"name": "t", "default": stack})(0, q, k, v, CallContext(key_padding_mask=kpm, layer_idx=0))
 
 
-@pytest.mark.parametrize("name", ["streaming", "topk-blocks", "xattention", "token-sparse", "routed"])
+@pytest.mark.parametrize("name", ["streaming", "topk-blocks", "xattention", "xattention-tail", "token-sparse",
+                                  "routed"])
 def test_left_padded_layer_equals_each_sequence_alone(name):
     g = torch.Generator().manual_seed(1)
     N, pads = 190, (0, 9, 40)  # sequence b: pads[b] padding rows, then its real tokens
@@ -75,7 +79,7 @@ def _left_padded(prompts, pad_id=0):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", ["streaming", "topk-blocks", "xattention", "routed"])
+@pytest.mark.parametrize("name", ["streaming", "topk-blocks", "xattention", "xattention-tail", "routed"])
 def test_left_padded_generate_equals_each_prompt_alone(tiny, name):
     g = torch.Generator().manual_seed(2)
     lengths = (150, 123, 97)  # different left padding per row; every prompt spans many 16-blocks
