@@ -493,7 +493,7 @@ def launch_config(head_dim: int, block_m: int, backward: bool) -> dict:
     TMA is used only where the device has it (Hopper or newer) and the layout allows it."""
     if backward:  # SPLIT_HEADS / Q_SPLIT: the key-major dK/dV walk split (see _bwd_dkdv_kernel); off:
         # in bench/results/gpu-h200-2026-12-03d it was at most 8 % faster (16K) and slower elsewhere;
-        # in gpu-h200-2026-12-04 split-heads took 16K / 0.2 from 3.48 to 2.43 ms but not 4K or 32K.
+        # in gpu-h200-2026-12-04 split-heads took 16K / 0.2 from 3.48 to 2.43 ms, little at 4K or 32K.
         # Two runs disagree on the one shape it helps; bench/gpu/backward.py times it
         return dict(num_warps=8 if head_dim > 64 else 4, num_stages=3 if head_dim > 64 else 2,
                     SPLIT_HEADS=False, Q_SPLIT=1)
