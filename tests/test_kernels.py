@@ -205,18 +205,18 @@ def test_triton_program_order_does_not_change_results(monkeypatch):
     second-axis limit is refused by name."""
     from attnzoo.ops.kernels import triton_attention as ta
 
-    case = CASES[1]
-    q, k, v, kpm = _qkv(case, torch.float32, True, seed=3)
-    plan = _plan_to(random_block_plan(case.B, case.Hq, case.Nq, case.Nk, *case.block, p=0.5, seed=4), DEVICE)
-    got = []
-    for heads_first in (True, False):
-        monkeypatch.setattr(ta, "HEADS_FIRST", heads_first)
-        qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-        out, lse = ops.block_sparse(qq, kk, vv, plan, key_padding_mask=kpm, return_lse=True, backend="triton")
-        out.square().sum().backward()
-        got.append([out, lse.nan_to_num(neginf=0.0), qq.grad, kk.grad, vv.grad])
-    for a, b in zip(*got, strict=True):
-        assert torch.equal(a, b)
+    for case in CASES[1:3]:  # right padding and GQA 2; left padding, GQA 4 and Nq < Nk
+        q, k, v, kpm = _qkv(case, torch.float32, True, seed=3)
+        plan = _plan_to(random_block_plan(case.B, case.Hq, case.Nq, case.Nk, *case.block, p=0.5, seed=4), DEVICE)
+        got = []
+        for heads_first in (True, False):
+            monkeypatch.setattr(ta, "HEADS_FIRST", heads_first)
+            qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+            out, lse = ops.block_sparse(qq, kk, vv, plan, key_padding_mask=kpm, return_lse=True, backend="triton")
+            out.square().sum().backward()
+            got.append([out, lse.nan_to_num(neginf=0.0), qq.grad, kk.grad, vv.grad])
+        for a, b in zip(*got, strict=True):
+            assert torch.equal(a, b), str(case)
     assert ta._grid(7, 5, True) == (5, 7) and ta._grid(7, 5, False) == (7, 5)
     with pytest.raises(ValueError, match="second grid axis; this call needs 70000 query tiles"):
         ta._grid(70_000, 9, True)
