@@ -205,6 +205,10 @@ def test_triton_program_order_does_not_change_results(monkeypatch):
     second-axis limit is refused by name."""
     from attnzoo.ops.kernels import triton_attention as ta
 
+    # the unsplit key-major dK/dV kernel: the atomic ones (chosen on a GPU for small grids) add in
+    # whatever order programs finish, so their gradients differ by rounding between any two runs
+    monkeypatch.setattr(ta, "KEY_MAJOR_BACKWARD", True)
+    monkeypatch.setattr(ta, "BACKWARD_SPLIT", (False, 1))
     for case in CASES[1:3]:  # right padding and GQA 2; left padding, GQA 4 and Nq < Nk
         q, k, v, kpm = _qkv(case, torch.float32, True, seed=3)
         plan = _plan_to(random_block_plan(case.B, case.Hq, case.Nq, case.Nk, *case.block, p=0.5, seed=4), DEVICE)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Long-context presets on the GPU (issue 17 item 4), in three back-to-back calls on one warm machine:
 #   part a:  bash bench/gpu/longctx.sh a   (carry .whl/gguf_a .whl/py)  keeps GGUF part 1 in /tmp; GPU tests,
-#            backward and program-order timings (BWD=0 / TAIL=0 skip them)
+#            backward and program-order timings, a router-training smoke (BWD=0 / TAIL=0 / SMOKE=0 skip them)
 #   part b:  bash bench/gpu/longctx.sh b   (carry .whl/gguf_b .whl/py)  joins it; in parallel:
 #            per-head XAttention thresholds and Token Sparse layers on the YaRN x4 model
 #            (bench/calibrate_presets.py, a density budget picks the recall; with CALIBRATE=1) and
@@ -41,7 +41,8 @@ if [ "$PART" = a ]; then
   [ "${BWD:-1}" = 1 ] && python3 bench/gpu/backward.py --out "$OUT" 2>&1 | tail -14
   # the forward kernel's program order with and without a dense tail (TAIL=0 skips)
   [ "${TAIL:-1}" = 1 ] && python3 bench/gpu/tail_balance.py --out "$OUT" 2>&1 | tail -4
-  # smoke: two router-training steps per sparse mode on a tiny bf16 Llama on this GPU
+  # smoke: two router-training steps per sparse mode on a tiny bf16 Llama on this GPU (SMOKE=0 skips)
+  [ "${SMOKE:-1}" = 1 ] || exit 0
   python3 - <<'EOF'
 import sys
 import torch
