@@ -188,13 +188,23 @@ def choose_sparse_layers(model, inputs, *, quantile: float = 0.5) -> dict:
     }
 
 
-def xattention_layer_configs(calibration: dict, **overrides) -> dict[int, dict]:
+def xattention_layer_configs(calibration: dict, max_threshold: float | None = None,
+                             **overrides) -> dict[int, dict]:
     """``{layer: {"name": "xattention", "threshold": [tau per head], ...}}`` from a threshold
-    calibration, ready for ``attnzoo.create("selector", ...)`` or a stack's per-layer nodes."""
+    calibration, ready for ``attnzoo.create("selector", ...)`` or a stack's per-layer nodes.
+
+    ``max_threshold`` caps every head's tau. A head calibrated to tau ~ 1 keeps nearly every block
+    (its recall target is only met by the whole row), and a few such heads set a stack's density:
+    on the YaRN-extended SmolLM2 a cap of 0.96 took the mean density from 0.55 to 0.30 at full
+    attention's accuracy (bench/results/gpu-h200-2026-12-04b)."""
     if calibration.get("method") != "xattention_thresholds":
         raise ValueError("expected a calibration made by calibrate_thresholds")
+    if max_threshold is not None and (isinstance(max_threshold, bool) or not isinstance(max_threshold, (int, float))
+                                      or not 0 < max_threshold <= 1):
+        raise ValueError(f"max_threshold must be a number in (0, 1], got {max_threshold!r}")
+    cap = 1.0 if max_threshold is None else float(max_threshold)
     base = {"name": "xattention", "stride": calibration["stride"], "block_size": calibration["block_size"]}
-    return {int(layer): {**base, "threshold": list(taus), **overrides}
+    return {int(layer): {**base, "threshold": [min(float(t), cap) for t in taus], **overrides}
             for layer, taus in calibration["thresholds"].items()}
 
 

@@ -1,6 +1,7 @@
 """Calibrate the shipped presets for the embedded SmolLM2 and write them into attnzoo/presets.
 
-    python bench/calibrate_presets.py --dense-below 24576 --token-sparse-dense-below 65536   # the shipped presets
+    python bench/calibrate_presets.py --dense-below 24576 --token-sparse-dense-below 65536 \
+        --max-threshold 0.96                                                      # the shipped presets
     python bench/calibrate_presets.py --model FILE.gguf --device cuda --context 32768 \\
         --lengths 8192 16384 32768 --target-recall 0.95 0.9 0.8 0.7 --max-density 0.3 \\
         --presets-dir OUT/presets                                                 # GPU, YaRN-extended
@@ -48,9 +49,10 @@ CAL_SEED, HELD_OUT_SEED, CAL_OFFSET = 7, 8, 40_000  # evaluation: seed 0, offset
 
 
 def xattention_preset(taus: dict, dense_layers: tuple[int, int], dense_below: int | None, about: str,
-                      dense_tail: int = 0) -> dict:
+                      dense_tail: int = 0, max_threshold: float | None = None) -> dict:
     lo, hi = dense_layers
-    per_layer = xattention_layer_configs(taus, **({"dense_tail": dense_tail} if dense_tail else {}))
+    per_layer = xattention_layer_configs(taus, max_threshold,
+                                         **({"dense_tail": dense_tail} if dense_tail else {}))
     node = {"op": "block_sparse"}
     if dense_below:
         node["dense_below"] = {"cuda": dense_below}
@@ -58,8 +60,9 @@ def xattention_preset(taus: dict, dense_layers: tuple[int, int], dense_below: in
             "description": f"XAttention with per-layer, per-head thresholds calibrated on SmolLM2 to attention "
                            f"recall {taus['target_recall']} ({taus.get('aggregate', 'max')} over texts; {about}; "
                            f"bench/calibrate_presets.py); layers {lo}-{hi} "
-                           f"dense." + (f" The last {dense_tail} tokens (the question) keep every block."
-                                        if dense_tail else "")
+                           f"dense." + (f" Every tau capped at {max_threshold}." if max_threshold else "")
+                           + (f" The last {dense_tail} tokens (the question) keep every block."
+                              if dense_tail else "")
                            + (f" On CUDA below {dense_below} keys it runs dense attention." if dense_below else ""),
             "default": {"op": "dense"},
             "layers": {f"{lo}-{hi}": {"op": "dense"},
@@ -96,9 +99,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dense-below", type=int, help="write dense_below: {cuda: N} into the XAttention preset")
     ap.add_argument("--dense-tail", type=int, default=64, help="XAttention's dense_tail in the preset (tokens; "
                     "0: none); the held-out density check runs without it")
+    ap.add_argument("--max-threshold", type=float, help="cap every head's tau in the preset (0.96 shipped): "
+                    "heads calibrated to tau ~ 1 keep nearly every block")
     ap.add_argument("--token-sparse-dense-below", type=int, help="the same for the Token Sparse preset")
     ap.add_argument("--presets-dir", type=Path, default=PRESETS, help="where the presets and calibration/ go")
     args = ap.parse_args(argv)
+    if args.max_threshold is not None and not 0 < args.max_threshold <= 1:
+        ap.error(f"--max-threshold must be in (0, 1], got {args.max_threshold}")
     if len(args.target_recall) > 1 and args.max_density is None:
         ap.error("several --target-recall values need --max-density to choose among them")
     torch.set_grad_enabled(False)
@@ -119,7 +126,7 @@ def main(argv=None) -> int:
                      seed=HELD_OUT_SEED, offset=CAL_OFFSET)
         for cand in sweep:
             cand["held_out_density"] = round(held_out_density(
-                model, xattention_preset(cand, dense_layers, None, about), held), 4)
+                model, xattention_preset(cand, dense_layers, None, about, max_threshold=args.max_threshold), held), 4)
             print(f"recall {cand['target_recall']}: held-out density {cand['held_out_density']} "
                   f"over {len(held)} prompts", flush=True)
         fits = [c for c in sweep if c["held_out_density"] <= args.max_density]
@@ -130,13 +137,15 @@ def main(argv=None) -> int:
         chosen = {**chosen, "max_density": args.max_density,
                   "candidates": {c["target_recall"]: c["held_out_density"] for c in sweep}}
     chosen["calibrated_on"] = about
+    if args.max_threshold is not None:
+        chosen["max_threshold"] = args.max_threshold  # the preset's cap; the taus here stay uncapped
     drift = choose_sparse_layers(model, make_prompt(tok, "single", max(args.lengths), 0.5, CAL_SEED,
                                                     CAL_OFFSET).input_ids.to(device))
     drift["calibrated_on"] = f"{yarn}one {max(args.lengths)}-token prompt"
     out = args.presets_dir
     save_calibration(chosen, out / "calibration" / "smollm2-xattention-thresholds.yaml")
     save_calibration(drift, out / "calibration" / "smollm2-drift-layers.yaml")
-    xa = xattention_preset(chosen, dense_layers, args.dense_below, about, args.dense_tail)
+    xa = xattention_preset(chosen, dense_layers, args.dense_below, about, args.dense_tail, args.max_threshold)
     (out / "xattention-calibrated.yaml").write_text(dump_config(xa))
     sparse, ts_below = drift["sparse_layers"], args.token_sparse_dense_below
     ts = {"name": "token-sparse-calibrated",

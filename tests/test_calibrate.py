@@ -126,3 +126,39 @@ def test_choose_sparse_layers(tiny_llama, tmp_path):
     assert load_calibration(save_calibration(res, tmp_path / "layers.yaml")) == res
     with pytest.raises(ValueError, match="quantile"):
         choose_sparse_layers(tiny_llama, ids, quantile=0)
+
+
+def test_layer_configs_cap_thresholds():
+    """``max_threshold`` caps every head's tau and leaves lower ones as calibrated; bad caps are
+    refused by name."""
+    from attnzoo.calibration import xattention_layer_configs
+
+    cal = {"method": "xattention_thresholds", "stride": 8, "block_size": 64,
+           "thresholds": {2: [0.5, 0.97, 1.0], 3: [0.96, 0.999, 0.1]}}
+    assert xattention_layer_configs(cal)[2]["threshold"] == [0.5, 0.97, 1.0]
+    got = xattention_layer_configs(cal, 0.96, dense_tail=64)
+    assert got[2]["threshold"] == [0.5, 0.96, 0.96] and got[3]["threshold"] == [0.96, 0.96, 0.1]
+    assert got[2]["dense_tail"] == 64 and cal["thresholds"][2] == [0.5, 0.97, 1.0], "the calibration is not changed"
+    for bad in (0, 1.5, -0.1, "0.9", True):
+        with pytest.raises(ValueError, match="max_threshold must be a number in \\(0, 1\\]"):
+            xattention_layer_configs(cal, bad)
+
+
+def test_shipped_calibrated_preset_is_its_calibration_capped():
+    """The shipped ``xattention-calibrated`` preset holds the committed calibration's taus capped at
+    its ``max_threshold`` (what ``bench/calibrate_presets.py --max-threshold`` writes), layer by
+    layer and head by head: a preset edited by hand, or a calibration file left behind, fails."""
+    from importlib.resources import files
+
+    from attnzoo.calibration import xattention_layer_configs
+    from attnzoo.config import load_config
+
+    cal = load_calibration(files("attnzoo") / "presets" / "calibration" / "smollm2-xattention-thresholds.yaml")
+    assert cal.get("max_threshold") == 0.96
+    want = xattention_layer_configs(cal, cal["max_threshold"])
+    spec = load_config("preset:xattention-calibrated")
+    sparse = {int(k): v["selector"] for k, v in spec["layers"].items() if "selector" in v}
+    assert sorted(sparse) == sorted(k for k in want if k > 1)
+    for layer, sel in sparse.items():
+        assert sel["threshold"] == want[layer]["threshold"], layer
+        assert max(sel["threshold"]) <= 0.96 and sel["dense_tail"] == 64
