@@ -1,6 +1,6 @@
 """Calibrate the shipped presets for the embedded SmolLM2 and write them into attnzoo/presets.
 
-    python bench/calibrate_presets.py --dense-below 24576 --token-sparse-dense-below 65536 \
+    python bench/calibrate_presets.py --dense-below 24576 --token-sparse-dense-below 65536 \\
         --max-threshold 0.96                                                      # the shipped presets
     python bench/calibrate_presets.py --model FILE.gguf --device cuda --context 32768 \\
         --lengths 8192 16384 32768 --target-recall 0.95 0.9 0.8 0.7 --max-density 0.3 \\
