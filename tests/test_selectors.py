@@ -42,6 +42,25 @@ def test_xattention_matches_slow_reference(B, Hq, Hkv, Nq, Nk, S, b, tau, tail, 
         assert not torch.equal(expected, xattention_slow(q, k, taus, S, b, kpm))
 
 
+@pytest.mark.parametrize("cap", [32, 8])  # two blocks per chunk; below one block (one per chunk)
+def test_xattention_cpu_chunks_below_chunk_size(monkeypatch, cap):
+    """On a CPU the torch scorer takes query chunks of ``CPU_CHUNK_TOKENS`` (skipping more causally
+    dead columns) below the selector's ``chunk_size``: the plans still equal the slow reference,
+    under padding with queries offset from the keys."""
+    from attnzoo.ops import antidiagonal
+
+    monkeypatch.setattr(antidiagonal, "CPU_CHUNK_TOKENS", cap)
+    q, k = _qk(2, 4, 2, 90, 100, 8, seed=5)
+    kpm = padding_mask(2, 100, "right")
+    kw = dict(stride=4, block_size=16, chunk_size=4096)
+    chunks = [(i0, i1) for i0, i1, _ in antidiagonal.antidiagonal_block_scores(q, k, key_padding_mask=kpm, **kw)]
+    step = max(1, cap // 16)
+    assert chunks == [(i, min(6, i + step)) for i in range(0, 6, step)]
+    sel = attnzoo.create("selector", {"name": "xattention", "threshold": 0.7, **kw})
+    expected = xattention_slow(q, k, [0.7] * 4, 4, 16, kpm)
+    assert torch.equal(sel(q, k, Context(key_padding_mask=kpm)).to_block_mask(), expected)
+
+
 def test_xattention_dense_tail_rows():
     """The tail rows are exactly tau = 1's rows; the others are untouched; under right padding the
     tail moves with each sequence's end."""

@@ -25,6 +25,13 @@ from ..plans.geometry import cdiv
 from .dispatch import DEFAULT_TOLERANCES, Backend, Tolerance, choose, make_request, register_backend
 from .merge import masked_softmax_
 
+# Query tokens per chunk on a CPU, below the selector's ``chunk_size`` (a memory bound): each chunk
+# skips the columns right of its own last diagonal, so smaller chunks compute closer to the causal
+# half. The XAttention selector (stride 8, block 64, 9/3 heads, two cores, interleaved medians) at
+# 2K / 3K / 8K tokens: chunks of 2048 (the selector's default) 12.6 / 20.3 / 102 ms, 1024 12.5 /
+# 18.7 / 87, 512 11.1 / 16.5 / 84; 256 was slower than 512 again (per-chunk overhead).
+CPU_CHUNK_TOKENS = 512
+
 
 def _torch_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_padding_mask=None, active_heads=None):
     B, Hq, Nq, D = q.shape
@@ -61,6 +68,8 @@ def _torch_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_pa
         key_ok = key_ok[None]
     shift = (Nk - Nq + S - 1) // S  # bottom-right alignment in reduced units
     step = chunk_size // b
+    if dev.type == "cpu":
+        step = max(1, min(step, CPU_CHUNK_TOKENS // b))
     for I0 in range(0, nqb, step):
         I1 = min(nqb, I0 + step)
         # columns right of the chunk's last reduced diagonal are all masked: skip them
