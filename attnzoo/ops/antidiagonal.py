@@ -27,9 +27,10 @@ from .merge import masked_softmax_
 
 # Query tokens per chunk on a CPU, below the selector's ``chunk_size`` (a memory bound): each chunk
 # skips the columns right of its own last diagonal, so smaller chunks compute closer to the causal
-# half. The XAttention selector (stride 8, block 64, 9/3 heads, two cores, interleaved medians) at
-# 2K / 3K / 8K tokens: chunks of 2048 (the selector's default) 12.6 / 20.3 / 102 ms, 1024 12.5 /
-# 18.7 / 87, 512 11.1 / 16.5 / 84; 256 was slower than 512 again (per-chunk overhead).
+# half. `python bench/cpu_selector_chunks.py` (the XAttention selector, 9/3 heads, two cores), two
+# runs, chunks of 2048 (the selector's default) -> 512: 2K 8.1 -> 6.9 / 8.7 -> 7.3 ms, 3K 17.0 ->
+# 12.3 / 14.0 -> 12.0 ms; at 8K no clear gain (65.4 -> 60.8 / 70.3 -> 73.7 ms). 256 was slower than
+# 512 in a scratch run (per-chunk overhead).
 CPU_CHUNK_TOKENS = 512
 
 
