@@ -7,6 +7,11 @@ times each preset's stack over all layers, presets interleaved with the order ro
 ``full`` (the first preset) is the baseline of each ratio.
 
     python bench/cpu_attention_calls.py [--length 3072] [--reps 5] full xattention topk-blocks
+    python bench/cpu_attention_calls.py --length 4096 --env ATTNZOO_FLEX_MIN_LEN=4096 full xattention
+
+``--env NAME=VALUE`` (repeatable) adds, for every preset but the first, a second run with those
+environment variables set (dispatch reads them per call), interleaved with the rest: a backend
+choice against the default in one process.
 
 Routers that read pre-RoPE keys (the elastic presets) are not supported here.
 """
@@ -14,6 +19,7 @@ Routers that read pre-RoPE keys (the elastic presets) are not supported here.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -46,37 +52,55 @@ def main(argv=None) -> None:
     ap.add_argument("presets", nargs="+")
     ap.add_argument("--length", type=int, default=3072)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     args = ap.parse_args(argv)
+    env = dict(item.split("=", 1) for item in args.env)
+    tag = " [" + ",".join(args.env) + "]"
     model, tok = load_model("embedded", torch.float32, "cpu")
     ids = suite(tok, (args.length,), (0.5,), ("single",), seed=0)[0].input_ids
     layers = capture_qkv(model, ids)
     stacks = {n: build(preset_spec(n)) for n in args.presets}
+    runs = list(args.presets) + ([n + tag for n in args.presets[1:]] if env else [])
 
     def run(name, meter=None):
-        for layer, (q, k, v) in layers.items():
-            stacks[name](layer, q, k, v, CallContext(layer_idx=layer, scale=q.shape[-1] ** -0.5, cache={},
-                                                      meter=meter))
+        preset = name.removesuffix(tag)
+        saved = {k: os.environ.get(k) for k in env}
+        if name != preset:
+            os.environ.update(env)
+        try:
+            for layer, (q, k, v) in layers.items():
+                stacks[preset](layer, q, k, v, CallContext(layer_idx=layer, scale=q.shape[-1] ** -0.5, cache={},
+                                                           meter=meter))
+        finally:
+            for k, old in saved.items():
+                if old is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = old
 
-    times = {n: [] for n in args.presets}
-    density = {}
+    times = {n: [] for n in runs}
+    density, first = {}, {}
     with torch.no_grad():
-        for n in args.presets:  # untimed first call per preset: per-shape caches; its density
+        for n in runs:  # a first call per preset, not in the medians: per-shape caches, flex's compile
             meter = DensityMeter()
+            t = time.perf_counter()
             run(n, meter)
+            first[n] = time.perf_counter() - t
             density[n] = meter.mean()
         for r in range(args.reps):
-            order = args.presets[r % len(args.presets):] + args.presets[: r % len(args.presets)]
+            order = runs[r % len(runs):] + runs[: r % len(runs)]
             for n in order:
                 t = time.perf_counter()
                 run(n)
                 times[n].append(time.perf_counter() - t)
-    base = statistics.median(times[args.presets[0]])
+    base = statistics.median(times[runs[0]])
     print(f"{len(layers)} layers, {ids.shape[1]} tokens, {args.reps} interleaved rounds, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads")
-    print("| preset | attention s (median) | vs first | range s | density |\n|---|---|---|---|---|")
-    for n in args.presets:
+    print("| preset | attention s (median) | vs first | range s | first call s | density |\n|---|---|---|---|---|---|")
+    for n in runs:
         md = statistics.median(times[n])
-        print(f"| {n} | {md:.2f} | {base / md:.2f}x | {min(times[n]):.2f}-{max(times[n]):.2f} | {density[n]:.3f} |")
+        spread = f"{min(times[n]):.2f}-{max(times[n]):.2f}"
+        print(f"| {n} | {md:.2f} | {base / md:.2f}x | {spread} | {first[n]:.2f} | {density[n]:.3f} |")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,23 @@ def test_every_backend_declares_tolerances_for_its_dtypes():
             assert 0 < tol.out <= 0.05 and 0 < tol.grad <= 0.1
 
 
-def test_first_fit_prefers_flex_where_it_measured_faster():
+def test_flex_is_opt_in_on_cpu(monkeypatch):
+    """Unset, ATTNZOO_FLEX_MIN_LEN leaves every CPU block-sparse call to blocked, saying why;
+    forcing flex still runs it; a value that is not a number of keys is refused by name."""
+    monkeypatch.delenv("ATTNZOO_FLEX_MIN_LEN", raising=False)
+    req = _req(plan_density=0.1, plan_heads=8, block_size=(64, 64), kv_len=4096, q_len=4096)
+    assert dispatch.choose(req).name == "blocked"
+    assert "opt-in" in dict(dispatch.explain(req))["flex"]
+    assert dispatch.choose(req, backend="flex").name == "flex"
+    monkeypatch.setenv("ATTNZOO_FLEX_MIN_LEN", "4096")
+    assert dispatch.choose(req).name == "flex"
+    monkeypatch.setenv("ATTNZOO_FLEX_MIN_LEN", "4k")
+    with pytest.raises(ValueError, match="ATTNZOO_FLEX_MIN_LEN"):
+        dispatch.choose(req)
+
+
+def test_first_fit_prefers_flex_where_it_measured_faster(monkeypatch):
+    monkeypatch.setenv("ATTNZOO_FLEX_MIN_LEN", "4096")
     assert dispatch.choose(_req()).name == "flex"
     assert dispatch.choose(_req(plan_density=0.1)).name == "flex"
     assert dispatch.choose(_req(plan_density=0.5)).name == "blocked"
@@ -40,10 +56,12 @@ def test_first_fit_prefers_flex_where_it_measured_faster():
     assert dispatch.choose(_req(kv_len=1000, q_len=1000)).name == "blocked"
 
 
-def test_flex_bound_follows_the_plan_row_size():
-    """Blocked's CPU forward is slow on rows of few queries (a plan per query head, block 64), so
-    flex takes those up to density 0.35 at 4K-6K keys; rows of a KV head's 4 x 64 queries only up
-    to 0.15, and so does everything at 8K (bench/results/cpu-flex-vs-blocked.md)."""
+def test_flex_bound_follows_the_plan_row_size(monkeypatch):
+    """Opted in: blocked's CPU forward is slow on rows of few queries (a plan per query head, block
+    64), so flex takes those up to density 0.35 at 4K-6K keys; rows of a KV head's 4 x 64 queries
+    only up to 0.15, and so does everything at 8K (bench/results/cpu-flex-vs-blocked.md); blocks
+    under 64 tokens never (bench/results/cpu-flex-real-plans.md)."""
+    monkeypatch.setenv("ATTNZOO_FLEX_MIN_LEN", "4096")
     per_q = dict(plan_heads=8, block_size=(64, 64), kv_len=4096, q_len=4096)
     per_kv = dict(per_q, plan_heads=2)
     assert dispatch.choose(_req(plan_density=0.3, **per_q)).name == "flex"
@@ -53,6 +71,9 @@ def test_flex_bound_follows_the_plan_row_size():
     assert dispatch.choose(_req(plan_density=0.3, **{**per_q, "kv_len": 8192, "q_len": 8192})).name == "blocked"
     reason = dict(dispatch.explain(_req(plan_density=0.3, **per_kv)))["flex"]
     assert "rows of 256 queries" in reason, reason
+    small_blocks = dict(per_q, block_size=(16, 16))
+    assert dispatch.choose(_req(plan_density=0.1, **small_blocks)).name == "blocked"
+    assert "16" in dict(dispatch.explain(_req(plan_density=0.1, **small_blocks)))["flex"]
 
 
 def test_reasons_name_every_backend():

@@ -275,29 +275,47 @@ def _flex_unavailable_now() -> str | None:
     return reason
 
 
-# Where compiled flex beats the blocked backend on CPU, from the 2-core development machine. Below
-# ~4K keys the one-off compile (~10-14 s per process) is not amortised; above 8K keys blocked was
-# faster (bench/results/cpu-ops.md). Between, it depends on how many queries a plan row holds, since
-# blocked's CPU forward runs aten's flash kernel per row and that kernel is slow with few queries
-# (bench/results/cpu-flex-vs-blocked.md, two runs): with rows of 64 queries (a plan per query head,
-# XAttention's default) flex was 1.16-1.60x faster at 4K up to density 0.35, 0.84-1.25x at 8K; with
-# rows of 256 (per KV head) 1.20-1.36x at density 0.1 and 4K, and slower or even elsewhere.
+# Compiled flex on CPU is opt-in (ATTNZOO_FLEX_MIN_LEN). On random plans it beat the blocked backend
+# at 4K-6K keys and low density (bench/cpu_flex_vs_blocked.py, bench/results/cpu-flex-vs-blocked.md),
+# but on the plans the shipped selectors draw from the embedded model it did not pay: over all 30
+# layers, flex preferred as below against blocked alone, same process (bench/cpu_attention_calls.py,
+# bench/results/cpu-flex-real-plans.md), XAttention-family plans ran within a few per cent either
+# way at 4K and 6K keys and topk-blocks' 16-token blocks clearly slower, and the first call in a
+# process compiles for 9-14 s: in `attnzoo compare` at 4K that lands inside one timed prefill.
+# Opted in, flex is preferred between ATTNZOO_FLEX_MIN_LEN and FLEX_MAX_LEN keys where the random
+# plans measured it faster: up to density 0.15 for any plan with 64-token blocks, and up to 0.35 for
+# rows of at most 64 queries below 6,144 keys (blocked's CPU forward runs aten's flash kernel per
+# row, slow with few queries).
 FLEX_MAX_LEN = 8192
 FLEX_MAX_DENSITY = 0.15  # any row size, up to FLEX_MAX_LEN keys
 FLEX_SMALL_ROWS = 64  # rows of at most this many queries ...
 FLEX_SMALL_ROWS_MAX_LEN = 6144  # ... up to this many keys ...
 FLEX_SMALL_ROWS_MAX_DENSITY = 0.35  # ... take flex up to this density
+FLEX_MIN_BLOCK = 64  # the random plans' block; 16-token blocks measured slower with flex
 
 
-def flex_min_len() -> int:
-    return int(os.environ.get("ATTNZOO_FLEX_MIN_LEN", "4096"))
+def flex_min_len() -> int | None:
+    """``ATTNZOO_FLEX_MIN_LEN``: the fewest keys at which dispatch prefers compiled flex on a CPU;
+    unset or empty, it never prefers it (``backend="flex"`` still forces it)."""
+    value = os.environ.get("ATTNZOO_FLEX_MIN_LEN", "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ValueError(f"ATTNZOO_FLEX_MIN_LEN must be a whole number of keys, got {value!r}")
+    return int(value)
 
 
 def _flex_preference(req):
-    if req.kv_len < flex_min_len():
-        return f"kv_len {req.kv_len} < {flex_min_len()}: compile cost not amortised (ATTNZOO_FLEX_MIN_LEN)"
+    min_len = flex_min_len()
+    if min_len is None:
+        return ("opt-in on CPU (ATTNZOO_FLEX_MIN_LEN=keys): not faster than blocked on the shipped "
+                "selectors' plans, and its first call compiles for seconds (bench/results/cpu-flex-real-plans.md)")
+    if req.kv_len < min_len:
+        return f"kv_len {req.kv_len} < {min_len}: compile cost not amortised (ATTNZOO_FLEX_MIN_LEN)"
     if req.kv_len > FLEX_MAX_LEN:
         return f"kv_len {req.kv_len} > {FLEX_MAX_LEN}: blocked measured faster on CPU"
+    if req.block_size is not None and min(req.block_size) < FLEX_MIN_BLOCK:
+        return f"blocks of {req.block_size} < {FLEX_MIN_BLOCK} tokens: blocked measured faster on CPU"
     if req.plan_density is None:
         return None
     row = (req.q_heads // max(req.plan_heads, 1)) * (req.block_size[0] if req.block_size else 0)
