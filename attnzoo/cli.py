@@ -155,7 +155,7 @@ def compare(args) -> int:
                       baseline_repeats=args.baseline_repeats, device=args.device,
                       dtype=args.dtype, model_spec=args.model, context=args.context,
                       checkpoint=lambda partial: report.write(partial, args.out),
-                      sparse_everywhere=args.sparse_everywhere, **templates)
+                      sparse_everywhere=args.sparse_everywhere, per_cell=args.per_cell, **templates)
     json_path, png_path = report.write(results, args.out)
     print()
     print(report.header(results))
@@ -263,6 +263,9 @@ def main(argv=None) -> int:
                    "is reported (default 1)")
     c.add_argument("--baseline-repeats", type=int, default=3, help="prefills timed per prompt for full, the "
                    "denominator of every ratio (default 3; at least --repeats)")
+    c.add_argument("--per-cell", action=argparse.BooleanOptionalAction, default=None,
+                   help="a prompt for every length x task x depth (default: on a GPU; on a CPU one depth per "
+                        "length x task, rotated)")
     c.add_argument("--sparse-everywhere", action="store_true", help="run every preset's sparse path at every "
                    "length (drop the dense_below switches that run dense attention where sparse measured slower)")
     c.add_argument("--haystack", help="a UTF-8 text file the needles hide in (default: CPython's documentation)")

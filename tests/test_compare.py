@@ -304,3 +304,19 @@ def test_compare_warms_up_once_per_prompt_length_in_tokens(tok, monkeypatch):
     assert len(tokens) == 2, tokens  # the premise: two token counts at one target length
     assert sorted(untimed) == sorted(tokens * 2)  # full and streaming, once per count
     assert results["settings"]["warmup"] is True
+
+
+def test_compare_per_cell_asks_every_depth(tok):
+    """``per_cell`` (``--per-cell``): a prompt for every (length, task, depth); without it a CPU run
+    rotates one depth per (length, task) cell."""
+    from attnzoo.eval import compare
+    from attnzoo.models import load_embedded
+
+    model, tok = load_embedded()
+    kw = dict(lengths=[512], tasks=["single"], depths=[0.3, 0.7], model=model, tok=tok, progress=False,
+              max_new_tokens=2, baseline_repeats=1, device="cpu")
+    every = compare.run(["streaming"], per_cell=True, **kw)
+    rotated = compare.run(["streaming"], **kw)
+    assert sorted(r["depth"] for r in every["presets"]["streaming"]["prompts"]) == [0.3, 0.7]
+    assert len(rotated["presets"]["streaming"]["prompts"]) == 1
+    assert every["settings"]["per_cell"] is True and rotated["settings"]["per_cell"] is False

@@ -135,7 +135,7 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
         max_new_tokens: int | None = None, seed: int = EVAL_SEED, model=None, tok=None, progress: bool = True,
         repeats: int = 1, baseline_repeats: int = 3, device: str = "auto", dtype=None, model_spec: str = "embedded",
         context: int | None = None, checkpoint=None, sparse_everywhere: bool = False, warmup: bool | None = None,
-        **templates) -> dict:
+        per_cell: bool | None = None, **templates) -> dict:
     """Run the comparison; returns the ``results.json`` dict. ``repeats``: prefills timed per prompt
     and preset (the median is reported); ``full``, the denominator of every ratio, is timed
     ``max(repeats, baseline_repeats)`` times, so one slow baseline prefill does not move every
@@ -147,7 +147,9 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
     called with the results so far after each prompt (every preset answered it), so a long run
     that is stopped keeps what it measured. ``sparse_everywhere``: drop every preset's ``dense_below``
     switch (``attnzoo.config.without_dense_below``), to measure the methods' accuracy and density
-    at every length rather than the speed-tuned presets. ``warmup`` (default: on CUDA): run each
+    at every length rather than the speed-tuned presets. ``per_cell``: a prompt for every (length,
+    task, depth) cell instead of one depth per (length, task) cell, rotated (default: on a GPU).
+    ``warmup`` (default: on CUDA): run each
     preset once untimed at every new prompt length in tokens before timing it: Triton compiles and
     cuDNN builds an attention plan per shape, and prompts of one target length differ by a few
     tokens (a first 16,383-token prefill of ``full`` took 601 ms against 47 ms once warm, H200).
@@ -167,7 +169,7 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
     for name, value in (("lengths", lengths), ("tasks", tasks), ("depths", depths)):
         if value:
             settings[name] = tuple(value)
-    per_cell = settings.pop("per_cell", False)
+    per_cell = settings.pop("per_cell", False) if per_cell is None else bool(per_cell)
     presets = list(presets)
     if "full" not in presets:
         presets.insert(0, "full")  # the reference for accuracy and speed ratios
