@@ -149,12 +149,11 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
     switch (``attnzoo.config.without_dense_below``), to measure the methods' accuracy and density
     at every length rather than the speed-tuned presets. ``per_cell``: a prompt for every (length,
     task, depth) cell instead of one depth per (length, task) cell, rotated (default: on a GPU).
-    ``warmup`` (default: on CUDA): run each
-    preset once untimed at every new prompt length in tokens before timing it: Triton compiles and
-    cuDNN builds an attention plan per shape, and prompts of one target length differ by a few
-    tokens (a first 16,383-token prefill of ``full`` took 601 ms against 47 ms once warm, H200).
-    ``templates``: ``haystack``, ``needle``, ``question``
-    for the prompts (``attnzoo.eval.niah.make_prompt``)."""
+    ``warmup`` (default: on CUDA): run each preset once untimed at every new prompt length in tokens
+    before timing it: Triton compiles and cuDNN builds an attention plan per shape, and prompts of
+    one target length differ by a few tokens (a first 16,383-token prefill of ``full`` took 601 ms
+    against 47 ms once warm, H200). ``templates``: ``haystack``, ``needle``, ``question`` for the
+    prompts (``attnzoo.eval.niah.make_prompt``)."""
     for arg, value in (("repeats", repeats), ("baseline_repeats", baseline_repeats)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")

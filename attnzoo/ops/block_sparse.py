@@ -281,7 +281,7 @@ def _flex_unavailable_now() -> str | None:
 # layers, flex preferred as below against blocked alone, same process (bench/cpu_attention_calls.py,
 # bench/results/cpu-flex-real-plans.md), XAttention-family plans ran within a few per cent either
 # way at 4K and 6K keys and topk-blocks' 16-token blocks clearly slower, and the first call in a
-# process compiles for 9-14 s: in `attnzoo compare` at 4K that lands inside one timed prefill.
+# process compiles for 4-11 s: in `attnzoo compare` at 4K that lands inside one timed prefill.
 # Opted in, flex is preferred between ATTNZOO_FLEX_MIN_LEN and FLEX_MAX_LEN keys where the random
 # plans measured it faster: up to density 0.15 for any plan with 64-token blocks, and up to 0.35 for
 # rows of at most 64 queries below 6,144 keys (blocked's CPU forward runs aten's flash kernel per
