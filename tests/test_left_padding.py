@@ -28,6 +28,13 @@ TINY_STACKS = {
                "branches": {"full": {"op": "dense"},
                             "sparse": {"selector": {"name": "streaming", "sink": 16, "local": 32,
                                                     "block_size": 16}, "op": "block_sparse"}}},
+    # elastic-xa-streaming's shape: heads routed between a tailed XAttention branch and streaming
+    "routed-xa-tail": {"router": {"name": "table", "default": "sparse", "heads": {0: ["xa", "sparse"]}},
+                       "branches": {"xa": {"selector": {"name": "xattention", "stride": 4, "block_size": 16,
+                                                        "threshold": 0.7, "chunk_size": 64, "dense_tail": 20},
+                                           "op": "block_sparse"},
+                                    "sparse": {"selector": {"name": "streaming", "sink": 16, "local": 32,
+                                                            "block_size": 16}, "op": "block_sparse"}}},
 }
 
 
@@ -53,7 +60,7 @@ def _node_call(stack, q, k, v, kpm):
 
 
 @pytest.mark.parametrize("name", ["streaming", "topk-blocks", "xattention", "xattention-tail", "token-sparse",
-                                  "routed"])
+                                  "routed", "routed-xa-tail"])
 def test_left_padded_layer_equals_each_sequence_alone(name):
     g = torch.Generator().manual_seed(1)
     N, pads = 190, (0, 9, 40)  # sequence b: pads[b] padding rows, then its real tokens
@@ -79,7 +86,8 @@ def _left_padded(prompts, pad_id=0):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", ["streaming", "topk-blocks", "xattention", "xattention-tail", "routed"])
+@pytest.mark.parametrize("name", ["streaming", "topk-blocks", "xattention", "xattention-tail", "routed",
+                                  "routed-xa-tail"])
 def test_left_padded_generate_equals_each_prompt_alone(tiny, name):
     g = torch.Generator().manual_seed(2)
     lengths = (150, 123, 97)  # different left padding per row; every prompt spans many 16-blocks
