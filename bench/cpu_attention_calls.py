@@ -54,6 +54,9 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     args = ap.parse_args(argv)
+    bad = [item for item in args.env if "=" not in item or not item.split("=", 1)[0]]
+    if bad:
+        ap.error(f"--env expects NAME=VALUE, got {bad}")
     env = dict(item.split("=", 1) for item in args.env)
     tag = " [" + ",".join(args.env) + "]"
     model, tok = load_model("embedded", torch.float32, "cpu")
