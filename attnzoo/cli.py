@@ -124,7 +124,21 @@ def _check_compare_args(args) -> dict:
             check_settings(**{flag: getattr(args, flag) or ()})
         except ValueError as e:
             raise UsageError(f"--{flag}: {e}") from None
-    _check_model_device_context(args, args.lengths or ())
+    from .eval.compare import EVALS
+    from .eval.copy import check_copy_settings
+
+    bad = [e for e in args.evals or () if e not in EVALS]
+    if bad or args.evals == []:
+        raise UsageError(f"--evals: expected a comma-separated subset of {','.join(EVALS)}, got {args.evals}")
+    try:
+        check_copy_settings(args.copy_lengths or (), args.copy_depths or (), **_copy_options(args))
+    except ValueError as e:
+        raise UsageError(f"copy settings: {e}") from None
+    if args.copy_per_cell is not None and args.copy_per_cell < 1:
+        raise UsageError(f"--copy-per-cell must be >= 1, got {args.copy_per_cell}")
+    if args.recall_rows < 0:
+        raise UsageError(f"--recall-rows must be >= 0 (0: no recall), got {args.recall_rows}")
+    _check_model_device_context(args, [*(args.lengths or ()), *(args.copy_lengths or ())])
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     for flag in ("repeats", "baseline_repeats"):
@@ -144,6 +158,12 @@ def _check_compare_args(args) -> dict:
     return {"haystack": text}
 
 
+def _copy_options(args) -> dict:
+    """``--segment``, ``--segment-len``, ``--prime``, ``--text-window`` as given (unset: defaults)."""
+    names = ("segment", "segment_len", "prime", "text_window")
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
 def compare(args) -> int:
     from .eval import compare as cmp
     from .eval import report
@@ -155,11 +175,22 @@ def compare(args) -> int:
                       baseline_repeats=args.baseline_repeats, device=args.device,
                       dtype=args.dtype, model_spec=args.model, context=args.context,
                       checkpoint=lambda partial: report.write(partial, args.out),
-                      sparse_everywhere=args.sparse_everywhere, per_cell=args.per_cell, **templates)
+                      sparse_everywhere=args.sparse_everywhere, per_cell=args.per_cell, evals=args.evals,
+                      copy_lengths=args.copy_lengths, copy_depths=args.copy_depths,
+                      copy_per_cell=args.copy_per_cell, copy_options=_copy_options(args),
+                      recall_rows=args.recall_rows or None, **templates)
     json_path, png_path = report.write(results, args.out)
     print()
     print(report.header(results))
-    print(report.table(results))
+    if "copy" in results:
+        from .eval.fidelity_report import copy_table, validity_table
+
+        print(validity_table(results["copy"]))
+        print()
+        print(copy_table(results["copy"]))
+        print()
+    if results["presets"]:
+        print(report.table(results))
     print(f"\nwrote {json_path}, results.md and {png_path}")
     return 0
 
@@ -268,7 +299,22 @@ def main(argv=None) -> int:
                         "length x task, rotated)")
     c.add_argument("--sparse-everywhere", action="store_true", help="run every preset's sparse path at every "
                    "length (drop the dense_below switches that run dense attention where sparse measured slower)")
-    c.add_argument("--haystack", help="a UTF-8 text file the needles hide in (default: CPython's documentation)")
+    c.add_argument("--haystack", help="a UTF-8 text file the needles and copy segments hide in (default: "
+                   "CPython's documentation)")
+    c.add_argument("--evals", type=_csv(str), help="what to measure: niah, copy (copy accuracy, logit KL on plain "
+                   "text, attention recall); default both")
+    c.add_argument("--copy-lengths", type=_csv(int), help="copy prompt lengths (default: GPU 8192,16384,32768,"
+                   "65536; CPU 2048,3072; quick 1024)")
+    c.add_argument("--copy-depths", type=_csv(float), help="where the hidden segment sits, in [0, 1] (default: GPU "
+                   "0.1,0.5,0.9; CPU 0.1,0.5)")
+    c.add_argument("--copy-per-cell", type=int, help="copy prompts per length x depth (default: GPU 6, CPU 1)")
+    c.add_argument("--segment", choices=["random", "text"], help="hidden segment: random tokens (default; only "
+                   "copying predicts them) or a passage of the documentation")
+    c.add_argument("--segment-len", type=int, help="tokens in the hidden segment (default 64)")
+    c.add_argument("--prime", type=int, help="repeat tokens given before scoring starts (default 16)")
+    c.add_argument("--text-window", type=int, help="plain-text positions scored for KL / top-1 (default 256)")
+    c.add_argument("--recall-rows", type=int, default=64, help="query rows per layer the recall probe samples on "
+                   "the first copy prompt of each length (0: no recall)")
     t = sub.add_parser("train", help="SSA alignment training, or Elastic router training (frozen backbone)")
     t.add_argument("method", choices=["ssa", "elastic"])
     t.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M), a .gguf file or a local HF "

@@ -207,9 +207,17 @@ def test_compare_quick_smoke(tok, tmp_path):
     assert 0 < lo <= hi and results["presets"]["full"]["prefill_ratio_range"] == [1.0, 1.0]
     assert results["presets"]["xattention"]["density"] < 1.0
     assert {"settings", "machine"} <= set(results)
-    with Image.open(tmp_path / "pareto.png") as img:
-        img.verify()
-        assert img.format == "PNG" and img.size[0] > 400
+    for png in ("pareto.png", "pareto-niah.png"):  # copy accuracy vs density, and NIAH's
+        with Image.open(tmp_path / png) as img:
+            img.verify()
+            assert img.format == "PNG" and img.size[0] > 400
+    copy = results["copy"]  # the fidelity measures ran on the same presets
+    assert set(copy["presets"]) == set(DEFAULT_PRESETS)
+    full = copy["presets"]["full"]
+    assert full["kl"] == 0.0 and full["top1"] == 1.0 and full["recall"] == pytest.approx(1.0)
+    assert full["copy"] >= 0.5 and copy["validity"]["1024/0.3"]["informative"]
+    assert copy["presets"]["topk-blocks"]["recall"] < 0.99 and copy["presets"]["topk-blocks"]["kl"] > 0
+    assert "## Fidelity" in (tmp_path / "results.md").read_text()
 
 
 def test_compare_accepts_a_stack_yaml(tok, tmp_path):
@@ -217,7 +225,7 @@ def test_compare_accepts_a_stack_yaml(tok, tmp_path):
 
     path = tmp_path / "mine.yaml"
     path.write_text("name: mine\ndefault:\n  selector: {name: streaming, sink: 64, local: 256}\n  op: block_sparse\n")
-    results = run([str(path)], quick=True, progress=False, repeats=2)
+    results = run([str(path)], quick=True, progress=False, repeats=2, evals=["niah"])
     assert results["settings"]["prefill_repeats"] == 2 and results["settings"]["presets_interleaved"]
     assert results["settings"]["baseline_prefill_repeats"] == 3  # full, every ratio's denominator
     with pytest.raises(ValueError, match="repeats must be"):
@@ -238,8 +246,8 @@ def test_compare_sparse_everywhere_drops_the_dense_below_switch(tok, tmp_path):
     path = tmp_path / "switched.yaml"
     path.write_text("name: switched\ndefault:\n  selector: {name: streaming, sink: 64, local: 256}\n"
                     "  op: block_sparse\n  dense_below: {cpu: 100000}\n")
-    as_shipped = run([str(path)], quick=True, progress=False)
-    everywhere = run([str(path)], quick=True, progress=False, sparse_everywhere=True)
+    as_shipped = run([str(path)], quick=True, progress=False, evals=["niah"])
+    everywhere = run([str(path)], quick=True, progress=False, sparse_everywhere=True, evals=["niah"])
     assert as_shipped["presets"][str(path)]["density"] == pytest.approx(1.0)
     assert everywhere["presets"][str(path)]["density"] < 0.9
     assert everywhere["settings"]["sparse_everywhere"] and "--sparse-everywhere" in header(everywhere)
@@ -272,7 +280,7 @@ def test_compare_times_the_baseline_more_often(tok, tmp_path, monkeypatch):
         return real(model, tok, ids, max_new_tokens, repeats, *args, **kw)
 
     monkeypatch.setattr(compare, "_answer", spy)
-    results = compare.run(["streaming"], quick=True, progress=False, repeats=1, baseline_repeats=2)
+    results = compare.run(["streaming"], quick=True, progress=False, repeats=1, baseline_repeats=2, evals=["niah"])
     assert sorted(calls) == [1, 2], calls  # one prompt: full twice, streaming once
     assert results["settings"]["baseline_prefill_repeats"] == 2
     assert "median of 1 (full: 2)" in header(results)
@@ -297,7 +305,7 @@ def test_compare_warms_up_once_per_prompt_length_in_tokens(tok, monkeypatch):
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         results = compare.run(["streaming"], model=model, tok=tok, progress=False, max_new_tokens=2,
-                              baseline_repeats=1, warmup=True)
+                              baseline_repeats=1, warmup=True, evals=["niah"])
     finally:
         handle.remove()
     tokens = sorted({r["tokens"] for r in results["presets"]["full"]["prompts"]})
@@ -314,7 +322,7 @@ def test_compare_per_cell_asks_every_depth(tok):
 
     model, tok = load_embedded()
     kw = dict(lengths=[512], tasks=["single"], depths=[0.3, 0.7], model=model, tok=tok, progress=False,
-              max_new_tokens=2, baseline_repeats=1, device="cpu")
+              max_new_tokens=2, baseline_repeats=1, device="cpu", evals=["niah"])
     every = compare.run(["streaming"], per_cell=True, **kw)
     rotated = compare.run(["streaming"], **kw)
     assert sorted(r["depth"] for r in every["presets"]["streaming"]["prompts"]) == [0.3, 0.7]

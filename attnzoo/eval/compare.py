@@ -10,6 +10,11 @@ process (with the spread of the per-prompt ratios), and peak memory of one prefi
 Defaults follow the device: on a GPU, bf16, 8K/16K/32K tokens (the embedded model YaRN-extended
 to 32K), three tasks x five depths per length (45 prompts per preset); on a CPU, fp32 at 2K/3K.
 The table and plot live in ``attnzoo.eval.report``.
+
+Beside NIAH (``evals``), the fidelity measures of ``attnzoo.eval.copy_compare``: long-range copy
+accuracy, KL and top-1 agreement with full attention on plain text, and attention recall per layer
+and head — measures on which full attention itself succeeds at lengths where it cannot answer a
+needle question, so stacks can be told apart there.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import torch
 from ..config import load_config, preset_spec, without_dense_below
 from ..integrations.hf import patch
 from ..stack import DensityMeter, build
+from .copy import copy_suite
+from .copy_compare import run_copy, summarise_copy
 from .memory import peak_memory
 from .niah import MAX_NEW_TOKENS, score, suite
 from .report import summarise
@@ -33,14 +40,19 @@ from .report import summarise
 DEFAULT_PRESETS = ("full", "xattention", "xattention-calibrated", "streaming", "topk-blocks", "token-sparse",
                    "token-sparse-calibrated", "token-sparse-xattention", "router-table-example",
                    "elastic-fa-xa", "elastic-fa-streaming", "elastic-xa-streaming")
+EVALS = ("niah", "copy")  # copy includes logit fidelity (its plain-text window) and attention recall
 # a prompt full attention answers (fp32 CPU; at depth 0.5 it talks past the 32-token budget)
-QUICK = {"lengths": (1024,), "tasks": ("single",), "depths": (0.3,)}
+QUICK = {"lengths": (1024,), "tasks": ("single",), "depths": (0.3,),
+         "copy_lengths": (1024,), "copy_depths": (0.3,), "copy_per_cell": 1}
 # all twelve shipped presets took 10-12 minutes on 2 CPU cores (model cached: 9 min 58 s, 11 min 34 s, 10 min 43 s);
 # widen with --lengths/--tasks/--depths
-FULL = {"lengths": (2048, 3072), "tasks": ("single", "multikey"), "depths": (0.1, 0.5, 0.9)}
+FULL = {"lengths": (2048, 3072), "tasks": ("single", "multikey"), "depths": (0.1, 0.5, 0.9),
+        "copy_lengths": (2048, 3072), "copy_depths": (0.1, 0.5), "copy_per_cell": 1}
 # every (length, task, depth) cell: 3 x 3 x 5 = 45 prompts per preset
 GPU = {"lengths": (8192, 16384, 32768), "tasks": ("single", "multikey", "multivalue"),
-       "depths": (0.1, 0.3, 0.5, 0.7, 0.9), "per_cell": True}
+       "depths": (0.1, 0.3, 0.5, 0.7, 0.9), "per_cell": True,
+       # copy reaches past NIAH: full attention still copies at 32K (YaRN x8 for 64K)
+       "copy_lengths": (8192, 16384, 32768, 65536), "copy_depths": (0.1, 0.5, 0.9), "copy_per_cell": 6}
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
 EVAL_SEED = 0  # calibration and training use other seeds and haystack offsets
 EMBEDDED_CONTEXT = 8192  # SmolLM2-135M's max_position_embeddings (checked against the model once loaded)
@@ -135,7 +147,8 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
         max_new_tokens: int | None = None, seed: int = EVAL_SEED, model=None, tok=None, progress: bool = True,
         repeats: int = 1, baseline_repeats: int = 3, device: str = "auto", dtype=None, model_spec: str = "embedded",
         context: int | None = None, checkpoint=None, sparse_everywhere: bool = False, warmup: bool | None = None,
-        per_cell: bool | None = None, **templates) -> dict:
+        per_cell: bool | None = None, evals=None, copy_lengths=None, copy_depths=None, copy_per_cell=None,
+        copy_options: dict | None = None, recall_rows: int | None = 64, **templates) -> dict:
     """Run the comparison; returns the ``results.json`` dict. ``repeats``: prefills timed per prompt
     and preset (the median is reported); ``full``, the denominator of every ratio, is timed
     ``max(repeats, baseline_repeats)`` times, so one slow baseline prefill does not move every
@@ -153,7 +166,12 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
     before timing it: Triton compiles and cuDNN builds an attention plan per shape, and prompts of
     one target length differ by a few tokens (a first 16,383-token prefill of ``full`` took 601 ms
     against 47 ms once warm, H200). ``templates``: ``haystack``, ``needle``, ``question`` for the
-    prompts (``attnzoo.eval.niah.make_prompt``)."""
+    prompts (``attnzoo.eval.niah.make_prompt``).
+    ``evals``: ``"niah"`` and/or ``"copy"`` (default both). ``copy_lengths``, ``copy_depths``,
+    ``copy_per_cell`` (prompts per length x depth): the copy prompts (defaults per device);
+    ``copy_options``: ``segment`` ("random"/"text"), ``segment_len``, ``prime``, ``text_window``,
+    ``cue`` (``attnzoo.eval.copy.make_copy_prompt``); ``recall_rows``: query rows the recall probe
+    samples per layer on the first copy prompt of each length (None: no recall)."""
     for arg, value in (("repeats", repeats), ("baseline_repeats", baseline_repeats)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
@@ -161,14 +179,28 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
     from tqdm import tqdm
 
     from ..models import extend_context, load_model
+    from .copy import check_copy_settings
 
+    evals = tuple(EVALS if evals is None else evals)
+    if not evals or any(e not in EVALS for e in evals):
+        raise ValueError(f"evals must be a non-empty subset of {EVALS}, got {evals!r}")
     device = resolve_device(device)
     dt = resolve_dtype(dtype, device)
     settings = defaults(device, quick)
-    for name, value in (("lengths", lengths), ("tasks", tasks), ("depths", depths)):
+    for name, value in (("lengths", lengths), ("tasks", tasks), ("depths", depths), ("copy_lengths", copy_lengths),
+                        ("copy_depths", copy_depths)):
         if value:
             settings[name] = tuple(value)
+    if copy_per_cell is not None:
+        settings["copy_per_cell"] = copy_per_cell
+    copy_options = dict(copy_options or {})
+    check_copy_settings(settings.get("copy_lengths", ()), settings.get("copy_depths", ()), **copy_options)
     per_cell = settings.pop("per_cell", False) if per_cell is None else bool(per_cell)
+    if "copy" not in evals:
+        settings = {k: v for k, v in settings.items() if not k.startswith("copy_")}
+    if "niah" not in evals:
+        settings = {k: v for k, v in settings.items() if k not in ("lengths", "tasks", "depths")}
+    all_lengths = [*settings.get("lengths", ()), *settings.get("copy_lengths", ())]
     presets = list(presets)
     if "full" not in presets:
         presets.insert(0, "full")  # the reference for accuracy and speed ratios
@@ -179,25 +211,30 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
         model, tok = load_model(model_spec, dt, device)
     # YaRN where asked (``context``), or where the device's default lengths need it (GPU: 32K)
     native = getattr(model.config, "max_position_embeddings", None)
-    want = context or (max(settings["lengths"]) if not lengths else None)
+    want = context or (max(all_lengths) if not (lengths or copy_lengths) else None)
     factor = extend_context(model, want) if native and want and want > native else 1
     ctx = getattr(model.config, "max_position_embeddings", None)
-    too_long = [n for n in settings["lengths"] if ctx and n > ctx]
+    too_long = sorted({n for n in all_lengths if ctx and n > ctx})
     if too_long:
         raise ValueError(f"lengths {too_long} are past the model's context ({ctx} tokens; --context extends it)")
-    prompts = _by_length_round_robin(suite(tok, settings["lengths"], settings["depths"], settings["tasks"],
-                                           seed=seed, per_cell=per_cell, **templates))
+    prompts = [] if "niah" not in evals else _by_length_round_robin(
+        suite(tok, settings["lengths"], settings["depths"], settings["tasks"], seed=seed, per_cell=per_cell,
+              **templates))
+    copy_prompts = [] if "copy" not in evals else _by_length_round_robin(
+        copy_suite(tok, settings["copy_lengths"], settings["copy_depths"], settings["copy_per_cell"], seed=seed,
+                   haystack=templates.get("haystack"), **copy_options))
     # Presets are interleaved: every prompt goes through every preset before the next prompt, in an
     # order rotated per prompt, so a change in the machine's load lands on all presets alike and
     # each prompt gives one full / preset prefill ratio (the table shows their spread).
     def meta(complete: bool) -> dict:
         return {
-            "settings": {**{k: list(v) for k, v in settings.items()},
+            "settings": {**{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
                          "max_new_tokens": max_new_tokens or dict(MAX_NEW_TOKENS), "seed": seed,
                          "prefill_repeats": repeats, "baseline_prefill_repeats": base_repeats,
                          "presets_interleaved": True, "complete": complete,
                          "quick": quick, "per_cell": per_cell, "dtype": str(dt).replace("torch.", ""),
-                         "sparse_everywhere": sparse_everywhere, "warmup": warmup,
+                         "sparse_everywhere": sparse_everywhere, "warmup": warmup, "evals": list(evals),
+                         "copy_options": copy_options, "recall_rows": recall_rows,
                          "yarn_factor": factor, "context": ctx,
                          "model": EMBEDDED_NAME if model_spec == "embedded" else Path(model_spec).name},
             "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
@@ -205,13 +242,31 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
                         "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else None},
         }
 
-    longest = max(prompts, key=lambda p: p.n_tokens)
-    warm: set = set()  # (preset, prompt tokens) pairs run once untimed
     if warmup is None:
         warmup = device.startswith("cuda")
     names = {p: stacks[p].name for p in presets}
-    per_prompt: dict[str, list] = {name: [] for name in presets}
+    copied = {}
+
+    def results(per_prompt, complete: bool) -> dict:
+        out = summarise(per_prompt, peaks, names, meta(complete))
+        if copied:
+            out["copy"] = summarise_copy(copied, names, {k: v for k, v in settings.items() if k.startswith("copy")})
+        return out
+
     peaks = dict.fromkeys(presets, 0)
+    if copy_prompts:  # first: the measures that can rate stacks at every length
+        def on_copy(records):
+            copied.update(records)
+            checkpoint(results({}, False))
+
+        copied.update(run_copy(model, presets, stacks, copy_prompts, device=device, warmup=warmup,
+                               recall_rows=recall_rows, progress=progress,
+                               on_prompt=None if checkpoint is None else on_copy))
+    if not prompts:
+        return results({}, True)
+    longest = max(prompts, key=lambda p: p.n_tokens)
+    warm: set = set()  # (preset, prompt tokens) pairs run once untimed
+    per_prompt: dict[str, list] = {name: [] for name in presets}
     meters = {name: DensityMeter() for name in presets}
     bar = tqdm(total=len(presets) * len(prompts), desc="compare", disable=not progress, unit="prompt")
     for i, p in enumerate(prompts):
@@ -240,6 +295,6 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
                                      "prefill_s": prefill, "density": meter.mean()})
             bar.update(1)
         if checkpoint is not None and i + 1 < len(prompts):
-            checkpoint(summarise(per_prompt, peaks, names, meta(complete=False)))
+            checkpoint(results(per_prompt, False))
     bar.close()
-    return summarise(per_prompt, peaks, names, meta(complete=True))
+    return results(per_prompt, True)

@@ -42,6 +42,8 @@ def summarise(per_prompt: dict, peaks: dict, names: dict, meta: dict) -> dict:
     """The ``results.json`` dict from every preset's per-prompt records (equal counts; ``names``:
     preset -> stack name, ``peaks``: preset -> peak bytes, ``meta``: settings and machine)."""
     rows: dict[str, dict] = {}
+    if not any(per_prompt.values()):  # no NIAH prompts in this run (or none answered yet)
+        return {"presets": rows, **meta}
     for name, rs in per_prompt.items():
         n_correct = sum(r["correct"] for r in rs)
         rows[name] = {
@@ -98,9 +100,11 @@ def header(results: dict) -> str:
         partial += " presets sparse at every length (--sparse-everywhere: dense_below switches off);"
     base_reps = s.get("baseline_prefill_repeats", s.get("prefill_repeats", 1))
     base = f" (full: {base_reps})" if base_reps != s.get("prefill_repeats", 1) else ""
-    return (f"{s['model']} ({s.get('dtype', 'float32')}{ctx}) on {device}; torch {m['torch']}; lengths "
-            f"{s['lengths']}, tasks {s['tasks']}, depths {s['depths']}; prefill: median of "
-            f"{s.get('prefill_repeats', 1)}{base}, presets interleaved;{partial}")
+    niah = (f"NIAH lengths {s['lengths']}, tasks {s['tasks']}, depths {s['depths']}; " if "lengths" in s else "")
+    copy = (f"copy lengths {s['copy_lengths']}, depths {s['copy_depths']}, {s['copy_per_cell']} per cell; "
+            if "copy_lengths" in s else "")
+    return (f"{s['model']} ({s.get('dtype', 'float32')}{ctx}) on {device}; torch {m['torch']}; {niah}{copy}"
+            f"prefill: median of {s.get('prefill_repeats', 1)}{base}, presets interleaved;{partial}")
 
 
 def table(results: dict) -> str:
@@ -184,10 +188,22 @@ def write(results: dict, out_dir) -> tuple[Path, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    by_length = table_by_length(results)
-    (out / "results.md").write_text(f"{header(results)}\n\n{table(results)}\n" +
-                                    (f"\nPer length (correct / prompts [95% interval], density, median prefill "
-                                     f"ratio vs full and median prefill):\n\n{by_length}\n" if by_length else ""))
+    text = header(results) + "\n\n"
+    if "copy" in results:  # the fidelity measures first: they rate stacks where NIAH cannot
+        from .fidelity_report import markdown
+        from .fidelity_report import pareto_plot as copy_plot
+
+        text += markdown(results["copy"]) + "\n"
+    if results["presets"]:
+        by_length = table_by_length(results)
+        text += (f"## NIAH\n\n{table(results)}\n" +
+                 (f"\nPer length (correct / prompts [95% interval], density, median prefill "
+                  f"ratio vs full and median prefill):\n\n{by_length}\n" if by_length else ""))
+    (out / "results.md").write_text(text)
+    if "copy" in results:
+        if results["presets"]:
+            pareto_plot(results, out / "pareto-niah.png")
+        return out / "results.json", copy_plot(results, out / "pareto.png")
     return out / "results.json", pareto_plot(results, out / "pareto.png")
 
 
@@ -205,6 +221,13 @@ def main(argv=None) -> int:
     results = summarise({n: r["prompts"] for n, r in rows.items()},
                         {n: r["peak_memory_mib"] * 2**20 for n, r in rows.items()},
                         {n: r.get("stack", n) for n, r in rows.items()}, meta)
+    if "copy" in results:
+        from .copy_compare import summarise_copy
+
+        c = results["copy"]
+        results["copy"] = summarise_copy({n: r["prompts"] for n, r in c["presets"].items()},
+                                         {n: r.get("stack", n) for n, r in c["presets"].items()},
+                                         c.get("settings", {}), c["min_full_copy"])
     write(results, args.folder)
     print((args.folder / "results.md").read_text())
     return 0

@@ -122,7 +122,7 @@ def tensor_parallel_rank(model: nn.Module) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def patch(model: nn.Module, stack, meter=None):
+def patch(model: nn.Module, stack, meter=None, probe=None):
     """Run ``model`` with the attention ``stack`` (anything ``attnzoo.build`` takes) inside the
     block; the previous attention implementation is restored on exit, also after an exception.
 
@@ -131,6 +131,8 @@ def patch(model: nn.Module, stack, meter=None):
     the model has one). A call with one query against a longer cache is a decode step: routers
     reuse their prefill decision for the layer, and prefill-only selectors attend densely.
     ``meter`` (an ``attnzoo.stack.DensityMeter``) collects the attention density used per layer.
+    ``probe``: called as ``probe(layer_idx, node, q, k, v, ctx)`` after each layer's attention
+    (``attnzoo.eval.recall.RecallProbe`` measures what each layer's node keeps).
     """
     from ..stack import CallContext, Routed, build
 
@@ -157,6 +159,8 @@ def patch(model: nn.Module, stack, meter=None):
         if tp_size > 1:  # this rank holds an even slice of the layer's KV heads (HF's colwise plan)
             ctx.kv_head_offset, ctx.kv_heads_total = tp_rank * key.shape[1], tp_size * key.shape[1]
         out = stack(layer, query, key, value, ctx)
+        if probe is not None:
+            probe(layer, stack.node_for(layer), query, key, value, ctx)
         return out.transpose(1, 2).contiguous(), None
 
     with keys_ctx as keys, use_attention(model, attention,

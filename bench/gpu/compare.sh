@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# `attnzoo compare` with its GPU defaults on the embedded model, in two back-to-back calls (a call
-# carries <= 64 MiB; the GGUF is 98 MB):
-#   part a:  bash bench/gpu/compare.sh a          (carry .whl/gguf_a .whl/py)  keeps GGUF part 1 in /tmp
-#   part b:  bash bench/gpu/compare.sh b [args]   (carry .whl/gguf_b .whl/py)  joins it, runs compare
+# `attnzoo compare` with its GPU defaults on the embedded model, in back-to-back calls (a call
+# carries <= 64 MiB with the tree, ~16 MB; the GGUF is 98 MB: split it with `split -b 33M` into
+# three parts, so each call carries one):
+#   part a:  bash bench/gpu/compare.sh a          (carry .whl/gguf_a .whl/py)  keeps the parts it carries in /tmp
+#            (once per part but the last, each time with the next part in .whl/gguf_a)
+#   part b:  bash bench/gpu/compare.sh b [args]   (carry .whl/gguf_b .whl/py)  joins every part, runs compare
 # Later calls on the still-warm machine may run `bash bench/gpu/compare.sh c [args]` (no carry):
 # the joined GGUF and the converted model stay in /tmp.
 set -uo pipefail
@@ -16,6 +18,6 @@ if [ "$PART" = a ]; then
   cp .whl/gguf_a/* /tmp/ && ls -la /tmp/gguf.part.*
   exit 0
 fi
-[ "$PART" = b ] && cat /tmp/gguf.part.aa .whl/gguf_b/gguf.part.ab > "$GGUF"
+if [ "$PART" = b ]; then cp .whl/gguf_b/* /tmp/ && cat /tmp/gguf.part.* > "$GGUF"; fi
 md5sum "$GGUF"
 python3 -m attnzoo.cli compare --model "$GGUF" --out "$OUT/compare" "$@"
