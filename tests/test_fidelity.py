@@ -218,9 +218,11 @@ def test_recall_probe_on_a_patched_model(embedded):
     model, tok = embedded
     p = make_copy_prompt(tok, 1024, 0.5, 1)
     results = {}
-    for name in ("full", "topk-blocks"):
+    topk = {"name": "topk", "default": {"selector": {"name": "topk_blocks", "block_size": 16, "top_k": 8},
+                                        "op": "block_sparse"}, "layers": {"0-1": {"op": "dense"}}}
+    for name, stack in (("full", "preset:full"), ("topk-blocks", topk)):
         probe = RecallProbe(rows=16)
-        with torch.no_grad(), patch(model, f"preset:{name}", probe=probe):
+        with torch.no_grad(), patch(model, stack, probe=probe):
             model(p.input_ids, logits_to_keep=1)
         layers = probe.layers()
         assert sorted(layers) == list(range(model.config.num_hidden_layers))

@@ -150,18 +150,26 @@ def test_streaming_bad_config(spec, match):
 
 # -- top-k blocks --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("Nq,Nk,b,top_k", [(128, 128, 16, 3), (50, 130, 16, 4), (64, 64, 8, 1)])
-def test_topk_blocks_matches_slow_reference(Nq, Nk, b, top_k):
+@pytest.mark.parametrize("Nq,Nk,b,top_k,sink,local", [(128, 128, 16, 3, 0, 0), (50, 130, 16, 4, 0, 0),
+                                                      (64, 64, 8, 1, 0, 0), (160, 160, 16, 2, 16, 32),
+                                                      (50, 130, 16, 1, 0, 20), (96, 96, 8, 3, 12, 0)])
+def test_topk_blocks_matches_slow_reference(Nq, Nk, b, top_k, sink, local):
     q, k = _qk(2, 4, 2, Nq, Nk, 8, seed=Nk)
-    sel = attnzoo.create("selector", {"name": "topk_blocks", "block_size": b, "top_k": top_k, "chunk_size": 2 * b})
+    sel = attnzoo.create("selector", {"name": "topk_blocks", "block_size": b, "top_k": top_k, "chunk_size": 2 * b,
+                                      "sink": sink, "local": local})
     plan = sel(q, k)
     assert plan.heads == 2, "shared across the GQA group"
-    assert torch.equal(plan.to_block_mask(), topk_slow(q, k, b, top_k))
-    assert int(plan.kv_counts.max()) <= max(top_k, 2)
+    want = topk_slow(q, k, b, top_k, sink, local)
+    assert torch.equal(plan.to_block_mask(), want)
+    if sink or local:  # the window and the sink come on top of the top-k picks
+        assert bool((want & ~topk_slow(q, k, b, top_k)).any())
+    extra = -(-sink // b) + -(-local // b)
+    assert int(plan.kv_counts.max()) <= max(top_k, 2) + extra
 
 
 @pytest.mark.parametrize("spec,match", [({"top_k": 0}, "top_k must be an integer >= 1"),
-                                        ({"block_size": 12}, "power of two")])
+                                        ({"block_size": 12}, "power of two"), ({"local": -1}, "local"),
+                                        ({"sink": "16"}, "sink")])
 def test_topk_bad_config(spec, match):
     with pytest.raises(ValueError, match=match):
         attnzoo.create("selector", {"name": "topk_blocks", **spec})

@@ -85,10 +85,11 @@ def streaming_slow(Nq, Nk, sink, local, b):
     return out
 
 
-def topk_slow(q, k, b, top_k):
+def topk_slow(q, k, b, top_k, sink=0, local=0):
     """Top-k blocks ``[B, Hkv, Nqb, Nkb]``: softmax of each query against mean-pooled past key
     blocks, summed over the block and the GQA group; the ``top_k`` best past blocks (fewer by the
-    own blocks kept), ties to the lower block."""
+    own blocks kept), ties to the lower block; besides them the past blocks of the first ``sink``
+    tokens and of the ``local`` tokens before the own blocks."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     g = Hq // Hkv
@@ -110,9 +111,10 @@ def topk_slow(q, k, b, top_k):
                         e = torch.tensor([float(q[bi, h, i] @ kmean[J]) / math.sqrt(D) for J in past])
                         for J, p in zip(past, torch.softmax(e, 0).tolist(), strict=True):
                             score[J] += p
+                forced = [J for J in past if J < cdiv(sink, b) or J >= len(past) - cdiv(local, b)]
                 n_pick = max(0, top_k - len(own))
-                picked = sorted(past, key=lambda J: (-score[J], J))[:n_pick]
-                out[bi, hk, I, own + picked] = True
+                picked = sorted((J for J in past if J not in forced), key=lambda J: (-score[J], J))[:n_pick]
+                out[bi, hk, I, own + forced + picked] = True
     return out
 
 
