@@ -522,6 +522,31 @@ def test_triton_select_top_n_equals_torch(nq, nk, b, k):
 
 
 @needs_triton
+@pytest.mark.parametrize("nq,nk,b,k,sink,local", [(300, 300, 16, 4, 32, 64), (100, 333, 16, 2, 0, 48)])
+def test_triton_select_top_n_keeps_topk_sink_and_window_like_torch(nq, nk, b, k, sink, local):
+    """``topk_blocks``' sink and local window reach the selection as top scores (the largest finite
+    fp32): the Triton kernel ranks them first exactly as torch does."""
+    from attnzoo.ops import selection
+    from attnzoo.selectors.topk_blocks import _FIRST, _sets
+
+    nqb, nkb = -(-nq // b), -(-nk // b)
+    sets = _sets(nq, nk, b, k, -(-sink // b), -(-local // b), "cpu")
+    g = torch.Generator().manual_seed(nk)
+    score = torch.rand(2, 2, nqb, nkb, generator=g)
+    past = sets.forced | (torch.arange(nkb)[None, :] < sets.own_lo[:, None])
+    keys = score.masked_fill(~past[None, None], -1.0)
+    keys = torch.where(sets.forced & (keys >= 0), _FIRST, keys).to(DEVICE)
+    args = (keys, sets.n_pick.to(DEVICE), sets.own_lo.to(DEVICE), sets.last.to(DEVICE))
+    width = k + -(-sink // b) + -(-local // b)
+    i1, c1 = selection.top_n(*args, width=width, backend="torch")
+    i2, c2 = selection.top_n(*args, width=width, backend="triton")
+    p1, p2 = (BlockPlan(i, c, b, b, nq, nk) for i, c in ((i1, c1), (i2, c2)))
+    assert torch.equal(c1, c2) and torch.equal(p1.to_block_mask(), p2.to_block_mask())
+    kept = p1.to_block_mask().cpu()
+    assert bool((kept | ~sets.forced).all()), "every sink and window block is kept"
+
+
+@needs_triton
 def test_xattention_selector_same_plan_with_triton_scores(monkeypatch):
     from attnzoo.selectors.xattention import XAttention
     case = Case(2, 4, 2, 100, 130, 32, "right")
