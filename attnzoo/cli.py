@@ -220,6 +220,8 @@ def train(args) -> int:
 
     if args.method == "ssa" and (args.resume or args.checkpoint_every or args.micro_batch_tokens):
         raise UsageError("--resume, --checkpoint-every and --micro-batch-tokens are for elastic router training")
+    if not 0.0 <= args.copy_share <= 1.0:
+        raise UsageError(f"--copy-share must lie in [0, 1], got {args.copy_share}")
     if args.micro_batch_tokens is not None and args.micro_batch_tokens < 1:
         raise UsageError(f"--micro-batch-tokens must be >= 1, got {args.micro_batch_tokens}")
     device = _check_model_device_context(args, args.lengths)
@@ -240,7 +242,7 @@ def train(args) -> int:
     model, tok = _load_model(args.model, cmp.resolve_dtype(args.dtype, device), device)  # checked above
     if args.context is not None:
         extend_context(model, args.context)
-    samples = training_samples(tok, args.samples, lengths=args.lengths, seed=args.seed)
+    samples = training_samples(tok, args.samples, lengths=args.lengths, seed=args.seed, copy_share=args.copy_share)
     if args.method == "ssa":
         log = train_ssa(model, samples, sparse=stack, steps=args.steps, lr=args.lr or 1e-5, accum=args.batch,
                         trainable=args.trainable, seed=args.seed, out_dir=args.out)
@@ -330,6 +332,8 @@ def main(argv=None) -> int:
     t.add_argument("--batch", type=int, default=4, help="samples per step (ssa: accumulation steps)")
     t.add_argument("--samples", type=int, default=64, help="training samples drawn (retrieval and continuation)")
     t.add_argument("--lengths", type=_csv(int), default=[512, 1024], help="sample lengths in tokens")
+    t.add_argument("--copy-share", type=float, default=0.0, help="share of the retrieval samples that are long-range "
+                   "copy prompts (attnzoo.eval.copy) rather than needle prompts (default 0)")
     t.add_argument("--lr", type=float, help="default: ssa 1e-5, elastic 5e-4")
     t.add_argument("--lambda-lr", type=float, default=1e-3, help="elastic: multiplier ascent lr (paper: 1e-3 for "
                    "300 steps x 48 samples; shorter runs need more, e.g. 0.05)")

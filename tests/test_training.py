@@ -282,6 +282,22 @@ def tok():
     return load_embedded()[1]
 
 
+def test_copy_samples_supervise_the_repeat_and_differ_from_eval(tok):
+    from attnzoo.eval.copy import copy_suite
+    from attnzoo.training import training_samples
+
+    samples = training_samples(tok, 12, lengths=(768,), seed=100, copy_share=1.0)
+    copies = [s for s in samples if s.task_type == "retrieval"]
+    assert copies and all(int((s.labels != -100).sum()) == 48 for s in copies)  # the repeat after its prime
+    for s in copies:
+        sup = s.labels[0] != -100
+        assert sup[-1] and torch.equal(s.labels[0, sup], s.input_ids[0, sup])
+    evaluated = {tuple(p.input_ids[0].tolist()) for p in copy_suite(tok, [768], [0.1, 0.3, 0.5, 0.7, 0.9], 2)}
+    assert not evaluated & {tuple(s.input_ids[0].tolist()) for s in copies}
+    with pytest.raises(ValueError, match="copy_share"):
+        training_samples(tok, 2, lengths=(768,), copy_share=1.5)
+
+
 def test_training_data_is_deterministic_labelled_and_disjoint_from_eval(tok):
     from attnzoo.eval.niah import suite
     from attnzoo.training import training_samples
