@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `attnzoo compare` with its GPU defaults on the embedded model, in back-to-back calls (a call
-# carries <= 64 MiB with the tree, ~16 MB; the GGUF is 98 MB: split it with `split -b 33M` into
-# three parts, so each call carries one):
+# carries <= 64 MiB with the tree, ~16 MB; the GGUF is 98 MB): split it into parts that fit beside
+# the tree and are named gguf.part.* in join order, e.g. `split -n 2` (two calls, 47 MiB each):
 #   part a:  bash bench/gpu/compare.sh a          (carry .whl/gguf_a .whl/py)  keeps the parts it carries in /tmp
 #            (once per part but the last, each time with the next part in .whl/gguf_a)
 #   part b:  bash bench/gpu/compare.sh b [args]   (carry .whl/gguf_b .whl/py)  joins every part, runs compare
