@@ -55,6 +55,8 @@ def main() -> None:
     # multipliers must rise faster or CE alone decides (a first run at 1e-3 drifted towards FA
     # everywhere: Omega ~0.6 for both task types after 25 steps)
     p.add_argument("--lambda-lr", type=float, default=0.05)
+    p.add_argument("--copy-share", type=float, default=0.0, help="share of the retrieval samples that are long-range "
+                   "copy prompts (the rest needle prompts)")
     p.add_argument("--held-out", type=int, default=12)
     p.add_argument("--held-out-length", type=int, default=1024)
     p.add_argument("--max-minutes", type=float, help="stop after the step that crosses this wall-clock budget")
@@ -71,7 +73,7 @@ def main() -> None:
     device = resolve_device(args.device)
     model, tok = load_model(args.model, resolve_dtype(None, device), device)
     factor = extend_context(model, args.context) if args.context else 1
-    samples = training_samples(tok, args.samples, lengths=args.lengths, seed=100)
+    samples = training_samples(tok, args.samples, lengths=args.lengths, seed=100, copy_share=args.copy_share)
     t0 = time.perf_counter()
     router, log = train_elastic(model, samples, sparse=SPARSE[args.sparse], steps=args.steps, batch=args.batch,
                                 lr=args.lr, lambda_lr=args.lambda_lr, seed=0, out_dir=args.out,
@@ -80,7 +82,7 @@ def main() -> None:
                                 micro_batch_padding=args.micro_batch_padding, checkpoint_every=args.checkpoint_every,
                                 resume=args.resume)
     train_s = time.perf_counter() - t0
-    held = training_samples(tok, args.held_out, lengths=(args.held_out_length,), seed=200)
+    held = training_samples(tok, args.held_out, lengths=(args.held_out_length,), seed=200, copy_share=args.copy_share)
     omegas = {"retrieval": [], "other": []}
     for s in held:
         ids = s.input_ids[:, : s.n_tokens - int((s.labels[0] != -100).sum())] if s.task_type == "retrieval" \
@@ -90,7 +92,7 @@ def main() -> None:
                "steps_done": len(log.rows),
                "batch": args.batch, "micro_batch_tokens": args.micro_batch_tokens,
                "micro_batch_padding": args.micro_batch_padding, "samples": args.samples,
-               "lr": args.lr, "lambda_lr": args.lambda_lr, "sparse": SPARSE[args.sparse],
+               "lr": args.lr, "lambda_lr": args.lambda_lr, "sparse": SPARSE[args.sparse], "copy_share": args.copy_share,
                "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
                "dtype": str(next(model.parameters()).dtype), "yarn_factor": factor,
                "lengths": args.lengths, "held_out_length": args.held_out_length,

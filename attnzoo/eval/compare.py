@@ -7,8 +7,9 @@ used during prefill (over layers and heads; dense layers count 1.0), prefill tim
 on a GPU, the median of ``repeats``) and its ratio to the ``full`` preset measured in the same
 process (with the spread of the per-prompt ratios), and peak memory of one prefill.
 
-Defaults follow the device: on a GPU, bf16, 8K/16K/32K tokens (the embedded model YaRN-extended
-to 32K), three tasks x five depths per length (45 prompts per preset); on a CPU, fp32 at 2K/3K.
+Defaults follow the device: on a GPU, bf16, NIAH at 8K/16K/32K tokens, three tasks x five depths per
+length (45 prompts per preset), copy at 8K-64K (the embedded model YaRN-extended to the longest
+length asked for: x8 for 64K); on a CPU, fp32 at 2K/3K.
 The table and plot live in ``attnzoo.eval.report``.
 
 Beside NIAH (``evals``), the fidelity measures of ``attnzoo.eval.copy_compare``: long-range copy
