@@ -276,7 +276,7 @@ def main(argv=None) -> int:
     c = sub.add_parser("compare", help="accuracy vs attention density vs prefill time of stacks on the embedded model")
     c.add_argument("--presets", type=_csv(str), help="comma-separated preset names or stack YAML paths "
                    "(default: every shipped preset); 'full' is always added as the reference")
-    c.add_argument("--lengths", type=_csv(int), help="prompt lengths in tokens (default: GPU 8192,16384,32768; "
+    c.add_argument("--lengths", type=_csv(int), help="NIAH prompt lengths in tokens (default: GPU 8192,16384,32768; "
                    "CPU 2048,3072; quick 1024)")
     c.add_argument("--tasks", type=_csv(str), help="NIAH tasks: single,multikey,multivalue (default: GPU all "
                    "three; CPU single,multikey)")
@@ -287,8 +287,9 @@ def main(argv=None) -> int:
                    help="model precision (auto: bfloat16 on a GPU, float32 on a CPU)")
     c.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M), a .gguf file or a local "
                    "Hugging Face causal LM folder")
-    c.add_argument("--context", type=int, help="extend the model with YaRN to this many tokens (default: on a GPU "
-                   "32768 for the default lengths; otherwise the model's own context)")
+    c.add_argument("--context", type=int, help="extend the model with YaRN to this many tokens (default: the "
+                   "longest default length where it is past the model's context: on a GPU 65536 with copy, 32768 "
+                   "with NIAH alone; otherwise the model's own context)")
     c.add_argument("--quick", action="store_true", help="one short prompt per preset (CI smoke run)")
     c.add_argument("--max-new-tokens", type=int, help="greedy tokens per answer (default: 32, 64 for multivalue)")
     c.add_argument("--out", default="attnzoo-compare", help="folder for results.json and pareto.png")
