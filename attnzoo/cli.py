@@ -178,7 +178,7 @@ def compare(args) -> int:
                       sparse_everywhere=args.sparse_everywhere, per_cell=args.per_cell, evals=args.evals,
                       copy_lengths=args.copy_lengths, copy_depths=args.copy_depths,
                       copy_per_cell=args.copy_per_cell, copy_options=_copy_options(args),
-                      recall_rows=args.recall_rows or None, **templates)
+                      recall_rows=args.recall_rows or None, copy_yarn=args.copy_yarn, **templates)
     json_path, png_path = report.write(results, args.out)
     print()
     print(report.header(results))
@@ -316,6 +316,9 @@ def main(argv=None) -> int:
     c.add_argument("--segment-len", type=int, help="tokens in the hidden segment (default 64)")
     c.add_argument("--prime", type=int, help="repeat tokens given before scoring starts (default 16)")
     c.add_argument("--text-window", type=int, help="plain-text positions scored for KL / top-1 (default 256)")
+    c.add_argument("--copy-yarn", choices=["per-length", "run"], default="per-length", help="YaRN for copy prompts: "
+                   "the smallest factor that holds each prompt (default; a model extended further than a prompt "
+                   "needs copies worse) or the run's one factor")
     c.add_argument("--recall-rows", type=int, default=64, help="query rows per layer the recall probe samples on "
                    "the first copy prompt of each length (0: no recall)")
     t = sub.add_parser("train", help="SSA alignment training, or Elastic router training (frozen backbone)")

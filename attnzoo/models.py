@@ -35,6 +35,45 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def _yarn_factor(model, tokens: int) -> tuple[int, dict]:
+    """The smallest power-of-two YaRN factor that fits ``tokens``, and the model's own RoPE settings
+    (kept on the model the first time it is extended, so it can be fitted back down)."""
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"context must be a positive number of tokens, got {tokens!r}")
+    config = model.config
+    own = getattr(model, "_attnzoo_own_rope", None)
+    if own is None:
+        own = {"rope_parameters": dict(getattr(config, "rope_parameters", None) or {}),
+               "max_position_embeddings": config.max_position_embeddings}
+    params = own["rope_parameters"]
+    original = int(params.get("original_max_position_embeddings") or own["max_position_embeddings"])
+    factor = 1
+    while factor * original < tokens:
+        factor *= 2
+    return factor, own
+
+
+def _set_rope(model, factor: int, own: dict) -> None:
+    config = model.config
+    model._attnzoo_own_rope = own
+    if factor == 1:
+        config.rope_parameters = dict(own["rope_parameters"]) or getattr(config, "rope_parameters", None)
+        config.max_position_embeddings = own["max_position_embeddings"]
+    else:
+        params = own["rope_parameters"]
+        original = int(params.get("original_max_position_embeddings") or own["max_position_embeddings"])
+        theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        config.rope_parameters = {"rope_type": "yarn", "factor": float(factor), "rope_theta": theta,
+                                  "original_max_position_embeddings": original}
+        config.max_position_embeddings = factor * original
+    inner = getattr(model, "model", model)
+    rotary = getattr(inner, "rotary_emb", None)
+    if rotary is None:
+        raise ValueError(f"cannot find the rotary embedding of {type(model).__name__} to extend")
+    device = next(model.parameters()).device
+    inner.rotary_emb = type(rotary)(config).to(device)
+
+
 def extend_context(model, tokens: int):
     """Extend a RoPE model's context to ``tokens`` with YaRN, in place; returns the factor used.
 
@@ -42,26 +81,24 @@ def extend_context(model, tokens: int):
     the model as it is). For the embedded SmolLM2 (8192 tokens, rope theta 1e5) YaRN x4 keeps full
     attention finding needles at 16K and 32K (measured on an H100, see docs/).
     """
-    config = model.config
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    original = int(params.get("original_max_position_embeddings") or config.max_position_embeddings)
-    if not isinstance(tokens, int) or tokens < 1:
-        raise ValueError(f"context must be a positive number of tokens, got {tokens!r}")
-    factor = 1
-    while factor * original < tokens:
-        factor *= 2
+    factor, own = _yarn_factor(model, tokens)
     if factor == 1:
         return 1
-    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    config.rope_parameters = {"rope_type": "yarn", "factor": float(factor), "rope_theta": theta,
-                              "original_max_position_embeddings": original}
-    config.max_position_embeddings = factor * original
-    inner = getattr(model, "model", model)
-    rotary = getattr(inner, "rotary_emb", None)
-    if rotary is None:
-        raise ValueError(f"cannot find the rotary embedding of {type(model).__name__} to extend")
-    device = next(model.parameters()).device
-    inner.rotary_emb = type(rotary)(config).to(device)
+    _set_rope(model, factor, own)
+    return factor
+
+
+def fit_context(model, tokens: int) -> int:
+    """Like ``extend_context``, but also back down: the model gets exactly the smallest YaRN factor
+    that fits ``tokens`` (1: its own RoPE). A model extended further than a prompt needs reads it
+    worse — the embedded SmolLM2 at 8K copied 0.81 / 0.71 of a hidden segment's tokens at depth
+    0.5 / 0.9 natively and 0.35 / 0.21 under YaRN x8 (H100, bench/results/2026-12-06-h100-fidelity) —
+    so a measurement over several lengths fits the model to each."""
+    factor, own = _yarn_factor(model, tokens)
+    current = getattr(getattr(model, "config", None), "rope_parameters", None) or {}
+    if factor == int(current.get("factor", 1) if current.get("rope_type") == "yarn" else 1):
+        return factor
+    _set_rope(model, factor, own)
     return factor
 
 

@@ -273,3 +273,26 @@ def test_summary_flags_cells_where_full_cannot_copy():
 
     text = markdown(s)
     assert "**uninformative**" in text and "| mine | 0.38" in text
+
+
+def test_compare_fits_yarn_to_each_copy_length_and_restores_the_run(embedded):
+    """``copy_yarn="per-length"``: a 1K copy prompt runs on the model's own RoPE even when the run
+    extends it (``context``) for longer prompts, and the run's factor is back afterwards."""
+    from attnzoo.eval import compare
+
+    model, tok = embedded
+    kw = dict(model=model, tok=tok, progress=False, evals=["copy"], copy_lengths=[1024], copy_depths=[0.3],
+              copy_per_cell=1, context=16384, recall_rows=None, device="cpu")
+    try:
+        got = compare.run(["full"], **kw)
+        assert got["copy"]["presets"]["full"]["prompts"][0]["yarn_factor"] == 1
+        assert model.config.rope_parameters["factor"] == 2.0 and got["settings"]["yarn_factor"] == 2
+        assert "(YaRN x1)" in __import__("attnzoo.eval.fidelity_report", fromlist=["x"]).validity_table(got["copy"])
+        same = compare.run(["full"], copy_yarn="run", **kw)
+        assert same["copy"]["presets"]["full"]["prompts"][0]["yarn_factor"] is None
+        with pytest.raises(ValueError, match="copy_yarn"):
+            compare.run(["full"], copy_yarn="each", **kw)
+    finally:
+        from attnzoo.models import fit_context
+
+        fit_context(model, 8192)  # the module's model is shared

@@ -20,6 +20,7 @@ needle question, so stacks can be told apart there.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import platform
@@ -149,7 +150,8 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
         repeats: int = 1, baseline_repeats: int = 3, device: str = "auto", dtype=None, model_spec: str = "embedded",
         context: int | None = None, checkpoint=None, sparse_everywhere: bool = False, warmup: bool | None = None,
         per_cell: bool | None = None, evals=None, copy_lengths=None, copy_depths=None, copy_per_cell=None,
-        copy_options: dict | None = None, recall_rows: int | None = 64, **templates) -> dict:
+        copy_options: dict | None = None, recall_rows: int | None = 64, copy_yarn: str = "per-length",
+        **templates) -> dict:
     """Run the comparison; returns the ``results.json`` dict. ``repeats``: prefills timed per prompt
     and preset (the median is reported); ``full``, the denominator of every ratio, is timed
     ``max(repeats, baseline_repeats)`` times, so one slow baseline prefill does not move every
@@ -172,16 +174,21 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
     ``copy_per_cell`` (prompts per length x depth): the copy prompts (defaults per device);
     ``copy_options``: ``segment`` ("random"/"text"), ``segment_len``, ``prime``, ``text_window``,
     ``cue`` (``attnzoo.eval.copy.make_copy_prompt``); ``recall_rows``: query rows the recall probe
-    samples per layer on the first copy prompt of each length (None: no recall)."""
+    samples per layer on the first copy prompt of each length (None: no recall). ``copy_yarn``:
+    ``"per-length"`` fits the model's YaRN factor to each copy prompt's length (the smallest that
+    holds it; ``attnzoo.models.fit_context``), so full attention copies as well as it can at every
+    length; ``"run"`` keeps the run's one factor for every prompt."""
     for arg, value in (("repeats", repeats), ("baseline_repeats", baseline_repeats)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
     base_repeats = max(repeats, baseline_repeats)
     from tqdm import tqdm
 
-    from ..models import extend_context, load_model
+    from ..models import extend_context, fit_context, load_model
     from .copy import check_copy_settings
 
+    if copy_yarn not in ("per-length", "run"):
+        raise ValueError(f"copy_yarn must be 'per-length' or 'run', got {copy_yarn!r}")
     evals = tuple(EVALS if evals is None else evals)
     if not evals or any(e not in EVALS for e in evals):
         raise ValueError(f"evals must be a non-empty subset of {EVALS}, got {evals!r}")
@@ -235,7 +242,7 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
                          "presets_interleaved": True, "complete": complete,
                          "quick": quick, "per_cell": per_cell, "dtype": str(dt).replace("torch.", ""),
                          "sparse_everywhere": sparse_everywhere, "warmup": warmup, "evals": list(evals),
-                         "copy_options": copy_options, "recall_rows": recall_rows,
+                         "copy_options": copy_options, "recall_rows": recall_rows, "copy_yarn": copy_yarn,
                          "yarn_factor": factor, "context": ctx,
                          "model": EMBEDDED_NAME if model_spec == "embedded" else Path(model_spec).name},
             "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
@@ -260,9 +267,14 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
             copied.update(records)
             checkpoint(results({}, False))
 
+        fit = None
+        if copy_yarn == "per-length" and native:
+            fit = functools.partial(fit_context, model)
         copied.update(run_copy(model, presets, stacks, copy_prompts, device=device, warmup=warmup,
                                recall_rows=recall_rows, progress=progress,
-                               on_prompt=None if checkpoint is None else on_copy))
+                               on_prompt=None if checkpoint is None else on_copy, fit=fit))
+        if fit is not None:
+            fit(ctx or native)  # back to the run's context for NIAH
     if not prompts:
         return results({}, True)
     longest = max(prompts, key=lambda p: p.n_tokens)

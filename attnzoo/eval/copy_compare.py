@@ -39,10 +39,12 @@ def _forward(model, ids, keep: int, sync) -> tuple[torch.Tensor, float]:
 
 
 def run_copy(model, presets: list, stacks: dict, prompts: list, *, device: str, warmup: bool,
-             recall_rows: int | None = 64, progress: bool = True, on_prompt=None) -> dict:
+             recall_rows: int | None = 64, progress: bool = True, on_prompt=None, fit=None) -> dict:
     """Per preset, one record per prompt (``summarise_copy`` turns them into the report).
     ``recall_rows``: query rows the recall probe samples per layer (None: no recall).
-    ``on_prompt``: called with the records after each prompt (a checkpoint)."""
+    ``on_prompt``: called with the records after each prompt (a checkpoint). ``fit``: called with
+    each prompt's length before it runs, returns the YaRN factor the model then has
+    (``attnzoo.models.fit_context``); None leaves the model as it is."""
     from tqdm import tqdm
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -53,6 +55,7 @@ def run_copy(model, presets: list, stacks: dict, prompts: list, *, device: str, 
     probed: set = set()
     bar = tqdm(total=len(presets) * len(prompts), desc="copy", disable=not progress, unit="prompt")
     for i, p in enumerate(prompts):
+        factor = fit(p.length) if fit is not None else None
         ids = p.input_ids.to(device)
         keep = p.n_tokens - p.first_logit
         a, b = p.window[0] - p.first_logit, p.window[1] - p.first_logit
@@ -77,7 +80,7 @@ def run_copy(model, presets: list, stacks: dict, prompts: list, *, device: str, 
             rec = {"length": p.length, "depth": p.depth, "segment": p.segment, "tokens": p.n_tokens,
                    "distance": p.distance, "copied": copied, "scored": scored, "copy": copied / scored,
                    "kl": fid["kl"], "top1": fid["top1"], "density": meter.mean(),
-                   "prefill_s": None if probe is not None else seconds}
+                   "prefill_s": None if probe is not None else seconds, "yarn_factor": factor}
             if probe is not None:
                 rec["recall_layers"] = probe.layers()
             records[name].append(rec)
@@ -144,9 +147,10 @@ def validity(full: list, min_full: float = MIN_FULL_COPY) -> dict:
     """Full attention's mean copy accuracy per ``"length/depth"`` cell, and whether it is rated."""
     cells: dict[str, list] = {}
     for f in full:
-        cells.setdefault(f"{f['length']}/{f['depth']:g}", []).append(f["copy"])
-    return {cell: {"full_copy": _mean(xs), "n_prompts": len(xs), "informative": _mean(xs) >= min_full}
-            for cell, xs in cells.items()}
+        cells.setdefault(f"{f['length']}/{f['depth']:g}", []).append(f)
+    return {cell: {"full_copy": _mean(f["copy"] for f in fs), "n_prompts": len(fs),
+                   "informative": _mean(f["copy"] for f in fs) >= min_full, "yarn_factor": fs[0].get("yarn_factor")}
+            for cell, fs in cells.items()}
 
 
 def summarise_copy(records: dict, names: dict, settings: dict, min_full: float = MIN_FULL_COPY) -> dict:

@@ -80,7 +80,9 @@ def validity_table(copy: dict) -> str:
             c = cells.get(f"{n}/{d:g}")
             row.append("-" if c is None else f"{c['full_copy']:.2f} (n={c['n_prompts']})" +
                        ("" if c["informative"] else " **uninformative**"))
-        lines.append(f"| {n:,} tokens | " + " | ".join(row) + " |")
+        factors = {cells[c].get("yarn_factor") for c in cells if c.startswith(f"{n}/")} - {None}
+        yarn = f" (YaRN x{factors.pop()})" if len(factors) == 1 else ""
+        lines.append(f"| {n:,} tokens{yarn} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
