@@ -17,6 +17,9 @@ TINY_STACKS = {
     # small enough configs that the prompts below are many blocks long, so the plan matters
     "streaming": {"selector": {"name": "streaming", "sink": 16, "local": 32, "block_size": 16}, "op": "block_sparse"},
     "topk-blocks": {"selector": {"name": "topk_blocks", "block_size": 16, "top_k": 3}, "op": "block_sparse"},
+    # the shipped preset's shape: a sink and a local window besides the top-k (both placed per sequence)
+    "topk-window": {"selector": {"name": "topk_blocks", "block_size": 16, "top_k": 2, "sink": 16, "local": 32},
+                    "op": "block_sparse"},
     "xattention": {"selector": {"name": "xattention", "stride": 4, "block_size": 16, "threshold": 0.7,
                                 "chunk_size": 64}, "op": "block_sparse"},
     # the question's rows keep every block: the tail must follow each sequence's own end
@@ -59,8 +62,8 @@ def _node_call(stack, q, k, v, kpm):
     return build({"name": "t", "default": stack})(0, q, k, v, CallContext(key_padding_mask=kpm, layer_idx=0))
 
 
-@pytest.mark.parametrize("name", ["streaming", "topk-blocks", "xattention", "xattention-tail", "token-sparse",
-                                  "routed", "routed-xa-tail"])
+@pytest.mark.parametrize("name", ["streaming", "topk-blocks", "topk-window", "xattention", "xattention-tail",
+                                  "token-sparse", "routed", "routed-xa-tail"])
 def test_left_padded_layer_equals_each_sequence_alone(name):
     g = torch.Generator().manual_seed(1)
     N, pads = 190, (0, 9, 40)  # sequence b: pads[b] padding rows, then its real tokens
@@ -86,8 +89,8 @@ def _left_padded(prompts, pad_id=0):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", ["streaming", "topk-blocks", "xattention", "xattention-tail", "routed",
-                                  "routed-xa-tail"])
+@pytest.mark.parametrize("name", ["streaming", "topk-blocks", "topk-window", "xattention", "xattention-tail",
+                                  "routed", "routed-xa-tail"])
 def test_left_padded_generate_equals_each_prompt_alone(tiny, name):
     g = torch.Generator().manual_seed(2)
     lengths = (150, 123, 97)  # different left padding per row; every prompt spans many 16-blocks
