@@ -296,3 +296,30 @@ def test_compare_fits_yarn_to_each_copy_length_and_restores_the_run(embedded):
         from attnzoo.models import fit_context
 
         fit_context(model, 8192)  # the module's model is shared
+
+
+def test_copy_prompt_starts_as_the_tokenizer_starts_a_text(embedded):
+    """A tokenizer that puts a BOS before every text (Llama-style) gets it first in the copy prompt
+    too; every position shifts with it and the layout still holds."""
+    _, tok = embedded
+
+    class WithBos:
+        def __init__(self, inner, bos):
+            self.inner, self.bos = inner, bos
+            self.all_special_ids = inner.all_special_ids
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __call__(self, text, add_special_tokens=True):
+            out = self.inner(text, add_special_tokens=False)
+            if add_special_tokens:
+                out["input_ids"] = [self.bos] + out["input_ids"]
+            return out
+
+    plain = make_copy_prompt(tok, 1024, 0.5, 2)
+    bos = make_copy_prompt(WithBos(tok, 1), 1024, 0.5, 2)
+    assert bos.n_tokens == 1024 and int(bos.input_ids[0, 0]) == 1 and int(plain.input_ids[0, 0]) != 1
+    ids = bos.input_ids[0]
+    assert torch.equal(ids[bos.hidden_at:bos.hidden_at + 64], ids[bos.repeat_at:])
+    assert bos.window[1] == plain.window[1] and bos.repeat_at == plain.repeat_at

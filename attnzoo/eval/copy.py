@@ -115,7 +115,10 @@ def make_copy_prompt(tok, length: int, depth: float, seed: int, *, segment: str 
     if len(text) < 1000:
         raise ValueError(f"haystack holds {len(text)} characters; a copy prompt needs a long text")
     cue_ids = tok(cue, add_special_tokens=False).input_ids
-    n_text = length - 2 * segment_len - len(cue_ids)
+    # what the tokenizer puts before any text (a BOS for Llama-style models; nothing for SmolLM2):
+    # a model reads its prompts with it
+    lead = tok("", add_special_tokens=True).input_ids
+    n_text = length - 2 * segment_len - len(cue_ids) - len(lead)
     if n_text < text_window + 16:
         raise ValueError(f"length {length} leaves {n_text} text tokens; need > text_window + 16 = {text_window + 16}")
     half = len(text) // 2
@@ -134,12 +137,12 @@ def make_copy_prompt(tok, length: int, depth: float, seed: int, *, segment: str 
         seg = _text_ids(tok, text, (start + half + rng.randrange(half // 2)) % len(text), segment_len)
     room = n_text - text_window  # the hidden segment goes in the text before the fidelity window
     at = int(round(depth * room))
-    ids = hay[:at] + seg + hay[at:] + cue_ids + seg
+    ids = lead + hay[:at] + seg + hay[at:] + cue_ids + seg
     assert len(ids) == length, (len(ids), length)
     repeat_at = length - segment_len
-    window_end = at + segment_len + (n_text - at)  # end of the text (the cue starts here)
-    return CopyPrompt(length, depth, seed, segment, torch.tensor([ids]), at, repeat_at, segment_len, prime,
-                      (window_end - text_window - 1, window_end - 1))
+    window_end = len(lead) + n_text + segment_len  # end of the text (the cue starts here)
+    return CopyPrompt(length, depth, seed, segment, torch.tensor([ids]), len(lead) + at, repeat_at, segment_len,
+                      prime, (window_end - text_window - 1, window_end - 1))
 
 
 def copy_suite(tok, lengths, depths, per_cell: int = 1, seed: int = 0, **options) -> list[CopyPrompt]:
