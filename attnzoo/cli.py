@@ -138,7 +138,9 @@ def _check_compare_args(args) -> dict:
         raise UsageError(f"--copy-per-cell must be >= 1, got {args.copy_per_cell}")
     if args.recall_rows < 0:
         raise UsageError(f"--recall-rows must be >= 0 (0: no recall), got {args.recall_rows}")
-    _check_model_device_context(args, [*(args.lengths or ()), *(args.copy_lengths or ())])
+    # copy prompts fitted per length (the default) extend the model themselves
+    fitted = args.copy_yarn == "per-length"
+    _check_model_device_context(args, [*(args.lengths or ()), *(() if fitted else args.copy_lengths or ())])
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     for flag in ("repeats", "baseline_repeats"):
@@ -288,8 +290,8 @@ def main(argv=None) -> int:
     c.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M), a .gguf file or a local "
                    "Hugging Face causal LM folder")
     c.add_argument("--context", type=int, help="extend the model with YaRN to this many tokens (default: the "
-                   "longest default length where it is past the model's context: on a GPU 65536 with copy, 32768 "
-                   "with NIAH alone; otherwise the model's own context)")
+                   "longest default NIAH length where it is past the model's context, 32768 on a GPU; copy prompts "
+                   "get the factor that fits each unless --copy-yarn run)")
     c.add_argument("--quick", action="store_true", help="one short prompt per preset (CI smoke run)")
     c.add_argument("--max-new-tokens", type=int, help="greedy tokens per answer (default: 32, 64 for multivalue)")
     c.add_argument("--out", default="attnzoo-compare", help="folder for results.json and pareto.png")

@@ -7,9 +7,9 @@ used during prefill (over layers and heads; dense layers count 1.0), prefill tim
 on a GPU, the median of ``repeats``) and its ratio to the ``full`` preset measured in the same
 process (with the spread of the per-prompt ratios), and peak memory of one prefill.
 
-Defaults follow the device: on a GPU, bf16, NIAH at 8K/16K/32K tokens, three tasks x five depths per
-length (45 prompts per preset), copy at 8K-64K (the embedded model YaRN-extended to the longest
-length asked for: x8 for 64K); on a CPU, fp32 at 2K/3K.
+Defaults follow the device: on a GPU, bf16, NIAH at 8K/16K/32K tokens (the embedded model
+YaRN-extended x4 to 32K), three tasks x five depths per length (45 prompts per preset), copy at
+8K-64K, each copy prompt on the smallest YaRN factor that holds it; on a CPU, fp32 at 2K/3K.
 The table and plot live in ``attnzoo.eval.report``.
 
 Beside NIAH (``evals``), the fidelity measures of ``attnzoo.eval.copy_compare``: long-range copy
@@ -208,7 +208,11 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
         settings = {k: v for k, v in settings.items() if not k.startswith("copy_")}
     if "niah" not in evals:
         settings = {k: v for k, v in settings.items() if k not in ("lengths", "tasks", "depths")}
-    all_lengths = [*settings.get("lengths", ()), *settings.get("copy_lengths", ())]
+    # the lengths the run's one context must hold: copy prompts fitted per length extend the model
+    # themselves, so with NIAH in the run its lengths alone set the context (as before copy existed)
+    fitted = copy_yarn == "per-length" and "copy" in evals
+    held = [*settings.get("lengths", ())] + ([] if fitted else [*settings.get("copy_lengths", ())])
+    held = held or [*settings.get("copy_lengths", ())]
     presets = list(presets)
     if "full" not in presets:
         presets.insert(0, "full")  # the reference for accuracy and speed ratios
@@ -219,10 +223,10 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
         model, tok = load_model(model_spec, dt, device)
     # YaRN where asked (``context``), or where the device's default lengths need it (GPU: 32K)
     native = getattr(model.config, "max_position_embeddings", None)
-    want = context or (max(all_lengths) if not (lengths or copy_lengths) else None)
+    want = context or (max(held) if not (lengths or (copy_lengths and not fitted)) else None)
     factor = extend_context(model, want) if native and want and want > native else 1
     ctx = getattr(model.config, "max_position_embeddings", None)
-    too_long = sorted({n for n in all_lengths if ctx and n > ctx})
+    too_long = sorted({n for n in (settings.get("lengths", ()) if fitted else held) if ctx and n > ctx})
     if too_long:
         raise ValueError(f"lengths {too_long} are past the model's context ({ctx} tokens; --context extends it)")
     prompts = [] if "niah" not in evals else _by_length_round_robin(
