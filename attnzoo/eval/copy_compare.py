@@ -47,6 +47,8 @@ def run_copy(model, presets: list, stacks: dict, prompts: list, *, device: str, 
     (``attnzoo.models.fit_context``); None leaves the model as it is."""
     from tqdm import tqdm
 
+    if "full" not in presets:
+        raise ValueError(f"presets must include 'full' (every fidelity figure is paired with it), got {presets}")
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     others = [p for p in presets if p != "full"]
     records: dict[str, list] = {name: [] for name in presets}

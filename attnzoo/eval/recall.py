@@ -52,26 +52,22 @@ def _per_query_head(x: torch.Tensor, hq: int) -> torch.Tensor:
 
 
 def _block_rows(plan: BlockPlan, q, rows) -> torch.Tensor:
-    """bool ``[B, Hq, R, Nk]``: the key blocks ``plan`` selects for each row's query block."""
-    idx = _per_query_head(plan.kv_indices.long(), q.shape[1])  # [B, Hq, Nqb, Kmax]
-    cnt = _per_query_head(plan.kv_counts.long(), q.shape[1])  # [B, Hq, Nqb]
-    qb = rows // plan.block_q  # [B, Hq, R]
-    sel = idx.gather(2, qb[..., None].expand(-1, -1, -1, idx.shape[-1]))  # [B, Hq, R, Kmax]
-    n = cnt.gather(2, qb)
-    valid = torch.arange(idx.shape[-1], device=idx.device) < n[..., None]
-    blocks = torch.zeros(*sel.shape[:3], plan.num_kv_blocks + 1, dtype=torch.bool, device=idx.device)
-    blocks.scatter_(-1, torch.where(valid, sel, plan.num_kv_blocks), True)  # spare column for empty slots
-    return blocks[..., :-1].repeat_interleave(plan.block_k, -1)[..., : plan.kv_len]
+    """bool ``[B, Hq, R, Nk]``: the key blocks ``plan`` selects for each row's query block (the
+    plan's own block mask, ``Nqb x Nkb``, read at the rows' query blocks)."""
+    blocks = _per_query_head(plan.to_block_mask(), q.shape[1])  # [B, Hq, Nqb, Nkb]
+    qb = (rows // plan.block_q)[..., None].expand(-1, -1, -1, blocks.shape[-1])
+    return blocks.gather(2, qb).repeat_interleave(plan.block_k, -1)[..., : plan.kv_len]
 
 
 def _token_rows(node_inner, plan: TokenPlan, q, k, ctx, rows) -> torch.Tensor:
     """A token plan: kept rows see what ``node_inner`` keeps among the kept keys (None: all of them)."""
     B, Hq, Nk = q.shape[0], q.shape[1], k.shape[2]
     idx = _per_query_head(plan.indices.long(), Hq)  # [B, Hq, N'] ascending, -1 past the length
-    valid = torch.arange(idx.shape[-1], device=idx.device) < _per_query_head(plan.lengths, Hq)[..., None]
-    keyed = torch.where(valid, idx, Nk)  # still ascending: searchsorted finds each row's slot
-    pos = torch.searchsorted(keyed.contiguous(), rows.contiguous()).clamp(max=idx.shape[-1] - 1)
-    kept = keyed.gather(-1, pos) == rows  # [B, Hq, R]
+    valid = _per_query_head(plan.valid(), Hq)
+    keep = _per_query_head(plan.keep_mask(), Hq)  # [B, Hq, N]
+    kept = keep.gather(-1, rows)  # [B, Hq, R]: the row itself is kept
+    # a kept row's slot in the compressed sequence: kept positions before it (indices ascend)
+    pos = (keep.cumsum(-1) - 1).gather(-1, rows).clamp(min=0)
     if node_inner is None:
         inner = torch.ones(*rows.shape, idx.shape[-1], dtype=torch.bool, device=q.device)
     else:
