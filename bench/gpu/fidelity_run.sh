@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The fidelity acceptance run of issue 34 on one GPU, in back-to-back calls (see compare.sh for the
+# GGUF parts; `a` calls are compare.sh's):
+#   b: join the GGUF, calibrate XAttention thresholds at 8K-32K on the YaRN-extended model
+#      (bench/calibrate_presets.py, written to $OUT/presets, the stack renamed
+#      xattention-calibrated-long), then `attnzoo compare --evals copy --sparse-everywhere` on the
+#      presets the acceptance names, the long calibration beside them
+#   c: (warm machine, no carry) the same compare on the remaining shipped presets
+set -uo pipefail
+PART=${1:?usage: fidelity_run.sh b|c [per-cell]}; PER=${2:-6}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/py/*.whl 2>/dev/null
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 ATTNZOO_CACHE=/tmp/attnzoo-cache
+GGUF=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+git rev-parse HEAD 2>/dev/null || true
+if [ "$PART" = b ]; then
+  cp .whl/gguf_b/* /tmp/ && cat /tmp/gguf.part.* > "$GGUF"; md5sum "$GGUF"
+  t0=$SECONDS
+  python3 bench/calibrate_presets.py --model "$GGUF" --device cuda --context 32768 \
+      --lengths 8192 16384 32768 --target-recall 0.95 0.9 0.85 0.8 --max-density 0.35 \
+      --dense-tail 64 --presets-dir "$OUT/presets" 2>&1 | grep -v Warning
+  echo "calibration: $((SECONDS - t0)) s"
+  sed -i 's/^name: xattention-calibrated$/name: xattention-calibrated-long/' "$OUT/presets/xattention-calibrated.yaml"
+  cp "$OUT/presets/xattention-calibrated.yaml" /tmp/xattention-calibrated-long.yaml
+  PRESETS=xattention,xattention-calibrated,/tmp/xattention-calibrated-long.yaml,streaming,elastic-fa-xa,topk-blocks
+else
+  PRESETS=elastic-fa-streaming,elastic-xa-streaming,router-table-example,token-sparse,token-sparse-calibrated,token-sparse-xattention
+fi
+t0=$SECONDS
+python3 -m attnzoo.cli compare --model "$GGUF" --out "$OUT/compare-$PART" --evals copy --sparse-everywhere \
+    --copy-per-cell "$PER" --presets "$PRESETS"
+echo "compare: $((SECONDS - t0)) s"
