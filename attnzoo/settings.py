@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
+
+
+def cache_root() -> Path:
+    """Where attnzoo keeps converted models and routers trained for a model (``ATTNZOO_CACHE``,
+    default ``~/.cache/attnzoo``)."""
+    return Path(os.environ.get("ATTNZOO_CACHE", Path.home() / ".cache" / "attnzoo"))
 
 
 def value_checks(device) -> bool:

@@ -121,6 +121,30 @@ def tensor_parallel_rank(model: nn.Module) -> tuple[int, int]:
     return mesh.get_local_rank("tp"), mesh.size(names.index("tp"))
 
 
+# attention-function arguments that change the math and that attnzoo's ops do not implement
+_UNSUPPORTED = {
+    "softcap": "attention-logit soft-capping (Gemma 2: set config.attn_logit_softcapping = None to run without it, "
+               "as transformers' SDPA path does)",
+    "s_aux": "attention sinks as learned logits (gpt-oss)",
+    "cu_seq_lens_q": "packed variable-length sequences (pass a padded batch instead)",
+}
+
+
+def refuse_unsupported(model_name: str, kwargs: dict) -> None:
+    """Raise for an attention argument that would be silently ignored (a wrong answer)."""
+    for key, what in _UNSUPPORTED.items():
+        if kwargs.get(key) is not None:
+            raise ValueError(f"{model_name} asks attention for {key}={kwargs[key]!r}: attnzoo stacks do not implement "
+                             f"{what}")
+
+
+def sliding_window_attention(module, query, key, value, attention_mask, scaling, **kwargs):
+    """The model's own windowed attention (transformers' SDPA function with the window mask it built)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
 @contextlib.contextmanager
 def patch(model: nn.Module, stack, meter=None, probe=None):
     """Run ``model`` with the attention ``stack`` (anything ``attnzoo.build`` takes) inside the
@@ -136,8 +160,10 @@ def patch(model: nn.Module, stack, meter=None, probe=None):
     """
     from ..stack import CallContext, Routed, build
 
-    stack = build(stack)
-    stack.check_num_layers(len(decoder_layers(model)))
+    stack = build(stack).for_model(model)
+    if len(decoder_layers(model)) != model.config.get_text_config().num_hidden_layers:
+        raise ValueError(f"{type(model).__name__}: {len(decoder_layers(model))} decoder layers, but its config "
+                         f"says {model.config.get_text_config().num_hidden_layers}")
     needs_keys = any(isinstance(n, Routed) and n.router.needs_pre_rope_keys for n in stack.nodes())
     caches: dict[int, dict] = {}
     keys_ctx = pre_rope_key_hooks(model) if needs_keys else contextlib.nullcontext({})
@@ -149,6 +175,12 @@ def patch(model: nn.Module, stack, meter=None, probe=None):
         if dropout:
             raise ValueError(f"attnzoo stacks implement no attention dropout, got dropout={dropout}; "
                              "set the model's attention_dropout to 0")
+        refuse_unsupported(type(model).__name__, kwargs)
+        window = kwargs.get("sliding_window")
+        if window is not None and key.shape[2] > window:
+            # a sliding-window layer (Mistral, Gemma 2/3, Qwen with use_sliding_window) is already
+            # local: it keeps the model's own windowed attention; stacks apply to the global layers
+            return sliding_window_attention(module, query, key, value, attention_mask, scaling, **kwargs)
         layer = module.layer_idx
         decode = query.shape[2] == 1 and key.shape[2] > 1
         if not decode:

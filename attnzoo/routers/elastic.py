@@ -18,10 +18,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..config import ConfigError, suggest
+from ..config import ConfigError, load_config, suggest
+from ..model_shape import ModelShape
 from ..ops.head_router import head_router, pool_keys  # noqa: F401  (pool_keys: re-exported)
 from ..plans import HeadPlan
 from ..registry import register
+from ..settings import cache_root
 
 
 class ElasticRouterLayer(nn.Module):
@@ -66,10 +68,43 @@ def resolve_weights(name) -> Path:
                      f"{shipped_weights()}{suggest(str(name), shipped_weights())}")
 
 
+def trained_router_dir() -> Path:
+    """Where ``attnzoo train elastic`` files the routers it trains, for ``weights: auto`` to find."""
+    return cache_root() / "routers"
+
+
+def known_routers() -> list[dict]:
+    """Every router ``weights: auto`` can choose: ``{path, model (ModelShape), sparse}`` — the
+    shipped ones (``weights/index.yaml``) and those trained on this machine (``trained_router_dir``)."""
+    out = [{"path": WEIGHTS_DIR / f"{name}.pt", "model": ModelShape.from_config(meta["model"]),
+            "sparse": meta["sparse"]} for name, meta in load_config(str(WEIGHTS_DIR / "index.yaml")).items()]
+    for f in sorted(trained_router_dir().glob("*.pt")):
+        meta = torch.load(f, map_location="cpu", weights_only=True).get("meta") or {}
+        if "model" in meta and "sparse" in meta:
+            out.append({"path": f, "model": ModelShape.from_config(meta["model"]), "sparse": meta["sparse"]})
+    return out
+
+
+def find_router(shape: ModelShape, sparse: str) -> Path:
+    """The router trained for ``shape`` (geometry and name) with a ``sparse`` branch like this one
+    (``"xattention->block_sparse"``); the most recently trained where several fit."""
+    fits = [r for r in known_routers() if r["sparse"] == sparse and not r["model"].differences(shape)
+            and (r["model"].name == shape.name or not shape.name)]
+    if fits:
+        return max(fits, key=lambda r: r["path"].stat().st_mtime)["path"]
+    known = "; ".join(f"{r['path'].name}: {r['model'].describe()}, sparse {r['sparse']}" for r in known_routers())
+    # the training default is the streaming branch; an XAttention branch is the xattention preset
+    stack = {"streaming->block_sparse": "", "xattention->block_sparse": " --stack xattention"}.get(
+        sparse, " --stack STACK.yaml (a stack whose layers run that sparse branch)")
+    raise ValueError(f"elastic router weights: auto: no router trained for {shape.describe()} with a {sparse!r} "
+                     f"sparse branch (known: {known}). Train one: attnzoo train elastic --model MODEL{stack} "
+                     f"(it files the router under {trained_router_dir()})")
+
+
 @register("router", "elastic")
 @dataclass
 class ElasticRouter:
-    weights: str | None = None  # a file written by save() or a shipped name; torch.load(weights_only=True)
+    weights: str | None = None  # a file written by save(), a shipped name, or auto: the router trained for the model
     head_dim: int = 64
     full: str = "full"  # branch label FA heads run
     sparse: str = "sparse"  # branch label SA heads run
@@ -84,8 +119,26 @@ class ElasticRouter:
         if self.head_dim < 1 or self.pool_tokens < 1:
             raise ValueError("head_dim and pool_tokens must be >= 1")
         self.layers = nn.ModuleDict()
-        if self.weights is not None:
+        self._bound = None
+        if self.weights is not None and self.weights != "auto":
             self.load(self.weights)
+
+    def bind(self, shape: ModelShape, branches: dict[str, str]) -> None:
+        """Meet a model: ``weights: auto`` loads the router trained for it (``find_router``, by the
+        model's shape and name and the sparse branch's kind, ``branches[self.sparse]``); explicit
+        weights must have the model's head dim."""
+        if self.weights != "auto":
+            if self.head_dim != shape.head_dim:
+                raise ValueError(f"elastic router has head_dim={self.head_dim}; {shape.describe()} has head dim "
+                                 f"{shape.head_dim}. Use weights: auto, or train one for this model: attnzoo "
+                                 f"train elastic --model MODEL")
+            return
+        key = (shape, branches[self.sparse])
+        if self._bound != key:
+            self.head_dim = shape.head_dim
+            self.layers = nn.ModuleDict()
+            self.load(find_router(*key))
+            self._bound = key
 
     def check_labels(self, labels: tuple[str, ...], path: str) -> None:
         for name in ("full", "sparse") + (("forced",) if self.forced is not None else ()):
@@ -118,6 +171,9 @@ class ElasticRouter:
         B, Hkv = k.shape[0], k.shape[1]
         if self.forced is not None:
             return HeadPlan(torch.full((B, Hkv), labels.index(self.forced), device=k.device), labels)
+        if self.weights == "auto" and self._bound is None:
+            raise ValueError("elastic router weights: auto are chosen when the stack meets a model: run it through "
+                             "attnzoo.patch(model, stack), or stack.for_model(model)")
         if ctx.pre_rope_keys is None:
             raise ValueError("the elastic router needs pre-RoPE keys: run the model through attnzoo.patch, "
                              "which hooks k_proj (and k_norm)")
@@ -132,12 +188,14 @@ class ElasticRouter:
         branch = torch.where(fa, labels.index(self.full), labels.index(self.sparse))
         return HeadPlan(branch.to(k.device), labels)
 
-    def save(self, path, dtype: torch.dtype | None = None) -> Path:
-        """Write the weights (optionally cast, e.g. fp16 to ship half the bytes)."""
+    def save(self, path, dtype: torch.dtype | None = None, meta: dict | None = None) -> Path:
+        """Write the weights (optionally cast, e.g. fp16 to ship half the bytes). ``meta``: what
+        they were trained for (``{"model": ModelShape.to_config(), "sparse": "xattention->block_sparse"}``),
+        which ``weights: auto`` reads."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
-        torch.save({"format": "attnzoo.elastic_router/1", "head_dim": self.head_dim,
+        torch.save({"format": "attnzoo.elastic_router/1", "head_dim": self.head_dim, "meta": meta or {},
                     "layers": {k: {n: cast(t.detach().cpu()) for n, t in m.state_dict().items()}
                                for k, m in self.layers.items()}}, path)
         return path

@@ -21,10 +21,8 @@ def layer_nodes(stack, model) -> list:
     """One stack node per decoder layer of ``model`` (anything ``attnzoo.build`` takes), with every
     ``dense_below`` switch removed: a preset's speed switch (e.g. ``xattention``: dense below 24,576
     keys on CUDA) would otherwise make the sparse branch dense at training lengths, silently."""
-    stack = build(without_dense_below(build(stack).to_config()))
-    n = len(decoder_layers(model))
-    stack.check_num_layers(n)
-    return [stack.node_for(i) for i in range(n)]
+    stack = build(without_dense_below(build(stack).to_config())).for_model(model)
+    return [stack.node_for(i) for i in range(len(decoder_layers(model)))]
 
 
 def supervised_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask=None,

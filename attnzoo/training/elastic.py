@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -252,10 +253,39 @@ def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse
     for p in params:
         p.requires_grad_(False)
     if out_dir is not None:
-        router.save(log.out / "router.pt", dtype=torch.float16)
+        router.save(log.out / "router.pt", dtype=torch.float16, meta=router_meta(model, sparse_nodes))
         log.plot({"loss": ["loss", "ce", "penalty", "violation"], "sparsity Ω": [f"omega_{t}" for t in targets],
                   "multipliers": [f"lambda{j}_{t}" for t in targets for j in (1, 2)]}, "Elastic router training")
     return router, log
+
+
+def router_meta(model, sparse_nodes) -> dict:
+    """What a router is trained for, saved in its file for ``weights: auto``: the model's shape and
+    name, and the kind of sparse branch (the most common node of the sparse stack over the layers)."""
+    from collections import Counter
+
+    from ..model_shape import ModelShape
+    from ..stack import describe_node
+
+    kind = Counter(describe_node(n) for n in sparse_nodes).most_common(1)[0][0]
+    return {"model": ModelShape.of(model).to_config(), "sparse": kind}
+
+
+def file_router(path) -> Path:
+    """Copy a trained router (with its ``meta``) to where ``weights: auto`` looks; returns the copy."""
+    import re
+    import shutil
+
+    from ..routers.elastic import trained_router_dir
+
+    meta = torch.load(path, map_location="cpu", weights_only=True).get("meta") or {}
+    if "model" not in meta:
+        raise ValueError(f"{path}: the router file does not say which model it was trained for")
+    stem = re.sub(r"[^\w.-]+", "_", f"{meta['model'].get('name') or 'model'}--{meta['sparse']}")
+    dest = trained_router_dir() / f"{stem}.pt"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, dest)
+    return dest
 
 
 @torch.no_grad()

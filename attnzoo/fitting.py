@@ -1,0 +1,133 @@
+"""Fit a preset to a model: its model-specific parts made on the model itself.
+
+``attnzoo calibrate`` is this module on the command line; ``bench/calibrate_presets.py`` calls it
+to write the shipped SmolLM2 presets. Two presets have parts that only a model can set:
+
+- ``xattention-calibrated``: per-layer, per-head XAttention thresholds (``calibrate_threshold_sweep``:
+  each head keeps ``target_recall`` of its true attention mass on the calibration prompts);
+- ``token-sparse-calibrated``: the layers Token Sparse compresses (the calmer half by
+  representation drift, ``choose_sparse_layers``).
+
+The stack written says what it was fitted to (``fitted_for``: the model's shape and name, the
+parts, the command that refits them), so it refuses another model instead of running wrongly.
+Calibration prompts are NIAH prompts with seeds and haystack offsets disjoint from every
+evaluation's (``attnzoo compare``: seed 0, offset 0; copy prompts their own seeds).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .calibration import calibrate_threshold_sweep, choose_sparse_layers, xattention_layer_configs
+from .model_shape import ModelShape
+from .stack import DensityMeter, build
+
+__all__ = ["FITTABLE", "CAL_SEED", "HELD_OUT_SEED", "CAL_OFFSET", "fitted_for", "xattention_stack",
+           "fit_xattention", "token_sparse_stack", "fit_token_sparse", "held_out_density"]
+
+CAL_SEED, HELD_OUT_SEED, CAL_OFFSET = 7, 8, 40_000
+FITTABLE = {
+    "xattention-calibrated": "per-layer, per-head XAttention thresholds",
+    "token-sparse-calibrated": "Token Sparse layer choice (representation drift)",
+}
+TOKEN_SPARSE = {"name": "token_coverage", "coverage": 0.005, "window": 128, "min_tokens": 1024}
+
+
+def fitted_for(model, preset: str) -> dict:
+    """The ``fitted_for`` record of a stack made on ``model`` from ``preset``."""
+    return {**ModelShape.of(model).to_config(), "parts": FITTABLE[preset],
+            "refit": f"attnzoo calibrate --preset {preset} --model MODEL --out my-stack.yaml"}
+
+
+def xattention_stack(calibration: dict, *, fit: dict | None = None, dense_layers: str = "first:2",
+                     dense_tail: int = 0, max_threshold: float | None = None, dense_below: int | None = None,
+                     name: str = "xattention-calibrated", description: str = "") -> dict:
+    """A stack config from a threshold calibration: ``dense_layers`` dense, every other calibrated
+    layer XAttention with its heads' thresholds (capped at ``max_threshold``)."""
+    from .layer_spans import parse_layer_key, resolve_layer_key
+
+    per_layer = xattention_layer_configs(calibration, max_threshold,
+                                         **({"dense_tail": dense_tail} if dense_tail else {}))
+    key = parse_layer_key(dense_layers, "dense_layers")
+    lo, hi = key if isinstance(key, tuple) else resolve_layer_key(key, len(per_layer), "dense_layers")
+    node = {"op": "block_sparse", **({"dense_below": {"cuda": dense_below}} if dense_below else {})}
+    out = {"name": name, "description": description or _about(calibration, "XAttention thresholds")}
+    if fit:
+        out["fitted_for"] = fit
+    out["default"] = {"op": "dense"}
+    out["layers"] = {dense_layers: {"op": "dense"},
+                     **{str(i): {"selector": per_layer[i], **node} for i in sorted(per_layer) if not lo <= i <= hi}}
+    return out
+
+
+def token_sparse_stack(drift: dict, *, fit: dict | None = None, dense_below: int | None = None,
+                       name: str = "token-sparse-calibrated", description: str = "") -> dict:
+    """A stack config compressing tokens (Token Sparse) in the layers of a drift calibration."""
+    node = {"compress": dict(TOKEN_SPARSE), "inner": {"op": "dense"},
+            **({"dense_below": {"cuda": dense_below}} if dense_below else {})}
+    out = {"name": name, "description": description or _about(drift, "Token Sparse layers")}
+    if fit:
+        out["fitted_for"] = fit
+    out["default"] = {"op": "dense"}
+    out["layers"] = {str(i): dict(node) for i in drift["sparse_layers"]}
+    return out
+
+
+def _about(calibration: dict, what: str) -> str:
+    how = calibration.get("calibrated_on", "")
+    recall = f" to attention recall {calibration['target_recall']}" if "target_recall" in calibration else ""
+    return f"{what} calibrated{recall} on {how} (attnzoo calibrate)."
+
+
+@torch.no_grad()
+def held_out_density(model, spec: dict, prompts) -> float:
+    """Mean attention density of stack ``spec`` over ``prompts`` (input_ids tensors; one prefill
+    each, sparse path at every length)."""
+    import attnzoo
+
+    from .config import without_dense_below
+
+    stack, meter, got = build(without_dense_below(spec)), DensityMeter(), []
+    for ids in prompts:
+        meter.reset()
+        with attnzoo.patch(model, stack, meter=meter):
+            model(ids.to(model.device), use_cache=False, logits_to_keep=1)
+        got.append(meter.mean())
+    return sum(got) / len(got)
+
+
+def fit_xattention(model, prompts, *, target_recall=(0.9,), max_density: float | None = None, held_out=(),
+                   stride: int = 8, block_size: int = 64, aggregate: str = "max", max_threshold: float | None = None,
+                   progress: bool = True) -> dict:
+    """Per-head thresholds for ``model`` from calibration ``prompts`` (input_ids tensors). Several
+    ``target_recall`` values need ``max_density``: each candidate prefills the ``held_out`` prompts
+    and the highest recall whose mean density is at most ``max_density`` is returned (the sparsest
+    where none fits). Returns the calibration dict (``thresholds``, how it was made)."""
+    recalls = tuple(target_recall)
+    if len(recalls) > 1 and (max_density is None or not held_out):
+        raise ValueError("several target_recall values need max_density and held_out prompts to choose among them")
+    sweep = calibrate_threshold_sweep(model, list(prompts), recalls, stride=stride, block_size=block_size,
+                                      progress=progress, aggregate=aggregate)
+    if max_density is None:
+        chosen = sweep[0]
+    else:
+        for cand in sweep:
+            cand["held_out_density"] = round(held_out_density(
+                model, xattention_stack(cand, max_threshold=max_threshold), held_out), 4)
+            if progress:
+                print(f"recall {cand['target_recall']}: held-out density {cand['held_out_density']} over "
+                      f"{len(held_out)} prompts", flush=True)
+        fits = [c for c in sweep if c["held_out_density"] <= max_density]
+        chosen = max(fits, key=lambda c: c["target_recall"]) if fits else min(
+            sweep, key=lambda c: c["held_out_density"])
+        chosen = {**chosen, "max_density": max_density,
+                  "candidates": {c["target_recall"]: c["held_out_density"] for c in sweep}}
+    if max_threshold is not None:
+        chosen["max_threshold"] = max_threshold  # the stack's cap; the taus here stay uncapped
+    return chosen
+
+
+@torch.no_grad()
+def fit_token_sparse(model, prompt: torch.Tensor, quantile: float = 0.5) -> dict:
+    """Token Sparse's layers for ``model`` from one long calibration prompt."""
+    return choose_sparse_layers(model, prompt.to(model.device), quantile=quantile)
