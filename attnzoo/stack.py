@@ -57,6 +57,15 @@ class Compressed(Node):
             return dense_op(q, k, v, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
         if ctx.decode:
             return self.inner(q, k, v, ctx)  # the cache holds uncompressed K/V
+        B = q.shape[0]
+        if B > 1 and _places_blocks(self.inner, False):
+            # a batch pads every head's kept tokens to the batch's longest (tail slots hold copies of
+            # token 0), so an inner selector placing blocks would score a sequence differently beside
+            # other prompts than alone: one sequence at a time keeps batched == alone
+            kpm, keys = ctx.key_padding_mask, ctx.pre_rope_keys
+            return torch.cat([self(q[b:b + 1], k[b:b + 1], v[b:b + 1], replace(
+                ctx, key_padding_mask=None if kpm is None else kpm[b:b + 1], share=ctx.share / B,
+                pre_rope_keys=None if keys is None else keys[b:b + 1])) for b in range(B)])
         with torch.no_grad():
             plan = self.compress(q, k, ctx)
         if isinstance(plan, DensePlan):

@@ -27,6 +27,12 @@ TINY_STACKS = {
                                      "chunk_size": 64, "dense_tail": 20}, "op": "block_sparse"},
     "token-sparse": {"compress": {"name": "token_coverage", "coverage": 0.05, "window": 16, "min_tokens": 32},
                      "inner": {"op": "dense"}},
+    # token-sparse-xattention's shape: a batch pads the kept tokens to its longest sequence, which
+    # the inner XAttention scored (0.012 logit difference in a 4-layer Llama before sequences ran
+    # one at a time through a compressed node whose inner node places blocks)
+    "token-sparse-xa": {"compress": {"name": "token_coverage", "coverage": 0.05, "window": 16, "min_tokens": 32},
+                        "inner": {"selector": {"name": "xattention", "stride": 4, "block_size": 16,
+                                               "threshold": 0.7, "chunk_size": 64}, "op": "block_sparse"}},
     "routed": {"router": {"name": "table", "default": "sparse", "heads": {0: ["full", "sparse"]}},
                "branches": {"full": {"op": "dense"},
                             "sparse": {"selector": {"name": "streaming", "sink": 16, "local": 32,
@@ -63,7 +69,7 @@ def _node_call(stack, q, k, v, kpm):
 
 
 @pytest.mark.parametrize("name", ["streaming", "topk-blocks", "topk-window", "xattention", "xattention-tail",
-                                  "token-sparse", "routed", "routed-xa-tail"])
+                                  "token-sparse", "token-sparse-xa", "routed", "routed-xa-tail"])
 def test_left_padded_layer_equals_each_sequence_alone(name):
     g = torch.Generator().manual_seed(1)
     N, pads = 190, (0, 9, 40)  # sequence b: pads[b] padding rows, then its real tokens

@@ -84,26 +84,51 @@ def key_padding_mask_of(attention_mask, key: torch.Tensor):
     return None if bool(kpm.all()) else kpm
 
 
+KEY_SOURCES = "k_proj (k_norm where present), qkv_proj (Phi-3) or query_key_value (GPT-NeoX)"
+
+
 def _attention_modules(model: nn.Module):
     for mod in model.modules():
-        if isinstance(getattr(mod, "layer_idx", None), int) and hasattr(mod, "k_proj"):
+        if isinstance(getattr(mod, "layer_idx", None), int) and any(
+                hasattr(mod, a) for a in ("k_proj", "qkv_proj", "query_key_value")):
             yield mod
+
+
+def _key_source(attn: nn.Module, model: nn.Module):
+    """``(module, output -> keys [B, N, Hkv, D])``: where a layer's keys exist before RoPE."""
+    cfg = model.config.get_text_config()
+    d = getattr(attn, "head_dim", None) or getattr(attn, "head_size", None) or getattr(cfg, "head_dim", None) \
+        or cfg.hidden_size // cfg.num_attention_heads
+    if hasattr(attn, "k_proj"):
+        # k_norm (Qwen3, Gemma 3) normalises each head's last dim; models call it on [B, N, H, D] or
+        # on [B, H, N, D], so it is applied here to k_proj's output in one known layout
+        norm = getattr(attn, "k_norm", None) or (lambda x: x)
+        return attn.k_proj, lambda out: norm(out.reshape(*out.shape[:2], -1, d))
+    hq = cfg.num_attention_heads
+    if hasattr(attn, "qkv_proj"):  # Phi-3: [q heads | k heads | v heads] along the last dim
+        hkv = getattr(cfg, "num_key_value_heads", None) or hq
+        return attn.qkv_proj, lambda out: out[..., hq * d:(hq + hkv) * d].reshape(*out.shape[:2], hkv, d)
+    # GPT-NeoX: per head [q | k | v], no GQA
+    return attn.query_key_value, lambda out: out.reshape(*out.shape[:2], hq, 3 * d)[..., d:2 * d]
 
 
 @contextlib.contextmanager
 def pre_rope_key_hooks(model: nn.Module):
     """Yield a dict that each forward fills with ``{layer_idx: keys [B, N, Hkv, D]}`` taken after
-    k_proj (k_norm where the model has one), before RoPE — what head routers read (detached)."""
+    the key projection (``KEY_SOURCES``), before RoPE — what head routers read (detached). Raises
+    ValueError for a model whose attention has none of them."""
     keys: dict[int, torch.Tensor] = {}
     hooks = []
     for attn in _attention_modules(model):
-        src = getattr(attn, "k_norm", None) or attn.k_proj
-        head_dim = getattr(attn, "head_dim", None) or model.config.head_dim
+        src, take = _key_source(attn, model)
 
-        def hook(module, args, output, idx=attn.layer_idx, d=head_dim):
-            keys[idx] = output.detach().reshape(*output.shape[:2], -1, d)
+        def hook(module, args, output, idx=attn.layer_idx, take=take):
+            keys[idx] = take(output.detach())
 
         hooks.append(src.register_forward_hook(hook))
+    if not hooks:
+        raise ValueError(f"{type(model).__name__}: head routers read keys before RoPE, which attnzoo finds at "
+                         f"{KEY_SOURCES}; this model's attention has none of them")
     try:
         yield keys
     finally:
