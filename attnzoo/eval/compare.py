@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import load_config, preset_spec, without_dense_below
+from ..config import ConfigError, load_config, preset_spec, without_dense_below
 from ..integrations.hf import patch
 from ..stack import DensityMeter, build
 from .copy import copy_suite
@@ -221,6 +221,10 @@ def run(presets=DEFAULT_PRESETS, *, lengths=None, tasks=None, depths=None, quick
               for p in presets}
     if model is None:
         model, tok = load_model(model_spec, dt, device)
+    try:  # every stack meets the model before any prompt runs: one that does not fit says how to fit it
+        stacks = {p: s.for_model(model) for p, s in stacks.items()}
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     # YaRN where asked (``context``), or where the device's default lengths need it (GPU: 32K)
     native = getattr(model.config, "max_position_embeddings", None)
     want = context or (max(held) if not (lengths or (copy_lengths and not fitted)) else None)

@@ -14,6 +14,13 @@ launches and host syncs per prefill (``torch.profiler``: CUDA kernels, and CUDA 
 calls plus ``aten::_local_scalar_dense``), and the kernels one attention call of a middle layer
 launches (selection plus attention). Writes ``DIR/e2e.json`` after every length and ``DIR/e2e.md``.
 ``--device cpu`` runs the same script on a CPU at small lengths (a smoke test of the script).
+
+``--geometry llama-3.1-8b --layers 4`` runs a random-weight Llama instead, with Llama-3.1-8B's
+attention geometry (32 query / 8 KV heads, head dim 128, hidden 4096, MLP 14336, RoPE theta 500K,
+131,072 positions) and a few of its layers, on random token ids: the shapes users run. Random
+weights make attention near-uniform, so threshold methods (XAttention, Token Sparse) keep more
+blocks than on a trained model; only presets that fit any model run there (the calibrated ones,
+the table and the Elastic routers were made for SmolLM2).
 """
 
 from __future__ import annotations
@@ -55,11 +62,32 @@ def load(gguf: Path, device: str):
     return model.to(device).eval(), tok
 
 
+GEOMETRIES = {
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=128, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072),
+}
+
+
+def load_random(geometry: str, layers: int, device: str):
+    """A random-weight Llama with ``geometry``'s attention shapes and ``layers`` layers (bf16 on CUDA)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=layers, **GEOMETRIES[geometry])
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    model.name_or_path = f"random-{geometry}-{layers}-layers"
+    return model.eval(), None
+
+
 def prompt_ids(tok, length: int) -> torch.Tensor:
     """``length`` tokens of real text: a NIAH prompt, padded out with more documentation text if the
     haystack slice is short (speed is measured here, not retrieval)."""
     from attnzoo.eval.niah import haystack_text, make_prompt
 
+    if tok is None:  # a random-weight model: random token ids
+        return torch.randint(1, 32000, (1, length), generator=torch.Generator().manual_seed(length))
     ids = make_prompt(tok, "single", length, 0.5, seed=0).input_ids
     if ids.shape[1] < length:
         more = tok(haystack_text() * 2, add_special_tokens=False, return_tensors="pt").input_ids
@@ -272,7 +300,8 @@ def header(device) -> dict:
 
 def markdown(result: dict) -> str:
     h = result["machine"]
-    title = f"# End to end: the embedded SmolLM2-135M prefill, every preset vs full ({h.get('gpu', 'CPU')})"
+    title = (f"# End to end: {result.get('model', 'the embedded SmolLM2-135M')} prefill, every preset that fits it "
+             f"vs full ({h.get('gpu', 'CPU')})")
     lines = [title, "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in h.items()), "",
              f"Command: `{result['command']}`", "",
@@ -304,7 +333,10 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gguf", type=Path, required=True, help="SmolLM2-135M-Instruct.Q4_1.gguf")
+    p.add_argument("--gguf", type=Path, help="SmolLM2-135M-Instruct.Q4_1.gguf (or --geometry)")
+    p.add_argument("--geometry", choices=sorted(GEOMETRIES), help="a random-weight model of this attention "
+                   "geometry instead of the embedded model")
+    p.add_argument("--layers", type=int, default=4, help="with --geometry: decoder layers")
     p.add_argument("--out", type=Path, default=Path("bench/results/gpu-e2e"))
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     p.add_argument("--presets", nargs="+", default=None, help="shipped preset names or stack YAML paths "
@@ -314,16 +346,26 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=5, help="repeats at 32K and up; 32768 / length times more below")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    if not args.gguf.is_file():
-        p.error(f"--gguf {args.gguf}: no such file")
+    if args.geometry is None and (args.gguf is None or not args.gguf.is_file()):
+        p.error(f"--gguf {args.gguf}: no such file (or give --geometry)")
     presets = args.presets or preset_names()
     if "full" in presets:
         presets = ["full"] + [x for x in presets if x != "full"]
     specs = preset_stacks(presets, args.sparse_everywhere)
     args.out.mkdir(parents=True, exist_ok=True)
-    log(f"loading {args.gguf}")
-    model, tok = load(args.gguf, args.device)
-    result = {"machine": header(args.device), "command": "python3 " + " ".join(sys.argv), "runs": []}
+    log(f"loading {args.geometry or args.gguf}")
+    model, tok = load_random(args.geometry, args.layers, args.device) if args.geometry else load(args.gguf, args.device)
+    fits = {}
+    for label, spec in specs.items():  # presets made for another model say why and are left out
+        try:
+            attnzoo.build(spec).for_model(model)
+            fits[label] = spec
+        except ValueError as e:
+            log(f"  {label}: left out ({' '.join(str(e).split())[:160]})")
+    specs = fits
+    result = {"machine": header(args.device), "command": "python3 " + " ".join(sys.argv), "runs": [],
+              "model": (f"a random-weight {args.layers}-layer model of {args.geometry}'s attention geometry"
+                        if args.geometry else "the embedded SmolLM2-135M")}
     for length in args.lengths:
         result["runs"].append(run_length(model, tok, length, specs, args.reps, args.device))
         (args.out / "e2e.json").write_text(json.dumps(result, indent=1))
