@@ -89,7 +89,7 @@ def fit_context(model, tokens: int) -> int:
     """Like ``extend_context``, but also back down: the model gets exactly the smallest YaRN factor
     that fits ``tokens`` (1: its own RoPE). A model extended further than a prompt needs reads it
     worse — the embedded SmolLM2 at 8K copied 0.81 / 0.71 of a hidden segment's tokens at depth
-    0.5 / 0.9 natively and 0.35 / 0.21 under YaRN x8 (H100, bench/results/2026-12-06-h100-fidelity) —
+    0.5 / 0.9 natively and 0.35 / 0.21 under YaRN x8 (H100, bf16) —
     so a measurement over several lengths fits the model to each."""
     factor, own = _yarn_factor(model, tokens)
     current = getattr(getattr(model, "config", None), "rope_parameters", None) or {}

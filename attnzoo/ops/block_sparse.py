@@ -133,8 +133,8 @@ def _forward_flash_cpu(q, k, v, lay: BlockLayout, key_padding_mask, scale):
     mask (SmolLM2 layers at 3K tokens, XAttention plans at density 0.34 / 0.25 / 0.14: 118 / 92 /
     64 ms against 119 / 100 / 72 with the mask; dense SDPA 134 / 117 / 119 ms, same process).
     Same outputs as ``_forward`` to rounding (tests/test_ops_backends.py). Op-level times:
-    ``bench/results/cpu-ops.md`` (16K, density 0.1: 0.58 s, where the previous backend, fp32 scores
-    and an element-wise gather, took 0.87 s and dense 2.5 s). The kernel is least efficient with few
+    16K, density 0.1: 0.58 s, where fp32 scores and an element-wise gather took 0.87 s and dense
+    2.5 s (``bench/test_ops_bench.py``). The kernel is least efficient with few
     queries per row: 64 (block 64, plan per query head) ran at ~74 GFLOP/s, 128 or more at
     116-131, dense causal SDPA at ~116."""
     return _rows_forward(q, k, v, lay, key_padding_mask, scale, _attend_flash_cpu, q.dtype)
@@ -276,10 +276,10 @@ def _flex_unavailable_now() -> str | None:
 
 
 # Compiled flex on CPU is opt-in (ATTNZOO_FLEX_MIN_LEN). On random plans it beat the blocked backend
-# at 4K-6K keys and low density (bench/cpu_flex_vs_blocked.py, bench/results/cpu-flex-vs-blocked.md),
+# at 4K-6K keys and low density (bench/cpu_flex_vs_blocked.py),
 # but on the plans the shipped selectors draw from the embedded model it did not pay: over all 30
-# layers, flex preferred as below against blocked alone, same process (bench/cpu_attention_calls.py,
-# bench/results/cpu-flex-real-plans.md), XAttention-family plans ran within a few per cent either
+# layers, flex preferred as below against blocked alone, same process (bench/cpu_attention_calls.py),
+# XAttention-family plans ran within a few per cent either
 # way at 4K and 6K keys and topk-blocks' 16-token blocks clearly slower, and the first call in a
 # process compiles for 4-11 s: in `attnzoo compare` at 4K that lands inside one timed prefill.
 # Opted in, flex is preferred between ATTNZOO_FLEX_MIN_LEN and FLEX_MAX_LEN keys where the random
@@ -309,7 +309,7 @@ def _flex_preference(req):
     min_len = flex_min_len()
     if min_len is None:
         return ("opt-in on CPU (ATTNZOO_FLEX_MIN_LEN=keys): not faster than blocked on the shipped "
-                "selectors' plans, and its first call compiles for seconds (bench/results/cpu-flex-real-plans.md)")
+                "selectors' plans, and its first call compiles for seconds")
     if req.kv_len < min_len:
         return f"kv_len {req.kv_len} < {min_len}: compile cost not amortised (ATTNZOO_FLEX_MIN_LEN)"
     if req.kv_len > FLEX_MAX_LEN:

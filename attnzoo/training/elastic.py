@@ -98,8 +98,7 @@ def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse
     still assume ``steps``; the log's last row says where it stopped). ``micro_batch_tokens``: run a
     step's samples of equal length together, in micro-batches of at most this many tokens (rows x
     length), instead of one by one: the same loss terms per sample in fewer, larger launches (one
-    step on an H100 spent more host than GPU time one sample at a time,
-    bench/results/longctx-gpu-2026-11-25/train-profile). ``training_samples`` makes samples of
+    step on an H100 spent more host than GPU time one sample at a time). ``training_samples`` makes samples of
     one nominal length equally long. ``micro_batch_padding``: also group unequal lengths, right-padded;
     that was slower on an H100 (8-10 s per 16-sample step against 5-6 s one by one): a padding
     mask moves dense attention off cuDNN.

@@ -18,7 +18,7 @@ its rows and walks the same blocks. dK/dV is key-major: each program owns BLOCK_
 head and walks the query blocks (of every query head it serves) whose walk visits its key
 block, from ``KernelPlan.key_major`` (the walk transposed on the device). No atomics: a key
 block chosen by many query blocks and heads made the earlier fp32-atomic backward 17x its
-forward in router training (bench/results/longctx-gpu-2026-11-25/train-profile).
+forward in router training (H100, torch.profiler of one training step).
 
 Under ``TRITON_INTERPRET=1`` the dots are done on fp32-upcast operands: the interpreter
 multiplies raw bf16 bits otherwise. Imported lazily (see ``_triton``).
@@ -480,7 +480,7 @@ USE_TMA: bool | None = None
 def launch_config(head_dim: int, block_m: int, backward: bool) -> dict:
     """Warps, pipeline stages, key tile (``BLOCK_N`` cap) and TMA on a GPU (a module-level
     function: ``bench/gpu/tune.py`` swaps it). From the H100 sweep (``bash bench/gpu/hotpath.sh
-    tune``; ``bench/results/gpu-h100-tune/``), forward:
+    tune``), forward:
 
     - 16-row tiles (16-token query blocks, e.g. top-k blocks): 2 warps (0.42 ms against 0.77 on 4
       for a top-16 plan at 32K);
@@ -492,9 +492,9 @@ def launch_config(head_dim: int, block_m: int, backward: bool) -> dict:
 
     TMA is used only where the device has it (Hopper or newer) and the layout allows it."""
     if backward:  # SPLIT_HEADS / Q_SPLIT: the key-major dK/dV walk split (see _bwd_dkdv_kernel); off:
-        # in bench/results/gpu-h200-2026-12-03d it was at most 8 % faster (16K) and slower elsewhere;
-        # in gpu-h200-2026-12-04 split-heads took 16K / 0.2 from 3.48 to 2.43 ms, little at 4K or 32K.
-        # Two runs disagree on the one shape it helps; bench/gpu/backward.py times it
+        # in one H200 run it was at most 8 % faster (16K) and slower elsewhere; in another split-heads
+        # took 16K / 0.2 from 3.48 to 2.43 ms, little at 4K or 32K. Two runs disagree on the one shape
+        # it helps, so it stays off; bench/gpu/backward.py times it
         return dict(num_warps=8 if head_dim > 64 else 4, num_stages=3 if head_dim > 64 else 2,
                     SPLIT_HEADS=False, Q_SPLIT=1)
     if block_m <= 16:
@@ -505,7 +505,8 @@ def launch_config(head_dim: int, block_m: int, backward: bool) -> dict:
 
 
 # Query-major kernels' program order (see _tile_order): True = heads on the grid's first axis, so
-# every head's longest (last) query tiles start first; False = the earlier order, for comparison.
+# every head's longest (last) query tiles start first; False = query tiles first (bench/gpu/tail_balance.py
+# times both).
 HEADS_FIRST = True
 _MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis
 
@@ -582,7 +583,7 @@ def forward(q, k, v, kp: KernelPlan, key_padding_mask, scale):
 # keys); False = fp32 atomics from the query-major dQ kernel; None = by the key-major grid:
 # with fewer than KEY_MAJOR_MIN_PROGRAMS_PER_SM programs (key tiles x batch x KV heads) per SM its
 # long column walks have too little to overlap with, and the atomic kernel measured faster. H200,
-# batch 1, 9/3 heads, D 64, density 0.2 / 0.5 (bench/results/gpu-h200-2026-12-03d/backward-split.json):
+# batch 1, 9/3 heads, D 64, density 0.2 / 0.5 (bench/gpu/backward.py):
 # 4K = 192 programs, 1.5 per SM: atomics 1.00 / 1.42 ms, key-major 1.76 / 2.29; 16K = 5.8 per SM:
 # key-major 3.24 / 3.46, atomics 3.89 / 8.09; 32K, 32/8 heads, D 128 = 31 per SM: 42.0 / 89.6
 # against 88.6 / 205.5. 2 lies between the measured points (8K, 2.9 per SM, was not measured).

@@ -125,7 +125,7 @@ def launch_config(block: int, head_dim: int) -> dict:
     if interpreting():
         return dict(QB=max(1, 16 // block), C_TILE=16)
     # H100, D 64, 16-token blocks (bench/gpu/tune.py): 64 rows x 64 columns, 4 warps, 3 stages
-    # 0.83 ms at 32K, 9/3 heads (bench/results/gpu-h100-tune/tune.json: 2 stages 0.88, 8 warps 1.04,
+    # 0.83 ms at 32K, 9/3 heads (2 stages 0.88, 8 warps 1.04,
     # 128 rows 0.84-1.27), before interior tiles skipped their mask (0.42 ms in the e2e run)
     return dict(QB=max(1, 64 // block), C_TILE=64, num_warps=4, num_stages=3)
 

@@ -259,16 +259,16 @@ def launch_config(R: int, D: int, S: int) -> dict:
     a module-level function: ``bench/gpu/tune.py`` swaps it."""
     if interpreting():
         return dict(QB=max(1, 16 // R), C_TILE=max(R, 16), Q_RESIDENT=S * D <= 256)
-    # H100 sweeps (bench/results/gpu-h100-tune/tune-scores-*.json; run-to-run noise 10-20 %): the
+    # H100 sweeps (bench/gpu/tune.py; run-to-run noise 10-20 %): the
     # streamed product, its column and stride loops flattened into one pipelined loop, won at every
     # shape measured with pointer loads. What bounds it: a [rows, D] x [D, 128] step reloads its
     # query slice from L2 for every column tile (the [rows, S*D] reduced tile does not fit on chip
     # at D 128). H200 whole-call sweep, 128K, D 128, 32/8 heads, 128-token blocks
-    # (bench/results/gpu-h200-2026-12-03/tune-scores-128k-d128.json): stride 8, pointer loads at
+    # (bench/gpu/tune.py): stride 8, pointer loads at
     # 128 rows x 128 columns, 8 warps, 3 stages: 23.1 ms (the best TMA tile 24.0); stride 16, Q and
     # K through TMA at 128 rows, 8 warps, 3 stages, loops not flattened: 14.6 ms against 15.8 for
     # the pointer tile. TMA is chosen only where it was measured (D >= 128).
-    # Later H200 sweep (bench/results/gpu-h200-2026-12-03b/tune-scores-128k-d128-gemm.json): at
+    # H200 sweep of the cuBLAS variant (bench/gpu/tune.py): at
     # stride 16 the reduced product through cuBLAS (fp32 out, 512-1024 reduced rows per launch) read
     # by this kernel at 64 rows x 128 columns, 8 warps: 11.0 ms against 14.8 for the TMA tile -- the
     # fused product is bound by HBM traffic (each program reloads its 512 KB reduced query tile per
