@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import cli_calibrate
+from .cli_calibrate import UsageError
 
 
 def installed_version(dist: str) -> str:
@@ -87,8 +88,6 @@ def _csv(kind):
 MIN_CONTEXT, MAX_CONTEXT = 256, 1 << 20
 
 
-class UsageError(ValueError):
-    """A command-line mistake: printed as one line, exit status 2."""
 
 
 def _check_model_device_context(args, lengths) -> str:
@@ -174,6 +173,9 @@ def compare(args) -> int:
     from .eval import report
 
     templates = _check_compare_args(args)
+    if (Path(args.out) / "results.json").exists() and not args.overwrite:  # last: every other mistake first
+        raise UsageError(f"--out {args.out} holds an earlier run's results; pass --overwrite to replace them "
+                         f"or another --out")
     presets = args.presets or list(cmp.DEFAULT_PRESETS)
     results = cmp.run(presets, lengths=args.lengths, tasks=args.tasks, depths=args.depths, quick=args.quick,
                       max_new_tokens=args.max_new_tokens, repeats=args.repeats,
@@ -196,7 +198,7 @@ def compare(args) -> int:
         print()
     if results["presets"]:
         print(report.table(results))
-    print(f"\nwrote {json_path}, results.md and {png_path}")
+    print(f"\nwrote {json_path}, {json_path.with_name('results.md')} and {png_path}")
     return 0
 
 
@@ -302,7 +304,8 @@ def main(argv=None) -> int:
                    "get the factor that fits each unless --copy-yarn run)")
     c.add_argument("--quick", action="store_true", help="one short prompt per preset (CI smoke run)")
     c.add_argument("--max-new-tokens", type=int, help="greedy tokens per answer (default: 32, 64 for multivalue)")
-    c.add_argument("--out", default="attnzoo-compare", help="folder for results.json and pareto.png")
+    c.add_argument("--out", default="attnzoo-compare", help="folder for results.json, results.md and pareto.png")
+    c.add_argument("--overwrite", action="store_true", help="replace the results an earlier run left in --out")
     c.add_argument("--repeats", type=int, default=1, help="prefills timed per prompt and preset; the median "
                    "is reported (default 1)")
     c.add_argument("--baseline-repeats", type=int, default=3, help="prefills timed per prompt for full, the "

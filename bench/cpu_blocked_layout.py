@@ -16,13 +16,15 @@ import torch
 
 import attnzoo
 from attnzoo import ops
+from attnzoo.models import EMBEDDED_SHAPE
 from attnzoo.plans import BlockPlan
 from attnzoo.stack import CallContext
 
 
 def plans(q, k, n: int) -> dict:
-    out = {p: attnzoo.build(f"preset:{p}").node_for(5).selector(q, k, CallContext(layer_idx=5))
-           for p in ("streaming", "topk-blocks")}
+    nodes = {p: attnzoo.build(f"preset:{p}").for_model(EMBEDDED_SHAPE).node_for(5)
+             for p in ("streaming", "topk-blocks")}
+    out = {p: node.selector(q, k, CallContext(layer_idx=5)) for p, node in nodes.items()}
     g = torch.Generator().manual_seed(0)
     bm = BlockPlan.full(1, 9, n, n, 64, 64).to_block_mask()
     dens = torch.tensor([1.0, 0.6, 0.3, 0.15, 0.1, 0.1, 0.05, 0.05, 0.05])[None, :, None, None]

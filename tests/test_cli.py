@@ -103,7 +103,29 @@ def test_version_and_help_name_every_command():
     proc, _ = attnzoo("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("attnzoo ")
     proc, _ = attnzoo("--help")
-    assert proc.returncode == 0 and all(cmd in proc.stdout for cmd in ("info", "compare", "train"))
+    assert proc.returncode == 0 and all(cmd in proc.stdout for cmd in ("info", "compare", "calibrate", "train"))
+
+
+def test_an_earlier_runs_results_are_not_overwritten_silently(tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+    proc, seconds = attnzoo("compare", "--quick", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "holds an earlier run's results; pass --overwrite" in _one_line(proc.stderr)
+    assert seconds < 60 and (tmp_path / "results.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--preset", "streaming"], "nothing in it is model-specific"),
+    (["--preset", "elastic-fa-xa"], "attnzoo train elastic --model MODEL"),
+    (["--preset", "router-table-example"], "hand-written per-KV-head table"),
+    (["--preset", "xatention-calibrated"], "unknown 'xatention-calibrated' (did you mean"),
+    (["--preset", "xattention-calibrated", "--out", "x.txt"], "--out must name a .yaml file"),
+    (["--preset", "xattention-calibrated", "--target-recall", "0.9,0.8"], "need --max-density"),
+    (["--preset", "xattention-calibrated", "--dense-layers", "first:x"], "--dense-layers: layer key"),
+])
+def test_calibrate_mistakes_are_one_line(args, message):
+    proc, seconds = attnzoo("calibrate", *(args if "--out" in args else [*args, "--out", "never.yaml"]))
+    assert proc.returncode == 2 and message in _one_line(proc.stderr), proc.stderr
+    assert seconds < 60
 
 
 def test_resume_from_another_runs_checkpoint_is_refused_before_loading(tmp_path):

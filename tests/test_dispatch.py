@@ -59,8 +59,8 @@ def test_first_fit_prefers_flex_where_it_measured_faster(monkeypatch):
 def test_flex_bound_follows_the_plan_row_size(monkeypatch):
     """Opted in: blocked's CPU forward is slow on rows of few queries (a plan per query head, block
     64), so flex takes those up to density 0.35 at 4K-6K keys; rows of a KV head's 4 x 64 queries
-    only up to 0.15, and so does everything at 8K (bench/results/cpu-flex-vs-blocked.md); blocks
-    under 64 tokens never (bench/results/cpu-flex-real-plans.md)."""
+    only up to 0.15, and so does everything at 8K (bench/cpu_flex_vs_blocked.py); blocks under 64
+    tokens never (bench/cpu_attention_calls.py on the shipped selectors' plans)."""
     monkeypatch.setenv("ATTNZOO_FLEX_MIN_LEN", "4096")
     per_q = dict(plan_heads=8, block_size=(64, 64), kv_len=4096, q_len=4096)
     per_kv = dict(per_q, plan_heads=2)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import attnzoo
+from attnzoo.models import EMBEDDED_SHAPE
 from attnzoo.stack import CallContext
 
 from .sync_probe import TracingProbe
@@ -88,7 +89,7 @@ def stub_kernels(monkeypatch):
 @pytest.mark.parametrize("preset", list(LAUNCH_BOUND))
 def test_attention_call_has_no_host_sync_and_few_launches(preset, stub_kernels):
     pytest.importorskip("triton")
-    stack = attnzoo.build(f"preset:{preset}")
+    stack = attnzoo.build(f"preset:{preset}").for_model(EMBEDDED_SHAPE)
     q, k, v, keys = _qkv(4096)
     layer = 5
     ctx = lambda: CallContext(layer_idx=layer, pre_rope_keys=keys, cache={})  # noqa: E731

@@ -227,7 +227,7 @@ def preset_stacks(presets: list[str], sparse_everywhere: bool = False) -> dict:
 def run_length(model, tok, length: int, specs: dict, reps: int, device: str) -> dict:
     factor = extend_context(model, length)
     ids = prompt_ids(tok, length).to(device)
-    stacks = {p: attnzoo.build(spec) for p, spec in specs.items()}
+    stacks = {p: attnzoo.build(spec).for_model(model) for p, spec in specs.items()}
     presets = list(specs)
     layer = model.config.num_hidden_layers // 2
     rows = {p: {"times": []} for p in presets}

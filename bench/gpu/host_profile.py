@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import attnzoo  # noqa: E402
 from attnzoo.config import load_config, preset_spec, without_dense_below  # noqa: E402
+from attnzoo.models import EMBEDDED_SHAPE  # noqa: E402
 from attnzoo.stack import CallContext  # noqa: E402
 
 
@@ -31,7 +32,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--layer", type=int, default=15)
     args = ap.parse_args()
-    stack = attnzoo.build(without_dense_below(load_config(preset_spec(args.preset))))
+    stack = attnzoo.build(without_dense_below(load_config(preset_spec(args.preset)))).for_model(EMBEDDED_SHAPE)
     node = stack.node_for(args.layer)
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, 9, args.length, 64, device="cuda", dtype=torch.bfloat16, generator=g)

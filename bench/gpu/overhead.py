@@ -20,6 +20,7 @@ sys.path[:] = [x for x in sys.path if Path(x or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import attnzoo  # noqa: E402
+from attnzoo.models import EMBEDDED_SHAPE  # noqa: E402
 from attnzoo.stack import CallContext  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     q, k, v = (torch.randn(1, h, args.n, 64, device=dev, generator=g, dtype=torch.bfloat16) for h in (9, 3, 3))
     keys = torch.randn(1, args.n, 3, 64, device=dev, generator=g, dtype=torch.bfloat16)
     for name in args.presets:
-        stack = attnzoo.build(f"preset:{name}")
+        stack = attnzoo.build(f"preset:{name}").for_model(EMBEDDED_SHAPE)
         ctx = lambda: CallContext(layer_idx=5, pre_rope_keys=keys, cache={})  # noqa: E731
         with torch.no_grad():
             for _ in range(3):

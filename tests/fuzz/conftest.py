@@ -5,8 +5,10 @@ in CI) or ``long`` (the campaign: >= 10,000 cases across every target). Every ch
 ``count(target)``; at the end of the session the counts, the mismatches (failed tests), the time
 and the hypothesis seed are printed, and written as markdown to ``ATTNZOO_FUZZ_REPORT`` if set:
 
-    ATTNZOO_FUZZ=long ATTNZOO_FUZZ_REPORT=bench/results/fuzz.md \\
-        python -m pytest tests/fuzz -q -p no:randomly --hypothesis-seed=20261124
+    ATTNZOO_FUZZ=long ATTNZOO_FUZZ_REPORT=bench/results/<date>-cpu-fuzz/README.md \\
+        python -m pytest tests/fuzz -q --hypothesis-seed=20261124
+
+The report names the command that ran (this session's pytest arguments) and the commit.
 """
 
 from __future__ import annotations
@@ -58,6 +60,27 @@ def declined(target: str) -> None:
     DECLINED[target] += 1
 
 
+def _command(session) -> str:
+    """The command that ran: the fuzz environment variables and pytest's own arguments."""
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("ATTNZOO_FUZZ", "ATTNZOO_FUZZ_REPORT") if k in os.environ)
+    args = " ".join(session.config.invocation_params.args)
+    return f"{env} python -m pytest {args}".strip()
+
+
+def _commit() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(__file__))
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=os.path.dirname(__file__)).stdout.strip()
+        return f"`{out.stdout.strip()}`" + (" (with uncommitted changes)" if dirty else "") if out.returncode == 0 \
+            else "unknown (not a git checkout)"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (git not available)"
+
+
 def pytest_sessionfinish(session, exitstatus):
     if not COUNTS:
         return
@@ -71,8 +94,8 @@ def pytest_sessionfinish(session, exitstatus):
         f"- time: {time.time() - _T0:.0f} s, hypothesis seed: {seed if seed is not None else 'random'}",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"torch {torch.__version__}",
-        "- command: `ATTNZOO_FUZZ=long ATTNZOO_FUZZ_REPORT=bench/results/fuzz.md python -m pytest tests/fuzz -q "
-        "--hypothesis-seed=20261124`",
+        f"- command: `{_command(session)}`",
+        f"- commit: {_commit()}",
         "",
         "| target | cases checked | declined by the forced backend |",
         "|---|---|---|",
