@@ -90,7 +90,7 @@ MIN_CONTEXT, MAX_CONTEXT = 256, 1 << 20
 
 
 
-def _check_model_device_context(args, lengths) -> str:
+def check_model_device_context(args, lengths) -> str:
     """``--model``, ``--device``, ``--context`` and whether ``lengths`` fit the context, before any
     model loads (compare and train); returns the device."""
     from .eval import compare as cmp
@@ -142,7 +142,7 @@ def _check_compare_args(args) -> dict:
         raise UsageError(f"--recall-rows must be >= 0 (0: no recall), got {args.recall_rows}")
     # copy prompts fitted per length (the default) extend the model themselves
     fitted = args.copy_yarn == "per-length"
-    _check_model_device_context(args, [*(args.lengths or ()), *(() if fitted else args.copy_lengths or ())])
+    check_model_device_context(args, [*(args.lengths or ()), *(() if fitted else args.copy_lengths or ())])
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     for flag in ("repeats", "baseline_repeats"):
@@ -231,7 +231,7 @@ def train(args) -> int:
         raise UsageError(f"--copy-share must lie in [0, 1], got {args.copy_share}")
     if args.micro_batch_tokens is not None and args.micro_batch_tokens < 1:
         raise UsageError(f"--micro-batch-tokens must be >= 1, got {args.micro_batch_tokens}")
-    device = _check_model_device_context(args, args.lengths)
+    device = check_model_device_context(args, args.lengths)
     if args.resume:
         from .training.elastic import checkpoint_run
 

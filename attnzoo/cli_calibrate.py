@@ -43,7 +43,7 @@ def add_parser(sub, csv) -> None:
 
 
 def _check(args):
-    from .cli import _check_model_device_context
+    from .cli import check_model_device_context
     from .layer_spans import parse_layer_key
 
     if args.preset in ANY_MODEL:
@@ -74,7 +74,7 @@ def _check(args):
         raise UsageError(str(e)) from None
     if any(n < 256 for n in args.lengths):
         raise UsageError(f"--lengths must be >= 256 tokens each, got {args.lengths}")
-    return _check_model_device_context(args, args.lengths)
+    return check_model_device_context(args, args.lengths)
 
 
 def calibrate(args) -> int:

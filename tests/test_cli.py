@@ -9,6 +9,9 @@ import time
 
 import pytest
 
+# each case starts a Python process (~2 s): the quick loop (-m "not slow") leaves them to the full suite
+pytestmark = pytest.mark.slow
+
 
 def attnzoo(*args, timeout=120):
     t = time.perf_counter()

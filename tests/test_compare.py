@@ -185,6 +185,7 @@ def test_device_and_dtype_defaults():
         resolve_dtype("fp8", "cpu")
 
 
+@pytest.mark.slow
 def test_compare_quick_smoke(tok, tmp_path):
     from PIL import Image
 
@@ -220,6 +221,7 @@ def test_compare_quick_smoke(tok, tmp_path):
     assert "## Fidelity" in (tmp_path / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_compare_accepts_a_stack_yaml(tok, tmp_path):
     from attnzoo.eval.compare import run
 
@@ -237,6 +239,7 @@ def test_compare_accepts_a_stack_yaml(tok, tmp_path):
     assert results["presets"][str(path)]["density"] < 1.0
 
 
+@pytest.mark.slow
 def test_compare_sparse_everywhere_drops_the_dense_below_switch(tok, tmp_path):
     """A preset whose switch keeps it dense at this length measures density 1.0; with
     ``sparse_everywhere`` the same preset runs its sparse path (and the header says so)."""
@@ -266,6 +269,7 @@ def test_without_dense_below_removes_every_switch_and_nothing_else():
     assert without_dense_below(nested) == {"layers": {"0-1": {"op": "dense"}, "2": [{"op": "x"}]}}
 
 
+@pytest.mark.slow
 def test_compare_times_the_baseline_more_often(tok, tmp_path, monkeypatch):
     """``full`` is every ratio's denominator: its prefill is timed ``baseline_repeats`` times (the
     other presets ``repeats`` times), and the header says so."""
@@ -286,6 +290,7 @@ def test_compare_times_the_baseline_more_often(tok, tmp_path, monkeypatch):
     assert "median of 1 (full: 2)" in header(results)
 
 
+@pytest.mark.slow
 def test_compare_warms_up_once_per_prompt_length_in_tokens(tok, monkeypatch):
     """Prompts of one target length differ by a token or two (here 512 and 510), and a kernel or
     attention plan is built per exact shape: ``warmup`` runs every preset untimed once per token
@@ -314,6 +319,7 @@ def test_compare_warms_up_once_per_prompt_length_in_tokens(tok, monkeypatch):
     assert results["settings"]["warmup"] is True
 
 
+@pytest.mark.slow
 def test_compare_per_cell_asks_every_depth(tok):
     """``per_cell`` (``--per-cell``): a prompt for every (length, task, depth); without it a CPU run
     rotates one depth per (length, task) cell."""

@@ -80,6 +80,7 @@ def test_copy_scorer_on_constructed_logits(embedded):
         copy_accuracy(perfect[:, keep - 10:], p)
 
 
+@pytest.mark.slow
 def test_copy_separates_full_from_a_stack_that_drops_the_segment(embedded):
     """Full attention copies the hidden segment; a streaming window that cannot see it scores
     (about) zero on the same prompts, since random tokens are only predictable by copying."""

@@ -198,6 +198,7 @@ def test_backward_takes_the_atomic_kernel_only_on_a_grid_too_small_for_key_major
     assert ta.use_key_major(SimpleNamespace(is_cuda=False, device="cpu"), 1)
 
 
+@pytest.mark.slow
 @needs_triton
 def test_triton_program_order_does_not_change_results(monkeypatch):
     """Heads on the grid's first axis (the default) or query tiles (the earlier order): the same
@@ -226,6 +227,7 @@ def test_triton_program_order_does_not_change_results(monkeypatch):
         ta._grid(70_000, 9, True)
 
 
+@pytest.mark.slow
 @needs_triton
 def test_triton_backward_key_major_equals_atomic(monkeypatch):
     """The key-major dK/dV kernel (unsplit and split) and the fp32-atomic one (kept for
