@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from .config import dump_config, load_config
+from .context import CallContext
 from .ops.selection import causal_block_sets
 from .plans import last_visible_block
 from .plans.geometry import cdiv
-from .selectors.base import Context
 from .selectors.xattention import XAttention
 
 __all__ = ["exact_block_mass", "head_thresholds", "calibrate_thresholds", "calibrate_threshold_sweep",
@@ -132,7 +132,7 @@ def calibrate_threshold_sweep(model, calibration_inputs, target_recalls, *, stri
         kpm = inputs.get("attention_mask")
         kpm = kpm.bool() if kpm is not None else None
         for layer, (q, k) in capture_qk(model, **inputs).items():
-            w = torch.cat([w for _, _, w in scorer.block_scores(q, k, Context(key_padding_mask=kpm))], 2)
+            w = torch.cat([w for _, _, w in scorer.block_scores(q, k, CallContext(key_padding_mask=kpm))], 2)
             exact = exact_block_mass(q, k, block_size, kpm)
             for r, found in zip(recalls, per_text, strict=True):
                 tau = head_thresholds(w, exact, r, q.shape[2], k.shape[2], block_size)  # [B, H]

@@ -14,7 +14,7 @@ import torch
 
 
 @dataclass
-class Context:
+class CallContext:
     key_padding_mask: torch.Tensor | None = None  # [B, Nk], True = real token
     layer_idx: int | None = None
     # [B, Hkv] bool on q's device: the (batch, KV head) pairs whose plan rows will be used (a routed
@@ -25,7 +25,7 @@ class Context:
     pre_rope_keys: torch.Tensor | None = None  # [B, N, Hkv, D], for routers that need them
     cache: dict | None = None  # per-layer state: router decisions made at prefill, reused while decoding
     decode: bool = False  # one new query against a cache
-    meter: object | None = None  # an attnzoo.nodes.DensityMeter
+    meter: object | None = None  # an attnzoo.stack.DensityMeter
     share: float = 1.0  # fraction of the layer's (batch, head) slots this call covers
     # multiplier from enclosing compressed nodes: a number, or a function the meter calls when read
     density_scale: object = 1.0
@@ -51,12 +51,12 @@ def deferred_value(x):
     return x() if callable(x) else x
 
 
-def as_context(ctx) -> Context:
-    """``None`` (an empty context), a Context, or a dict of its fields."""
+def as_context(ctx) -> CallContext:
+    """``None`` (an empty context), a CallContext, or a dict of its fields."""
     if ctx is None:
-        return Context()
-    if isinstance(ctx, Context):
+        return CallContext()
+    if isinstance(ctx, CallContext):
         return ctx
     if isinstance(ctx, dict):
-        return Context(**ctx)
-    raise TypeError(f"ctx must be an attnzoo Context, a dict or None, got {type(ctx).__name__}")
+        return CallContext(**ctx)
+    raise TypeError(f"ctx must be an attnzoo CallContext, a dict or None, got {type(ctx).__name__}")

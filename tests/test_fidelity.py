@@ -134,8 +134,8 @@ def test_keep_rows_of_a_block_plan_are_its_mask_rows():
         def __call__(self, q, k, ctx=None):
             return plan
 
-    from attnzoo.nodes import Branch
     from attnzoo.registry import create
+    from attnzoo.stack import Branch
 
     node = Branch(op=create("op", "block_sparse", "op"), selector=Fixed())
     rows = sample_rows(N, 40).expand(B, Hq, -1)
@@ -213,6 +213,7 @@ def test_token_plan_rows_drop_rows_and_keys():
     assert float(r["recall"].max()) < 1.0
 
 
+@pytest.mark.slow
 def test_recall_probe_on_a_patched_model(embedded):
     from attnzoo import patch
 
@@ -276,6 +277,7 @@ def test_summary_flags_cells_where_full_cannot_copy():
     assert "**uninformative**" in text and "| mine | 0.38" in text
 
 
+@pytest.mark.slow
 def test_compare_fits_yarn_to_each_copy_length_and_restores_the_run(embedded):
     """``copy_yarn="per-length"``: a 1K copy prompt runs on the model's own RoPE even when the run
     extends it (``context``) for longer prompts, and the run's factor is back afterwards."""

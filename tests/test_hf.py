@@ -166,6 +166,7 @@ def test_elastic_router_gets_pre_rope_keys(tiny):
     assert seen == {i: torch.Size([1, 50, 2, 16]) for i in range(3)}
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_smollm2_dense_stack_and_generate(smollm2):
     model, tok = smollm2
@@ -182,6 +183,7 @@ def test_smollm2_dense_stack_and_generate(smollm2):
     assert len(qk) == 30 and qk[0][0].shape[1] == 9 and qk[0][1].shape[1] == 3
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_smollm2_presets_run(smollm2):
     model, tok = smollm2
@@ -195,6 +197,7 @@ def test_smollm2_presets_run(smollm2):
         assert out.argmax() == ref.argmax() or name != "xattention"
 
 
+@pytest.mark.slow
 def test_readme_hybrid_example_runs(smollm2, capsys):
     import re
     from pathlib import Path

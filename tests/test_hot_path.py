@@ -187,16 +187,16 @@ def test_xattention_dense_tail_under_padding_has_no_host_sync(stub_kernels):
     """The dense tail's rows come from each sequence's end, read from the padding mask on the
     device: no host sync, two sequences ending in different blocks."""
     pytest.importorskip("triton")
-    from attnzoo.selectors import Context
+    from attnzoo.context import CallContext
 
     sel = attnzoo.create("selector", {"name": "xattention", "stride": 8, "block_size": 64, "dense_tail": 64})
     q, k, _, _ = _qkv(4096)
     q, k = q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1)
     kpm = torch.ones(2, 4096, dtype=torch.bool)
     kpm[1, 3000:] = False
-    sel(q, k, Context(key_padding_mask=kpm))  # first call: per-shape caches
+    sel(q, k, CallContext(key_padding_mask=kpm))  # first call: per-shape caches
     with TracingProbe() as probe:
-        plan = sel(q, k, Context(key_padding_mask=kpm))
+        plan = sel(q, k, CallContext(key_padding_mask=kpm))
     assert not probe.syncs, f"host syncs: {dict(probe.sites)}"
     full_rows = plan.kv_counts == plan.last_visible_block() + 1
     assert full_rows[0, :, -1].all() and full_rows[1, :, 3000 // 64 - 1 : 3000 // 64 + 1].all()

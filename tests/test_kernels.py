@@ -458,16 +458,16 @@ def test_triton_pooled_scores_match_torch(case, block, dtype):
 
 @needs_triton
 def test_topk_selector_same_plan_with_triton_scores(monkeypatch):
-    from attnzoo.selectors.base import Context
+    from attnzoo.context import CallContext
     from attnzoo.selectors.topk_blocks import TopKBlocks
 
     case = Case(2, 4, 2, 150, 150, 32, "left")
     q, k, _, kpm = _qkv(case, torch.float32, False, seed=4)
     sel = TopKBlocks(block_size=16, top_k=3)
     monkeypatch.setenv("ATTNZOO_BACKEND", "pooled_scores=torch")
-    a = sel(q, k, Context(key_padding_mask=kpm))
+    a = sel(q, k, CallContext(key_padding_mask=kpm))
     monkeypatch.setenv("ATTNZOO_BACKEND", "pooled_scores=triton")
-    b = sel(q, k, Context(key_padding_mask=kpm))
+    b = sel(q, k, CallContext(key_padding_mask=kpm))
     assert torch.equal(a.to_block_mask(), b.to_block_mask())
     assert a.density() < 0.8  # the selection is really sparse here
 
@@ -554,8 +554,8 @@ def test_xattention_selector_same_plan_with_triton_scores(monkeypatch):
     case = Case(2, 4, 2, 100, 130, 32, "right")
     q, k, _, kpm = _qkv(case, torch.float32, False, seed=2)
     sel = XAttention(threshold=0.8, stride=4, block_size=32, chunk_size=64)
-    from attnzoo.selectors.base import Context
-    ctx = Context(key_padding_mask=kpm)
+    from attnzoo.context import CallContext
+    ctx = CallContext(key_padding_mask=kpm)
     monkeypatch.setenv("ATTNZOO_BACKEND", "antidiagonal_scores=torch")
     a = sel(q, k, ctx)
     monkeypatch.setenv("ATTNZOO_BACKEND", "antidiagonal_scores=triton")
@@ -584,7 +584,7 @@ def test_routed_stack_single_launch_equals_per_branch(sparse, monkeypatch):
     node = stack.node_for(0)
     split = node(q, k, v, ctx)
     calls = []
-    import attnzoo.routed as stack_mod
+    import attnzoo.stack.routed as stack_mod
     orig = stack_mod.mixed_op
     monkeypatch.setattr(stack_mod, "mixed_op", lambda *a, **kw: calls.append(kw["backend"]) or orig(*a, **kw))
     monkeypatch.setenv("ATTNZOO_BACKEND", "mixed=triton")
@@ -598,11 +598,11 @@ def test_routed_stack_single_launch_equals_per_branch(sparse, monkeypatch):
                                             (["full", "sparse", "sparse", "full"], 0),
                                             (["sparse"] * 4, 4), (["full"] * 4, 4)],
                          ids=["half-views", "half-gathered", "no-dense", "all-dense"])
+@pytest.mark.slow
 def test_routed_hybrid_path_equals_split(heads, max_runs, monkeypatch):
     """The hybrid path (sparse heads in one launch queued first, dense heads filled in by the dense
     op) gives the split path's output, gradients and metered density, for any share of dense heads."""
-    from attnzoo.ops import executor
-    from attnzoo.stack import DensityMeter
+    from attnzoo.stack import DensityMeter, executor
     monkeypatch.setattr(executor, "MAX_RUNS", max_runs)
     sparse = {"selector": {"name": "xattention", "stride": 4, "block_size": 32, "chunk_size": 64,
                            "threshold": 0.8}, "op": "block_sparse"}

@@ -156,7 +156,7 @@ def test_optional_selector_capabilities_are_declared_with_defaults():
     """A selector that declares neither a fixed block size nor a range rule gets None for both at
     registration, and the stack reads them directly: such a selector runs per branch, not in a
     mixed launch (a wrongly typed declaration is rejected)."""
-    from attnzoo.nodes import head_mode
+    from attnzoo.stack import head_mode
 
     @dataclass
     class Minimal:

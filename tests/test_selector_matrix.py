@@ -17,10 +17,10 @@ import torch
 
 import attnzoo
 from attnzoo import ops
+from attnzoo.context import CallContext
 from attnzoo.eval import attention_recall
 from attnzoo.ops import token_sparse
 from attnzoo.plans import BlockPlan, DensePlan, TokenPlan
-from attnzoo.selectors import Context
 
 from .conftest import assert_lse_close, make_qkv, padding_mask, rel_err
 
@@ -64,7 +64,7 @@ def test_selector_contract(name, shape):
     q, k = q * 2, k * 2
     kpm = padding_mask(B, Nk, pad)
     sel = build(name)
-    ctx = Context(key_padding_mask=kpm)
+    ctx = CallContext(key_padding_mask=kpm)
     plan = sel(q, k, ctx)
     assert isinstance(plan, (DensePlan, BlockPlan, TokenPlan))
     plan.validate(q, k)
@@ -74,7 +74,7 @@ def test_selector_contract(name, shape):
         assert torch.equal(plan_mask(plan), plan_mask(again))
     # batch elements independent: permuting the batch permutes the plans
     perm = torch.arange(B).flip(0)
-    permuted = sel(q[perm], k[perm], Context(key_padding_mask=None if kpm is None else kpm[perm]))
+    permuted = sel(q[perm], k[perm], CallContext(key_padding_mask=None if kpm is None else kpm[perm]))
     assert type(permuted) is type(plan)
     if plan_mask(plan) is not None:
         assert torch.equal(plan_mask(permuted), plan_mask(plan)[perm])
@@ -96,7 +96,7 @@ def test_padding_does_not_change_plans(name):
     q[:, :, n:], k[:, :, n:] = 50.0, -50.0  # garbage that would dominate if it leaked
     kpm = torch.zeros(1, N, dtype=torch.bool)
     kpm[:, :n] = True
-    padded = sel(q, k, Context(key_padding_mask=kpm))
+    padded = sel(q, k, CallContext(key_padding_mask=kpm))
     alone = sel(q[:, :, :n].contiguous(), k[:, :, :n].contiguous())
     assert type(padded) is type(alone)
     if isinstance(alone, BlockPlan):
@@ -121,7 +121,7 @@ def test_plan_kind_is_the_declared_one(name):
     dense plan (short inputs), never to another kind."""
     sel = build(name)
     q, k, _ = make_qkv(2, 4, 2, 300, 300, 32, seed=3)
-    plan = sel(q, k, Context())
+    plan = sel(q, k, CallContext())
     assert plan.kind in (type(sel).plan_kind, "dense"), (name, plan.kind, type(sel).plan_kind)
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import attnzoo
+from attnzoo.context import CallContext
 from attnzoo.plans import BlockPlan, DensePlan, TokenPlan
-from attnzoo.selectors import Context
 from attnzoo.selectors.naive import streaming_slow, token_coverage_slow, topk_slow, xattention_slow
 
 from .conftest import make_qkv, padding_mask
@@ -34,7 +34,7 @@ def test_xattention_matches_slow_reference(B, Hq, Hkv, Nq, Nk, S, b, tau, tail, 
     kpm = padding_mask(B, Nk, pad)
     sel = attnzoo.create("selector", {"name": "xattention", "threshold": tau, "stride": S,
                                       "block_size": b, "chunk_size": 2 * b, "dense_tail": tail})
-    plan = sel(q, k, Context(key_padding_mask=kpm))
+    plan = sel(q, k, CallContext(key_padding_mask=kpm))
     taus = tau if isinstance(tau, list) else [tau] * Hq
     expected = xattention_slow(q, k, taus, S, b, kpm, dense_tail=tail)
     assert torch.equal(plan.to_block_mask(), expected)
@@ -58,7 +58,7 @@ def test_xattention_cpu_chunks_below_chunk_size(monkeypatch, cap):
     assert chunks == [(i, min(6, i + step)) for i in range(0, 6, step)]
     sel = attnzoo.create("selector", {"name": "xattention", "threshold": 0.7, **kw})
     expected = xattention_slow(q, k, [0.7] * 4, 4, 16, kpm)
-    assert torch.equal(sel(q, k, Context(key_padding_mask=kpm)).to_block_mask(), expected)
+    assert torch.equal(sel(q, k, CallContext(key_padding_mask=kpm)).to_block_mask(), expected)
 
 
 def test_xattention_dense_tail_rows():
@@ -68,7 +68,7 @@ def test_xattention_dense_tail_rows():
     kpm = torch.ones(2, 128, dtype=torch.bool)
     kpm[1, 90:] = False  # sequence 1 ends at 90: its tail (50..89 for 40 tokens) is blocks 3-5 of 8
     make = lambda **kw: attnzoo.create("selector", {"name": "xattention", "stride": 4, "block_size": 16,
-                                                    "threshold": 0.3, **kw})(q, k, Context(key_padding_mask=kpm))
+                                                    "threshold": 0.3, **kw})(q, k, CallContext(key_padding_mask=kpm))
     tail, base, full = (make(dense_tail=40).to_block_mask(), make().to_block_mask(),
                         make(threshold=1.0).to_block_mask())
     rows = {0: [5, 6, 7], 1: [3, 4, 5]}  # 88..127 -> blocks 5-7; 50..89 -> 3-5
@@ -195,13 +195,13 @@ def test_token_coverage_dense_fallbacks_and_padding():
     assert isinstance(sel(min_tokens=20, coverage=1e-12)(q, k), DensePlan), "nothing to drop runs dense"
     assert isinstance(sel(min_tokens=20)(q[:, :, -1:], k), DensePlan), "decode runs dense"
     kpm = padding_mask(2, 200, "right")
-    plan = sel(min_tokens=20, coverage=0.3)(q, k, Context(key_padding_mask=kpm))
+    plan = sel(min_tokens=20, coverage=0.3)(q, k, CallContext(key_padding_mask=kpm))
     assert isinstance(plan, TokenPlan)
     assert not (plan.keep_mask() & ~kpm[:, None]).any(), "padding is never kept"
     per_kv = sel(min_tokens=20, coverage=0.3, per_kv_head=True)(q, k)
     assert per_kv.heads == 2
     # batch elements are independent
-    alone = sel(min_tokens=20, coverage=0.3)(q[1:], k[1:], Context(key_padding_mask=kpm[1:]))
+    alone = sel(min_tokens=20, coverage=0.3)(q[1:], k[1:], CallContext(key_padding_mask=kpm[1:]))
     assert torch.equal(alone.keep_mask()[0], plan.keep_mask()[1])
 
 

@@ -18,11 +18,9 @@ from dataclasses import replace
 
 import torch
 
-from ..nodes import Branch, dense_below_applies
 from ..ops import token_sparse
 from ..plans import BlockPlan, DensePlan, TokenPlan
-from ..routed import Routed
-from ..stack import Compressed
+from ..stack import Branch, Compressed, Routed, dense_below_applies
 
 ROWS = 64
 

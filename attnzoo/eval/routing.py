@@ -12,7 +12,7 @@ need long-range retrieval than for plain text. This is the instrument for it.
 
 from __future__ import annotations
 
-from ..routed import Routed
+from ..stack import Routed
 
 
 class RouteProbe:

@@ -99,7 +99,7 @@ def antidiagonal_block_scores(q, k, *, stride: int, block_size: int, chunk_size:
                               key_padding_mask=None, active_heads=None, backend: str | None = None):
     """Iterator of ``(I0, I1, W)`` over query-block chunks; W ``[B, Hq, I1-I0, Nkb]`` (fp32, fp64
     for fp64 inputs). Callers validate q/k (the selector does). ``active_heads`` (``[B, Hkv]`` bool,
-    see ``selectors.Context``): a backend may leave the rows of other query groups at zero (the
+    see ``selectors.CallContext``): a backend may leave the rows of other query groups at zero (the
     Triton one skips them; torch scores every row).
 
     Scores feed a discrete selection, so they carry no gradient: q and k are detached, and the

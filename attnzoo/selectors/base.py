@@ -1,16 +1,16 @@
-"""What every selector shares: the call context (``attnzoo.context``) and config checks."""
+"""What every selector shares: input and config checks (the call context is ``attnzoo.context``)."""
 
 from __future__ import annotations
 
 import torch
 
-from ..context import Context, as_context  # noqa: F401  (re-exported for selectors)
+from ..context import CallContext
 from ..ops._checks import check_qkv
 
 _SELECTOR_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def check_qk(q, k, ctx: Context, causal: bool = True) -> None:
+def check_qk(q, k, ctx: CallContext, causal: bool = True) -> None:
     # fp64 is accepted so that selections can be compared exactly against slow references
     check_qkv(q, k, k, causal=causal, key_padding_mask=ctx.key_padding_mask, dtypes=_SELECTOR_DTYPES)
 

@@ -7,10 +7,11 @@ from typing import ClassVar
 
 import torch
 
+from ..context import as_context
 from ..plans import BlockPlan, streaming_block_mask
 from ..plans.geometry import cdiv
 from ..registry import register
-from .base import as_context, check_block, check_positive, check_qk
+from .base import check_block, check_positive, check_qk
 
 
 @register("selector", "streaming")

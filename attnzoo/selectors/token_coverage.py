@@ -25,9 +25,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..context import as_context
 from ..plans import DensePlan, TokenPlan
 from ..registry import register
-from .base import as_context, check_fraction, check_positive, check_qk
+from .base import check_fraction, check_positive, check_qk
 
 
 @register("selector", "token_coverage")

@@ -25,12 +25,13 @@ from typing import ClassVar
 
 import torch
 
+from ..context import as_context
 from ..ops.pooled import past_blocks, pooled_block_scores
 from ..ops.selection import top_n
 from ..plans import BlockPlan, last_visible_block
 from ..plans.geometry import cdiv
 from ..registry import register
-from .base import as_context, check_block, check_positive, check_qk
+from .base import check_block, check_positive, check_qk
 
 
 @register("selector", "topk_blocks")

@@ -10,7 +10,7 @@ then add the other causal blocks in descending W while the mass *before* adding 
 tau x (row mass of W). tau = 1 keeps every causal block.
 
 Better than the authors' code: any batch size and padding (right padding here; the stack rolls
-left-padded sequences to start at row 0, see ``attnzoo.ops.padding``); GQA is scored without repeating K
+left-padded sequences to start at row 0, see ``attnzoo.stack.padding``); GQA is scored without repeating K
 (the query group is folded into rows against its KV head); queries are scored in chunks, so
 memory never holds the (N/S) x (N/S) matrix; ``per_kv_head=True`` merges a group's selections
 into one per-KV-head plan (what FlashInfer's variable block-sparse kernel consumes).
@@ -24,11 +24,12 @@ from typing import ClassVar
 
 import torch
 
+from ..context import as_context
 from ..ops.antidiagonal import antidiagonal_block_scores
 from ..ops.selection import by_mass, keep_rows
 from ..plans import BlockPlan, last_visible_block, tail_query_blocks
 from ..registry import register
-from .base import as_context, check_block, check_fraction, check_positive, check_qk
+from .base import check_block, check_fraction, check_positive, check_qk
 
 
 @register("selector", "xattention")

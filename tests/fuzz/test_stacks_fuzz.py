@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 
 import attnzoo
 from attnzoo import ops
-from attnzoo.selectors import Context
 from attnzoo.stack import CallContext
 
 from ..conftest import assert_lse_close, rel_err
@@ -40,7 +39,7 @@ def test_selector_plan_through_its_op(name, data):
     if p.kpm is not None:  # a selector sees what the stack gives it: real tokens from row 0
         p.kpm = p.kpm.flip(-1) if p.pad == "left" else p.kpm
     sel = build_selector(name)
-    plan = sel(p.q, p.k, Context(key_padding_mask=p.kpm))
+    plan = sel(p.q, p.k, CallContext(key_padding_mask=p.kpm))
     plan.validate(p.q, p.k)
     out, lse = run_plan(p.q, p.k, p.v, plan, p.kpm)
     ref, ref_lse = ops.reference(p.q, p.k, p.v, plan, key_padding_mask=p.kpm, return_lse=True)

@@ -1,6 +1,5 @@
-"""The stack's building blocks: the call context, the density meter, and the Branch node (one
-selector -> plan -> op). Routed nodes live in ``attnzoo.routed``, the rest of the grammar and the
-layer stack in ``attnzoo.stack``.
+"""The node base, the density meter, and the Branch node (one selector -> plan -> op). The other
+node kinds are ``routed.py`` and ``compressed.py`` beside it; ``attnzoo.stack`` exports them all.
 """
 
 from __future__ import annotations
@@ -10,13 +9,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .context import Context
-from .ops import dense as dense_op
-from .ops import mixed as mixed_op
-from .ops.executor import HeadMode, uniform_plan
-from .ops.mixed import fused_backend
-from .plans import DensePlan
-from .registry import to_config
+from ..context import CallContext
+from ..ops import dense as dense_op
+from ..ops import mixed as mixed_op
+from ..ops.mixed import fused_backend
+from ..plans import DensePlan
+from ..registry import to_config
+from .executor import HeadMode, uniform_plan
 
 __all__ = ["CallContext", "DensityMeter", "Node", "Branch", "density_of", "head_mode", "dense_below_applies"]
 
@@ -74,9 +73,6 @@ class DensityMeter:
         self._entries.clear()
 
 
-CallContext = Context  # the stack's name for the one context type (attnzoo.context)
-
-
 def density_of(plan):
     """A plan's mean density without a host sync: a 0-dim device tensor (1.0 for dense plans)."""
     if isinstance(plan, DensePlan):
@@ -99,12 +95,21 @@ class Node:
         for c in self.children():
             yield from c.walk()
 
+    def places_blocks(self, decode: bool) -> bool:
+        """Whether a call of this kind lays anything out by position (a plan grid, a sink, token
+        choices): what left padding would shift. While decoding only selectors that keep a plan
+        over the cache do."""
+        return any(c.places_blocks(decode) for c in self.children())
+
 
 @dataclass
 class Branch(Node):
     op: object
     selector: object | None = None
     dense_below: dict = field(default_factory=dict)  # device type -> keys below which attention runs dense
+
+    def places_blocks(self, decode: bool) -> bool:
+        return self.selector is not None and (not decode or self.selector.decode == "plan")
 
     def __call__(self, q, k, v, ctx: CallContext) -> torch.Tensor:
         if self.selector is None or dense_below_applies(self.dense_below, k):

@@ -103,19 +103,6 @@ def _mode_table(modes: tuple[HeadMode, ...], device) -> torch.Tensor:
     return torch.tensor([[MODES.index(m.kind), m.sink, m.local] for m in modes], dtype=torch.int32, device=device)
 
 
-def _without_heads(block: BlockPlan | None, drop: torch.Tensor, q_len: int, kv_len: int,
-                   block_size: int) -> BlockPlan:
-    """``block`` (per query head) with no block left for the heads where ``drop`` ``[B, Hq]`` holds
-    (a plan of zero counts where there is none)."""
-    if block is None:
-        B, Hq = drop.shape
-        counts = torch.zeros(B, Hq, cdiv(q_len, block_size), dtype=torch.int32, device=drop.device)
-        return BlockPlan(counts[..., None], counts, block_size, block_size, q_len, kv_len, True)
-    counts = torch.where(drop[..., None], 0, block.kv_counts)
-    return BlockPlan(block.kv_indices, counts, block.block_q, block.block_k, block.q_len, block.kv_len,
-                     block.causal)
-
-
 def _per_query_head(plan: BlockPlan, q_heads: int) -> BlockPlan:
     if plan.heads == q_heads:
         return plan

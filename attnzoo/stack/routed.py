@@ -9,10 +9,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .nodes import CallContext, Node, dense_below_applies, head_mode
-from .ops import dense as dense_op
-from .ops import mixed as mixed_op
-from .ops.executor import (
+from ..context import CallContext
+from ..ops import dense as dense_op
+from ..ops import mixed as mixed_op
+from ..ops.mixed import fused_backend
+from ..plans import BlockPlan, HeadPlan
+from ..registry import to_config
+from .executor import (
     HeadMode,
     HeadRun,
     branch_densities,
@@ -22,9 +25,7 @@ from .ops.executor import (
     pending_decision,
     split_by_branch,
 )
-from .ops.mixed import fused_backend
-from .plans import BlockPlan, HeadPlan
-from .registry import to_config
+from .nodes import Node, dense_below_applies, head_mode
 
 __all__ = ["Routed", "SYNC_PATH_MARGIN"]
 
@@ -40,6 +41,9 @@ class Routed(Node):
     @property
     def labels(self) -> tuple[str, ...]:
         return tuple(self.branches)
+
+    def places_blocks(self, decode: bool) -> bool:
+        return not decode or super().places_blocks(decode)
 
     def children(self):
         return list(self.branches.values())
