@@ -216,7 +216,9 @@ def test_compare_quick_smoke(tok, tmp_path):
     assert set(copy["presets"]) == set(DEFAULT_PRESETS)
     full = copy["presets"]["full"]
     assert full["kl"] == 0.0 and full["top1"] == 1.0 and full["recall"] == pytest.approx(1.0)
-    assert full["copy"] >= 0.5 and copy["validity"]["1024/0.3"]["informative"]
+    assert full["copy"] >= 0.5 and copy["validity"]["1536/0.1"]["informative"]
+    # the quick run can show a broken stack: streaming's window does not reach the segment
+    assert copy["presets"]["streaming"]["copy"] <= 0.1 < full["copy"] - 0.3
     assert copy["presets"]["topk-blocks"]["recall"] < 0.99 and copy["presets"]["topk-blocks"]["kl"] > 0
     assert "## Fidelity" in (tmp_path / "results.md").read_text()
 
