@@ -218,3 +218,13 @@ def test_routers_read_each_architectures_keys_before_rope(arch):
         assert pre.shape == k.shape
         assert torch.allclose(pre[:, :, 0], k[:, :, 0], atol=1e-5)
         assert torch.allclose(pre.norm(dim=-1), k.norm(dim=-1), atol=1e-4)
+
+
+def test_a_router_trained_with_a_mostly_dense_sparse_stack_is_filed_under_its_sparse_branch():
+    """On a 4-layer model the xattention preset is half dense (first:2): the router's record must
+    still name the XAttention branch, or weights: auto would never find it for elastic-fa-xa."""
+    from attnzoo.training.common import layer_nodes
+    from attnzoo.training.elastic import router_meta
+
+    model = tiny_model("llama")
+    assert router_meta(model, layer_nodes("preset:xattention", model))["sparse"] == "xattention->block_sparse"

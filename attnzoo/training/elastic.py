@@ -260,13 +260,16 @@ def train_elastic(model, samples, router: ElasticRouter | None = None, *, sparse
 
 def router_meta(model, sparse_nodes) -> dict:
     """What a router is trained for, saved in its file for ``weights: auto``: the model's shape and
-    name, and the kind of sparse branch (the most common node of the sparse stack over the layers)."""
+    name, and the kind of sparse branch (the most common sparse node of the sparse stack over the layers)."""
     from collections import Counter
 
     from ..model_shape import ModelShape
     from ..stack import describe_node
 
-    kind = Counter(describe_node(n) for n in sparse_nodes).most_common(1)[0][0]
+    # the layers a sparse stack leaves dense (first:2 in the shipped ones) are not its sparse branch
+    kinds = Counter(describe_node(n) for n in sparse_nodes)
+    sparse = Counter({k: c for k, c in kinds.items() if k != "dense"}) or kinds
+    kind = sparse.most_common(1)[0][0]
     return {"model": ModelShape.of(model).to_config(), "sparse": kind}
 
 
