@@ -8,72 +8,12 @@ before any model loads."""
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import platform
 import sys
 from pathlib import Path
 
-import torch
-
 from . import cli_calibrate
 from .cli_calibrate import UsageError
-
-
-def installed_version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def info_text() -> str:
-    from .ops import dispatch
-    from .registry import KINDS, PLUGIN_GROUP, available, plugins
-
-    lines = ["attnzoo " + installed_version("attnzoo"), ""]
-    lines.append(f"python             {platform.python_version()} ({platform.machine()})")
-    for dist in ("torch", "triton", "flashinfer-python", "transformers"):
-        lines.append(f"{dist:<18} {installed_version(dist)}")
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices += [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
-    lines += [f"devices            {', '.join(devices)}", f"cpu threads        {torch.get_num_threads()}", ""]
-    lines.append("dispatch order (each op tries its backends first to last; the first that fits runs):")
-    ops = list(dict.fromkeys(b.op for b in dispatch.backends()))
-    for op in ops:
-        lines.append(f"  {op:<20} {' > '.join(b.name for b in dispatch.backends(op))}")
-    lines.append("")
-    lines.append("backends (per device: available, or why not):")
-    for b in dispatch.backends():
-        reason = b.available()
-        lines.append(f"  {b.op}/{b.name}: {b.description}")
-        for dev in ("cpu", "cuda"):
-            if dev not in b.devices:
-                why = f"device not in {list(b.devices)}"
-            elif reason:
-                why = reason
-            elif b.device_check and b.device_check(dev):
-                why = b.device_check(dev)
-            elif dev == "cuda" and not torch.cuda.is_available():
-                why = "no CUDA device"
-            else:
-                why = None
-            mark = "available" if why is None else f"unavailable: {why}"
-            lines.append(f"      {dev:<5} {mark}")
-        caps = (f"dtypes={[str(d).replace('torch.', '') for d in b.dtypes]} plans={list(b.plan_kinds)} "
-                f"backward={b.backward} lse={b.lse} padding={b.padding} "
-                f"head_dims={'any' if b.head_dims is None else list(b.head_dims)}")
-        lines.append(f"      {caps}")
-    lines.append("")
-    lines.append("registered components:")
-    for kind in KINDS:
-        lines.append(f"  {kind}: {', '.join(available(kind)) or '-'}")
-    lines.append(f"plugins ({PLUGIN_GROUP} entry points):")
-    for name, why in plugins().items():
-        lines.append(f"  {name}: {'loaded' if why is None else 'failed: ' + why}")
-    if not plugins():
-        lines.append("  -")
-    return "\n".join(lines)
+from .cli_info import info_text, installed_version
 
 
 def _csv(kind):
@@ -168,14 +108,33 @@ def _copy_options(args) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
+DEFAULT_OUT = "attnzoo-compare"
+
+
+def _fresh_out(args) -> str:
+    """Where this run's results go without replacing an earlier run's: the default folder is
+    numbered on (``attnzoo-compare-2``, ...); a folder named with ``--out`` needs ``--overwrite``."""
+    def taken(path) -> bool:
+        return (Path(path) / "results.json").exists()
+
+    if not taken(args.out) or args.overwrite:
+        return args.out
+    if args.out != DEFAULT_OUT:
+        raise UsageError(f"--out {args.out} holds an earlier run's results; pass --overwrite to replace them "
+                         f"or another --out")
+    n = 2
+    while taken(f"{DEFAULT_OUT}-{n}"):
+        n += 1
+    print(f"attnzoo compare: {DEFAULT_OUT}/ holds an earlier run's results; this run writes {DEFAULT_OUT}-{n}/")
+    return f"{DEFAULT_OUT}-{n}"
+
+
 def compare(args) -> int:
     from .eval import compare as cmp
     from .eval import report
 
     templates = _check_compare_args(args)
-    if (Path(args.out) / "results.json").exists() and not args.overwrite:  # last: every other mistake first
-        raise UsageError(f"--out {args.out} holds an earlier run's results; pass --overwrite to replace them "
-                         f"or another --out")
+    args.out = _fresh_out(args)  # last: every other mistake first
     presets = args.presets or list(cmp.DEFAULT_PRESETS)
     results = cmp.run(presets, lengths=args.lengths, tasks=args.tasks, depths=args.depths, quick=args.quick,
                       max_new_tokens=args.max_new_tokens, repeats=args.repeats,
@@ -304,7 +263,8 @@ def main(argv=None) -> int:
                    "get the factor that fits each unless --copy-yarn run)")
     c.add_argument("--quick", action="store_true", help="one short prompt per preset (CI smoke run)")
     c.add_argument("--max-new-tokens", type=int, help="greedy tokens per answer (default: 32, 64 for multivalue)")
-    c.add_argument("--out", default="attnzoo-compare", help="folder for results.json, results.md and pareto.png")
+    c.add_argument("--out", default=DEFAULT_OUT, help="folder for results.json, results.md and pareto.png (default "
+                   "attnzoo-compare, numbered on where an earlier run's results are)")
     c.add_argument("--overwrite", action="store_true", help="replace the results an earlier run left in --out")
     c.add_argument("--repeats", type=int, default=1, help="prefills timed per prompt and preset; the median "
                    "is reported (default 1)")

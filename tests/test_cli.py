@@ -140,3 +140,20 @@ def test_resume_from_another_runs_checkpoint_is_refused_before_loading(tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "is a checkpoint of a run with" in _one_line(proc.stderr) and "'steps': 100" in proc.stderr
     assert "Traceback" not in proc.stderr and seconds < 60
+
+
+def test_the_default_out_folder_is_numbered_on_instead_of_overwritten(tmp_path, monkeypatch, capsys):
+    """The quick start's compare, then the README's own-model compare: the second run must neither
+    replace the first's results nor fail."""
+    import argparse
+
+    from attnzoo.cli import DEFAULT_OUT, _fresh_out
+
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(out=DEFAULT_OUT, overwrite=False)
+    assert _fresh_out(args) == DEFAULT_OUT  # nothing there yet
+    for folder in (DEFAULT_OUT, f"{DEFAULT_OUT}-2"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "results.json").write_text("{}")
+    assert _fresh_out(args) == f"{DEFAULT_OUT}-3" and "this run writes attnzoo-compare-3/" in capsys.readouterr().out
+    assert _fresh_out(argparse.Namespace(out=DEFAULT_OUT, overwrite=True)) == DEFAULT_OUT

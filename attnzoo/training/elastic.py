@@ -283,7 +283,8 @@ def file_router(path) -> Path:
     meta = torch.load(path, map_location="cpu", weights_only=True).get("meta") or {}
     if "model" not in meta:
         raise ValueError(f"{path}: the router file does not say which model it was trained for")
-    stem = re.sub(r"[^\w.-]+", "_", f"{meta['model'].get('name') or 'model'}--{meta['sparse']}")
+    kind = meta["sparse"].replace("->", "-")  # xattention->block_sparse: xattention-block_sparse
+    stem = re.sub(r"[^\w.-]+", "_", f"{meta['model'].get('name') or 'model'}--{kind}")
     dest = trained_router_dir() / f"{stem}.pt"
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(path, dest)
