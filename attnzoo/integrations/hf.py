@@ -202,9 +202,11 @@ def patch(model: nn.Module, stack, meter=None, probe=None):
                              "set the model's attention_dropout to 0")
         refuse_unsupported(type(model).__name__, kwargs)
         window = kwargs.get("sliding_window")
-        if window is not None and key.shape[2] > window:
-            # a sliding-window layer (Mistral, Gemma 2/3, Qwen with use_sliding_window) is already
-            # local: it keeps the model's own windowed attention; stacks apply to the global layers
+        if window is not None and (key.shape[2] >= window or query.shape[2] < key.shape[2]):
+            # a sliding-window layer (Mistral, Gemma 2/3, Phi-3, Qwen with use_sliding_window) is already
+            # local: it keeps the model's own windowed attention, and the stack runs the global layers.
+            # Decode steps go there too: a sliding cache drops its oldest tokens, so a stack would put a
+            # sink or a plan on whatever token the cache now starts with
             return sliding_window_attention(module, query, key, value, attention_mask, scaling, **kwargs)
         layer = module.layer_idx
         decode = query.shape[2] == 1 and key.shape[2] > 1
