@@ -99,6 +99,10 @@ def calibrate(args) -> int:
     below = args.dense_below if args.dense_below is not None else _shipped_dense_below(shipped)
     model, tok = load_model(args.model, cmp.resolve_dtype(args.dtype, device), device)
     factor = extend_context(model, args.context) if args.context else 1
+    ctx = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if ctx and max(args.lengths) > ctx:
+        raise UsageError(f"--lengths: {max(args.lengths)} tokens is past the model's context ({ctx} tokens); "
+                         f"pass shorter --lengths or --context {max(args.lengths)} (YaRN)")
     yarn = f"YaRN x{factor}, " if factor > 1 else ""
     made_on = f"{yarn}prompts of {'/'.join(map(str, args.lengths))} tokens"
     t0 = time.time()

@@ -71,3 +71,11 @@ def test_a_stack_fitted_to_one_model_is_refused_on_another(qwen_dir):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "attnzoo calibrate --preset xattention-calibrated" in proc.stderr
+
+
+def test_calibration_prompts_past_the_models_context_are_refused(qwen_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "attnzoo.cli", "calibrate", "--preset", "xattention-calibrated",
+                           "--model", str(qwen_dir), "--device", "cpu", "--lengths", "9000",
+                           "--out", str(tmp_path / "x.yaml")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "past the model's context (8192 tokens)" in proc.stderr, proc.stderr[-500:]
+    assert not (tmp_path / "x.yaml").exists()
