@@ -156,3 +156,24 @@ def test_dispatch_order_is_the_priority_table():
     finally:
         dispatch._BACKENDS["dense"].remove(extra)
         dispatch._CHOSEN.clear()
+
+
+def test_flex_density_limits_hold_with_value_checks_off(monkeypatch):
+    """ATTNZOO_CHECK_VALUES=0 turns off host reads of tensor values, not dispatch's density limits:
+    the plan's density used to be passed only with value checks on, so with both switches set a
+    dense plan went to flex where blocked measured faster."""
+    from attnzoo import ops
+    from attnzoo.plans import BlockPlan
+
+    monkeypatch.setenv("ATTNZOO_FLEX_MIN_LEN", "256")
+    monkeypatch.setenv("ATTNZOO_CHECK_VALUES", "0")
+    chosen = []
+    real = dispatch.choose
+    import sys
+
+    monkeypatch.setattr(sys.modules["attnzoo.ops.block_sparse"], "choose",  # the module, not ops.block_sparse
+                        lambda req, backend=None: chosen.append(req) or real(req, backend))
+    q, k, v = (torch.randn(1, h, 512, 64) for h in (8, 2, 2))
+    ops.block_sparse(q, k, v, BlockPlan.full(1, 2, 512, 512, 64, 64))  # every causal block: density 1
+    assert chosen[-1].plan_density == pytest.approx(1.0)
+    assert real(chosen[-1]).name == "blocked"

@@ -21,7 +21,6 @@ import shutil
 import torch
 
 from ..plans import BlockPlan
-from ..settings import value_checks
 from ._checks import check_qkv, default_scale
 from .block_layout import BlockLayout
 from .dispatch import Backend, choose, make_request, register_backend
@@ -367,8 +366,10 @@ def block_sparse(q, k, v, plan: BlockPlan, *, key_padding_mask=None, scale=None,
     req = make_request("block_sparse", q, k, v, "block", return_lse=return_lse,
                        key_padding_mask=key_padding_mask, causal=plan.causal,
                        plan_heads=plan.heads,
-                       # only the CPU's flex preference reads it; elsewhere it would cost a host sync
-                       plan_density=plan.density() if value_checks(q.device) else None,
+                       # only the CPU's opted-in flex preference reads it (its density limits), so it is
+                       # read exactly then, whatever ATTNZOO_CHECK_VALUES says; elsewhere a read is a sync
+                       plan_density=plan.density() if q.device.type == "cpu" and flex_min_len() is not None
+                       else None,
                        block_size=(plan.block_q, plan.block_k))
     impl = choose(req, backend)
     out, lse = impl.fn(q, k, v, plan, key_padding_mask=key_padding_mask,
