@@ -59,17 +59,49 @@ def _inputs(case: Case, dtype, device, grad):
     return q, k, v, (kpm.to(device) if kpm is not None else None)
 
 
+# (op, backend, device) -> [cases compared, cases declined] over this module's matrix
+TALLY: dict[tuple[str, str, str], list[int]] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def every_backend_compared_something():
+    """After the matrix: a backend that declined every case it was given compared nothing, and the
+    matrix would read as skips; that is an error here."""
+    yield
+    usable = {(b.op, b.name, dev) for b in dispatch.backends() for dev in b.devices if b.available() is None
+              and (b.device_check is None or b.device_check(dev) is None)}  # installed, and runs there
+    silent = [f"{op}/{name} on {dev} ({declined} declined)" for (op, name, dev), (compared, declined)
+              in TALLY.items() if declined and not compared and (op, name, dev) in usable]
+    assert not silent, f"backends that declined every case and compared none: {silent}"
+
+
+def _declares(backend, q, dtype, grad, kpm) -> bool:
+    """Whether ``backend``'s declared capabilities cover this call with no request-specific limit
+    (``check``) of its own: then a decline is a regression, not a capability gap."""
+    dev = q.device.type
+    return (backend.available() is None and dev in backend.devices
+            and (backend.device_check is None or backend.device_check(dev) is None)
+            and dtype in backend.dtypes and (backend.head_dims is None or q.shape[-1] in backend.head_dims)
+            and (not grad or backend.backward) and (kpm is None or backend.padding) and backend.check is None)
+
+
 def _check(run, q, k, v, kpm, plan, backend, dtype, grad):
-    """Run ``run`` (returns out, lse) and the reference; compare with declared tolerances."""
+    """Run ``run`` (returns out, lse) and the reference; compare with declared tolerances. A decline
+    is a skip only where the backend declares it cannot take the call; otherwise it fails."""
     if backend.devices == ("cuda",) and q.device.type == "cpu":
         pytest.skip("needs CUDA")
     if backend.name == "triton" and q.device.type == "cpu":
         pytest.skip("Triton on CPU runs under the interpreter in tests/test_kernels.py (small shapes)")
     tol = backend.tolerance(dtype)
+    tally = TALLY.setdefault((backend.op, backend.name, q.device.type), [0, 0])
     try:
         out, lse = run(q, k, v)
     except NoBackendError as e:
+        tally[1] += 1
+        if _declares(backend, q, dtype, grad, kpm):
+            pytest.fail(f"{backend.op}/{backend.name} declined a call its declared capabilities cover: {e}")
         pytest.skip(str(e))
+    tally[0] += 1
     qr, kr, vr = (t.detach().float().requires_grad_(grad) for t in (q, k, v))
     ref, ref_lse = ops.reference(qr, kr, vr, plan, key_padding_mask=kpm, return_lse=True)
     assert out.dtype == q.dtype and out.shape == q.shape
