@@ -67,7 +67,7 @@ class LayerStack:
                 bind = getattr(getattr(node, "router", None), "bind", None) if isinstance(node, Routed) else None
                 if bind is not None:
                     try:
-                        bind(shape, {label: describe_node(n) for label, n in node.branches.items()})
+                        bind(shape, {label: describe_node(b) for label, b in node.branches.items()})
                     except ValueError as e:
                         raise ValueError(f"stack {self.name!r}: {e}") from None
         return out
