@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import cli_calibrate
+from . import cli_calibrate, settings
 from .cli_calibrate import UsageError
 from .cli_info import info_text, installed_version
 
@@ -243,7 +243,9 @@ def main(argv=None) -> int:
     parser.add_argument("--version", action="version", version=f"attnzoo {installed_version('attnzoo')}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
                                 title="commands", metavar="{info,compare,calibrate,train}")
-    sub.add_parser("info", help="versions, devices, and every backend with why it is (not) available")
+    i = sub.add_parser("info", help="versions, devices, every backend with why it is (not) available, and settings")
+    i.add_argument("--settings-markdown", action="store_true",
+                   help="print only the settings table (defaults) as markdown, as the README shows it")
     c = sub.add_parser("compare", help="accuracy vs attention density vs prefill time of stacks on the embedded model")
     c.add_argument("--presets", type=_csv(str), help="comma-separated preset names or stack YAML paths "
                    "(default: every shipped preset); 'full' is always added as the reference")
@@ -336,7 +338,7 @@ def main(argv=None) -> int:
         if args.command == "calibrate":
             return cli_calibrate.calibrate(args)
         if args.command == "info":
-            print(info_text())
+            print(settings.markdown() if args.settings_markdown else info_text())
         elif args.command == "compare":
             return compare(args)
     except (UsageError, ConfigError) as e:

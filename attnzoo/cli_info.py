@@ -1,5 +1,5 @@
-"""``attnzoo info``: versions, devices, and every backend in dispatch order with why it is (not)
-available on this machine."""
+"""``attnzoo info``: versions, devices, every backend in dispatch order with why it is (not)
+available on this machine, and every setting with its value."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import importlib.metadata
 import platform
 
 import torch
+
+from . import settings
 
 
 def installed_version(dist: str) -> str:
@@ -54,6 +56,10 @@ def info_text() -> str:
                 f"backward={b.backward} lse={b.lse} padding={b.padding} "
                 f"head_dims={'any' if b.head_dims is None else list(b.head_dims)}")
         lines.append(f"      {caps}")
+    lines.append("")
+    lines.append("settings (attnzoo.settings; value, where it comes from, variable):")
+    for row in settings.rows():
+        lines.append(f"  {row['name']:<30} {row['value']:<18} {row['source']:<11} {row['env']}")
     lines.append("")
     lines.append("registered components:")
     for kind in KINDS:

@@ -33,6 +33,11 @@ class CallContext:
     # [kv_head_offset, kv_head_offset + Hkv) of kv_heads_total; None: the whole layer is local
     kv_head_offset: int = 0
     kv_heads_total: int | None = None
+    # True where the caller (the stack's runner) has rolled left padding away, so every sequence's
+    # first real token is position 0. Selectors place blocks, strides and sinks from position 0; a
+    # registered selector called with a left-padded mask and without this flag raises (see
+    # attnzoo.contracts.check_starts_at_zero) instead of putting its sink on the padding.
+    starts_aligned: bool = False
 
     def record(self, density) -> None:
         """Add this call's density to the meter (prefill only): a number, a 0-dim tensor, or a

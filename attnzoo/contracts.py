@@ -13,6 +13,9 @@ registered component carries them:
     the configuration fixes it (routed layers run such selectors in one mixed launch);
   - ``ranges`` (optional, default None): a method returning ``{"sink", "local", "block_size"}``
     where the pattern is a range rule a kernel can walk without index lists (streaming).
+  Registration wraps ``__call__`` with ``check_starts_at_zero``: plans place blocks, strides and
+  sinks from position 0, so a selector called directly with a left-padded ``key_padding_mask``
+  raises instead of returning a plan that differs from each sequence alone.
 - **op** ``(q, k, v, plan, *, key_padding_mask, scale, return_lse) -> out``:
   - ``plan_kinds``: the plan kinds it consumes;
   - ``backend`` (optional, default None): a forced backend name.
@@ -25,6 +28,9 @@ registered component carries them:
 from __future__ import annotations
 
 import dataclasses
+import functools
+
+import torch
 
 PLAN_KINDS = ("block", "token", "dense")
 _MISSING = object()
@@ -93,6 +99,39 @@ def check_component(kind: str, cls: type, name: str) -> None:
                         + f" (see attnzoo.contracts for what a {kind} declares)")
     for attr, value in defaults.items():
         setattr(cls, attr, value)
+    if kind == "selector" and not getattr(cls.__call__, "checks_left_padding", False):
+        cls.__call__ = _left_padding_checked(cls.__call__, name)
+
+
+def check_starts_at_zero(ctx, selector: str) -> None:
+    """Raise ValueError if ``ctx`` (a CallContext, a dict of its fields or None) carries a
+    ``key_padding_mask`` where a sequence starts with padding, unless the caller has aligned the
+    batch (``ctx.starts_aligned``, set by the stack). Reading the mask is a host sync on a GPU; the
+    stack's calls, which are aligned already, skip it."""
+    get = ctx.get if isinstance(ctx, dict) else (lambda key, default=None: getattr(ctx, key, default))
+    kpm = None if ctx is None else get("key_padding_mask")
+    if kpm is None or get("starts_aligned", False) or not isinstance(kpm, torch.Tensor) or kpm.ndim != 2:
+        return  # (a malformed mask is named by the selector's own input checks)
+    left = ~kpm[:, 0] & kpm.any(-1)
+    if bool(left.any()):
+        b = int(left.nonzero()[0, 0])
+        start = int(kpm[b].to(torch.int8).argmax())
+        raise ValueError(
+            f"selector {selector!r} got a left-padded key_padding_mask (sequence {b} starts at position {start}): "
+            "plans place blocks, strides and sinks from position 0, so this plan would differ from the sequence "
+            "alone. Run the selector inside a stack (attnzoo.build({'default': {'selector': ..., 'op': ...}})"
+            "(layer, q, k, v, ctx) or attnzoo.patch), which rolls each sequence to start at 0, or roll the batch "
+            "yourself with attnzoo.stack.padding.StartAligned and pass CallContext(starts_aligned=True)")
+
+
+def _left_padding_checked(call, name: str):
+    @functools.wraps(call)
+    def checked(self, q, k, ctx=None, *args, **kwargs):
+        check_starts_at_zero(ctx, name)
+        return call(self, q, k, ctx, *args, **kwargs)
+
+    checked.checks_left_padding = True
+    return checked
 
 
 def _inherited_call(cls):

@@ -8,6 +8,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from attnzoo import settings
+
 sys.path.insert(0, str(Path(__file__).parent))
 # every registered selector is benchmarked: plugins (the README's example, installed by its test
 # command, is one) register through the attnzoo.plugins entry points when the registry is read
@@ -56,7 +58,7 @@ def pytest_terminal_summary(terminalreporter):
             tr.write_line(f"{group:<28} {name:<34} {r['median']:>9.3f} {ratio:>8} {share:>7} {dens:>8} "
                           f"{recall:>7} {peak:>9} {r.get('backend', '')}")
             rows.append([group, name, f"{r['median']:.3f}", ratio, share, dens, recall, peak, r.get("backend", "")])
-    out = os.environ.get("ATTNZOO_BENCH_OUT")
+    out = settings.get("bench_out")
     if out:
         with open(out, "w") as f:
             f.write(_markdown(rows))

@@ -1,4 +1,4 @@
-"""The XAttention selector on a CPU against the torch scorer's query chunk (``CPU_CHUNK_TOKENS`` in
+"""The XAttention selector on a CPU against the torch scorer's query chunk (settings ``cpu_score_chunk_tokens``, read in
 ``attnzoo/ops/antidiagonal.py``): each chunk skips the key columns right of its own diagonal, so
 smaller chunks compute closer to the causal half, at more per-chunk overhead.
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import attnzoo
-from attnzoo.ops import antidiagonal
+from attnzoo import settings
 
 
 def _ms(fn) -> float:
@@ -41,29 +41,25 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.reps} interleaved rounds")
     print("| tokens | dense SDPA ms | " + " | ".join(f"chunks of {c}: ms" for c in args.chunks) + " |")
     print("|---|---|" + "---|" * len(args.chunks))
-    default = antidiagonal.CPU_CHUNK_TOKENS
-    try:
-        for n in args.lengths:
-            g = torch.Generator().manual_seed(0)
-            q, k, v = (torch.randn(1, h, n, 64, generator=g) * 2 for h in (9, 3, 3))
-            times = {c: [] for c in args.chunks}
-            masks = {}
-            for c in args.chunks:  # untimed first call: per-shape caches; the plans compared
-                antidiagonal.CPU_CHUNK_TOKENS = c
+    for n in args.lengths:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, h, n, 64, generator=g) * 2 for h in (9, 3, 3))
+        times = {c: [] for c in args.chunks}
+        masks = {}
+        for c in args.chunks:  # untimed first call: per-shape caches; the plans compared
+            with settings.override(cpu_score_chunk_tokens=c):
                 masks[c] = sel(q, k).to_block_mask()
-            same = all(torch.equal(m, masks[args.chunks[0]]) for m in masks.values())
-            for r in range(args.reps):
-                order = args.chunks[r % len(args.chunks):] + args.chunks[: r % len(args.chunks)]
-                for c in order:
-                    antidiagonal.CPU_CHUNK_TOKENS = c
+        same = all(torch.equal(m, masks[args.chunks[0]]) for m in masks.values())
+        for r in range(args.reps):
+            order = args.chunks[r % len(args.chunks):] + args.chunks[: r % len(args.chunks)]
+            for c in order:
+                with settings.override(cpu_score_chunk_tokens=c):
                     times[c].append(_ms(lambda: sel(q, k)))
-            dense = statistics.median(
-                _ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
-                for _ in range(3))
-            cells = " | ".join(f"{statistics.median(times[c]):.1f}" for c in args.chunks)
-            print(f"| {n} | {dense:.1f} | {cells} |" + ("" if same else " plans differ!"))
-    finally:
-        antidiagonal.CPU_CHUNK_TOKENS = default
+        dense = statistics.median(
+            _ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+            for _ in range(3))
+        cells = " | ".join(f"{statistics.median(times[c]):.1f}" for c in args.chunks)
+        print(f"| {n} | {dense:.1f} | {cells} |" + ("" if same else " plans differ!"))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
+import pytest
 import torch
 
 # Without a GPU the Triton kernels run under Triton's CPU interpreter. Triton reads the switch
@@ -11,7 +13,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from attnzoo.plans import BlockPlan, TokenPlan
+from attnzoo import settings  # noqa: E402
+from attnzoo.plans import BlockPlan, TokenPlan  # noqa: E402
+
+
+@pytest.fixture
+def setting():
+    """``setting(name=value, ...)``: override attnzoo switches until the test ends (each call
+    stacks on the ones before, as ``attnzoo.settings.override`` does)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **values: stack.enter_context(settings.override(**values))
 
 
 def reset_flex() -> None:

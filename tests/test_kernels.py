@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from attnzoo import build, ops
+from attnzoo import build, ops, settings
 from attnzoo.ops import dispatch
 from attnzoo.ops.antidiagonal import antidiagonal_block_scores
 from attnzoo.ops.kernels import flashinfer_backends as fib
@@ -126,13 +126,12 @@ def test_triton_dense_matches_reference(case, dtype):
 @needs_triton
 @pytest.mark.parametrize("layout", ["contiguous", "token-major", "unaligned"])
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[3]], ids=str)
-def test_triton_tma_forward_matches_reference(case, layout, monkeypatch):
+def test_triton_tma_forward_matches_reference(case, layout, setting):
     """The TMA forward (K/V through tensor descriptors; forced on, as on Hopper) on the layouts a
     model passes: contiguous, token-major views ([B, N, H, D] transposed, as HF projections give)
     and strides TMA cannot take (16-byte rule), which fall back to pointer loads."""
-    from attnzoo.ops.kernels import triton_attention as ta
 
-    monkeypatch.setattr(ta, "USE_TMA", True)
+    setting(attention_tma=True)
     q, k, v, kpm = _qkv(case, torch.bfloat16, False, seed=5)
     if layout == "token-major":
         k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
@@ -190,17 +189,16 @@ def test_backward_takes_the_atomic_kernel_only_on_a_grid_too_small_for_key_major
     assert not ta.use_key_major(gpu_q, 64 * 3)  # 4K, batch 1, 3 KV heads: atomics measured faster
     assert ta.use_key_major(gpu_q, 256 * 3)  # 16K: key-major measured faster
     assert ta.use_key_major(gpu_q, 64 * 3 * 16)  # 4K, 16 rows (a router-training micro-batch)
-    monkeypatch.setattr(ta, "KEY_MAJOR_BACKWARD", True)
-    assert ta.use_key_major(gpu_q, 1)
-    monkeypatch.setattr(ta, "KEY_MAJOR_BACKWARD", False)
-    assert not ta.use_key_major(gpu_q, 10**6)
-    monkeypatch.setattr(ta, "KEY_MAJOR_BACKWARD", None)
+    with settings.override(attention_key_major_backward=True):
+        assert ta.use_key_major(gpu_q, 1)
+    with settings.override(attention_key_major_backward=False):
+        assert not ta.use_key_major(gpu_q, 10**6)
     assert ta.use_key_major(SimpleNamespace(is_cuda=False, device="cpu"), 1)
 
 
 @pytest.mark.slow
 @needs_triton
-def test_triton_program_order_does_not_change_results(monkeypatch):
+def test_triton_program_order_does_not_change_results(setting):
     """Heads on the grid's first axis (the default) or query tiles (the earlier order): the same
     output, lse and gradients, bit for bit, with padding, GQA and Nq < Nk; a grid past CUDA's
     second-axis limit is refused by name."""
@@ -208,17 +206,16 @@ def test_triton_program_order_does_not_change_results(monkeypatch):
 
     # the unsplit key-major dK/dV kernel: the atomic ones (chosen on a GPU for small grids) add in
     # whatever order programs finish, so their gradients differ by rounding between any two runs
-    monkeypatch.setattr(ta, "KEY_MAJOR_BACKWARD", True)
-    monkeypatch.setattr(ta, "BACKWARD_SPLIT", (False, 1))
+    setting(attention_key_major_backward=True, attention_backward_split=(False, 1))
     for case in CASES[1:3]:  # right padding and GQA 2; left padding, GQA 4 and Nq < Nk
         q, k, v, kpm = _qkv(case, torch.float32, True, seed=3)
         plan = _plan_to(random_block_plan(case.B, case.Hq, case.Nq, case.Nk, *case.block, p=0.5, seed=4), DEVICE)
         got = []
         for heads_first in (True, False):
-            monkeypatch.setattr(ta, "HEADS_FIRST", heads_first)
             qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-            out, lse = ops.block_sparse(qq, kk, vv, plan, key_padding_mask=kpm, return_lse=True, backend="triton")
-            out.square().sum().backward()
+            with settings.override(attention_heads_first=heads_first):
+                out, lse = ops.block_sparse(qq, kk, vv, plan, key_padding_mask=kpm, return_lse=True, backend="triton")
+                out.square().sum().backward()
             got.append([out, lse.nan_to_num(neginf=0.0), qq.grad, kk.grad, vv.grad])
         for a, b in zip(*got, strict=True):
             assert torch.equal(a, b), str(case)
@@ -243,10 +240,9 @@ def test_triton_backward_key_major_equals_atomic(monkeypatch):
     # then the atomic kernel
     for key_major, split in ((True, (False, 1)), (True, (True, 1)), (True, (False, 3)), (True, (True, 2)),
                              (False, None)):
-        monkeypatch.setattr(ta, "KEY_MAJOR_BACKWARD", key_major)
-        monkeypatch.setattr(ta, "BACKWARD_SPLIT", split)
         qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-        ops.mixed(qq, kk, vv, plan, key_padding_mask=kpm, backend="triton").square().sum().backward()
+        with settings.override(attention_key_major_backward=key_major, attention_backward_split=split):
+            ops.mixed(qq, kk, vv, plan, key_padding_mask=kpm, backend="triton").square().sum().backward()
         grads.append([t.grad for t in (qq, kk, vv)])
     for other in grads[1:]:
         for a, b in zip(grads[0], other, strict=True):
@@ -359,14 +355,14 @@ TMA_SCORE_CASES = [
 @needs_triton
 @pytest.mark.parametrize("layout", ["contiguous", "token-major", "unaligned"])
 @pytest.mark.parametrize("case,stride,block", TMA_SCORE_CASES, ids=lambda x: str(x))
-def test_triton_scores_tma_matches_torch(case, stride, block, layout, monkeypatch):
+def test_triton_scores_tma_matches_torch(case, stride, block, layout, monkeypatch, setting):
     """Q and K through tensor descriptors (forced on, as on Hopper): programs whose rows or
     columns hold a partial stride group take pointer loads, the others the descriptors; layouts a
     model passes (token-major views) and strides TMA cannot take (which fall back)."""
     from attnzoo.ops.kernels import triton_scores as ts
 
     config = ts.launch_config
-    monkeypatch.setattr(ts, "USE_TMA", True)
+    setting(scores_tma=True)
     # a GPU's shipped config may decline TMA (it does where pointer loads measured faster): force it
     monkeypatch.setattr(ts, "launch_config", lambda *a: {**config(*a), "Q_RESIDENT": False, "TMA": True})
     seen = _spy_scores_kernel(ts, "TMA", monkeypatch)
@@ -387,14 +383,14 @@ def test_triton_scores_tma_matches_torch(case, stride, block, layout, monkeypatc
 @pytest.mark.parametrize("layout", ["contiguous", "token-major"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case,stride,block", SCORE_CASES + TMA_SCORE_CASES[1:], ids=lambda x: str(x))
-def test_triton_scores_gemm_matches_torch(case, stride, block, dtype, layout, monkeypatch):
+def test_triton_scores_gemm_matches_torch(case, stride, block, dtype, layout, monkeypatch, setting):
     """The reduced product through a batched GEMM (cuBLAS on a GPU), then the kernel reads it
     (``PRE``): padding masks, partial stride groups, GQA, chunked prefill, several launches, and
     the token-major layout a model passes (its reduced rows are copied per launch)."""
     from attnzoo.ops.kernels import triton_scores as ts
 
     config = ts.launch_config
-    monkeypatch.setattr(ts, "USE_GEMM", True)
+    setting(scores_gemm=True)
     monkeypatch.setattr(ts, "launch_config", lambda *a: {**config(*a), "GEMM": True})
     seen = _spy_scores_kernel(ts, "PRE", monkeypatch)
     q, k, _, kpm = _qkv(case, dtype, False, seed=13)
@@ -464,10 +460,11 @@ def test_topk_selector_same_plan_with_triton_scores(monkeypatch):
     case = Case(2, 4, 2, 150, 150, 32, "left")
     q, k, _, kpm = _qkv(case, torch.float32, False, seed=4)
     sel = TopKBlocks(block_size=16, top_k=3)
+    ctx = CallContext(key_padding_mask=kpm, starts_aligned=True)  # the left-padded mask as given, not refused
     monkeypatch.setenv("ATTNZOO_BACKEND", "pooled_scores=torch")
-    a = sel(q, k, CallContext(key_padding_mask=kpm))
+    a = sel(q, k, ctx)
     monkeypatch.setenv("ATTNZOO_BACKEND", "pooled_scores=triton")
-    b = sel(q, k, CallContext(key_padding_mask=kpm))
+    b = sel(q, k, ctx)
     assert torch.equal(a.to_block_mask(), b.to_block_mask())
     assert a.density() < 0.8  # the selection is really sparse here
 
@@ -599,11 +596,11 @@ def test_routed_stack_single_launch_equals_per_branch(sparse, monkeypatch):
                                             (["sparse"] * 4, 4), (["full"] * 4, 4)],
                          ids=["half-views", "half-gathered", "no-dense", "all-dense"])
 @pytest.mark.slow
-def test_routed_hybrid_path_equals_split(heads, max_runs, monkeypatch):
+def test_routed_hybrid_path_equals_split(heads, max_runs, monkeypatch, setting):
     """The hybrid path (sparse heads in one launch queued first, dense heads filled in by the dense
     op) gives the split path's output, gradients and metered density, for any share of dense heads."""
-    from attnzoo.stack import DensityMeter, executor
-    monkeypatch.setattr(executor, "MAX_RUNS", max_runs)
+    from attnzoo.stack import DensityMeter
+    setting(max_head_runs=max_runs)
     sparse = {"selector": {"name": "xattention", "stride": 4, "block_size": 32, "chunk_size": 64,
                            "threshold": 0.8}, "op": "block_sparse"}
     stack = build({"default": {"router": {"name": "table", "heads": {0: heads}},

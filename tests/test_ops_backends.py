@@ -249,7 +249,7 @@ def _uneven_plan(B, H, N, b, densities, seed=0):
     return BlockPlan.from_block_mask(bm, b, b, N, N)
 
 
-def test_blocked_chunks_rows_by_selection_count_and_stays_exact(monkeypatch):
+def test_blocked_chunks_rows_by_selection_count_and_stays_exact(setting):
     """Rows of very different lengths (a near-dense head beside sparse ones) are chunked by their
     counts, so padding stays small; out of plan order and across tiny chunks, forward, lse and
     gradients still match the reference."""
@@ -258,7 +258,7 @@ def test_blocked_chunks_rows_by_selection_count_and_stays_exact(monkeypatch):
     bsm = importlib.import_module("attnzoo.ops.block_layout")
     plan = _uneven_plan(2, 4, 200, 16, [1.0, 0.5, 0.1, 0.05])
     q, k, v = make_qkv(2, 8, 4, 200, 200, 16, seed=5)
-    monkeypatch.setattr(bsm, "CHUNK_ELEMENTS", 2 * 16 * 16 * 40)  # ~40 padded slots a chunk: several chunks
+    setting(layout_chunk_elements=2 * 16 * 16 * 40)  # ~40 padded slots a chunk: several chunks
     lay = bsm.BlockLayout(q.shape, k.shape, plan, q.device)
     chunks = list(lay.chunks())
     rows = torch.cat([r for r, _ in chunks])

@@ -21,6 +21,7 @@ from attnzoo.context import CallContext
 from attnzoo.eval import attention_recall
 from attnzoo.ops import token_sparse
 from attnzoo.plans import BlockPlan, DensePlan, TokenPlan
+from attnzoo.stack.padding import StartAligned
 
 from .conftest import assert_lse_close, make_qkv, padding_mask, rel_err
 
@@ -65,6 +66,12 @@ def test_selector_contract(name, shape):
     kpm = padding_mask(B, Nk, pad)
     sel = build(name)
     ctx = CallContext(key_padding_mask=kpm)
+    if pad == "left":  # directly: refused (see test_left_padding_below_the_stack); aligned: the contract
+        with pytest.raises(ValueError, match="left-padded key_padding_mask"):
+            sel(q, k, ctx)
+        al = StartAligned(kpm)
+        q, k, v, kpm = al.align(q), al.align(k), al.align(v), al.mask
+        ctx = CallContext(key_padding_mask=kpm, starts_aligned=True)
     plan = sel(q, k, ctx)
     assert isinstance(plan, (DensePlan, BlockPlan, TokenPlan))
     plan.validate(q, k)
@@ -74,7 +81,8 @@ def test_selector_contract(name, shape):
         assert torch.equal(plan_mask(plan), plan_mask(again))
     # batch elements independent: permuting the batch permutes the plans
     perm = torch.arange(B).flip(0)
-    permuted = sel(q[perm], k[perm], CallContext(key_padding_mask=None if kpm is None else kpm[perm]))
+    permuted = sel(q[perm], k[perm], CallContext(key_padding_mask=None if kpm is None else kpm[perm],
+                                                 starts_aligned=ctx.starts_aligned))
     assert type(permuted) is type(plan)
     if plan_mask(plan) is not None:
         assert torch.equal(plan_mask(permuted), plan_mask(plan)[perm])
@@ -142,6 +150,42 @@ def test_left_padded_layer_equals_each_sequence_alone(name):
         assert rel_err(out[b:b + 1, :, p:], alone) <= 1e-5, f"{name}: sequence {b} ({p} pads)"
         dense = ops.dense(q[b:b + 1, :, p:], k[b:b + 1, :, p:], v[b:b + 1, :, p:])
         assert rel_err(dense, alone) > 1e-3, f"{name} kept every pair: the check would be empty"
+
+
+def _devices():
+    return [pytest.param("cpu", id="cpu"),
+            pytest.param("cuda", id="cuda",
+                         marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("name", attnzoo.available("selector"))
+def test_left_padding_below_the_stack(name, device):
+    """A selector called directly (no stack) with a left-padded batch: a prefill and a chunked
+    prefill are refused with an error naming the sequence and the way out; rolled to start at 0
+    (``StartAligned``) and marked ``starts_aligned``, selector + op give each sequence exactly what
+    it gives alone. (The issue's case: sink 16 / local 16, block 16, 8 pad tokens differed by 1.28.)"""
+    sel = build(name)
+    pads = (0, 8, 37)
+    for nq in (300, 120):  # prefill; chunked prefill (the last 120 rows)
+        q, k, v = (t.to(device) for t in make_qkv(3, 4, 2, nq, 300, 32, seed=21))
+        q, k = q * 2, k * 2
+        kpm = (torch.arange(300)[None, :] >= torch.tensor(pads)[:, None]).to(device)
+        with pytest.raises(ValueError, match=r"sequence 1 starts at position 8.*inside a stack"):
+            sel(q, k, CallContext(key_padding_mask=kpm))
+        with pytest.raises(ValueError, match="left-padded"):
+            sel(q, k, {"key_padding_mask": kpm})  # a dict context is checked too
+    q, k, v = (t.to(device) for t in make_qkv(3, 4, 2, 300, 300, 32, seed=21))
+    q, k = q * 2, k * 2
+    kpm = (torch.arange(300)[None, :] >= torch.tensor(pads)[:, None]).to(device)
+    al = StartAligned(kpm)
+    plan = sel(al.align(q), al.align(k), CallContext(key_padding_mask=al.mask, starts_aligned=True))
+    out = al.restore(run_plan(al.align(q), al.align(k), al.align(v), plan, al.mask)[0])
+    for b, p in enumerate(pads):
+        qa, ka, va = (t[b:b + 1, :, p:] for t in (q, k, v))
+        alone = run_plan(qa, ka, va, sel(qa, ka, CallContext()), None)[0]
+        assert rel_err(out[b:b + 1, :, p:], alone) <= 1e-5, f"{name}: sequence {b} ({p} pads)"
+        assert rel_err(ops.dense(qa, ka, va), alone) > 1e-3, f"{name} kept every pair: the check would be empty"
 
 
 def test_readme_example_is_the_file_and_is_in_the_matrix():

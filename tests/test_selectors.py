@@ -34,7 +34,9 @@ def test_xattention_matches_slow_reference(B, Hq, Hkv, Nq, Nk, S, b, tau, tail, 
     kpm = padding_mask(B, Nk, pad)
     sel = attnzoo.create("selector", {"name": "xattention", "threshold": tau, "stride": S,
                                       "block_size": b, "chunk_size": 2 * b, "dense_tail": tail})
-    plan = sel(q, k, CallContext(key_padding_mask=kpm))
+    # the mask as given, left padding included (scoring under any mask; the stack aligns starts):
+    # starts_aligned skips the refusal of left padding that a direct call gets
+    plan = sel(q, k, CallContext(key_padding_mask=kpm, starts_aligned=True))
     taus = tau if isinstance(tau, list) else [tau] * Hq
     expected = xattention_slow(q, k, taus, S, b, kpm, dense_tail=tail)
     assert torch.equal(plan.to_block_mask(), expected)
@@ -43,13 +45,13 @@ def test_xattention_matches_slow_reference(B, Hq, Hkv, Nq, Nk, S, b, tau, tail, 
 
 
 @pytest.mark.parametrize("cap", [32, 8])  # two blocks per chunk; below one block (one per chunk)
-def test_xattention_cpu_chunks_below_chunk_size(monkeypatch, cap):
-    """On a CPU the torch scorer takes query chunks of ``CPU_CHUNK_TOKENS`` (skipping more causally
+def test_xattention_cpu_chunks_below_chunk_size(cap, setting):
+    """On a CPU the torch scorer takes query chunks of setting ``cpu_score_chunk_tokens`` (skipping more causally
     dead columns) below the selector's ``chunk_size``: the plans still equal the slow reference,
     under padding with queries offset from the keys."""
     from attnzoo.ops import antidiagonal
 
-    monkeypatch.setattr(antidiagonal, "CPU_CHUNK_TOKENS", cap)
+    setting(cpu_score_chunk_tokens=cap)
     q, k = _qk(2, 4, 2, 90, 100, 8, seed=5)
     kpm = padding_mask(2, 100, "right")
     kw = dict(stride=4, block_size=16, chunk_size=4096)

@@ -48,9 +48,8 @@ def fixed_router():
 
 @pytest.mark.parametrize("max_runs", [4, 0], ids=["head-runs-as-views", "gathered-pairs"])
 @pytest.mark.parametrize("pad", ["none", "right"])
-def test_routed_equals_each_head_running_its_own_branch(fixed_router, pad, max_runs, monkeypatch):
-    from attnzoo.stack import executor
-    monkeypatch.setattr(executor, "MAX_RUNS", max_runs)
+def test_routed_equals_each_head_running_its_own_branch(fixed_router, pad, max_runs, setting):
+    setting(max_head_runs=max_runs)
     B, Hq, Hkv, N = 3, 6, 3, 150
     q, k, v = make_qkv(B, Hq, Hkv, N, N, 16, seed=2)
     kpm = padding_mask(B, N, pad)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from .. import settings
 from ..settings import value_checks
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -14,7 +14,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _finite_check_enabled(device) -> bool:
     # a NaN inside attention silently poisons every later layer: scan where it is cheap
-    return os.environ.get("ATTNZOO_CHECK_FINITE", "1") != "0" and value_checks(device)
+    return settings.get("check_finite") and value_checks(device)
 
 
 def check_qkv(q, k, v, *, causal: bool = True, key_padding_mask=None, scale=None,

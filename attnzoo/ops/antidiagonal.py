@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import settings
 from ..plans.geometry import cdiv
 from .dispatch import DEFAULT_TOLERANCES, Backend, Tolerance, choose, make_request, register_backend
 from .merge import masked_softmax_
@@ -30,8 +31,7 @@ from .merge import masked_softmax_
 # half. `python bench/cpu_selector_chunks.py` (the XAttention selector, 9/3 heads, two cores), two
 # runs, chunks of 2048 (the selector's default) -> 512: 2K 8.1 -> 6.9 / 8.7 -> 7.3 ms, 3K 17.0 ->
 # 12.3 / 14.0 -> 12.0 ms; at 8K no clear gain (65.4 -> 60.8 / 70.3 -> 73.7 ms). Smaller chunks (256)
-# lose to per-chunk overhead.
-CPU_CHUNK_TOKENS = 512
+# lose to per-chunk overhead. (settings ``cpu_score_chunk_tokens``)
 
 
 def _torch_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_padding_mask=None, active_heads=None):
@@ -70,7 +70,7 @@ def _torch_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_pa
     shift = (Nk - Nq + S - 1) // S  # bottom-right alignment in reduced units
     step = chunk_size // b
     if dev.type == "cpu":
-        step = max(1, min(step, CPU_CHUNK_TOKENS // b))
+        step = max(1, min(step, settings.get("cpu_score_chunk_tokens") // b))
     for I0 in range(0, nqb, step):
         I1 = min(nqb, I0 + step)
         # columns right of the chunk's last reduced diagonal are all masked: skip them

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import torch
 
+from .. import settings
 from ..plans import BlockPlan
 from ..plans.geometry import cdiv
 
 # Upper bound on score elements materialised per chunk (fp32): bounds memory, keeps GEMMs big. 2^21
 # (8 MiB) on the 2-core CPU, 3K tokens, 9/3 heads, interleaved medians: 2^19-2^20 suited plans with
 # uneven rows best, 2^22-2^23 a streaming plan's (fewer chunks, less per-chunk overhead); 2^21
-# was within ~10 % of the best for each.
-CHUNK_ELEMENTS = 1 << 21
+# was within ~10 % of the best for each. (settings ``layout_chunk_elements``)
 
 
 class BlockLayout:
@@ -49,8 +49,8 @@ class BlockLayout:
         return bh // self.Hp, hp, hp // (self.Hp // self.Hkv), I
 
     def chunks(self):
-        """Yield (rows, kmax): rows (a long tensor) sized to CHUNK_ELEMENTS, and the most key blocks
-        any of them selects. Rows go in order of their selection count where that pads less than
+        """Yield (rows, kmax): rows (a long tensor) sized to settings ``layout_chunk_elements``, and
+        the most key blocks any of them selects. Rows go in order of their selection count where that pads less than
         plan order by a tenth or more (XAttention's per-head densities, from near-dense to 0.05,
         padded a 3K-token layer to several times its pairs in plan order); otherwise in plan order,
         whose neighbouring rows share memory (a streaming plan's rows are all alike)."""
@@ -68,11 +68,12 @@ class BlockLayout:
     def _split_counts(counts: list, per_slot: int) -> list:
         """Greedy ``(c0, c1, kmax)`` spans of ``counts`` whose padded score size fits a chunk."""
         spans, c0, n = [], 0, len(counts)
+        chunk_elements = settings.get("layout_chunk_elements")
         while c0 < n:
             c1, kmax = c0, 0
             while c1 < n:
                 k_new = max(kmax, counts[c1])
-                if c1 > c0 and (c1 - c0 + 1) * max(k_new, 1) * per_slot > CHUNK_ELEMENTS:
+                if c1 > c0 and (c1 - c0 + 1) * max(k_new, 1) * per_slot > chunk_elements:
                     break
                 kmax, c1 = k_new, c1 + 1
             spans.append((c0, c1, kmax))

@@ -15,11 +15,11 @@ Backends here (the Triton and FlashInfer kernels register from ``attnzoo.ops.ker
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 
 import torch
 
+from .. import settings
 from ..plans import BlockPlan
 from ._checks import check_qkv, default_scale
 from .block_layout import BlockLayout
@@ -296,12 +296,7 @@ FLEX_MIN_BLOCK = 64  # the random plans' block; 16-token blocks measured slower 
 def flex_min_len() -> int | None:
     """``ATTNZOO_FLEX_MIN_LEN``: the fewest keys at which dispatch prefers compiled flex on a CPU;
     unset or empty, it never prefers it (``backend="flex"`` still forces it)."""
-    value = os.environ.get("ATTNZOO_FLEX_MIN_LEN", "").strip()
-    if not value:
-        return None
-    if not value.isdigit():
-        raise ValueError(f"ATTNZOO_FLEX_MIN_LEN must be a whole number of keys, got {value!r}")
-    return int(value)
+    return settings.get("flex_min_len")
 
 
 def _flex_preference(req):

@@ -13,11 +13,12 @@ run raises instead of silently falling back.
 from __future__ import annotations
 
 import difflib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from .. import settings
 
 __all__ = ["Backend", "Request", "NoBackendError", "register_backend", "backends", "choose",
            "explain", "Tolerance"]
@@ -173,11 +174,8 @@ def backends(op: str | None = None) -> list[Backend]:
 def forced_backend(op: str, backend: str | None) -> str | None:
     if backend is not None:
         return backend
-    env = os.environ.get("ATTNZOO_BACKEND", "").strip()
-    for item in filter(None, (s.strip() for s in env.split(","))):
-        if "=" not in item:
-            raise ValueError(f"ATTNZOO_BACKEND entries must look like op=backend, got {item!r}")
-        k, v = (s.strip() for s in item.split("=", 1))
+    forced = settings.get("backend")
+    for k, v in forced.items():
         if k not in _BACKENDS:
             close = difflib.get_close_matches(k, list(_BACKENDS), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

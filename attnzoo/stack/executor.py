@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import settings
 from ..plans import MODES, BlockPlan, MixedPlan, cdiv
 
 
@@ -133,7 +134,7 @@ class HeadRun:
     h1: int
 
 
-MAX_RUNS = 4  # more runs of consecutive heads than this: one call on the gathered pairs instead
+# more runs of consecutive heads than settings ``max_head_runs`` (4): one call on the gathered pairs instead
 
 # run(i, part): branch i's output for ``part`` -- None (every pair: the whole call), a HeadRun (views,
 # output [1, (h1 - h0) * g, Nq, D]) or (b, h) index tensors (pairs folded into the batch, [n, g, Nq, D])
@@ -163,7 +164,7 @@ def pending_decision(branch: torch.Tensor) -> Callable[[], torch.Tensor]:
 
 def head_runs(decision: torch.Tensor, i: int) -> list[HeadRun] | None:
     """The runs of consecutive KV heads routed to branch ``i`` (host decision), or None if more
-    than ``MAX_RUNS``."""
+    than settings ``max_head_runs``."""
     runs = []
     for b, row in enumerate(decision.tolist()):
         h = 0
@@ -176,7 +177,7 @@ def head_runs(decision: torch.Tensor, i: int) -> list[HeadRun] | None:
                 h1 += 1
             runs.append(HeadRun(b, h, h1))
             h = h1
-    return runs if len(runs) <= MAX_RUNS else None
+    return runs if len(runs) <= settings.get("max_head_runs") else None
 
 
 def _write_branch(out5: torch.Tensor, branch: torch.Tensor, decision: torch.Tensor, i: int,

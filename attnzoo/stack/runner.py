@@ -29,14 +29,17 @@ def run(node: Node, q, k, v, ctx: CallContext) -> torch.Tensor:
     keys = ctx.pre_rope_keys
     if Nq == Nk:
         al = StartAligned(kpm)
-        sub = replace(ctx, key_padding_mask=al.mask, pre_rope_keys=None if keys is None else al.align(keys, 1))
+        sub = replace(ctx, key_padding_mask=al.mask, pre_rope_keys=None if keys is None else al.align(keys, 1),
+                      starts_aligned=True)
         return al.restore(node(al.align(q), al.align(k), al.align(v), sub))
     outs = []
     for b, start in enumerate(first_real(kpm).tolist()):
         s = min(start, Nk - Nq)  # query rows are never cut
         cache = None if ctx.cache is None else {key: val.select(b) if isinstance(val, HeadPlan) else val
                                                 for key, val in ctx.cache.items()}
+        # starts_aligned: the cut starts at the first real token, or at the first query row where the
+        # sequence has fewer real tokens than queries (its padded rows are ignored)
         sub = replace(ctx, key_padding_mask=kpm[b:b + 1, s:], cache=cache, share=ctx.share / B,
-                      pre_rope_keys=None if keys is None else keys[b:b + 1, s:])
+                      pre_rope_keys=None if keys is None else keys[b:b + 1, s:], starts_aligned=True)
         outs.append(node(q[b:b + 1], k[b:b + 1, :, s:], v[b:b + 1, :, s:], sub))
     return torch.cat(outs)

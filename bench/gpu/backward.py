@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tune import cuda_ms, random_plan  # noqa: E402
 
-from attnzoo import ops  # noqa: E402
-from attnzoo.ops.kernels import triton_attention as ta  # noqa: E402
+from attnzoo import ops, settings  # noqa: E402
 
 # (tokens, query heads, KV heads, head dim): SmolLM2-135M's geometry at router-training lengths,
 # and a Llama-8B-like layer at 32K
@@ -72,12 +71,11 @@ def main() -> int:
             plan = random_plan(n, hkv, 64, density, dev)
             grads, times = {}, {}
             for name, key_major, split in VARIANTS:
-                ta.KEY_MAJOR_BACKWARD, ta.BACKWARD_SPLIT = key_major, split
-                run = fwd_bwd(lambda plan=plan: ops.block_sparse(q, k, v, plan, backend="triton"))
-                run()
-                grads[name] = [t.grad.clone() for t in leaves]
-                times[name] = cuda_ms(run)
-            ta.KEY_MAJOR_BACKWARD, ta.BACKWARD_SPLIT = None, None
+                with settings.override(attention_key_major_backward=key_major, attention_backward_split=split):
+                    run = fwd_bwd(lambda plan=plan: ops.block_sparse(q, k, v, plan, backend="triton"))
+                    run()
+                    grads[name] = [t.grad.clone() for t in leaves]
+                    times[name] = cuda_ms(run)
             kept = float(plan.density())  # kept pairs over the causal pairs
             err = max(rel(a, b) for name in grads for a, b in zip(grads[name], grads["atomic"], strict=True))
             row = dict(n=n, hq=hq, hkv=hkv, d=d, density=kept, dense_ms=dense_ms, max_rel_err=err,

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from attnzoo import build, ops, patch  # noqa: E402
+from attnzoo import build, ops, patch, settings  # noqa: E402
 from attnzoo.cli import installed_version  # noqa: E402
 from attnzoo.ops.antidiagonal import antidiagonal_block_scores  # noqa: E402
 from attnzoo.plans import BlockPlan, MixedPlan  # noqa: E402
@@ -408,7 +408,7 @@ def header() -> dict:
     return {"gpu": p.name, "sms": p.multi_processor_count, "memory_gib": round(p.total_memory / 2 ** 30, 1),
             "cuda": torch.version.cuda, "torch": torch.__version__, "triton": installed_version("triton"),
             "flashinfer": installed_version("flashinfer-python"), "python": platform.python_version(),
-            "flashinfer_backend": os.environ.get("ATTNZOO_FLASHINFER_BACKEND", "fa2"),
+            "flashinfer_backend": settings.get("flashinfer_backend"),
             "command": " ".join(sys.argv)}
 
 

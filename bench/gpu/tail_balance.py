@@ -6,7 +6,7 @@ SmolLM2's attention shape (9/3 heads, D 64, bf16, batch 1).
 
 A dense row is the longest walk of the plan; started last (the old order: every tile of head 0
 before head 1's) it runs alone at the end. Per length: forward ms (CUDA events, median of 20) for
-``HEADS_FIRST`` True (shipped) and False, outputs compared bit for bit, and dense attention
+settings ``attention_heads_first`` on (shipped) and False, outputs compared bit for bit, and dense attention
 (PyTorch's default SDPA, the fastest dense here) with its TFLOP/s; the sparse TFLOP/s count the
 plan's pairs (4 * pairs * D). Writes ``tail_balance.json``.
 """
@@ -27,8 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tune import cuda_ms, random_plan  # noqa: E402
 
-from attnzoo import ops  # noqa: E402
-from attnzoo.ops.kernels import triton_attention as ta  # noqa: E402
+from attnzoo import ops, settings  # noqa: E402
 from attnzoo.plans import BlockPlan  # noqa: E402
 
 HQ, HKV, D, BLOCK = 9, 3, 64, 64
@@ -60,14 +59,13 @@ def main() -> int:
             pairs = float(plan.density()) * HQ * n * (n + 1) / 2
             outs = {}
             for heads_first in (True, False):
-                ta.HEADS_FIRST = heads_first
                 fn = lambda plan=plan: ops.block_sparse(q, k, v, plan, backend="triton")  # noqa: E731
-                outs[heads_first] = fn()
-                ms = cuda_ms(fn, 20)
+                with settings.override(attention_heads_first=heads_first):
+                    outs[heads_first] = fn()
+                    ms = cuda_ms(fn, 20)
                 row[f"{label} heads_first={heads_first}"] = {
                     "ms": round(ms, 4), "vs_dense": round(dense_ms / ms, 2), "density": round(float(plan.density()), 4),
                     "tflops": round(4 * D * pairs / ms / 1e9, 1)}
-            ta.HEADS_FIRST = True
             row[f"{label} same"] = bool(torch.equal(outs[True], outs[False]))
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -29,7 +29,7 @@ import torch
 sys.path[:] = [x for x in sys.path if Path(x or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from attnzoo import ops  # noqa: E402
+from attnzoo import ops, settings  # noqa: E402
 from attnzoo.ops.kernels import triton_attention as ta  # noqa: E402
 from attnzoo.ops.kernels import triton_pooled as tp  # noqa: E402
 from attnzoo.ops.kernels import triton_scores as ts  # noqa: E402
@@ -114,14 +114,12 @@ def random_plan(n: int, heads: int, block: int, density: float, dev) -> BlockPla
 
 def selector_run(name, sel, op, q, k, N, dense_ms, res, dev) -> None:
     """Time a whole selector (scores + selection); its plan must equal the torch scorer's."""
-    import os
     n_chk = min(N, 8192)
-    os.environ["ATTNZOO_BACKEND"] = f"{op}=torch"
-    a = sel(q[:, :, :n_chk], k[:, :, :n_chk])
-    os.environ["ATTNZOO_BACKEND"] = f"{op}=triton"
-    b = sel(q[:, :, :n_chk], k[:, :, :n_chk])
+    with settings.override(backend={op: "torch"}):
+        a = sel(q[:, :, :n_chk], k[:, :, :n_chk])
+    with settings.override(backend={op: "triton"}):
+        b = sel(q[:, :, :n_chk], k[:, :, :n_chk])
     same = bool(torch.equal(a.to_block_mask(), b.to_block_mask()))
-    del os.environ["ATTNZOO_BACKEND"]
     ms = cuda_ms(lambda sel=sel: sel(q, k))
     plan = sel(q, k)
     res[f"selector_{name}"] = {"ms": ms, "of_dense": ms / dense_ms, "plan_equal_torch_scorer_at": n_chk,

@@ -21,9 +21,9 @@ import time
 import torch
 from hypothesis import HealthCheck, settings
 
-PROFILE = os.environ.get("ATTNZOO_FUZZ", "ci")
-if PROFILE not in ("ci", "long"):
-    raise ValueError(f"ATTNZOO_FUZZ must be 'ci' or 'long', got {PROFILE!r}")
+from attnzoo import settings as attnzoo_settings
+
+PROFILE = attnzoo_settings.get("fuzz_profile")
 
 _COMMON = dict(deadline=None, derandomize=False, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
@@ -104,7 +104,7 @@ def pytest_sessionfinish(session, exitstatus):
         lines.append(f"| {target} | {COUNTS[target]:,} | {DECLINED[target]:,} |")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
-    path = os.environ.get("ATTNZOO_FUZZ_REPORT")
+    path = attnzoo_settings.get("fuzz_report")
     if path:
         with open(path, "w") as f:
             f.write(text)

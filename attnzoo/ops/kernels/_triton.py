@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 
 import torch
 
+from ... import settings
+
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return settings.get("triton_interpret")
 
 
 @functools.lru_cache(maxsize=1)
@@ -55,7 +56,7 @@ def tma_fits(*ts) -> bool:
 
 def tma_capable(device, forced: bool | None = None) -> bool:
     """Whether tensor descriptors (TMA) run on ``device``: Hopper or newer, not under the
-    interpreter; ``forced`` (a module's ``USE_TMA`` switch) overrides, so tests can check the TMA
+    interpreter; ``forced`` (a kernel's ``*_tma`` setting) overrides, so tests can check the TMA
     path under the interpreter."""
     if forced is not None:
         return forced

@@ -19,11 +19,11 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
+from ... import settings
 from ...plans import BlockPlan
 from ...plans.geometry import cdiv
 from ..dispatch import Backend, register_backend
@@ -48,7 +48,7 @@ def _cuda_only(device: str) -> str | None:
 def kernel_backend() -> str:
     """FlashInfer's own backend: fa2 by default (fa3 JIT builds take far longer and need extra
     CUDA headers); ATTNZOO_FLASHINFER_BACKEND=auto lets FlashInfer pick fa3 on Hopper."""
-    return os.environ.get("ATTNZOO_FLASHINFER_BACKEND", "fa2")
+    return settings.get("flashinfer_backend")
 
 
 # -- dense --------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ... import settings
 from ...plans import MODES
 from ...plans.geometry import cdiv
 from ._triton import interpreting, tile, tma_capable, tma_fits
@@ -126,10 +127,11 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, offs_m, offs_n, offs_d,
 def _tile_order(HEADS_FIRST: tl.constexpr):
     """(query tile, batch x head) of this program, last query tiles first: under causality they
     walk the most blocks, so starting them first balances the tail. The GPU starts programs in
-    the order of the grid's first axis fastest; with ``HEADS_FIRST`` that axis runs over batch x
-    heads, so every head's last tile starts in the first wave. (With tiles on the first axis, head
-    0's tiles all start before head 1's: the last head's longest rows start in the last wave and
-    run alone, which a dense row, e.g. XAttention's ``dense_tail``, makes long.)"""
+    the order of the grid's first axis fastest; with ``HEADS_FIRST`` (setting
+    ``attention_heads_first``) that axis runs over batch x heads, so every head's last tile starts
+    in the first wave. (With tiles on the first axis, head 0's tiles all start before head 1's:
+    the last head's longest rows start in the last wave and run alone, which a dense row, e.g.
+    XAttention's ``dense_tail``, makes long.)"""
     if HEADS_FIRST:
         return tl.num_programs(1) - 1 - tl.program_id(1), tl.program_id(0)
     return tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
@@ -472,9 +474,8 @@ def _tile_or_raise(block: int, cap: int, name: str) -> int:
     return t
 
 
-# Forward K/V through TMA tensor descriptors: None = wherever they can run (Hopper or newer, not
-# under the interpreter); tests force True to check that path under the interpreter.
-USE_TMA: bool | None = None
+# Forward K/V through TMA tensor descriptors: settings ``attention_tma`` (auto = wherever they can
+# run: Hopper or newer, not under the interpreter); tests force it on under the interpreter.
 
 
 def launch_config(head_dim: int, block_m: int, backward: bool) -> dict:
@@ -504,10 +505,9 @@ def launch_config(head_dim: int, block_m: int, backward: bool) -> dict:
     return dict(num_warps=8 if head_dim > 64 else 4, num_stages=3, BLOCK_N=128, TMA=True)
 
 
-# Query-major kernels' program order (see _tile_order): True = heads on the grid's first axis, so
-# every head's longest (last) query tiles start first; False = query tiles first (bench/gpu/tail_balance.py
-# times both).
-HEADS_FIRST = True
+# Query-major kernels' program order (see _tile_order), settings ``attention_heads_first``: on = heads
+# on the grid's first axis, so every head's longest (last) query tiles start first; off = query tiles
+# first (bench/gpu/tail_balance.py times both).
 _MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis
 
 
@@ -535,8 +535,8 @@ def _common(q, k, v, kp: KernelPlan, key_padding_mask, backward=False):
                 CAUSAL=kp.causal, HAS_KPM=kpm is not None, UPCAST=upcast,
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SKIP_CHECK=bm < kp.block_q, **cfg)
     if not backward:  # the config may decline TMA; it never forces it where it cannot run
-        meta["TMA"] = tma_capable(q.device, USE_TMA) and tma is not False and tma_fits(k, v)
-    meta["HEADS_FIRST"] = HEADS_FIRST
+        meta["TMA"] = tma_capable(q.device, settings.get("attention_tma")) and tma is not False and tma_fits(k, v)
+    meta["HEADS_FIRST"] = settings.get("attention_heads_first")
     grid = lambda m: _grid(triton.cdiv(Nq, m["BLOCK_M"]), B * Hq, m["HEADS_FIRST"])  # noqa: E731
     plan_args = (kp.mode, kp.sink, kp.local, kp.indices, kp.counts, kpm if kpm is not None else kp.mode)
     plan_strides = (*kp.indices.stride(), *kp.counts.stride())
@@ -587,11 +587,10 @@ def forward(q, k, v, kp: KernelPlan, key_padding_mask, scale):
 # 4K = 192 programs, 1.5 per SM: atomics 1.00 / 1.42 ms, key-major 1.76 / 2.29; 16K = 5.8 per SM:
 # key-major 3.24 / 3.46, atomics 3.89 / 8.09; 32K, 32/8 heads, D 128 = 31 per SM: 42.0 / 89.6
 # against 88.6 / 205.5. 2 lies between the measured points (8K, 2.9 per SM, was not measured).
-KEY_MAJOR_BACKWARD: bool | None = None
+# settings ``attention_key_major_backward`` forces either kernel.
 KEY_MAJOR_MIN_PROGRAMS_PER_SM = 2
-# (SPLIT_HEADS, Q_SPLIT) for the key-major kernel, overriding launch_config's: tests force the
-# split under the interpreter (which takes no launch config); None = launch_config decides
-BACKWARD_SPLIT: tuple[bool, int] | None = None
+# settings ``attention_backward_split``: (SPLIT_HEADS, Q_SPLIT) for the key-major kernel, overriding
+# launch_config's: tests force the split under the interpreter (which takes no launch config)
 
 
 @functools.lru_cache(maxsize=8)
@@ -601,8 +600,9 @@ def _sm_count(device: torch.device) -> int:
 
 def use_key_major(q, programs: int) -> bool:
     """Whether the dK/dV gradients take the key-major kernel (``programs``: its unsplit grid)."""
-    if KEY_MAJOR_BACKWARD is not None:
-        return KEY_MAJOR_BACKWARD
+    forced = settings.get("attention_key_major_backward")
+    if forced is not None:
+        return forced
     if interpreting() or not q.is_cuda:  # no SMs to fill: the key-major kernel, as tested
         return True
     return programs >= KEY_MAJOR_MIN_PROGRAMS_PER_SM * _sm_count(q.device)
@@ -621,8 +621,8 @@ def backward(q, k, v, out, lse, dout, dlse, kp: KernelPlan, key_padding_mask, sc
     dq = torch.empty((B, Hq, Nq, D), dtype=torch.float32, device=q.device)
     grid, meta, plan_args, plan_strides, sizes = _common(q, k, v, kp, key_padding_mask, backward=True)
     split = (meta.pop("SPLIT_HEADS", False), meta.pop("Q_SPLIT", 1))
-    if BACKWARD_SPLIT is not None:
-        split = BACKWARD_SPLIT
+    if settings.get("attention_backward_split") is not None:
+        split = settings.get("attention_backward_split")
     atomic = not use_key_major(q, triton.cdiv(Nk, meta["BLOCK_N"]) * B * k.shape[1])
     summed = atomic or split[0] or split[1] > 1  # dK/dV added into fp32, zeros first
     kv_dtype = torch.float32 if summed else k.dtype

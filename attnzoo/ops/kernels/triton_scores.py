@@ -40,17 +40,16 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ... import settings
 from ...plans.geometry import cdiv
 from ._triton import interpreting, tma_capable, tma_fits
 
 LOG2E = 1.0 / math.log(2.0)
 SCRATCH_BYTES = 1 << 29  # per launch; longer inputs are scored in several chunks of query blocks
-# Q and K through TMA tensor descriptors: None = wherever they can run (Hopper or newer, not under
-# the interpreter, 16-bit inputs, no key padding mask); tests force True under the interpreter.
-USE_TMA: bool | None = None
-# the reduced product through cuBLAS (``GEMM`` in the launch config): None = wherever it can run
-# (CUDA, 16-bit inputs, a torch with fp32-output bmm); tests force True under the interpreter
-USE_GEMM: bool | None = None
+# Q and K through TMA tensor descriptors: settings ``scores_tma`` (auto = wherever they can run:
+# Hopper or newer, not under the interpreter, 16-bit inputs, no key padding mask); the reduced
+# product through cuBLAS (``GEMM`` in the launch config): ``scores_gemm`` (auto = wherever it can
+# run: CUDA, 16-bit inputs, a torch with fp32-output bmm). Tests force both on under the interpreter.
 SCORES_BYTES = 1 << 30  # GEMM path: fp32 reduced scores of one launch
 
 
@@ -310,8 +309,9 @@ def _gemm_path(q, cfg_gemm: bool, active_heads) -> bool:
     the unrouted query groups without a host sync, the GEMM would score them all."""
     if not cfg_gemm or active_heads is not None:
         return False
-    if USE_GEMM is not None:
-        return USE_GEMM
+    forced = settings.get("scores_gemm")
+    if forced is not None:
+        return forced
     return (not interpreting() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             and _bmm_fp32_out(q.device))
 
@@ -379,7 +379,8 @@ def block_scores(q, k, *, stride: int, block_size: int, chunk_size: int, key_pad
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", **cfg)
     # the config may decline TMA; it never forces it where it cannot run (padding masks need the
     # per-position loads, and a tile that holds the query tile in registers has its own loads)
-    meta["TMA"] = (not gemm and tma_capable(q.device, USE_TMA) and tma is not False and key_padding_mask is None
+    meta["TMA"] = (not gemm and tma_capable(q.device, settings.get("scores_tma")) and tma is not False
+                   and key_padding_mask is None
                    and not meta.get("Q_RESIDENT") and q.dtype in (torch.float16, torch.bfloat16)
                    and Nq >= S and Nk >= S and tma_fits(q, k))
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
