@@ -1,9 +1,12 @@
 """The fuzz campaign's profiles, case counter and report.
 
 ``ATTNZOO_FUZZ`` picks the hypothesis profile: ``ci`` (default: a few examples per target, seconds
-in CI) or ``long`` (the campaign: >= 10,000 cases across every target). Every check calls
-``count(target)``; at the end of the session the counts, the mismatches (failed tests), the time
-and the hypothesis seed are printed, and written as markdown to ``ATTNZOO_FUZZ_REPORT`` if set:
+in CI), ``long`` (the CPU campaign: >= 10,000 cases across every target) or ``gpu`` (the campaign on
+a CUDA device: every CUDA backend forced in turn, head dims up to 128, longer sequences). Every
+check calls ``count(target)``; a test that counted nothing fails (every drawn case declined: it
+checked nothing, and would otherwise pass). At the end of the session the counts, the mismatches
+(failed tests), the time and the hypothesis seed are printed, and written as markdown to
+``ATTNZOO_FUZZ_REPORT`` if set:
 
     ATTNZOO_FUZZ=long ATTNZOO_FUZZ_REPORT=bench/results/<date>-cpu-fuzz/README.md \\
         python -m pytest tests/fuzz -q --hypothesis-seed=20261124
@@ -18,6 +21,7 @@ import os
 import platform
 import time
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -30,16 +34,18 @@ _COMMON = dict(deadline=None, derandomize=False, print_blob=True,
                                       HealthCheck.data_too_large])
 settings.register_profile("attnzoo-ci", max_examples=10, **_COMMON)
 settings.register_profile("attnzoo-long", max_examples=100, **_COMMON)
+settings.register_profile("attnzoo-gpu", max_examples=100, **_COMMON)
 settings.load_profile(f"attnzoo-{PROFILE}")
+DEVICE = "cuda" if PROFILE == "gpu" else "cpu"
 
 COUNTS: collections.Counter = collections.Counter()  # cases checked per target
 DECLINED: collections.Counter = collections.Counter()  # drawn cases a forced backend declined
 _T0 = time.time()
 
 
-def examples(ci: int, long: int) -> settings:
-    """Per-target example budget for the active profile."""
-    return settings(max_examples=ci if PROFILE == "ci" else long)
+def examples(ci: int, long: int, gpu: int | None = None) -> settings:
+    """Per-target example budget for the active profile (``gpu`` defaults to ``long``)."""
+    return settings(max_examples={"ci": ci, "long": long, "gpu": long if gpu is None else gpu}[PROFILE])
 
 
 # the Triton interpreter runs ~ms per tile: those targets stop checking after this many cases in the
@@ -49,7 +55,7 @@ SLOW_CAP = {"triton": 80}
 
 def capped(target: str, backend_name: str) -> bool:
     cap = SLOW_CAP.get(backend_name)
-    return PROFILE == "long" and cap is not None and COUNTS[target] >= cap
+    return PROFILE == "long" and DEVICE == "cpu" and cap is not None and COUNTS[target] >= cap
 
 
 def count(target: str) -> None:
@@ -58,6 +64,27 @@ def count(target: str) -> None:
 
 def declined(target: str) -> None:
     DECLINED[target] += 1
+
+
+def pytest_collection_modifyitems(config, items):
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="ATTNZOO_FUZZ=gpu needs a CUDA device")
+        for item in items:
+            if "fuzz" in item.nodeid:
+                item.add_marker(skip)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """A fuzz test that compared no case fails: hypothesis drew cases, the backend declined (or the
+    cap stopped) every one, and the test would otherwise pass having checked nothing."""
+    before, declined_before = sum(COUNTS.values()), sum(DECLINED.values())
+    result = yield
+    if sum(COUNTS.values()) == before:
+        raise AssertionError(f"{item.nodeid} compared no case: {sum(DECLINED.values()) - declined_before} drawn "
+                             "cases were declined by the backend it forces. A check that compares nothing cannot "
+                             "pass: widen what it draws, or stop forcing a backend that cannot take these calls")
+    return result
 
 
 def _command(session) -> str:
@@ -93,7 +120,7 @@ def pytest_sessionfinish(session, exitstatus):
         f" (a mismatch fails its test; hypothesis shrinks it and prints the reproducer)",
         f"- time: {time.time() - _T0:.0f} s, hypothesis seed: {seed if seed is not None else 'random'}",
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"torch {torch.__version__}",
+        f"torch {torch.__version__}" + (f", {torch.cuda.get_device_name()}" if DEVICE == "cuda" else ""),
         f"- command: `{_command(session)}`",
         f"- commit: {_commit()}",
         "",

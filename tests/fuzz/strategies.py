@@ -42,6 +42,11 @@ class Problem:
                 f"causal={self.causal}, pad={self.pad}, layout={self.layout})")
 
 
+def _block_plan_to(plan: BlockPlan, device) -> BlockPlan:
+    return BlockPlan(plan.kv_indices.to(device), plan.kv_counts.to(device), plan.block_q, plan.block_k,
+                     plan.q_len, plan.kv_len, plan.causal)
+
+
 def padding(draw, B: int, Nk: int, g: torch.Generator) -> tuple[str, torch.Tensor | None]:
     kind = draw(st.sampled_from(["none", "left", "right", "holes"]))
     if kind == "none":
@@ -60,7 +65,9 @@ def padding(draw, B: int, Nk: int, g: torch.Generator) -> tuple[str, torch.Tenso
 
 @st.composite
 def problems(draw, max_n: int = 160, head_dims=(8, 16, 32, 64), dtypes=DTYPES, causal=None,
-             allow_expand: bool = True, allow_padding: bool = True, min_nk: int = 1, square: bool = False):
+             allow_expand: bool = True, allow_padding: bool = True, min_nk: int = 1, square: bool = False,
+             device: str = "cpu"):
+    """A random problem on ``device`` (drawn on the CPU, so a seed gives the same values anywhere)."""
     B = draw(st.integers(1, 3))
     Hkv = draw(st.integers(1, 3))
     Hq = Hkv * draw(st.sampled_from([1, 2, 3, 4]))
@@ -78,13 +85,14 @@ def problems(draw, max_n: int = 160, head_dims=(8, 16, 32, 64), dtypes=DTYPES, c
     q = torch.randn(B, Hq, Nq, D, generator=g).to(dtype)
     k = torch.randn(B, Hkv, Nk, D, generator=g).to(dtype)
     v = torch.randn(B, Hkv, Nk, D, generator=g).to(dtype)
+    q, k, v = (t.to(device) for t in (q, k, v))
     layout = draw(st.sampled_from(sorted(LAYOUTS) + (["expanded_batch"] if allow_expand else [])))
     if layout == "expanded_batch":  # one sequence broadcast over the batch (stride 0)
         q, k, v = (t[:1].expand(B, *t.shape[1:]) for t in (q, k, v))
     else:
         q, k, v = (LAYOUTS[layout](t) for t in (q, k, v))
     pad, kpm = padding(draw, B, Nk, g) if allow_padding else ("none", None)
-    return Problem(q, k, v, kpm, causal, layout, pad)
+    return Problem(q, k, v, None if kpm is None else kpm.to(device), causal, layout, pad)
 
 
 @st.composite
@@ -100,7 +108,7 @@ def block_plans(draw, p: Problem, blocks=(1, 4, 16, 32, 64), per_head=None) -> B
         slots = torch.arange(plan.max_blocks) >= plan.kv_counts[..., None]
         junk = torch.randint(-3, plan.num_kv_blocks + 3, plan.kv_indices.shape, generator=g, dtype=torch.int32)
         plan = BlockPlan(torch.where(slots, junk, plan.kv_indices), plan.kv_counts, bq, bk, Nq, Nk, p.causal)
-    return plan
+    return _block_plan_to(plan, p.q.device)
 
 
 @st.composite
@@ -114,7 +122,8 @@ def mixed_plans(draw, p: Problem, blocks=(16, 32, 64)) -> MixedPlan:
     local = torch.randint(0, 4 * bs, (B, H), generator=g, dtype=torch.int32)
     full = BlockPlan.full(B, H, Nq, Nk, bs, bs).to_block_mask()
     block = BlockPlan.from_block_mask(full & (torch.rand(full.shape, generator=g) < 0.5), bs, bs, Nq, Nk)
-    return MixedPlan(mode, sink, local, block, bs, Nq, Nk, True)
+    dev = p.q.device
+    return MixedPlan(mode.to(dev), sink.to(dev), local.to(dev), _block_plan_to(block, dev), bs, Nq, Nk, True)
 
 
 @st.composite
@@ -122,7 +131,7 @@ def token_plans(draw, p: Problem) -> TokenPlan:
     B, Hq, Hkv, N, _, _ = p.shape
     H = draw(st.sampled_from([Hq, Hkv]))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    keep = torch.rand(B, H, N, generator=g) < draw(st.floats(0.05, 1.0))
+    keep = (torch.rand(B, H, N, generator=g) < draw(st.floats(0.05, 1.0))).to(p.q.device)
     if p.kpm is not None:
         keep &= p.kpm[:, None, :]
     return TokenPlan.from_keep_mask(keep)

@@ -3,7 +3,10 @@
 Random shapes (batch, GQA, ragged lengths, decode, chunked prefill, non-causal), padding (none,
 left, right, holes; whole sequences padded), memory layouts (transposed or strided head dim,
 sequence-major, expanded batch) and dtypes; gradients in fp32 where the backend claims backward.
-A backend that declines a drawn case (capability, not a bug) is counted as declined.
+A backend that declines a drawn case (capability, not a bug) is counted as declined; a test whose
+backend declined every case fails (tests/fuzz/conftest.py). On the CPU (profiles ``ci`` and ``long``)
+Triton runs under its interpreter; the ``gpu`` profile forces every CUDA backend in turn on the GPU,
+with head dims up to 128 and longer sequences.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ from attnzoo import ops
 from attnzoo.ops import dispatch, token_sparse
 from attnzoo.ops.antidiagonal import antidiagonal_block_scores
 from attnzoo.ops.dispatch import make_request
+from attnzoo.ops.pooled import pooled_block_scores
 
 from ..conftest import assert_lse_close, rel_err, reset_flex
-from .conftest import capped, count, declined, examples
+from .conftest import DEVICE, capped, count, declined, examples
 from .strategies import block_plans, mixed_plans, problems, token_plans
 
-CPU = "cpu"
+# what the GPU profile draws beyond the CPU's: the head dims models use, sequences past a few blocks
+GPU_SIZES = dict(max_n=700, head_dims=(32, 64, 128))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,11 +40,12 @@ def _fresh_flex():
 
 
 def _backends(op):
-    """Backends that run on CPU tensors here (Triton under its interpreter; FlashInfer needs CUDA and
-    is checked by the GPU tests). The campaign runs on the CPU, where CI runs it."""
+    """Backends that run on the profile's device here (on the CPU, Triton under its interpreter;
+    FlashInfer where it is installed, on CUDA)."""
     out = []
     for b in dispatch.backends(op):
-        if b.available() is None and CPU in b.devices and (b.device_check is None or b.device_check(CPU) is None):
+        if b.available() is None and DEVICE in b.devices and (b.device_check is None or
+                                                              b.device_check(DEVICE) is None):
             out.append(pytest.param(b, id=b.name))
     return out
 
@@ -84,19 +90,31 @@ def _takes(backend, req, target) -> bool:
     return False
 
 
-def _small(backend) -> dict:
-    """Triton on CPU runs in its interpreter (ms per tile): smaller problems, its tile sizes."""
-    if backend.name == "triton":
+def _sizes(backend, **cpu) -> dict:
+    """``problems`` arguments: on the GPU its sizes; on the CPU ``cpu``, and for Triton (its
+    interpreter runs ms per tile) smaller problems at its tile sizes."""
+    if DEVICE == "cuda":
+        return dict(GPU_SIZES, device=DEVICE)
+    if backend is not None and backend.name == "triton":
         return dict(max_n=96, head_dims=(16, 32))
-    return {}
+    if backend is not None and backend.name == "flex":  # what it declares: no padding, fp32/bf16, kv >= a block
+        return dict(cpu, allow_padding=False, dtypes=(torch.float32, torch.bfloat16), min_nk=64)
+    return cpu
+
+
+def _grad(p, backend, data) -> bool:
+    """Gradients where the backend claims them: fp32 on the CPU; fp32 and bf16 on the GPU (the
+    backend matrix's dtypes; fp16 gradients overflow the reference's tolerances)."""
+    dtypes = (torch.float32, torch.bfloat16) if DEVICE == "cuda" else (torch.float32,)
+    return p.q.dtype in dtypes and backend.backward and data.draw(st.booleans())
 
 
 @pytest.mark.parametrize("backend", _backends("dense"))
 @given(data=st.data())
-@examples(ci=12, long=3000)
+@examples(ci=12, long=3000, gpu=700)
 def test_dense_backend(backend, data):
-    p = data.draw(problems())
-    grad = p.q.dtype == torch.float32 and backend.backward and data.draw(st.booleans())
+    p = data.draw(problems(**_sizes(backend)))
+    grad = _grad(p, backend, data)
     target = f"dense/{backend.name}"
     req = make_request("dense", p.q.detach().requires_grad_(grad), p.k, p.v, "dense", return_lse=backend.lse,
                        key_padding_mask=p.kpm, causal=p.causal)
@@ -112,19 +130,21 @@ def test_dense_backend(backend, data):
 
 
 def _block_case(data, backend):
-    kw = _small(backend)
-    p = data.draw(problems(**kw))
-    blocks = (16, 32, 64) if backend.name == "triton" else (1, 4, 16, 32, 64)
+    p = data.draw(problems(**_sizes(backend)))
+    if backend.name == "triton":
+        blocks = (16, 32, 64, 128) if DEVICE == "cuda" else (16, 32, 64)
+    else:
+        blocks = (16, 32, 64, 128) if DEVICE == "cuda" else (1, 4, 16, 32, 64)
     plan = data.draw(block_plans(p, blocks=blocks))
     return p, plan
 
 
 @pytest.mark.parametrize("backend", _backends("block_sparse"))
 @given(data=st.data())
-@examples(ci=12, long=3000)
+@examples(ci=12, long=3000, gpu=900)
 def test_block_sparse_backend(backend, data):
     p, plan = _block_case(data, backend)
-    grad = p.q.dtype == torch.float32 and backend.backward and data.draw(st.booleans())
+    grad = _grad(p, backend, data)
     target = f"block_sparse/{backend.name}"
     req = make_request("block_sparse", p.q.detach().requires_grad_(grad), p.k, p.v, "block",
                        return_lse=backend.lse, key_padding_mask=p.kpm, causal=plan.causal, plan_heads=plan.heads,
@@ -154,11 +174,11 @@ def test_block_sparse_backend(backend, data):
 
 @pytest.mark.parametrize("backend", _backends("mixed"))
 @given(data=st.data())
-@examples(ci=8, long=1000)
+@examples(ci=8, long=1000, gpu=500)
 def test_mixed_backend(backend, data):
-    p = data.draw(problems(causal=True, **{"head_dims": (16, 32), **_small(backend)}))
+    p = data.draw(problems(causal=True, **_sizes(backend, head_dims=(16, 32))))
     plan = data.draw(mixed_plans(p))
-    grad = p.q.dtype == torch.float32 and backend.backward and data.draw(st.booleans())
+    grad = _grad(p, backend, data)
     target = f"mixed/{backend.name}"
     req = make_request("mixed", p.q.detach().requires_grad_(grad), p.k, p.v, "mixed", return_lse=True,
                        key_padding_mask=p.kpm, causal=True, plan_heads=plan.heads,
@@ -170,13 +190,13 @@ def test_mixed_backend(backend, data):
 
 
 @given(data=st.data())
-@examples(ci=12, long=1000)
+@examples(ci=12, long=1000, gpu=300)
 def test_token_sparse_attention(data):
-    p = data.draw(problems(causal=True, square=True))  # a token plan is a prefill (self-attention) plan
+    p = data.draw(problems(causal=True, square=True, **_sizes(None)))  # a token plan is a prefill plan
     plan = data.draw(token_plans(p))
-    grad = p.q.dtype == torch.float32 and data.draw(st.booleans())
     backend = dispatch.choose(make_request("dense", p.q, p.k, p.v, "dense", return_lse=True, key_padding_mask=None,
                                            causal=True))
+    grad = _grad(p, backend, data)
     run = lambda q, k, v: token_sparse.attention(q, k, v, plan, key_padding_mask=p.kpm, return_lse=True)
     # reference: kept queries attend causally to kept keys of their head; dropped rows are zeros
     _compare("token_sparse", backend, p, run, plan, grad)
@@ -190,9 +210,9 @@ def _fp64_scores(q, k, kpm, stride, block, chunk):
 
 @pytest.mark.parametrize("backend", _backends("antidiagonal_scores"))
 @given(data=st.data())
-@examples(ci=8, long=500)
+@examples(ci=8, long=500, gpu=300)
 def test_antidiagonal_scores_backend(backend, data):
-    p = data.draw(problems(causal=True, **{"head_dims": (16, 32), **_small(backend)}))
+    p = data.draw(problems(causal=True, **_sizes(backend, head_dims=(16, 32))))
     block = data.draw(st.sampled_from([16, 32, 64]))
     stride = data.draw(st.sampled_from([s for s in (2, 4, 8, 16) if block % s == 0 and s < block]))
     chunk = block * data.draw(st.integers(1, 4))
@@ -208,6 +228,29 @@ def test_antidiagonal_scores_backend(backend, data):
     ref = _fp64_scores(p.q, p.k, p.kpm, stride, block, chunk)
     count(target)
     assert not w.requires_grad
+    tol = backend.tolerance(p.q.dtype).out if p.q.dtype != torch.float32 else 1e-4
+    assert w.shape == ref.shape
+    assert rel_err(w, ref) <= max(tol, 1e-4) or ref.abs().max() == 0, f"rel err {rel_err(w, ref):.2e}"
+
+
+@pytest.mark.parametrize("backend", _backends("pooled_scores"))
+@given(data=st.data())
+@examples(ci=8, long=500, gpu=300)
+def test_pooled_scores_backend(backend, data):
+    """Top-k blocks' scores (q against each key block's mean key) against the torch scorer in fp64."""
+    p = data.draw(problems(causal=True, **_sizes(backend, head_dims=(16, 32))))
+    block = data.draw(st.sampled_from([16, 32, 64]))
+    chunk = block * data.draw(st.integers(1, 4))
+    masked = data.draw(st.booleans())
+    target = f"pooled_scores/{backend.name}"
+    req = make_request("pooled_scores", p.q, p.k, p.k, "scores", return_lse=False, key_padding_mask=p.kpm,
+                       causal=True, block_size=(block, block))
+    if not _takes(backend, req, target):
+        return
+    kw = dict(block_size=block, chunk_size=chunk, key_padding_mask=p.kpm, masked=masked)
+    w = pooled_block_scores(p.q, p.k, backend=backend.name, **kw)
+    ref = pooled_block_scores(p.q.double(), p.k.double(), backend="torch", **kw)
+    count(target)
     tol = backend.tolerance(p.q.dtype).out if p.q.dtype != torch.float32 else 1e-4
     assert w.shape == ref.shape
     assert rel_err(w, ref) <= max(tol, 1e-4) or ref.abs().max() == 0, f"rel err {rel_err(w, ref):.2e}"
