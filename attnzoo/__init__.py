@@ -4,9 +4,10 @@
 is an op (``attnzoo.ops``) whose backend is chosen by capability (``attnzoo.ops.dispatch``).
 """
 
-from . import ops, plans
+from . import ops, plans, settings
+from .caches import clear_caches
 from .config import ConfigError, dump_config, load_config
-from .integrations.hf import patch
+from .integrations.hf_patch import patch
 from .plans import BlockPlan, DensePlan, HeadPlan, TokenPlan
 from .registry import available, create, register, to_config
 from .stack import LayerStack, build
@@ -15,4 +16,4 @@ __version__ = "0.1.0"
 
 __all__ = ["ops", "plans", "BlockPlan", "DensePlan", "HeadPlan", "TokenPlan", "register",
            "create", "available", "to_config", "load_config", "dump_config", "ConfigError",
-           "build", "patch", "LayerStack", "__version__"]
+           "build", "patch", "LayerStack", "settings", "clear_caches", "__version__"]

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, load_config, preset_spec, without_dense_below
-from ..integrations.hf import patch
+from ..integrations.hf_patch import patch
 from ..stack import DensityMeter, build
 from .copy import copy_suite
 from .copy_compare import run_copy, summarise_copy

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from ..integrations.hf import patch
+from ..integrations.hf_patch import patch
 from ..stack import DensityMeter
 from .copy import copy_accuracy
 from .fidelity import log_probs, logit_fidelity

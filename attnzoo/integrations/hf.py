@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import re
 
 import torch
 from torch import nn
@@ -113,17 +112,19 @@ def _key_source(attn: nn.Module, model: nn.Module):
 
 
 @contextlib.contextmanager
-def pre_rope_key_hooks(model: nn.Module):
+def pre_rope_key_hooks(model: nn.Module, store=None):
     """Yield a dict that each forward fills with ``{layer_idx: keys [B, N, Hkv, D]}`` taken after
-    the key projection (``KEY_SOURCES``), before RoPE — what head routers read (detached). Raises
-    ValueError for a model whose attention has none of them."""
+    the key projection (``KEY_SOURCES``), before RoPE — what head routers read (detached); with
+    ``store``, each forward calls ``store(layer_idx, keys)`` instead. Raises ValueError for a model
+    whose attention has none of them."""
     keys: dict[int, torch.Tensor] = {}
+    put = keys.__setitem__ if store is None else store
     hooks = []
     for attn in _attention_modules(model):
         src, take = _key_source(attn, model)
 
         def hook(module, args, output, idx=attn.layer_idx, take=take):
-            keys[idx] = take(output.detach())
+            put(idx, take(output.detach()))
 
         hooks.append(src.register_forward_hook(hook))
     if not hooks:
@@ -168,60 +169,3 @@ def sliding_window_attention(module, query, key, value, attention_mask, scaling,
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-
-
-@contextlib.contextmanager
-def patch(model: nn.Module, stack, meter=None, probe=None):
-    """Run ``model`` with the attention ``stack`` (anything ``attnzoo.build`` takes) inside the
-    block; the previous attention implementation is restored on exit, also after an exception.
-
-    Each attention call finds its layer through ``module.layer_idx`` and runs that layer's node.
-    Routers that need pre-RoPE keys get them from a forward hook on ``k_proj`` (``k_norm`` where
-    the model has one). A call with one query against a longer cache is a decode step: routers
-    reuse their prefill decision for the layer, and prefill-only selectors attend densely.
-    ``meter`` (an ``attnzoo.stack.DensityMeter``) collects the attention density used per layer.
-    ``probe``: called as ``probe(layer_idx, node, q, k, v, ctx)`` after each layer's attention
-    (``attnzoo.eval.recall.RecallProbe`` measures what each layer's node keeps).
-    """
-    from ..stack import CallContext, Routed, build
-
-    stack = build(stack).for_model(model)
-    if len(decoder_layers(model)) != model.config.get_text_config().num_hidden_layers:
-        raise ValueError(f"{type(model).__name__}: {len(decoder_layers(model))} decoder layers, but its config "
-                         f"says {model.config.get_text_config().num_hidden_layers}")
-    needs_keys = any(isinstance(n, Routed) and n.router.needs_pre_rope_keys for n in stack.nodes())
-    caches: dict[int, dict] = {}
-    keys_ctx = pre_rope_key_hooks(model) if needs_keys else contextlib.nullcontext({})
-    tp_rank, tp_size = tensor_parallel_rank(model)
-    if meter is not None and tp_size > 1:
-        meter.group = model._device_mesh.get_group("tp")  # densities average over every rank's heads
-
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        if dropout:
-            raise ValueError(f"attnzoo stacks implement no attention dropout, got dropout={dropout}; "
-                             "set the model's attention_dropout to 0")
-        refuse_unsupported(type(model).__name__, kwargs)
-        window = kwargs.get("sliding_window")
-        if window is not None and (key.shape[2] >= window or query.shape[2] < key.shape[2]):
-            # a sliding-window layer (Mistral, Gemma 2/3, Phi-3, Qwen with use_sliding_window) is already
-            # local: it keeps the model's own windowed attention, and the stack runs the global layers.
-            # Decode steps go there too: a sliding cache drops its oldest tokens, so a stack would put a
-            # sink or a plan on whatever token the cache now starts with
-            return sliding_window_attention(module, query, key, value, attention_mask, scaling, **kwargs)
-        layer = module.layer_idx
-        decode = query.shape[2] == 1 and key.shape[2] > 1
-        if not decode:
-            caches[layer] = {}  # a new prompt: routers decide again
-        ctx = CallContext(key_padding_mask=key_padding_mask_of(attention_mask, key), layer_idx=layer, scale=scaling,
-                          pre_rope_keys=keys.get(layer), cache=caches.setdefault(layer, {}), decode=decode,
-                          meter=meter)
-        if tp_size > 1:  # this rank holds an even slice of the layer's KV heads (HF's colwise plan)
-            ctx.kv_head_offset, ctx.kv_heads_total = tp_rank * key.shape[1], tp_size * key.shape[1]
-        out = stack(layer, query, key, value, ctx)
-        if probe is not None:
-            probe(layer, stack.node_for(layer), query, key, value, ctx)
-        return out.transpose(1, 2).contiguous(), None
-
-    with keys_ctx as keys, use_attention(model, attention,
-                                          prefix=f"attnzoo_{re.sub(r'[^A-Za-z0-9_]', '_', stack.name)}"):
-        yield model

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import settings
+from ..caches import LRUDict
 
 __all__ = ["Backend", "Request", "NoBackendError", "register_backend", "backends", "choose",
            "explain", "Tolerance"]
@@ -191,7 +192,7 @@ def explain(req: Request) -> list[tuple[str, str | None]]:
     return [(b.name, b.why_not(req)) for b in backends(req.op)]
 
 
-_CHOSEN: dict = {}  # (request, forced name) -> backend, for GPU requests (see choose)
+_CHOSEN = LRUDict(4096, "ops.dispatch.choose")  # (request, forced name) -> backend, for GPU requests
 
 
 def choose(req: Request, backend: str | None = None) -> Backend:
@@ -203,8 +204,6 @@ def choose(req: Request, backend: str | None = None) -> Backend:
         hit = _CHOSEN.get(key)
         if hit is None:
             hit = _CHOSEN[key] = _choose(req, name)
-            if len(_CHOSEN) > 4096:
-                _CHOSEN.clear()
         return hit
     return _choose(req, name)
 

@@ -19,12 +19,12 @@ attention was ~1 nat on the embedded model at 8K-32K).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from ..caches import shape_cache
 from ..context import as_context
 from ..ops.pooled import past_blocks, pooled_block_scores
 from ..ops.selection import top_n
@@ -86,7 +86,7 @@ class _BlockSets:
 _FIRST = torch.finfo(torch.float32).max
 
 
-@functools.lru_cache(maxsize=32)
+@shape_cache(32)
 def _sets(q_len: int, kv_len: int, block: int, top_k: int, sink_blocks: int, local_blocks: int,
           device) -> _BlockSets:
     """Everything that depends on shapes only: built once per shape, reused by every layer."""

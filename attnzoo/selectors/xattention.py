@@ -18,12 +18,12 @@ into one per-KV-head plan (what FlashInfer's variable block-sparse kernel consum
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from ..caches import shape_cache
 from ..context import as_context
 from ..ops.antidiagonal import antidiagonal_block_scores
 from ..ops.selection import by_mass, keep_rows
@@ -118,7 +118,7 @@ class XAttention:
         return cache[key]
 
 
-@functools.lru_cache(maxsize=32)
+@shape_cache(32)
 def _last(q_len: int, kv_len: int, block: int, device) -> torch.Tensor:
     """Last visible key block per query block; shapes only, built once per shape."""
     return last_visible_block(q_len, kv_len, block, block, device)

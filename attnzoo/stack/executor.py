@@ -19,13 +19,13 @@ this module *executes* it:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .. import settings
+from ..caches import shape_cache
 from ..plans import MODES, BlockPlan, MixedPlan, cdiv
 
 
@@ -81,7 +81,7 @@ def mixed_plan(branch: torch.Tensor, modes: list[HeadMode], block_plans: dict[in
     return MixedPlan(mode.contiguous(), sink.contiguous(), local.contiguous(), block, block_size, q_len, kv_len, True)
 
 
-@functools.lru_cache(maxsize=32)
+@shape_cache(32)
 def uniform_plan(mode: HeadMode, batch: int, q_heads: int, q_len: int, kv_len: int, device: torch.device) -> MixedPlan:
     """Every head under one range mode (dense or streaming), as a MixedPlan of per-head ranges.
 
@@ -97,7 +97,7 @@ def uniform_plan(mode: HeadMode, batch: int, q_heads: int, q_len: int, kv_len: i
     return MixedPlan(full(MODES.index(mode.kind)), full(mode.sink), full(mode.local), None, bs, q_len, kv_len, True)
 
 
-@functools.lru_cache(maxsize=64)
+@shape_cache(64)
 def _mode_table(modes: tuple[HeadMode, ...], device) -> torch.Tensor:
     """``[branches, 3]`` (mode, sink, local) on ``device``: copied to a GPU once per layer kind, not per
     call (a copy from host memory would block the host)."""

@@ -12,6 +12,7 @@ from ..layer_spans import range_key, resolve_layer_key
 from ..model_shape import ModelShape
 from .compressed import Compressed
 from .nodes import Branch, Node
+from .oom import explain_out_of_memory, is_out_of_memory
 from .routed import Routed
 from .runner import run
 
@@ -31,8 +32,19 @@ class LayerStack:
     fitted_for: dict | None = None
 
     def __call__(self, layer_idx: int, q, k, v, ctx: CallContext) -> torch.Tensor:
-        """Attention of one layer: its node, run through ``run`` (left padding handled)."""
-        return run(self.node_for(layer_idx), q, k, v, ctx)
+        """Attention of one layer: its node, run through ``run`` (left padding handled). Out of
+        memory raises ``AttentionOutOfMemoryError`` naming the layer, node and shape."""
+        node = self.node_for(layer_idx)
+        failed = None
+        try:
+            return run(node, q, k, v, ctx)
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            failed = str(e)
+        # raised outside the except block: the failed call's frames (and the tensors they hold)
+        # are not kept alive by this error's context
+        raise explain_out_of_memory(failed, layer_idx, describe_node(node), q, k)
 
     def node_for(self, layer_idx: int) -> Node:
         if self.relative:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..caches import shape_cache
 from ..context import CallContext
 from ..ops import dense as dense_op
 from ..ops import mixed as mixed_op
@@ -155,7 +156,7 @@ class Branch(Node):
         return out
 
 
-@functools.lru_cache(maxsize=64)
+@shape_cache(64)
 def _uniform_density(mode: HeadMode, q_len: int, kv_len: int) -> float:
     """Density of a range rule: it depends on shapes only, so it is computed once on the CPU."""
     return uniform_plan(mode, 1, 1, q_len, kv_len, torch.device("cpu")).density()

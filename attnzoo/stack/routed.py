@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..caches import LRUDict
 from ..context import CallContext
 from ..ops import dense as dense_op
 from ..ops import mixed as mixed_op
@@ -36,7 +37,10 @@ class Routed(Node):
     branches: dict[str, Node]
     dense_below: dict = field(default_factory=dict)  # device type -> keys below which every head runs dense
     # per call shape: "mixed" (one launch) or "split" (a call per branch), chosen by timing both once
-    _path: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # (bounded: a server meets many shapes; lengths are bucketed by powers of two, so 256 covers every
+    # layer of a 64-layer model at four batch/length shapes before the oldest is timed again)
+    _path: LRUDict = field(default_factory=lambda: LRUDict(256, "stack.Routed.paths"), init=False, repr=False,
+                           compare=False)
 
     @property
     def labels(self) -> tuple[str, ...]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ... import settings
+from ...caches import shape_cache
 from ...plans import BlockPlan
 from ...plans.geometry import cdiv
 from ..dispatch import Backend, register_backend
@@ -124,7 +125,7 @@ def variable_block_calls(plan: BlockPlan, b: int) -> list[VariableBlockCall]:
             VariableBlockCall(bm & on_diag, rows, cols, True)]
 
 
-@functools.lru_cache(maxsize=4)
+@shape_cache(4)
 def _wrapper(device: str):
     import flashinfer
 

@@ -26,7 +26,6 @@ multiplies raw bf16 bits otherwise. Imported lazily (see ``_triton``).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -35,6 +34,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ... import settings
+from ...caches import shape_cache
 from ...plans import MODES
 from ...plans.geometry import cdiv
 from ._triton import interpreting, tile, tma_capable, tma_fits
@@ -593,7 +593,7 @@ KEY_MAJOR_MIN_PROGRAMS_PER_SM = 2
 # launch_config's: tests force the split under the interpreter (which takes no launch config)
 
 
-@functools.lru_cache(maxsize=8)
+@shape_cache(8)
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 

@@ -31,7 +31,6 @@ the same kernel reads those scores (``PRE``) for its online softmax and block su
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -41,6 +40,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ... import settings
+from ...caches import shape_cache
 from ...plans.geometry import cdiv
 from ._triton import interpreting, tma_capable, tma_fits
 
@@ -291,7 +291,7 @@ def _descriptors(q, k, S: int, meta: dict):
     return view(q, meta["QB"] * meta["R"]), view(k, meta["C_TILE"])
 
 
-@functools.cache
+@shape_cache(8)
 def _bmm_fp32_out(device) -> bool:
     """Whether this torch has ``bmm(..., out_dtype=float32)`` for 16-bit inputs on ``device``
     (CUDA, torch >= 2.8): the reduced product must not round its scores to 16 bits."""

@@ -19,12 +19,11 @@ torch's radix sort, 0.12-0.30 ms per layer, and ``torch.topk``, slower still.)
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from ...caches import shape_cache
 from ._triton import interpreting
 
 
@@ -125,14 +124,14 @@ def _launch(rule, s, width, tau=None, keep_all=None, last=None, n_pick=None, own
     return idx.view(B, H, nqb, width), cnt.view(B, H, nqb)
 
 
-@functools.lru_cache(maxsize=64)
+@shape_cache(64)
 def _int32(t: torch.Tensor) -> torch.Tensor:
     """The per-shape index tensors the selectors cache, converted once (keyed by identity; the cache
     holds the tensor, so the identity stays valid)."""
     return t.to(torch.int32).contiguous()
 
 
-@functools.lru_cache(maxsize=64)
+@shape_cache(64)
 def _flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.reshape(-1).to(dtype).contiguous()
 

@@ -1,0 +1,174 @@
+"""``attnzoo.patch``: a stack as a Hugging Face model's attention, per thread.
+
+One model may serve several threads at once, each inside its own ``patch`` with its own stack:
+the model gets one attention function (registered with the first ``patch`` and restored after
+the last), and each call runs the stack of the thread (``contextvars`` context) that makes it.
+Everything a call keeps between layers (router decisions for decoding, pre-RoPE keys, the density
+meter, the recall probe) belongs to that thread's patch. A thread with no patch of its own runs
+the only active one, and is refused when several threads patched the model with different stacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import re
+import threading
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .hf import (
+    decoder_layers,
+    key_padding_mask_of,
+    pre_rope_key_hooks,
+    refuse_unsupported,
+    sliding_window_attention,
+    tensor_parallel_rank,
+    use_attention,
+)
+
+__all__ = ["patch"]
+
+
+@dataclass
+class _Binding:
+    """One ``patch``: its stack and what its calls keep between layers."""
+
+    stack: object
+    meter: object | None
+    probe: object | None
+    needs_keys: bool
+    tp: tuple[int, int]
+    caches: dict = field(default_factory=dict)  # layer -> router decisions of the current prompt
+    keys: dict = field(default_factory=dict)  # layer -> pre-RoPE keys of the current forward
+
+
+@dataclass
+class _Patched:
+    """A model's shared attention function and hooks, while any thread has it patched."""
+
+    bindings: list = field(default_factory=list)
+    exit: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    hooks: contextlib.ExitStack | None = None
+
+
+_LOCK = threading.Lock()
+_PATCHED: dict[int, _Patched] = {}  # id(model) -> state, while patched
+_ACTIVE: contextvars.ContextVar[dict] = contextvars.ContextVar("attnzoo_patch", default=None)
+
+
+def _binding(model: nn.Module, state: _Patched) -> _Binding:
+    own = (_ACTIVE.get() or {}).get(id(model))
+    if own is not None:
+        return own
+    with _LOCK:
+        active = list(state.bindings)
+    if len(active) == 1:
+        return active[0]
+    raise RuntimeError(f"{type(model).__name__} is patched by {len(active)} attnzoo.patch blocks in other threads, "
+                       "none in this one: call the model inside this thread's own `with attnzoo.patch(model, stack)`")
+
+
+def _attention_fn(model: nn.Module, state: _Patched):
+    name = type(model).__name__
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        from ..stack import CallContext
+
+        if dropout:
+            raise ValueError(f"attnzoo stacks implement no attention dropout, got dropout={dropout}; "
+                             "set the model's attention_dropout to 0")
+        refuse_unsupported(name, kwargs)
+        window = kwargs.get("sliding_window")
+        if window is not None and (key.shape[2] >= window or query.shape[2] < key.shape[2]):
+            # a sliding-window layer (Mistral, Gemma 2/3, Phi-3, Qwen with use_sliding_window) is already
+            # local: it keeps the model's own windowed attention, and the stack runs the global layers.
+            # Decode steps go there too: a sliding cache drops its oldest tokens, so a stack would put a
+            # sink or a plan on whatever token the cache now starts with
+            return sliding_window_attention(module, query, key, value, attention_mask, scaling, **kwargs)
+        b = _binding(model, state)
+        layer = module.layer_idx
+        decode = query.shape[2] == 1 and key.shape[2] > 1
+        if not decode:
+            b.caches[layer] = {}  # a new prompt: routers decide again
+        ctx = CallContext(key_padding_mask=key_padding_mask_of(attention_mask, key), layer_idx=layer, scale=scaling,
+                          pre_rope_keys=b.keys.get(layer), cache=b.caches.setdefault(layer, {}), decode=decode,
+                          meter=b.meter)
+        rank, size = b.tp
+        if size > 1:  # this rank holds an even slice of the layer's KV heads (HF's colwise plan)
+            ctx.kv_head_offset, ctx.kv_heads_total = rank * key.shape[1], size * key.shape[1]
+        out = b.stack(layer, query, key, value, ctx)
+        if b.probe is not None:
+            b.probe(layer, b.stack.node_for(layer), query, key, value, ctx)
+        return out.transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+def _store_keys(model: nn.Module, state: _Patched):
+    def store(layer, keys):
+        b = _binding(model, state)
+        if b.needs_keys:
+            b.keys[layer] = keys
+    return store
+
+
+@contextlib.contextmanager
+def patch(model: nn.Module, stack, meter=None, probe=None):
+    """Run ``model`` with the attention ``stack`` (anything ``attnzoo.build`` takes) inside the
+    block, in this thread; the previous attention implementation is restored when the last thread's
+    block exits, also after an exception.
+
+    Each attention call finds its layer through ``module.layer_idx`` and runs that layer's node.
+    Routers that need pre-RoPE keys get them from a forward hook on ``k_proj`` (``k_norm`` where
+    the model has one). A call with one query against a longer cache is a decode step: routers
+    reuse their prefill decision for the layer, and prefill-only selectors attend densely.
+    ``meter`` (an ``attnzoo.stack.DensityMeter``) collects the attention density used per layer.
+    ``probe``: called as ``probe(layer_idx, node, q, k, v, ctx)`` after each layer's attention
+    (``attnzoo.eval.recall.RecallProbe`` measures what each layer's node keeps).
+    Several threads may patch one model with different stacks and call it at once (module doc).
+    """
+    from ..stack import Routed, build
+
+    stack = build(stack).for_model(model)
+    if len(decoder_layers(model)) != model.config.get_text_config().num_hidden_layers:
+        raise ValueError(f"{type(model).__name__}: {len(decoder_layers(model))} decoder layers, but its config "
+                         f"says {model.config.get_text_config().num_hidden_layers}")
+    needs_keys = any(isinstance(n, Routed) and n.router.needs_pre_rope_keys for n in stack.nodes())
+    tp = tensor_parallel_rank(model)
+    if meter is not None and tp[1] > 1:
+        meter.group = model._device_mesh.get_group("tp")  # densities average over every rank's heads
+    binding = _Binding(stack, meter, probe, needs_keys, tp)
+    with _LOCK:
+        state = _PATCHED.get(id(model))
+        first = state is None
+        if first:
+            state = _PATCHED[id(model)] = _Patched()
+        state.bindings.append(binding)
+        try:
+            if first:
+                prefix = f"attnzoo_{re.sub(r'[^A-Za-z0-9_]', '_', stack.name)}"
+                state.exit.enter_context(use_attention(model, _attention_fn(model, state), prefix=prefix))
+            if needs_keys and state.hooks is None:  # raises for a model with no key projection to hook
+                state.hooks = contextlib.ExitStack()
+                state.hooks.enter_context(pre_rope_key_hooks(model, store=_store_keys(model, state)))
+                state.exit.push(state.hooks)
+        except BaseException:
+            _release(model, state, binding)
+            raise
+    token = _ACTIVE.set({**(_ACTIVE.get() or {}), id(model): binding})
+    try:
+        yield model
+    finally:
+        _ACTIVE.reset(token)
+        with _LOCK:
+            _release(model, state, binding)
+
+
+def _release(model: nn.Module, state: _Patched, binding: _Binding) -> None:
+    """Drop ``binding``; the last one out restores the model (call with ``_LOCK`` held)."""
+    state.bindings.remove(binding)
+    if not state.bindings:
+        del _PATCHED[id(model)]
+        state.exit.close()
