@@ -100,3 +100,21 @@ def random_token_plan(B, H, N, keep=0.5, seed=0, key_padding_mask=None):
         mask &= key_padding_mask[:, None, :]
     return TokenPlan.from_keep_mask(mask)
 
+
+
+def small_llama(device="cpu", sharpen: float = 6.0):
+    """A 4-layer random Llama with the head dim of the shipped presets (64; 2/1 heads), its query and
+    key projections scaled by ``sharpen``: random weights attend almost uniformly, and threshold
+    selectors then keep every block, so the scores are made sharper, as trained models have them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=192, num_hidden_layers=4,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
+                      pad_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(sharpen)
+            layer.self_attn.k_proj.weight.mul_(sharpen)
+    return model.to(device)

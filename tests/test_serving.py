@@ -15,24 +15,11 @@ from attnzoo.caches import cache_info, clear_caches
 from attnzoo.config import load_config, preset_spec, without_dense_below
 from attnzoo.stack import DensityMeter
 
+from .conftest import small_llama
+
 DEVICES = [pytest.param("cpu", id="cpu"),
            pytest.param("cuda", id="cuda",
                         marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
-
-
-def _small(device):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=192, num_hidden_layers=4,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
-                      pad_token_id=0)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # sharper scores than random weights give, so thresholds leave blocks out
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(6)
-            layer.self_attn.k_proj.weight.mul_(6)
-    return model.to(device)
 
 
 def _preset(name):
@@ -73,7 +60,7 @@ def test_memory_flat_over_300_prompt_lengths(device):
     them within 5 % of memory after the first 20; what is not the model's weights (caches, plans)
     stops growing once the caches are full (after 100 prompts: the largest bound is 64 lengths),
     every cache within its bound; clear_caches() empties them."""
-    model = _small(device)
+    model = small_llama(device)
     lengths = (torch.randperm(900, generator=torch.Generator().manual_seed(0))[:300] + 400).tolist()
     g = torch.Generator().manual_seed(1)
     clear_caches()
@@ -110,7 +97,7 @@ def _run(model, stack, ids, meter):
 def test_two_threads_one_model_different_stacks(device):
     """Two threads call one model, each inside its own patch with its own stack and prompt length,
     at the same time: each gets what it gets alone (outputs and metered densities), 20 runs in a row."""
-    model = _small(device)
+    model = small_llama(device)
     g = torch.Generator().manual_seed(2)
     jobs = {"xattention": torch.randint(1, 128, (1, 1500), generator=g).to(device),
             "streaming": torch.randint(1, 128, (1, 2300), generator=g).to(device)}
@@ -150,7 +137,7 @@ def test_two_threads_one_model_different_stacks(device):
 
 @torch.no_grad()
 def test_a_thread_without_a_patch_is_refused_while_two_threads_patch():
-    model = _small("cpu")
+    model = small_llama("cpu")
     ids = torch.randint(1, 128, (1, 64))
     ready, done = threading.Barrier(3), threading.Event()
 

@@ -25,7 +25,7 @@ from attnzoo import ops
 from attnzoo.stack import CallContext
 from attnzoo.stack.padding import StartAligned
 
-from ..conftest import assert_lse_close, rel_err
+from ..conftest import assert_lse_close, rel_err, small_llama
 from ..test_selector_matrix import build as build_selector  # also registers the README's example
 from ..test_selector_matrix import run_plan
 from .conftest import DEVICE, count, examples
@@ -176,18 +176,7 @@ ANY_MODEL_PRESETS = ["streaming", "xattention", "topk-blocks", "token-sparse", "
 
 @pytest.fixture(scope="module")
 def small():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=192, num_hidden_layers=4,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
-                      pad_token_id=0)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # random weights attend almost uniformly, and thresholds then keep every block:
-        for layer in model.model.layers:  # sharper scores, as trained models have
-            layer.self_attn.q_proj.weight.mul_(6)
-            layer.self_attn.k_proj.weight.mul_(6)
-    return model.to(DEVICE)
+    return small_llama(DEVICE)
 
 
 @pytest.mark.parametrize("preset", ANY_MODEL_PRESETS)
