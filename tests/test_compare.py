@@ -26,6 +26,16 @@ def tok():
     return load_embedded()[1]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 3])
+def test_default_haystack_reaches_128k(tok, seed):
+    """The documentation topics hold ~120K tokens; a 131,072-token prompt reads on from the start
+    (it was refused for some seeds), and its needle still appears once."""
+    p = make_prompt(tok, "single", 131072, 0.5, seed=seed)
+    assert 0.99 * 131072 <= p.n_tokens <= 131072
+    assert tok.decode(p.input_ids[0]).count(p.answers[0]) == 1
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_prompts_are_deterministic_sized_and_hold_their_needles(tok, task):
     a = make_prompt(tok, task, 1024, 0.3, seed=4)

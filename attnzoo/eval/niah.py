@@ -142,6 +142,10 @@ def make_prompt(tok, task: str, length: int, depth: float, seed: int, offset: in
     if len(text) < 2:
         raise ValueError("haystack text is empty")
     start = (offset + rng.randint(0, len(text) // 2)) % (len(text) // 2)
+    if haystack is None and len(text) - start < length * 6:
+        # the documentation topics hold ~120K tokens: longer prompts (128K) read on from the start
+        # again, the needles still once each
+        text = text + "\n\n" + text * (1 + length * 6 // len(text))
     hay_ids = tok(text[start:start + length * 6], add_special_tokens=False).input_ids
     if len(hay_ids) < length // 2:  # a short custom haystack: read it from the start, and say so if short
         hay_ids = tok(text[: length * 6], add_special_tokens=False).input_ids
