@@ -26,6 +26,7 @@ the table and the Elastic routers were made for SmolLM2).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -178,6 +179,29 @@ def attention_call_counts(model, ids, stack, layer: int, device) -> dict:
         return counts
 
 
+NO_ATTENTION = "(no attention)"
+
+
+@contextlib.contextmanager
+def without_attention(model):
+    """Every attention call returns zeros of its output's shape: the prefill's other work, timed to
+    give each preset its ceiling (``ceiling``)."""
+    from attnzoo.integrations.hf import use_attention
+
+    def zeros(module, query, key, value, attention_mask, **kw):
+        B, H, N, D = query.shape
+        return query.new_zeros(B, N, H, D), None
+
+    with use_attention(model, zeros, prefix="attnzoo_none"):
+        yield
+
+
+def ceiling(full_ms: float, rest_ms: float, density: float) -> float:
+    """The ratio a preset at ``density`` would reach if its attention cost exactly its density's
+    share of dense attention and nothing else: full / (rest + density x (full - rest))."""
+    return full_ms / (rest_ms + density * max(full_ms - rest_ms, 0.0))
+
+
 def sync_debug_violations(model, ids, device) -> int | None:
     """Host syncs reported by ``torch.cuda.set_sync_debug_mode('warn')`` during one prefill."""
     if device != "cuda":
@@ -255,25 +279,30 @@ def run_length(model, tok, length: int, specs: dict, reps: int, device: str) -> 
     reps = reps * max(1, 32768 // length)
     gc.collect()
     gc.disable()
+    rows[NO_ATTENTION] = {"times": []}
+    labels = presets + [NO_ATTENTION]
     try:
         for r in range(reps):
-            order = presets[r % len(presets):] + presets[: r % len(presets)]  # rotated every repeat
+            order = labels[r % len(labels):] + labels[: r % len(labels)]  # rotated every repeat
             for p in order:
-                with attnzoo.patch(model, stacks[p]):
+                with without_attention(model) if p == NO_ATTENTION else attnzoo.patch(model, stacks[p]):
                     rows[p]["times"].append(timed(model, ids, device))
     finally:
         gc.enable()
     full = statistics.median(rows["full"]["times"]) if "full" in rows else None
+    rest_ms = statistics.median(rows.pop(NO_ATTENTION)["times"])
     for row in rows.values():
         row["ms"] = statistics.median(row["times"])
         if full is not None:
             ratios = sorted(f / t for f, t in zip(rows["full"]["times"], row["times"], strict=True))
             row["ratio"] = full / row["ms"]
             row["ratio_range"] = [ratios[0], ratios[-1]]  # per-repeat ratios (same round)
+            row["ceiling"] = ceiling(full, rest_ms, row["density"])
+            row["attention_only_ratio"] = rows["full"]["attention_call"]["call_ms"] / row["attention_call"]["call_ms"]
     log(f"== {length}: " + ", ".join(f"{p} {row['ms']:.1f} ms ({row.get('ratio', 0):.2f}x)" for p, row in rows.items()))
     cfg = model.config
     return {"length": length, "tokens": int(ids.shape[1]), "yarn_factor": factor, "layer_profiled": layer,
-            "q_heads": cfg.num_attention_heads, "head_dim": getattr(cfg, "head_dim", None)
+            "non_attention_ms": rest_ms, "q_heads": cfg.num_attention_heads, "head_dim": getattr(cfg, "head_dim", None)
             or cfg.hidden_size // cfg.num_attention_heads, "presets": rows}
 
 
@@ -308,7 +337,10 @@ def markdown(result: dict) -> str:
              "Ratio = full's median prefill / the preset's, both measured in this process with presets interleaved; "
              "the range is the lowest and highest per-repeat ratio. `full` is PyTorch's default SDPA. Kernels, syncs "
              "are per prefill (torch.profiler); *layer call* is one attention call of the middle layer "
-             "(selection + attention).", ""]
+             "(selection + attention); *attention only* is full's layer call over the preset's. *Ceiling*: the "
+             "ratio at the preset's density if its attention cost only that share of dense attention: full / "
+             "(non-attention + density x (full - non-attention)), non-attention = the prefill with attention "
+             "returning zeros, timed in the same interleaved rounds.", ""]
     for run in result["runs"]:
         tflops = dense_tflops(run)
         lines += [f"## {run['length']:,} tokens (YaRN x{run['yarn_factor']})" if run["yarn_factor"] > 1
@@ -317,14 +349,18 @@ def markdown(result: dict) -> str:
             lines += [f"Baseline attention (full, layer {run['layer_profiled']}, one call): "
                       f"{run['presets']['full']['attention_call']['kernel_ms']:.3f} ms of kernels = "
                       f"**{tflops:.0f} TFLOP/s**.", ""]
-        lines += [
-                  "| preset | prefill ms | vs full | range | density | kernels / prefill | syncs / prefill | "
-                  "sync-debug warnings | layer call: kernels | layer call: syncs |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"Non-attention work: {run['non_attention_ms']:.1f} ms of the prefill.", "",
+                  "| preset | prefill ms | vs full | range | ceiling | of ceiling | attention only | density | "
+                  "kernels / prefill | syncs / prefill | sync-debug warnings | layer call: kernels | "
+                  "layer call: syncs |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for p, r in run["presets"].items():
             rr = r.get("ratio_range", [float("nan")] * 2)
-            lines.append(f"| {p} | {r['ms']:.1f} | {r.get('ratio', float('nan')):.2f}x | {rr[0]:.2f}-{rr[1]:.2f} | "
-                         f"{r['density']:.3f} | {r['prefill_counts']['kernels']} | {r['prefill_counts']['syncs']} | "
+            nan = float("nan")
+            lines.append(f"| {p} | {r['ms']:.1f} | {r.get('ratio', nan):.2f}x | {rr[0]:.2f}-{rr[1]:.2f} | "
+                         f"{r.get('ceiling', nan):.2f}x | {r.get('ratio', nan) / r.get('ceiling', nan):.0%} | "
+                         f"{r.get('attention_only_ratio', nan):.2f}x | {r['density']:.3f} | "
+                         f"{r['prefill_counts']['kernels']} | {r['prefill_counts']['syncs']} | "
                          f"{r['sync_debug_warnings']} | {r['attention_call']['kernels']} | "
                          f"{r['attention_call']['syncs']} |")
         lines.append("")
