@@ -119,10 +119,10 @@ def pytest_sessionfinish(session, exitstatus):
         f"- cases checked: **{sum(COUNTS.values()):,}**, mismatching tests: **{failed}**"
         f" (a mismatch fails its test; hypothesis shrinks it and prints the reproducer)",
         f"- time: {time.time() - _T0:.0f} s, hypothesis seed: {seed if seed is not None else 'random'}",
-        f"- machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"- Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"torch {torch.__version__}" + (f", {torch.cuda.get_device_name()}" if DEVICE == "cuda" else ""),
-        f"- command: `{_command(session)}`",
-        f"- commit: {_commit()}",
+        f"- Command: `{_command(session)}`",
+        f"- Commit: {_commit()}",
         "",
         "| target | cases checked | declined by the forced backend |",
         "|---|---|---|",
