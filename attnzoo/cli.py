@@ -1,6 +1,7 @@
 """attnzoo's command line: ``info`` (versions, devices, backends), ``compare`` (accuracy vs density
 vs prefill time of stacks on the embedded model or yours), ``calibrate`` (fit a preset to a model),
-``train`` (SSA alignment or the Elastic router).
+``crossover`` (where each preset's sparse path beats full on this machine), ``train`` (SSA alignment or
+the Elastic router).
 
 A mistake in a command's arguments or in a stack config prints one line and exits with status 2,
 before any model loads."""
@@ -11,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import cli_calibrate, settings
+from . import cli_calibrate, cli_crossover, settings
 from .cli_calibrate import UsageError
 from .cli_info import info_text, installed_version
 
@@ -242,7 +243,7 @@ def main(argv=None) -> int:
     parser = _Parser(prog="attnzoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"attnzoo {installed_version('attnzoo')}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
-                                title="commands", metavar="{info,compare,calibrate,train}")
+                                title="commands", metavar="{info,compare,calibrate,crossover,train}")
     i = sub.add_parser("info", help="versions, devices, every backend with why it is (not) available, and settings")
     i.add_argument("--settings-markdown", action="store_true",
                    help="print only the settings table (defaults) as markdown, as the README shows it")
@@ -297,6 +298,7 @@ def main(argv=None) -> int:
     c.add_argument("--recall-rows", type=int, default=64, help="query rows per layer the recall probe samples on "
                    "the first copy prompt of each length (0: no recall)")
     cli_calibrate.add_parser(sub, _csv)
+    cli_crossover.add_parser(sub, _csv)
     t = sub.add_parser("train", help="SSA alignment training, or Elastic router training (frozen backbone)")
     t.add_argument("method", choices=["ssa", "elastic"])
     t.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M), a .gguf file or a local HF "
@@ -337,6 +339,8 @@ def main(argv=None) -> int:
             return train(args)
         if args.command == "calibrate":
             return cli_calibrate.calibrate(args)
+        if args.command == "crossover":
+            return cli_crossover.crossover_command(args)
         if args.command == "info":
             print(settings.markdown() if args.settings_markdown else info_text())
         elif args.command == "compare":
