@@ -207,6 +207,60 @@ def test_token_coverage_dense_fallbacks_and_padding():
     assert torch.equal(alone.keep_mask()[0], plan.keep_mask()[1])
 
 
+@pytest.mark.parametrize("pad", ["none", "right", "left", "holes"])
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_token_coverage_batch_equals_each_sequence_by_the_slow_reference(pad, per_kv_head):
+    """A padded batch decided on the device at once: each sequence keeps exactly what the slow
+    per-sequence reference keeps on its own real tokens (fp64), or all of them where it finds
+    nothing to drop or is too short; padding is never kept."""
+    B, N = 4, 150
+    q, k = (t.double() for t in _qk(B, 4, 2, N, N, 8, seed=11))
+    kpm = torch.ones(B, N, dtype=torch.bool)
+    g = torch.Generator().manual_seed(3)
+    for b, n in enumerate((150, 131, 97, 40)):  # the last is too short: it keeps all its tokens
+        if pad in ("right", "none"):
+            kpm[b, n:] = False
+        elif pad == "left":
+            kpm[b, : N - n] = False
+        else:
+            kpm[b] = torch.rand(N, generator=g) < n / N
+    kpm = None if pad == "none" else kpm
+    sel = attnzoo.create("selector", {"name": "token_coverage", "coverage": 0.2, "window": 16, "min_tokens": 20,
+                                      "per_kv_head": per_kv_head})
+    plan = sel(q, k, CallContext(key_padding_mask=kpm, starts_aligned=True))
+    keep = plan.keep_mask()
+    some_dropped = False
+    for b in range(B):
+        real = torch.arange(N) if kpm is None else kpm[b].nonzero().squeeze(-1)
+        qb, kb = q[b:b + 1, :, real], k[b:b + 1, :, real]
+        if per_kv_head:  # the group's mean importance: the slow reference scores per query head
+            expected = sel(qb, kb)
+            expected = expected.keep_mask()[0] if isinstance(expected, TokenPlan) else None
+        else:
+            expected = token_coverage_slow(qb, kb, 0.2, 16, 20, 7) if len(real) > 36 else None
+        got = keep[b][:, real]
+        assert not keep[b][:, ~torch.isin(torch.arange(N), real)].any(), "padding kept"
+        assert torch.equal(got, torch.ones_like(got) if expected is None else expected), f"sequence {b}"
+        some_dropped |= expected is not None
+    assert some_dropped, "every sequence kept everything: the comparison is empty"
+
+
+def test_token_coverage_reads_nothing_on_the_host():
+    """The selection itself makes no host read (the GPU-sync proxy of tests/sync_probe.py); only
+    the plan's width is read when the plan is built."""
+    from .sync_probe import OpProbe
+
+    q, k = _qk(2, 4, 2, 300, 300, 16, seed=2)
+    kpm = padding_mask(2, 300, "right")
+    sel = attnzoo.create("selector", {"name": "token_coverage", "coverage": 0.2, "window": 16, "min_tokens": 20})
+    a = sel.importance(q, k, kpm.sum(-1))
+    with OpProbe() as probe:
+        keep = sel.keep_mask(a, kpm.sum(-1))
+        sel.importance(q, k, kpm.sum(-1))
+    assert not probe.syncs, dict(probe.syncs)
+    assert keep.any() and not keep.all()
+
+
 @pytest.mark.parametrize("spec,match", [({"coverage": 0.0}, "coverage must lie in"),
                                         ({"window": 0}, "window must be > 0"),
                                         ({"min_tokens": -1}, "min_tokens must be >= 0"),

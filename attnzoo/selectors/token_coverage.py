@@ -8,10 +8,15 @@ Per layer, window W, prefix P = N - W:
 4. coverage tau: sort g ascending; n = tokens whose cumulative sum stays below tau; n = 0 means
    nothing can be dropped (dense); else n + 1 and K = max(min_tokens, P - n);
 5. each head keeps its top-K prefix tokens by s_h plus the last W tokens, sorted.
-A layer runs dense (``DensePlan``) when N <= min_tokens + W, when nothing can be dropped, or for
-decode (Nq < Nk: the cache holds uncompressed K/V).
+A layer runs dense (``DensePlan``) when N <= min_tokens + W or for decode (Nq < Nk: the cache
+holds uncompressed K/V); a sequence with nothing to drop keeps all its tokens (on a CPU a layer
+where no sequence drops anything returns ``DensePlan``; on a GPU that would be a host read).
 
-Batch > 1 and padding: each sequence is decided on its own real tokens (padding is never kept).
+Batch > 1 and padding: each sequence is decided on its own real tokens (padding is never kept),
+all at once on the device: real tokens are moved to the front by a stable sort, every step is
+masked by the sequence's length, and no value is read on the host (tests/test_selectors.py checks
+the batch against the slow per-sequence reference under every padding, and that nothing is read).
+Building the ``TokenPlan`` reads its width (the most tokens a head keeps): one read per layer.
 ``per_kv_head=True`` scores a GQA group together (mean of s_h over the group), so compression
 gathers K/V at Hkv heads instead of Hq.
 """
@@ -51,44 +56,48 @@ class TokenCoverage:
         if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
             raise ValueError(f"pool_kernel must be a positive odd integer, got {self.pool_kernel}")
 
-    def importance(self, q, k):
-        """``[B, Hq, N]`` mean attention of the last W queries on every key (fp32/fp64)."""
+    def importance(self, q, k, lengths=None):
+        """``[B, Hq, N]`` mean attention of each sequence's last W queries on every key (fp32/fp64).
+        ``lengths`` ``[B]``: sequence b's real tokens are its first ``lengths[b]`` (None: all N);
+        its window is the W queries before ``lengths[b]``, which see no key after themselves."""
         B, Hq, N, D = q.shape
         Hkv, g, W = k.shape[1], Hq // k.shape[1], min(self.window, N)
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        qw = q[:, :, N - W:].to(dt).reshape(B, Hkv, g * W, D)  # GQA: group folded into rows
-        s = (qw @ k.to(dt).transpose(-1, -2)).view(B, Hq, W, N) / math.sqrt(D)
-        future = torch.arange(N, device=q.device)[None, :] > torch.arange(N - W, N, device=q.device)[:, None]
-        return torch.softmax(s.masked_fill(future, float("-inf")), -1).mean(2)
+        end = torch.full((B,), N, device=q.device) if lengths is None else lengths
+        rows = (end[:, None] - W + torch.arange(W, device=q.device)).clamp(min=0)  # [B, W]
+        qw = q.gather(2, rows[:, None, :, None].expand(B, Hq, W, D)).to(dt).reshape(B, Hkv, g * W, D)
+        s = (qw @ k.to(dt).transpose(-1, -2)).view(B, Hq, W, N) / math.sqrt(D)  # GQA: group folded into rows
+        future = torch.arange(N, device=q.device)[None, None, :] > rows[:, :, None]  # [B, W, N]
+        return torch.softmax(s.masked_fill(future[:, None], float("-inf")), -1).mean(2)
 
     def _smooth(self, a):
         B, H, N = a.shape
         k = self.pool_kernel
         return F.avg_pool1d(a.reshape(B * H, 1, N), k, stride=1, padding=k // 2).view(B, H, N)
 
-    def _keep_one(self, a):
-        """Keep mask ``[H, n]`` for one sequence (``a``: importance [H, n]), or None (dense)."""
-        H, n = a.shape
-        W = self.window
-        if n <= self.min_tokens + W:
-            return None
-        P = n - W
-        sm = self._smooth(a[None])[0][:, :P]
+    def keep_mask(self, a, lengths):
+        """Bool ``[B, H, N]``: the tokens each head keeps, from importance ``a`` ``[B, H, N]`` of
+        sequences whose first ``lengths[b]`` tokens are real. Every sequence is decided on its own
+        tokens, on the device (no host read): a sequence with nothing to drop keeps all its tokens."""
+        B, H, N = a.shape
+        W, dev = self.window, a.device
+        pos = torch.arange(N, device=dev)
+        real = pos[None] < lengths[:, None]  # [B, N]
+        P = lengths - W  # prefix before the window
+        prefix = pos[None] < P[:, None]
+        # smoothed over the sequence's own tokens (padding holds no mass: the pool's zero padding)
+        sm = self._smooth(a).masked_fill(~prefix[:, None], 0.0)
         s = sm / sm.sum(-1, keepdim=True).clamp_min(1e-30)
-        gl = sm.mean(0)
-        gl = gl / gl.sum().clamp_min(1e-30)
-        cum = gl.sort().values.cumsum(0)
-        drop = int((cum < self.coverage).sum())
-        if drop == 0:
-            return None
-        keep_k = max(self.min_tokens, P - (drop + 1))
-        if keep_k >= P:
-            return None
-        top = s.topk(keep_k, dim=-1).indices
-        keep = torch.zeros(H, n, dtype=torch.bool, device=a.device)
-        keep.scatter_(1, top, True)
-        keep[:, P:] = True
-        return keep
+        gl = sm.mean(1)
+        gl = gl / gl.sum(-1, keepdim=True).clamp_min(1e-30)
+        cum = gl.masked_fill(~prefix, float("inf")).sort(-1).values.cumsum(-1)
+        drop = (cum < self.coverage).sum(-1)  # [B]
+        keep_k = torch.clamp(P - (drop + 1), min=self.min_tokens)
+        dense = (lengths <= self.min_tokens + W) | (drop == 0) | (keep_k >= P)
+        order = s.masked_fill(~prefix[:, None], float("-inf")).argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(-1, order, pos.expand_as(order))
+        keep = (rank < keep_k[:, None, None]) & prefix[:, None] | (real & ~prefix)[:, None]
+        return torch.where(dense[:, None, None], real[:, None], keep)
 
     @torch.no_grad()  # plans are discrete: selection never needs (or builds) a graph
     def __call__(self, q, k, ctx=None):
@@ -98,19 +107,20 @@ class TokenCoverage:
         Nk = k.shape[2]
         if Nq != Nk or Nk <= self.min_tokens + self.window:
             return DensePlan(Nq, Nk)
-        kpm = ctx.key_padding_mask
-        Hkv = k.shape[1]
-        Hp = Hkv if self.per_kv_head else Hq
-        keep = torch.zeros(B, Hp, Nk, dtype=torch.bool, device=q.device)
-        any_sparse = False
-        for b in range(B):  # each sequence is decided on its own real tokens
-            real = kpm[b].nonzero().squeeze(-1) if kpm is not None else torch.arange(Nk, device=q.device)
-            a = self.importance(q[b:b + 1, :, real], k[b:b + 1, :, real])[0]
-            if self.per_kv_head:
-                a = a.view(Hkv, Hq // Hkv, -1).mean(1)
-            kb = self._keep_one(a)
-            keep[b][:, real] = True if kb is None else kb
-            any_sparse |= kb is not None
-        if not any_sparse:
+        kpm, Hkv = ctx.key_padding_mask, k.shape[1]
+        if kpm is None:
+            lengths, order = torch.full((B,), Nk, device=q.device), None
+        else:  # each sequence's real tokens moved to its front, in order (a stable sort: no host read)
+            order = (~kpm).to(torch.uint8).argsort(dim=-1, stable=True)
+            lengths = kpm.sum(-1)
+            q, k = (t.gather(2, order[:, None, :, None].expand_as(t)) for t in (q, k))
+        a = self.importance(q, k, lengths)
+        if self.per_kv_head:
+            a = a.view(B, Hkv, Hq // Hkv, Nk).mean(2)
+        keep = self.keep_mask(a, lengths)
+        if order is not None:
+            keep = torch.zeros_like(keep).scatter_(-1, order[:, None].expand_as(keep), keep)
+        # on a CPU reading the counts costs nothing: a layer that drops nothing runs as dense
+        if not keep.is_cuda and not bool((keep.sum(-1) < lengths[:, None]).any()):
             return DensePlan(Nq, Nk)
         return TokenPlan.from_keep_mask(keep)

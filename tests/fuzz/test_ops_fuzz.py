@@ -111,7 +111,7 @@ def _grad(p, backend, data) -> bool:
 
 @pytest.mark.parametrize("backend", _backends("dense"))
 @given(data=st.data())
-@examples(ci=12, long=3000, gpu=700)
+@examples(ci=12, long=3000, gpu=600)
 def test_dense_backend(backend, data):
     p = data.draw(problems(**_sizes(backend)))
     grad = _grad(p, backend, data)
@@ -141,7 +141,7 @@ def _block_case(data, backend):
 
 @pytest.mark.parametrize("backend", _backends("block_sparse"))
 @given(data=st.data())
-@examples(ci=12, long=3000, gpu=900)
+@examples(ci=12, long=3000, gpu=700)
 def test_block_sparse_backend(backend, data):
     p, plan = _block_case(data, backend)
     grad = _grad(p, backend, data)
@@ -174,7 +174,7 @@ def test_block_sparse_backend(backend, data):
 
 @pytest.mark.parametrize("backend", _backends("mixed"))
 @given(data=st.data())
-@examples(ci=8, long=1000, gpu=500)
+@examples(ci=8, long=1000, gpu=400)
 def test_mixed_backend(backend, data):
     p = data.draw(problems(causal=True, **_sizes(backend, head_dims=(16, 32))))
     plan = data.draw(mixed_plans(p))
@@ -190,7 +190,7 @@ def test_mixed_backend(backend, data):
 
 
 @given(data=st.data())
-@examples(ci=12, long=1000, gpu=300)
+@examples(ci=12, long=1000, gpu=250)
 def test_token_sparse_attention(data):
     p = data.draw(problems(causal=True, square=True, **_sizes(None)))  # a token plan is a prefill plan
     plan = data.draw(token_plans(p))
@@ -210,7 +210,7 @@ def _fp64_scores(q, k, kpm, stride, block, chunk):
 
 @pytest.mark.parametrize("backend", _backends("antidiagonal_scores"))
 @given(data=st.data())
-@examples(ci=8, long=500, gpu=300)
+@examples(ci=8, long=500, gpu=250)
 def test_antidiagonal_scores_backend(backend, data):
     p = data.draw(problems(causal=True, **_sizes(backend, head_dims=(16, 32))))
     block = data.draw(st.sampled_from([16, 32, 64]))
@@ -235,7 +235,7 @@ def test_antidiagonal_scores_backend(backend, data):
 
 @pytest.mark.parametrize("backend", _backends("pooled_scores"))
 @given(data=st.data())
-@examples(ci=8, long=500, gpu=300)
+@examples(ci=8, long=500, gpu=250)
 def test_pooled_scores_backend(backend, data):
     """Top-k blocks' scores (q against each key block's mean key) against the torch scorer in fp64."""
     p = data.draw(problems(causal=True, **_sizes(backend, head_dims=(16, 32))))

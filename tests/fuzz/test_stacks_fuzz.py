@@ -38,7 +38,7 @@ def _op_for(plan_kind):
 
 @pytest.mark.parametrize("name", attnzoo.available("selector"))
 @given(data=st.data())
-@examples(ci=6, long=250, gpu=100)
+@examples(ci=6, long=250, gpu=120)
 def test_selector_plan_through_its_op(name, data):
     p = data.draw(problems(causal=True, dtypes=(torch.float32,), max_n=300, min_nk=2, device=DEVICE))
     sel = build_selector(name)
@@ -62,7 +62,7 @@ def test_selector_plan_through_its_op(name, data):
 
 @pytest.mark.parametrize("name", attnzoo.available("selector"))
 @given(data=st.data())
-@examples(ci=6, long=250, gpu=100)
+@examples(ci=6, long=250, gpu=120)
 def test_padded_layer_equals_each_sequence_alone(name, data):
     B = data.draw(st.integers(1, 3))
     side = data.draw(st.sampled_from(["left", "right"]))
