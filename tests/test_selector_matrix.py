@@ -188,6 +188,32 @@ def test_left_padding_below_the_stack(name, device):
         assert rel_err(ops.dense(qa, ka, va), alone) > 1e-3, f"{name} kept every pair: the check would be empty"
 
 
+@pytest.mark.parametrize("name", attnzoo.available("selector"))
+def test_decode_step_batch_of_ragged_lengths(name):
+    """Decode shapes: one new query per sequence against a cache, batch 3, ragged lengths left-padded
+    as generate() builds them. A selector that keeps a plan while decoding (``decode = "plan"``)
+    gives each sequence exactly what it gives alone, and its plan leaves keys out; the others
+    attend densely over the cache."""
+    layer = _as_layer(name)
+    cls = attnzoo.registry.get("selector", name)
+    N, pads = 400, (0, 37, 150)
+    q, k, v = make_qkv(3, 4, 2, 1, N, 32, seed=13)
+    q, k = q * 2, k * 2
+    kpm = torch.arange(N)[None, :] >= torch.tensor(pads)[:, None]
+    out = layer(0, q, k, v, CallContext(layer_idx=0, key_padding_mask=kpm, decode=True))
+    for b, p in enumerate(pads):
+        qa, ka, va = q[b:b + 1], k[b:b + 1, :, p:], v[b:b + 1, :, p:]
+        alone = layer(0, qa, ka, va, CallContext(layer_idx=0, decode=True))
+        assert rel_err(out[b:b + 1], alone) <= 1e-5, f"{name}: sequence {b} ({p} pads)"
+        dense = ops.dense(qa, ka, va)
+        if cls.decode == "plan":
+            plan = build(name)(qa, ka, CallContext(decode=True))
+            if plan.kind != "dense":
+                assert plan.density() < 1 and rel_err(dense, alone) > 1e-4, f"{name} kept every key"
+        else:
+            assert rel_err(dense, alone) <= 1e-5, f"{name} (decode = 'dense') did not attend densely"
+
+
 def test_readme_example_is_the_file_and_is_in_the_matrix():
     """The README's selector is examples/vertical_slash, installed as a plugin (an entry point in
     ``attnzoo.plugins``) by the README's test command: the matrix above finds it like any user's."""

@@ -9,7 +9,7 @@ import torch
 import attnzoo
 from attnzoo.context import CallContext
 from attnzoo.plans import BlockPlan, DensePlan, TokenPlan
-from attnzoo.selectors.naive import streaming_slow, token_coverage_slow, topk_slow, xattention_slow
+from attnzoo.selectors.naive import quest_slow, streaming_slow, token_coverage_slow, topk_slow, xattention_slow
 
 from .conftest import make_qkv, padding_mask
 
@@ -284,3 +284,37 @@ def test_topk_chunked_equals_unchunked_and_budget():
     assert int(a.kv_counts.max()) == 5
     diag = torch.arange(a.num_q_blocks)
     assert a.to_block_mask()[..., diag, diag].all(), "own block kept"
+
+
+# -- Quest (decode page selection) ------------------------------------------------------------------
+
+@pytest.mark.parametrize("Nq,Nk", [(1, 300), (1, 257), (40, 300), (96, 96)])  # decode, chunked prefill, prefill
+def test_quest_matches_slow_reference(Nq, Nk):
+    q, k = _qk(2, 4, 2, Nq, Nk, 8, seed=Nk + Nq)
+    sel = attnzoo.create("selector", {"name": "quest", "page_size": 16, "budget": 64})
+    plan = sel(q, k)
+    assert torch.equal(plan.to_block_mask(), quest_slow(q, k, 16, 64))
+    assert (plan.kv_counts <= 4).all() and plan.density() < 1
+
+
+def test_quest_bounds_kept_in_the_cache_while_decoding():
+    """Decoding token by token with the layer's cache: only the growing last page is recomputed,
+    and every step's plan equals a fresh call's."""
+    q, k = _qk(1, 4, 2, 1, 340, 8, seed=4)
+    sel = attnzoo.create("selector", {"name": "quest", "page_size": 16, "budget": 64})
+    cache = {}
+    sel(q, k[:, :, :300], CallContext(cache=cache))  # the prefill leaves the bounds of 300 tokens
+    for n in range(301, 341):
+        step = sel(q, k[:, :, :n], CallContext(cache=cache, decode=True))
+        fresh = sel(q, k[:, :, :n])
+        assert torch.equal(step.to_block_mask(), fresh.to_block_mask()), n
+        assert cache[("quest_bounds", id(sel))][0] == n
+
+
+def test_quest_budget_holding_everything_is_dense_and_bad_config():
+    q, k = _qk(1, 2, 1, 1, 60, 8)
+    assert isinstance(attnzoo.create("selector", {"name": "quest", "page_size": 16, "budget": 64})(q, k), DensePlan)
+    with pytest.raises(ValueError, match="at least two pages"):
+        attnzoo.create("selector", {"name": "quest", "page_size": 16, "budget": 16})
+    with pytest.raises(ValueError, match="page_size must be a positive power of two"):
+        attnzoo.create("selector", {"name": "quest", "page_size": 12})

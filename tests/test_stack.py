@@ -14,7 +14,7 @@ from attnzoo.config import ConfigError, preset_names
 from attnzoo.plans import HeadPlan
 from attnzoo.registry import unregister
 from attnzoo.routers.elastic import ElasticRouter
-from attnzoo.stack import CallContext, Routed
+from attnzoo.stack import CallContext, Routed, build
 
 from .conftest import make_qkv, padding_mask, rel_err
 
@@ -298,3 +298,31 @@ def test_density_meter_adds_no_work_to_the_call_and_reads_the_eager_density(node
     assert got == pytest.approx(want, rel=1e-6)
     meter.reset()
     assert meter.layers == {}
+
+
+def test_a_decode_part_runs_for_generated_tokens_only():
+    """``decode:`` on a node: prefill calls run the node, decode calls (one query against the cache)
+    the decode part; the config round-trips and misuse is refused by path."""
+    from attnzoo.stack import Phased
+
+    spec = {"name": "d", "default": {"selector": {"name": "streaming", "sink": 16, "local": 32, "block_size": 16},
+                                     "op": "block_sparse",
+                                     "decode": {"selector": {"name": "quest", "page_size": 16, "budget": 32},
+                                                "op": "block_sparse"}}}
+    stack = build(spec)
+    node = stack.default
+    assert isinstance(node, Phased) and build(stack.to_config()).to_config() == stack.to_config()
+    q, k, v = make_qkv(2, 4, 2, 200, 200, 16, seed=3)
+    prefill = stack(0, q, k, v, CallContext(layer_idx=0))
+    assert torch.equal(prefill, node.prefill(q, k, v, CallContext(layer_idx=0)))
+    q1 = q[:, :, -1:]
+    step = stack(0, q1, k, v, CallContext(layer_idx=0, decode=True))
+    assert torch.equal(step, node.decode(q1, k, v, CallContext(layer_idx=0, decode=True)))
+    assert not torch.allclose(step, node.prefill(q1, k, v, CallContext(layer_idx=0, decode=True)))
+    dense_decode = build({"default": {**spec["default"], "decode": {"op": "dense"}}})
+    assert torch.allclose(dense_decode(0, q1, k, v, CallContext(layer_idx=0, decode=True)), ops.dense(q1, k, v),
+                          atol=1e-6)
+    with pytest.raises(ConfigError, match=r"default.decode.decode: a decode part has no decode part"):
+        build({"default": {"op": "dense", "decode": {"op": "dense", "decode": {"op": "dense"}}}})
+    with pytest.raises(ConfigError, match=r"default.decode.selector.name: unknown selector 'qest' \(did you mean"):
+        build({"default": {"op": "dense", "decode": {"selector": {"name": "qest"}, "op": "block_sparse"}}})

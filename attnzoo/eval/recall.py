@@ -20,7 +20,7 @@ import torch
 
 from ..ops import token_sparse
 from ..plans import BlockPlan, DensePlan, TokenPlan
-from ..stack import Branch, Compressed, Routed, dense_below_applies
+from ..stack import Branch, Compressed, Phased, Routed, dense_below_applies
 
 ROWS = 64
 
@@ -93,6 +93,8 @@ def keep_rows(node, q, k, ctx, rows) -> torch.Tensor:
     into q) attend to, with the causal and padding rules applied — its decisions as a layer call
     with this ``ctx`` makes them (dense crossovers included)."""
     vis = _visible(q, k, rows, ctx.key_padding_mask)
+    if isinstance(node, Phased):  # the probe measures prefill calls
+        return keep_rows(node.prefill, q, k, ctx, rows)
     if isinstance(node, Branch):
         if node.selector is None or dense_below_applies(node.dense_below, k):
             return vis

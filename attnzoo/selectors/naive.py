@@ -15,7 +15,7 @@ import torch
 
 from ..plans.geometry import cdiv
 
-__all__ = ["xattention_slow", "streaming_slow", "topk_slow", "token_coverage_slow"]
+__all__ = ["xattention_slow", "streaming_slow", "topk_slow", "token_coverage_slow", "quest_slow"]
 
 
 def xattention_slow(q, k, tau, S, b, kpm=None, dense_tail=0):
@@ -148,3 +148,32 @@ def token_coverage_slow(q, k, tau, W, min_tokens, kernel):
         keep[h, sorted(range(P), key=lambda j: -float(s[h, j]))[:K]] = True
     keep[:, P:] = True
     return keep
+
+
+def quest_slow(q, k, page, budget):
+    """Quest's page choice ``[B, Hq, Nqb, pages]`` from loops (fp64, no padding): each page's
+    element-wise key min and max, each query block's best upper bound per page over its queries,
+    then the first page, the block's own last visible page and the highest bounds up to
+    ``budget // page`` pages."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    g, n_pages, nqb, pick = Hq // Hkv, cdiv(Nk, page), cdiv(Nq, page), budget // page
+    out = torch.zeros(B, Hq, nqb, n_pages, dtype=torch.bool)
+    for b in range(B):
+        for h in range(Hq):
+            pages = [k[b, h // g, j * page:(j + 1) * page].double() for j in range(n_pages)]
+            lo, hi = [x.min(0).values for x in pages], [x.max(0).values for x in pages]
+            for i in range(nqb):
+                rows = range(i * page, min((i + 1) * page, Nq))
+                last = ((min((i + 1) * page, Nq) - 1) + Nk - Nq) // page
+                bound = {j: max(float(sum(max(float(q[b, h, r, d]) * float(lo[j][d]),
+                                              float(q[b, h, r, d]) * float(hi[j][d])) for d in range(D)))
+                                for r in rows) for j in range(last + 1)}
+                chosen = {0, last}
+                for j in sorted(bound, key=lambda j: -bound[j]):
+                    if len(chosen) >= pick:
+                        break
+                    chosen.add(j)
+                for j in chosen:
+                    out[b, h, i, j] = True
+    return out

@@ -6,6 +6,7 @@ Node grammar (recursive)::
     {selector: {name: xattention, threshold: 0.9}, op: block_sparse}    Branch
     {router: {name: table, ...}, branches: {full: NODE, sparse: NODE}}  Routed
     {compress: {name: token_coverage}, inner: NODE}                     Compressed
+    {...any of the above..., decode: NODE}                              Phased (its own decode part)
 
 A stack: ``{name, default: NODE, layers: {"0-1": NODE, "15-28": NODE}}``. ``build`` checks every
 name, key, type and plan-kind pairing up front and reports the dotted path of the first problem.
@@ -25,8 +26,9 @@ from .build import build, build_node
 from .compressed import Compressed
 from .layers import LayerStack, describe_node
 from .nodes import Branch, DensityMeter, Node, dense_below_applies, density_of, head_mode
+from .phased import Phased
 from .routed import Routed
 from .runner import run
 
-__all__ = ["CallContext", "DensityMeter", "Node", "Branch", "Routed", "Compressed", "LayerStack", "build",
+__all__ = ["CallContext", "DensityMeter", "Node", "Branch", "Routed", "Compressed", "Phased", "LayerStack", "build",
            "build_node", "run", "describe_node", "dense_below_applies", "density_of", "head_mode"]

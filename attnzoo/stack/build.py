@@ -11,6 +11,7 @@ from ..registry import create
 from .compressed import Compressed
 from .layers import LayerStack
 from .nodes import Branch, Node
+from .phased import Phased
 from .routed import Routed
 
 NODE_SHAPES = {
@@ -22,8 +23,9 @@ NODE_SHAPES = {
     frozenset({"compress", "inner"}): "compressed",
     frozenset({"compress", "inner", "dense_below"}): "compressed",
 }
-NODE_KEYS = ("op", "selector", "router", "branches", "compress", "inner", "dense_below")
-SHAPES_HELP = "{op}, {selector, op[, dense_below]}, {router, branches[, dense_below]}, {compress, inner[, dense_below]}"
+NODE_KEYS = ("op", "selector", "router", "branches", "compress", "inner", "dense_below", "decode")
+SHAPES_HELP = ("{op}, {selector, op[, dense_below]}, {router, branches[, dense_below]}, "
+               "{compress, inner[, dense_below]}; any of them with a decode part: [decode: NODE]")
 
 
 def build_node(spec, path: str) -> Node:
@@ -32,6 +34,11 @@ def build_node(spec, path: str) -> Node:
     for key in spec:
         if key not in NODE_KEYS:
             raise ConfigError(f"{path}.{key}: unknown node key{suggest(key, NODE_KEYS)}. Node shapes: {SHAPES_HELP}")
+    if "decode" in spec:
+        if isinstance(spec["decode"], dict) and "decode" in spec["decode"]:
+            raise ConfigError(f"{path}.decode.decode: a decode part has no decode part of its own")
+        prefill = build_node({k: v for k, v in spec.items() if k != "decode"}, path)
+        return Phased(prefill=prefill, decode=build_node(spec["decode"], f"{path}.decode"))
     kind = NODE_SHAPES.get(frozenset(spec))
     if kind is None:
         raise ConfigError(f"{path}: keys {sorted(spec)} do not form a node. Node shapes: {SHAPES_HELP}")

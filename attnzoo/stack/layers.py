@@ -13,6 +13,7 @@ from ..model_shape import ModelShape
 from .compressed import Compressed
 from .nodes import Branch, Node
 from .oom import explain_out_of_memory, is_out_of_memory
+from .phased import Phased
 from .routed import Routed
 from .runner import run
 
@@ -148,4 +149,6 @@ def describe_node(node: Node) -> str:
         return f"{node.router.registry_name}{{{inner}}}"
     if isinstance(node, Compressed):
         return f"{node.compress.registry_name}[{describe_node(node.inner)}]"
+    if isinstance(node, Phased):
+        return f"{describe_node(node.prefill)}, decode: {describe_node(node.decode)}"
     return type(node).__name__

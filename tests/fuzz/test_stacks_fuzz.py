@@ -106,6 +106,8 @@ STACKS = {
                                             "min_tokens": 32}, "inner": _SMALL["streaming"]},
     "table-hybrid": {"router": {"name": "table", "default": "sparse", "heads": {0: ["full", "sparse"]}},
                      "branches": {"full": {"op": "dense"}, "sparse": _SMALL["xattention"]}},
+    "quest-decode": {**_SMALL["xattention"], "decode": {"selector": {"name": "quest", "page_size": 16, "budget": 32},
+                                                       "op": "block_sparse"}},
     "elastic": {"router": {"name": "elastic", "head_dim": 16, "seed": 3},
                 "branches": {"full": {"op": "dense"}, "sparse": _SMALL["streaming"]}},
 }

@@ -1,0 +1,124 @@
+"""Quest (arXiv 2406.10774): query-aware page selection from per-page key bounds.
+
+The keys are cut into pages of ``page_size`` tokens; each page keeps the element-wise minimum and
+maximum of its keys. For a query q, ``sum_d max(q_d * min_d, q_d * max_d)`` bounds q . k from
+above for every key of the page, so the pages with the highest bounds are the ones that can hold
+the largest attention scores. Each query head reads the first page (the attention sink), its own
+last visible page, and the best of the others up to ``budget`` tokens.
+
+Made for decode (Nq = 1 against a long cache: what each generated token reads); a chunked prefill
+or a prefill is handled per query block of ``page_size`` rows (the bound maximised over the
+block's queries). While decoding under ``attnzoo.patch`` the bounds are kept in the layer's cache
+and only the last, growing page is recomputed per step. Padding keys are left out of the bounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..context import as_context
+from ..plans import BlockPlan, DensePlan
+from ..plans.geometry import cdiv, last_visible_block
+from ..registry import register
+from .base import check_block, check_positive, check_qk
+
+
+@register("selector", "quest")
+@dataclass
+class Quest:
+    plan_kind: ClassVar[str] = "block"
+    decode: ClassVar[str] = "plan"  # chooses pages for every generated token
+    small_config: ClassVar[dict] = {"page_size": 16, "budget": 64}
+
+    page_size: int = 16
+    budget: int = 4096  # tokens each query head reads (whole pages, the sink's and its own included)
+
+    def __post_init__(self):
+        check_block("page_size", self.page_size)
+        check_positive("budget", self.budget)
+        if self.budget < 2 * self.page_size:
+            raise ValueError(f"budget must hold at least two pages (the sink's and the query's own): "
+                             f"{2 * self.page_size} tokens, got {self.budget}")
+
+    def page_bounds(self, k, key_padding_mask=None, cached=None):
+        """``(min, max)`` ``[B, Hkv, pages, D]`` of each page's keys (fp32; padding left out: a page
+        of padding only has min = +inf, max = -inf). ``cached``: ``(tokens, min, max)`` of an
+        earlier call on a prefix of these keys; its full pages are kept, the rest recomputed."""
+        B, Hkv, N, D = k.shape
+        p, n_pages = self.page_size, cdiv(N, self.page_size)
+        start = 0
+        if cached is not None:
+            tokens, lo_c, hi_c = cached
+            if lo_c.shape[:2] == (B, Hkv) and tokens <= N and lo_c.device == k.device:
+                start = tokens // p  # its full pages are final
+        kf = k[:, :, start * p:].float()
+        pad = n_pages * p - N
+        real = torch.ones(B, N, dtype=torch.bool, device=k.device) if key_padding_mask is None else key_padding_mask
+        real = real[:, start * p:]
+        if pad:
+            kf = torch.nn.functional.pad(kf, (0, 0, 0, pad))
+            real = torch.nn.functional.pad(real, (0, pad), value=False)
+        kf = kf.view(B, Hkv, n_pages - start, p, D)
+        r = real.view(B, 1, n_pages - start, p, 1)
+        lo = kf.masked_fill(~r, float("inf")).amin(3)
+        hi = kf.masked_fill(~r, float("-inf")).amax(3)
+        if start:
+            lo, hi = torch.cat([lo_c[:, :, :start], lo], 2), torch.cat([hi_c[:, :, :start], hi], 2)
+        return lo, hi
+
+    # score elements (query rows x pages x heads) per chunk of a long prefill
+    CHUNK_ELEMENTS: ClassVar[int] = 1 << 24
+
+    def block_bounds(self, q, lo, hi, rows_real=None):
+        """``[B, Hq, Nqb, pages]``: each query block's highest bound on q . k per page over its real
+        query rows (``rows_real`` ``[B, Nq]``; None: all). The bound ``sum_d max(q_d lo_d, q_d hi_d)``
+        is ``relu(q) . hi + min(q, 0) . lo``: two products, in chunks of query blocks (a
+        padding-only page, or a block of padding rows only: -inf)."""
+        B, Hq, Nq, D = q.shape
+        Hkv, n_pages, p = lo.shape[1], lo.shape[2], self.page_size
+        g, nqb = Hq // Hkv, cdiv(Nq, p)
+        empty = torch.isinf(lo).all(-1)  # [B, Hkv, pages]
+        lo, hi = lo.masked_fill(torch.isinf(lo), 0.0), hi.masked_fill(torch.isinf(hi), 0.0)
+        step = max(1, self.CHUNK_ELEMENTS // max(1, p * n_pages * Hq))  # query blocks per chunk
+        out = []
+        for b0 in range(0, nqb, step):
+            rows = q[:, :, b0 * p:(b0 + step) * p].float()
+            n = rows.shape[2]
+            qg = rows.reshape(B, Hkv, g * n, D)
+            bound = (qg.clamp(min=0) @ hi.transpose(-1, -2) + qg.clamp(max=0) @ lo.transpose(-1, -2))
+            bound = bound.masked_fill(empty[:, :, None], float("-inf")).view(B, Hq, n, n_pages)
+            if rows_real is not None:
+                bound = bound.masked_fill(~rows_real[:, None, b0 * p:b0 * p + n, None], float("-inf"))
+            blocks = cdiv(n, p)
+            if blocks * p != n:  # rows past the last query never win the maximum
+                bound = torch.nn.functional.pad(bound, (0, 0, 0, blocks * p - n), value=float("-inf"))
+            out.append(bound.view(B, Hq, blocks, p, n_pages).amax(3))
+        return torch.cat(out, 2)
+
+    @torch.no_grad()  # plans are discrete: selection never needs (or builds) a graph
+    def __call__(self, q, k, ctx=None):
+        ctx = as_context(ctx)
+        check_qk(q, k, ctx)
+        B, Hq, Nq, _ = q.shape
+        Nk, p = k.shape[2], self.page_size
+        n_pages, pick = cdiv(Nk, p), self.budget // p
+        if pick >= n_pages:
+            return DensePlan(Nq, Nk)  # the budget holds the whole cache
+        key = ("quest_bounds", id(self))
+        cached = ctx.cache.get(key) if ctx.cache is not None and ctx.decode else None
+        lo, hi = self.page_bounds(k, ctx.key_padding_mask, cached)
+        if ctx.cache is not None:
+            ctx.cache[key] = (Nk, lo, hi)
+        kpm = ctx.key_padding_mask
+        bound = self.block_bounds(q, lo, hi, None if kpm is None else kpm[:, Nk - Nq:])  # [B, Hq, nqb, pages]
+        last = last_visible_block(Nq, Nk, p, p, q.device)  # [nqb]
+        page = torch.arange(n_pages, device=q.device)
+        visible = page[None, :] <= last[:, None]  # [nqb, pages]
+        forced = (page[None, :] == 0) | (page[None, :] == last[:, None])
+        score = bound.masked_fill(~visible, float("-inf")).masked_fill(forced, float("inf"))
+        top = score.topk(min(pick, n_pages), dim=-1).indices
+        keep = torch.zeros(B, Hq, cdiv(Nq, p), n_pages, dtype=torch.bool, device=q.device).scatter_(-1, top, True)
+        return BlockPlan.from_block_mask(keep & visible, p, p, Nq, Nk, max_blocks=pick)
