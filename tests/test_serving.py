@@ -32,7 +32,8 @@ def _tensor_bytes(exclude=()) -> int:
     seen, total = {t.untyped_storage().data_ptr() for t in exclude}, 0
     with warnings.catch_warnings():  # isinstance() on torch.distributed's deprecated aliases warns
         warnings.simplefilter("ignore", FutureWarning)
-        objects = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+        # plain tensors and parameters: other tests' fake tensors (torch.compile) have no storage
+        objects = [obj for obj in gc.get_objects() if type(obj) in (torch.Tensor, torch.nn.Parameter)]
     for obj in objects:
         if not obj.is_meta:
             st = obj.untyped_storage()
