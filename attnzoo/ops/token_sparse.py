@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..plans import TokenPlan
+from ..settings import value_checks
 from ._checks import check_qkv
 from .dense import dense
 
@@ -23,7 +24,7 @@ def _check_plan(q, k, plan, key_padding_mask=None):
     if not isinstance(plan, TokenPlan):
         raise TypeError(f"plan must be a TokenPlan, got {type(plan).__name__}")
     plan.validate(q, k)
-    if key_padding_mask is not None:
+    if key_padding_mask is not None and value_checks(q.device):  # a host read: where values are read
         kept_real = key_padding_mask[:, None, :].expand(-1, plan.heads, -1).gather(
             -1, plan.indices.long().clamp(min=0))
         if (plan.valid() & ~kept_real).any():
@@ -67,7 +68,8 @@ def decompress(out: torch.Tensor, plan: TokenPlan, seq_len: int | None = None, l
     """
     if not isinstance(plan, TokenPlan):
         raise TypeError(f"plan must be a TokenPlan, got {type(plan).__name__}")
-    plan.check_indices()
+    if value_checks(out.device if isinstance(out, torch.Tensor) else "cpu"):  # host reads (see settings)
+        plan.check_indices()
     seq_len = plan.seq_len if seq_len is None else seq_len
     if isinstance(seq_len, bool) or not isinstance(seq_len, int):
         raise TypeError(f"seq_len must be an int or None, got {type(seq_len).__name__}")
