@@ -63,7 +63,7 @@ def test_gpu_prefill_that_cannot_fit():
     """A GPU capped a few MiB above what the inputs take: the prefill fails with the named error,
     allocated memory is back to its level before the call, and (the cap lifted) the next request
     gives the same output as before."""
-    dev = torch.device("cuda")
+    dev = torch.device("cuda", torch.cuda.current_device())  # the memory-fraction call wants an index
     stack = attnzoo.build(SPARSE)
     q, k, v = (t.to(dev, torch.bfloat16) for t in make_qkv(1, 8, 2, 16384, 16384, 64, seed=3))
     small = [t[:, :, :2048].contiguous() for t in (q, k, v)]

@@ -9,6 +9,7 @@
 #     SIGINT lets pytest finish its session, so the report lists what was checked when time ran out.
 set -uo pipefail
 SEED=${1:-20261207}
+DEADLINE=${2:-560}  # seconds from the start at which the fuzz is stopped (SIGINT)
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -18,7 +19,7 @@ t0=$SECONDS
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_serving.py tests/test_oom.py \
     "tests/test_selector_matrix.py" -k "cuda or gpu or serving or thread or memory" 2>&1 | tee "$OUT/reliability.log" | tail -25
 echo "reliability tests: $((SECONDS - t0)) s"
-left=$((560 - SECONDS))
+left=$((DEADLINE - SECONDS))
 ATTNZOO_FUZZ=gpu ATTNZOO_FUZZ_REPORT="$OUT/fuzz-gpu.md" timeout -s INT "$left" python3 -m pytest tests/fuzz -q \
     -p no:cacheprovider --hypothesis-seed="$SEED" --tb=short 2>&1 | tee "$OUT/fuzz-gpu.log" | tail -70
 echo "total: $((SECONDS - t0)) s"
