@@ -208,3 +208,44 @@ def test_readme_hybrid_example_runs(smollm2, capsys):
     exec(compile(code, "README hybrid example", "exec"), {})
     out = capsys.readouterr().out
     assert "LayerStack('hybrid'" in out and len(out.splitlines()) >= 2
+
+
+STATIC_STACKS = {
+    "full": {"op": "dense"},
+    "streaming": {"selector": {"name": "streaming", "sink": 16, "local": 32, "block_size": 16}, "op": "block_sparse"},
+    "xattention": {"selector": {"name": "xattention", "stride": 4, "block_size": 16, "threshold": 0.8,
+                                "chunk_size": 64}, "op": "block_sparse"},
+    "quest-decode": {"op": "dense", "decode": {"selector": {"name": "quest", "page_size": 16, "budget": 64},
+                                               "op": "block_sparse"}},
+}
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("stack", list(STATIC_STACKS))
+@torch.no_grad()
+def test_static_cache_generates_what_a_dynamic_cache_does(stack, batch):
+    """generate(cache_implementation="static") hands attention every slot of the cache: its prefill
+    comes without a mask (transformers means top-left causal) and its decode steps with the
+    unwritten slots masked at the end. Each stack generates the same tokens as with a dynamic cache
+    (they differed for streaming from the second token before the slots were cut), and full
+    attention the model's own tokens."""
+    import warnings
+
+    from .conftest import small_llama
+
+    model = small_llama("cpu")
+    model.generation_config.eos_token_id = None
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 128, (batch, 300), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1:, :40] = 0  # the second prompt is left-padded
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with attnzoo.patch(model, {"name": stack, "default": STATIC_STACKS[stack]}):
+            dynamic = model.generate(**kw)
+            static = model.generate(**kw, cache_implementation="static")
+        if stack == "full":
+            own = model.generate(**kw, cache_implementation="static")
+            assert torch.equal(static, own)
+    assert torch.equal(static, dynamic)

@@ -16,6 +16,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .hf import (
@@ -89,10 +90,17 @@ def _attention_fn(model: nn.Module, state: _Patched):
             return sliding_window_attention(module, query, key, value, attention_mask, scaling, **kwargs)
         b = _binding(model, state)
         layer = module.layer_idx
+        kpm = key_padding_mask_of(attention_mask, key)
+        if kpm is not None and query.shape[2] < key.shape[2]:
+            key, value, kpm = trim_unwritten_slots(key, value, kpm)
+        elif attention_mask is None and 1 < query.shape[2] < key.shape[2]:
+            # transformers leaves out a mask that is plain causal and then means SDPA's top-left rule:
+            # a static cache's prefill (the keys past the prompt are unwritten slots)
+            key, value = key[:, :, :query.shape[2]], value[:, :, :query.shape[2]]
         decode = query.shape[2] == 1 and key.shape[2] > 1
         if not decode:
             b.caches[layer] = {}  # a new prompt: routers decide again
-        ctx = CallContext(key_padding_mask=key_padding_mask_of(attention_mask, key), layer_idx=layer, scale=scaling,
+        ctx = CallContext(key_padding_mask=kpm, layer_idx=layer, scale=scaling,
                           pre_rope_keys=b.keys.get(layer), cache=b.caches.setdefault(layer, {}), decode=decode,
                           meter=b.meter)
         rank, size = b.tp
@@ -104,6 +112,21 @@ def _attention_fn(model: nn.Module, state: _Patched):
         return out.transpose(1, 2).contiguous(), None
 
     return attention
+
+
+def trim_unwritten_slots(key, value, kpm):
+    """A static cache (``cache_implementation="static"``) hands attention every slot of the cache,
+    those not written yet masked at the end. Stacks place the queries at the last keys (bottom-right
+    causal, as a dynamic cache gives them), so the unwritten slots are cut first: otherwise a
+    prefill's rows would see later tokens of the prompt and a decode step's window or pages would
+    sit on empty slots. Reading where they start is one host read, only for calls with fewer
+    queries than keys and a mask (a padded decode step already makes one)."""
+    written = kpm.any(0)  # [Nk]: a slot some sequence has written
+    if bool(written[-1]):
+        return key, value, kpm
+    end = int(torch.nonzero(written).max()) + 1 if bool(written.any()) else 1
+    kpm = kpm[:, :end]
+    return key[:, :, :end], value[:, :, :end], None if bool(kpm.all()) else kpm
 
 
 def _store_keys(model: nn.Module, state: _Patched):
