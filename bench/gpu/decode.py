@@ -1,0 +1,156 @@
+"""Sparse decode (issue 39): one generated token's attention against a long cache, Quest's pages at
+a token budget against the fastest dense decode in the same process; then end to end on the
+embedded model.
+
+    python3 bench/gpu/decode.py --out DIR [--lengths 32768 65536 131072] [--budgets 1024 2048 4096]
+        [--heads 9 3 --head-dim 64] [--gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf --new-tokens 32]
+
+Attention only (random q and a random bf16 cache of each length; the embedded model's 9/3 heads,
+head dim 64 by default, ``--heads 32 8 --head-dim 128`` for Llama-3.1-8B's): dense decode by
+PyTorch's default SDPA and by ``attnzoo.ops.dense`` (whichever is faster is the baseline), Quest's
+selection and the block-sparse op on its plan, each timed with CUDA events over many steps; the
+achieved memory bandwidth is the K/V bytes each reads over its time. With ``--gguf``: the embedded
+model (YaRN past 8K) prefills a NIAH prompt densely, then generates ``--new-tokens`` tokens with full
+attention and with a Quest decode part at each budget; tokens/s of the decode steps and the share of
+full's greedy tokens each reproduces. ``--device cpu`` runs it at small sizes (a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path[:] = [x for x in sys.path if Path(x or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import attnzoo  # noqa: E402
+from attnzoo import ops  # noqa: E402
+from attnzoo.stack import CallContext  # noqa: E402
+
+
+def timed_ms(fn, device: str, reps: int) -> float:
+    """Median of ``reps`` calls (CUDA events on a GPU, perf_counter on a CPU), after two warm-ups."""
+    fn(), fn()
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def attention_only(n: int, budgets, hq: int, hkv: int, d: int, device: str, reps: int) -> dict:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(n)
+    q = torch.randn(1, hq, 1, d, device=device, dtype=dtype, generator=g)
+    k, v = (torch.randn(1, hkv, n, d, device=device, dtype=dtype, generator=g) for _ in range(2))
+    kv_bytes = 2 * n * hkv * d * k.element_size()
+    sdpa = timed_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), device, reps)
+    zoo = timed_ms(lambda: ops.dense(q, k, v), device, reps)
+    dense = min(sdpa, zoo)
+    row = {"cache_tokens": n, "sdpa_ms": sdpa, "attnzoo_dense_ms": zoo, "dense_ms": dense,
+           "dense_GBps": kv_bytes / dense / 1e6, "budgets": {}}
+    for budget in budgets:
+        sel = attnzoo.create("selector", {"name": "quest", "page_size": 16, "budget": budget})
+        cache = {}
+        sel(q, k, CallContext(cache=cache))  # the bounds of the cache, as the prefill leaves them
+        ctx = lambda: CallContext(cache=cache, decode=True)  # noqa: E731
+        plan = sel(q, k, ctx())
+        select_ms = timed_ms(lambda sel=sel: sel(q, k, ctx()), device, reps)
+        op_ms = timed_ms(lambda plan=plan: ops.block_sparse(q, k, v, plan), device, reps)
+        step_ms = timed_ms(lambda sel=sel: ops.block_sparse(q, k, v, sel(q, k, ctx())), device, reps)
+        read = 2 * min(budget, n) * hkv * d * k.element_size()
+        row["budgets"][budget] = {"select_ms": select_ms, "op_ms": op_ms, "step_ms": step_ms,
+                                  "vs_dense": dense / step_ms, "op_GBps": read / op_ms / 1e6,
+                                  "density": float(plan.density()) if plan.kind != "dense" else 1.0}
+    return row
+
+
+@torch.no_grad()
+def end_to_end(gguf: Path, n: int, budgets, new_tokens: int, device: str) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from attnzoo.eval.niah import make_prompt
+    from attnzoo.models import extend_context
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype).to(device).eval()
+    model.generation_config.eos_token_id = None
+    factor = extend_context(model, n + new_tokens)
+    ids = make_prompt(tok, "single", n, 0.5, seed=0).input_ids.to(device)
+    stacks = {"full": {"name": "full", "default": {"op": "dense"}}}
+    for budget in budgets:
+        stacks[f"quest-{budget}"] = {"name": f"quest-{budget}", "default": {"op": "dense", "decode": {
+            "selector": {"name": "quest", "page_size": 16, "budget": budget}, "op": "block_sparse"}}}
+    out = {"cache_tokens": n, "yarn_factor": factor, "new_tokens": new_tokens, "stacks": {}}
+    for label, spec in stacks.items():
+        with attnzoo.patch(model, spec):
+            def run(k):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                toks = model.generate(input_ids=ids, max_new_tokens=k, do_sample=False, min_new_tokens=k)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                return time.perf_counter() - t, toks[0, ids.shape[1]:].tolist()
+            run(2)  # warm-up
+            t1, _ = run(1)
+            tn, toks = run(new_tokens + 1)
+        out["stacks"][label] = {"decode_tokens_per_s": new_tokens / max(tn - t1, 1e-9), "tokens": toks}
+    full = out["stacks"]["full"]["tokens"]
+    for row in out["stacks"].values():
+        row["agreement_with_full"] = sum(a == b for a, b in zip(row["tokens"], full, strict=True)) / len(full)
+        row["vs_full"] = row["decode_tokens_per_s"] / out["stacks"]["full"]["decode_tokens_per_s"]
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
+    p.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048, 4096])
+    p.add_argument("--heads", type=int, nargs=2, default=[9, 3], metavar=("HQ", "HKV"))
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--gguf", type=Path, help="also generate end to end with the embedded model")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"command": "python3 " + " ".join(sys.argv), "torch": torch.__version__,
+              "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+              "attention_only": [], "end_to_end": []}
+    for n in args.lengths:
+        row = attention_only(n, args.budgets, *args.heads, args.head_dim, args.device, args.reps)
+        result["attention_only"].append(row)
+        print(json.dumps(row), flush=True)
+        (args.out / "decode.json").write_text(json.dumps(result, indent=1))
+    if args.gguf is not None:
+        for n in args.lengths:
+            row = end_to_end(args.gguf, n, args.budgets, args.new_tokens, args.device)
+            result["end_to_end"].append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "stacks"} | {
+                s: {"tok/s": r["decode_tokens_per_s"], "vs_full": r["vs_full"], "agree": r["agreement_with_full"]}
+                for s, r in row["stacks"].items()}), flush=True)
+            (args.out / "decode.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
