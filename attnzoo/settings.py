@@ -178,8 +178,12 @@ def rows() -> list[dict]:
             source = "environment"
         else:
             source = "default"
+        try:
+            value = _shown(get(s.name), s)
+        except ValueError as e:  # a bad variable: shown (every read of it raises the same)
+            value, source = f"invalid ({e})", "environment"
         out.append({"name": s.name, "env": s.env, "type": s.type, "default": _shown(s.default, s),
-                    "value": _shown(get(s.name), s), "source": source, "doc": s.doc})
+                    "value": value, "source": source, "doc": s.doc})
     return out
 
 

@@ -66,6 +66,8 @@ def test_bad_values_name_the_variable_and_what_it_takes(monkeypatch):
     monkeypatch.setenv("ATTNZOO_FLEX_MIN_LEN", "many")
     with pytest.raises(ValueError, match="ATTNZOO_FLEX_MIN_LEN='many': expected a positive whole number"):
         settings.get("flex_min_len")
+    row = next(r for r in settings.rows() if r["name"] == "flex_min_len")  # attnzoo info shows it, not crash
+    assert row["value"].startswith("invalid (ATTNZOO_FLEX_MIN_LEN='many'")
     with pytest.raises(ValueError, match="unknown setting 'chek_values'"):
         settings.get("chek_values")
     with pytest.raises(ValueError, match="expected one of fa2, fa3, auto"):
