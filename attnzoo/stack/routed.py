@@ -116,7 +116,8 @@ class Routed(Node):
         B, Hq, _, D = q.shape
         bucket = self.length_bucket(k.shape[2])
         key = (ctx.layer_idx, B, Hq, k.shape[1], D, bucket, q.dtype, ctx.key_padding_mask is None)
-        if key not in self._path:
+        best = self._path.get(key)
+        if best is None:
             quiet = replace(ctx, meter=None)
             timings = {}
             for name, fn in self._paths().items():
@@ -127,7 +128,7 @@ class Routed(Node):
             if best != "mixed" and timings[best] > SYNC_PATH_MARGIN * timings.get("mixed", float("inf")):
                 best = "mixed"
             self._path[key] = best
-        return self._path[key]
+        return best  # (read once: another thread may evict the entry meanwhile)
 
     def _split(self, q, k, v, plan: HeadPlan, ctx: CallContext) -> torch.Tensor:
         return split_by_branch(q, k, plan.branch, len(self.labels), self._run_branch(q, k, v, ctx))
