@@ -42,6 +42,8 @@ def test_bad_arguments():
         decode_agreement(model, [], {})
     with pytest.raises(ValueError, match="new_tokens must be >= 1"):
         decode_agreement(model, [torch.ones(1, 8, dtype=torch.long)], {}, new_tokens=0)
+    with pytest.raises(ValueError, match=r"prompts\[0\] must be token ids \[1, N\].*got \(2, 8\)"):
+        decode_agreement(model, [torch.ones(2, 8, dtype=torch.long)], {})
 
 
 @pytest.mark.slow

@@ -43,6 +43,10 @@ def decode_agreement(model, prompts, stacks: dict, new_tokens: int = 32) -> dict
         raise ValueError("decode_agreement needs at least one prompt")
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, torch.Tensor) or p.ndim != 2 or p.shape[0] != 1:
+            raise ValueError(f"prompts[{i}] must be token ids [1, N] (one prompt each), got "
+                             f"{tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}")
     device = next(model.parameters()).device
     eos = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = None  # every continuation is new_tokens long

@@ -5,7 +5,7 @@ the model gets one attention function (registered with the first ``patch`` and r
 the last), and each call runs the stack of the thread (``contextvars`` context) that makes it.
 Everything a call keeps between layers (router decisions for decoding, pre-RoPE keys, the density
 meter, the recall probe) belongs to that thread's patch. A thread with no patch of its own runs
-the only active one, and is refused when several threads patched the model with different stacks.
+the only active one, and is refused while several threads have the model patched.
 """
 
 from __future__ import annotations
