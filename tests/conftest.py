@@ -92,13 +92,15 @@ def random_block_plan(B, H, Nq, Nk, bq, bk, p=0.4, seed=0, causal=True, poison=T
     return plan
 
 
-def random_token_plan(B, H, N, keep=0.5, seed=0, key_padding_mask=None):
+def random_token_plan(B, H, N, keep=0.5, seed=0, key_padding_mask=None, width=None):
+    """``width``: the plan's static width (a capped selector's), here the longest head's count
+    plus ``width`` extra tail slots."""
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(B, H, N, generator=g) < keep
     mask[..., -1] = True
     if key_padding_mask is not None:
         mask &= key_padding_mask[:, None, :]
-    return TokenPlan.from_keep_mask(mask)
+    return TokenPlan.from_keep_mask(mask, None if width is None else int(mask.sum(-1).max()) + width)
 
 
 

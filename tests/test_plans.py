@@ -133,6 +133,14 @@ def test_token_plan_mask_density_and_errors():
         plan.validate(*make_qkv(2, 3, 3, 20, 40, 8)[:2])
     with pytest.raises(ValueError, match="out of range"):
         TokenPlan(plan.indices + 100, plan.lengths, 40).validate(q, k)
+    # a static width: the same kept positions, more tail slots; a width below a head's count is refused
+    wide = TokenPlan.from_keep_mask(keep, 40)
+    assert wide.max_len == 40 and torch.equal(wide.keep_mask(), keep) and torch.equal(wide.lengths, plan.lengths)
+    with pytest.raises(ValueError, match="more than width"):
+        TokenPlan.from_keep_mask(keep, int(n.max()) - 1)
+    for bad_width, exc in ((0, ValueError), (41, ValueError), (2.5, TypeError)):
+        with pytest.raises(exc, match="width"):
+            TokenPlan.from_keep_mask(keep, bad_width)
 
 
 def test_head_plan():

@@ -3,6 +3,8 @@ plus the method's own invariants and config errors."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -207,9 +209,41 @@ def test_token_coverage_dense_fallbacks_and_padding():
     assert torch.equal(alone.keep_mask()[0], plan.keep_mask()[1])
 
 
+@pytest.mark.parametrize("max_keep", [0.3, 0.6])
+@pytest.mark.parametrize("coverage", [0.2, 1e-12])
+def test_token_coverage_max_keep_caps_the_kept_tokens(max_keep, coverage):
+    """With max_keep each head keeps at most max(min_tokens, ceil(max_keep * P)) prefix tokens (the
+    slow reference's choice, also where the coverage finds nothing to drop), and the plan's width
+    is a function of N alone: the same for another input."""
+    N, W, m = 120, 16, 20
+    q, k = _qk(1, 3, 1, N, N, 8, seed=5)
+    sel = attnzoo.create("selector", {"name": "token_coverage", "coverage": coverage, "window": W,
+                                      "min_tokens": m, "max_keep": max_keep})
+    plan = sel(q, k)
+    expected = token_coverage_slow(q, k, coverage, W, m, 7, max_keep=max_keep)
+    cap = max(m, math.ceil(max_keep * (N - W)))
+    assert isinstance(plan, TokenPlan) and expected is not None
+    assert torch.equal(plan.keep_mask()[0], expected)
+    assert int(plan.lengths.max()) <= cap + W == plan.max_len == sel.width(N)
+    assert (expected[:, : N - W].sum(-1) <= cap).all()
+    other = sel(*_qk(1, 3, 1, N, N, 8, seed=6))
+    assert other.max_len == plan.max_len
+    uncapped = token_coverage_slow(q, k, coverage, W, m, 7)
+    if coverage < 1e-6:
+        assert uncapped is None, "nothing to drop without the cap: the cap alone drops here"
+
+
+def test_token_coverage_max_keep_that_cannot_bind_changes_nothing():
+    q, k = _qk(1, 3, 1, 120, 120, 8, seed=5)
+    base = {"name": "token_coverage", "coverage": 0.2, "window": 16, "min_tokens": 20}
+    loose = attnzoo.create("selector", {**base, "max_keep": 1.0})
+    assert loose.width(120) is None
+    assert torch.equal(loose(q, k).keep_mask(), attnzoo.create("selector", base)(q, k).keep_mask())
+
+
 @pytest.mark.parametrize("pad", ["none", "right", "left", "holes"])
-@pytest.mark.parametrize("per_kv_head", [False, True])
-def test_token_coverage_batch_equals_each_sequence_by_the_slow_reference(pad, per_kv_head):
+@pytest.mark.parametrize("per_kv_head,max_keep", [(False, None), (True, None), (False, 0.4), (True, 0.4)])
+def test_token_coverage_batch_equals_each_sequence_by_the_slow_reference(pad, per_kv_head, max_keep):
     """A padded batch decided on the device at once: each sequence keeps exactly what the slow
     per-sequence reference keeps on its own real tokens (fp64), or all of them where it finds
     nothing to drop or is too short; padding is never kept."""
@@ -226,8 +260,10 @@ def test_token_coverage_batch_equals_each_sequence_by_the_slow_reference(pad, pe
             kpm[b] = torch.rand(N, generator=g) < n / N
     kpm = None if pad == "none" else kpm
     sel = attnzoo.create("selector", {"name": "token_coverage", "coverage": 0.2, "window": 16, "min_tokens": 20,
-                                      "per_kv_head": per_kv_head})
+                                      "per_kv_head": per_kv_head, "max_keep": max_keep})
     plan = sel(q, k, CallContext(key_padding_mask=kpm, starts_aligned=True))
+    if max_keep is not None:
+        assert plan.max_len == sel.width(N), "a capped plan's width is static"
     keep = plan.keep_mask()
     some_dropped = False
     for b in range(B):
@@ -237,7 +273,7 @@ def test_token_coverage_batch_equals_each_sequence_by_the_slow_reference(pad, pe
             expected = sel(qb, kb)
             expected = expected.keep_mask()[0] if isinstance(expected, TokenPlan) else None
         else:
-            expected = token_coverage_slow(qb, kb, 0.2, 16, 20, 7) if len(real) > 36 else None
+            expected = token_coverage_slow(qb, kb, 0.2, 16, 20, 7, max_keep) if len(real) > 36 else None
         got = keep[b][:, real]
         assert not keep[b][:, ~torch.isin(torch.arange(N), real)].any(), "padding kept"
         assert torch.equal(got, torch.ones_like(got) if expected is None else expected), f"sequence {b}"
@@ -261,10 +297,27 @@ def test_token_coverage_reads_nothing_on_the_host():
     assert keep.any() and not keep.all()
 
 
+def test_token_coverage_with_max_keep_reads_nothing_on_the_host(monkeypatch):
+    """With a cap the whole selection, plan included, makes no host read (values unchecked, as on a GPU)."""
+    from .sync_probe import OpProbe
+
+    monkeypatch.setenv("ATTNZOO_CHECK_VALUES", "0")
+    q, k = _qk(2, 4, 2, 300, 300, 16, seed=2)
+    ctx = CallContext(key_padding_mask=padding_mask(2, 300, "right"), starts_aligned=True)
+    sel = attnzoo.create("selector", {"name": "token_coverage", "coverage": 0.2, "window": 16, "min_tokens": 20,
+                                      "max_keep": 0.5})
+    with OpProbe() as probe:
+        plan = sel(q, k, ctx)
+    assert not probe.syncs, dict(probe.syncs)
+    assert isinstance(plan, TokenPlan) and plan.max_len == sel.width(300) < 300
+
+
 @pytest.mark.parametrize("spec,match", [({"coverage": 0.0}, "coverage must lie in"),
                                         ({"window": 0}, "window must be > 0"),
                                         ({"min_tokens": -1}, "min_tokens must be >= 0"),
-                                        ({"pool_kernel": 4}, "odd")])
+                                        ({"pool_kernel": 4}, "odd"),
+                                        ({"max_keep": 0.0}, "max_keep must lie in"),
+                                        ({"max_keep": 1.5}, "max_keep must lie in")])
 def test_token_coverage_bad_config(spec, match):
     with pytest.raises(ValueError, match=match):
         attnzoo.create("selector", {"name": "token_coverage", **spec})

@@ -15,10 +15,15 @@ from .conftest import assert_lse_close, make_qkv, padding_mask, random_token_pla
 @pytest.mark.parametrize("B,Hq,Hkv,N", [(1, 4, 4, 300), (3, 6, 2, 257), (2, 8, 2, 1000)])
 @pytest.mark.parametrize("per_kv_head", [False, True])
 @pytest.mark.parametrize("pad", ["none", "left"])
-def test_token_sparse_matches_reference(B, Hq, Hkv, N, per_kv_head, pad):
+@pytest.mark.parametrize("extra", [None, 37])
+def test_token_sparse_matches_reference(B, Hq, Hkv, N, per_kv_head, pad, extra):
+    """``extra``: a static plan width 37 slots past the longest head (a capped selector's): the
+    tail slots are attended by no real row."""
     q, k, v = make_qkv(B, Hq, Hkv, N, N, 32, requires_grad=True)
     kpm = padding_mask(B, N, pad)
-    plan = random_token_plan(B, Hkv if per_kv_head else Hq, N, keep=0.4, key_padding_mask=kpm)
+    plan = random_token_plan(B, Hkv if per_kv_head else Hq, N, keep=0.4, key_padding_mask=kpm, width=extra)
+    if extra:
+        assert plan.max_len == int(plan.lengths.max()) + extra
     out, lse = token_sparse.attention(q, k, v, plan, key_padding_mask=kpm, return_lse=True)
     qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
     ref, ref_lse = ops.reference(qr, kr, vr, plan, key_padding_mask=kpm, return_lse=True)

@@ -49,12 +49,22 @@ class TokenPlan:
         return self.indices.shape[2]
 
     @classmethod
-    def from_keep_mask(cls, keep: torch.Tensor) -> TokenPlan:
-        """From a bool ``[B, H, N]`` keep mask."""
+    def from_keep_mask(cls, keep: torch.Tensor, width: int | None = None) -> TokenPlan:
+        """From a bool ``[B, H, N]`` keep mask. ``width``: the plan's ``max_len`` when the caller
+        knows a bound on the kept count (a selector with a static cap): nothing is read on the host
+        and every call at one length has one shape. Without it the longest head's count is read."""
         if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.ndim != 3:
             raise TypeError("keep must be a bool tensor [B, H, N]")
         lengths = keep.sum(-1)
-        kmax = max(int(lengths.max()) if lengths.numel() else 0, 1)
+        if width is None:
+            kmax = max(int(lengths.max()) if lengths.numel() else 0, 1)
+        else:
+            check_int("width", width)
+            if not 1 <= width <= keep.shape[-1]:
+                raise ValueError(f"width must lie in [1, {keep.shape[-1]}] (keep.shape[-1]), got {width}")
+            if value_checks(keep.device) and lengths.numel() and int(lengths.max()) > width:
+                raise ValueError(f"a head keeps {int(lengths.max())} tokens, more than width={width}")
+            kmax = width
         order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[..., :kmax]
         slot = torch.arange(kmax, device=keep.device)
         return cls(torch.where(slot < lengths[..., None], order, -1), lengths, keep.shape[-1])

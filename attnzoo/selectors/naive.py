@@ -118,8 +118,9 @@ def topk_slow(q, k, b, top_k, sink=0, local=0):
     return out
 
 
-def token_coverage_slow(q, k, tau, W, min_tokens, kernel):
-    """One sequence (batch 0), per query head; fp64 loops over heads and tokens."""
+def token_coverage_slow(q, k, tau, W, min_tokens, kernel, max_keep=None):
+    """One sequence (batch 0), per query head; fp64 loops over heads and tokens. ``max_keep``: each
+    head keeps at most max(min_tokens, ceil(max_keep * P)) prefix tokens, dense layers included."""
     _, Hq, N, D = q.shape
     g = Hq // k.shape[1]
     P = N - W
@@ -140,9 +141,11 @@ def token_coverage_slow(q, k, tau, W, min_tokens, kernel):
         total += x
         if total < tau:
             n += 1
-    if n == 0:
+    K = P if n == 0 else max(min_tokens, P - (n + 1))
+    if max_keep is not None:
+        K = min(K, max(min_tokens, math.ceil(max_keep * P)))
+    if K >= P:
         return None
-    K = max(min_tokens, P - (n + 1))
     keep = torch.zeros(Hq, N, dtype=torch.bool)
     for h in range(Hq):
         keep[h, sorted(range(P), key=lambda j: -float(s[h, j]))[:K]] = True

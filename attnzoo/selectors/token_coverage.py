@@ -16,7 +16,12 @@ Batch > 1 and padding: each sequence is decided on its own real tokens (padding 
 all at once on the device: real tokens are moved to the front by a stable sort, every step is
 masked by the sequence's length, and no value is read on the host (tests/test_selectors.py checks
 the batch against the slow per-sequence reference under every padding, and that nothing is read).
-Building the ``TokenPlan`` reads its width (the most tokens a head keeps): one read per layer.
+Building the ``TokenPlan`` reads its width (the most tokens a head keeps): one read per layer,
+unless ``max_keep`` bounds it. ``max_keep`` (not in the paper) caps each head's kept prefix tokens
+at ``max(min_tokens, ceil(max_keep * P))``, even where the coverage would keep more or run dense;
+the plan's width is then a function of N alone: no host read, one shape per length (the hot path on
+a GPU can be captured), at the price of attention over the cap even where the coverage keeps fewer
+(tail slots hold copies of token 0 and sit after every real row).
 ``per_kv_head=True`` scores a GQA group together (mean of s_h over the group), so compression
 gathers K/V at Hkv heads instead of Hq.
 """
@@ -48,6 +53,7 @@ class TokenCoverage:
     min_tokens: int = 1024
     pool_kernel: int = 7
     per_kv_head: bool = False
+    max_keep: float | None = None  # most prefix tokens a head keeps, as a share of the prefix (>= min_tokens)
 
     def __post_init__(self):
         check_fraction("coverage", self.coverage)
@@ -55,6 +61,21 @@ class TokenCoverage:
         check_positive("min_tokens", self.min_tokens, allow_zero=True)
         if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
             raise ValueError(f"pool_kernel must be a positive odd integer, got {self.pool_kernel}")
+        if self.max_keep is not None:
+            if isinstance(self.max_keep, bool) or not isinstance(self.max_keep, (int, float)):
+                raise TypeError(f"max_keep must be a float in (0, 1] or None, got {type(self.max_keep).__name__}")
+            check_fraction("max_keep", self.max_keep)
+
+    def cap(self, prefix: int) -> int | None:
+        """The most prefix tokens a head keeps of ``prefix`` (None: no cap)."""
+        if self.max_keep is None:
+            return None
+        return max(self.min_tokens, math.ceil(self.max_keep * prefix))  # float64, as on the device
+
+    def width(self, n: int) -> int | None:
+        """The plan's static width for ``n`` keys where ``max_keep`` bounds it below ``n`` (None: read)."""
+        cap = self.cap(n - self.window)
+        return None if cap is None or cap + self.window >= n else cap + self.window
 
     def importance(self, q, k, lengths=None):
         """``[B, Hq, N]`` mean attention of each sequence's last W queries on every key (fp32/fp64).
@@ -96,6 +117,10 @@ class TokenCoverage:
         dense = (lengths <= self.min_tokens + W) | (drop == 0) | (keep_k >= P)
         order = s.masked_fill(~prefix[:, None], float("-inf")).argsort(dim=-1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(-1, order, pos.expand_as(order))
+        if self.max_keep is not None:  # the cap holds where the coverage keeps more, dense included
+            cap = torch.ceil(P.double() * self.max_keep).long().clamp(min=self.min_tokens)
+            keep_k = torch.where(dense, P, keep_k).minimum(cap)
+            return (rank < keep_k[:, None, None]) & prefix[:, None] | (real & ~prefix)[:, None]
         keep = (rank < keep_k[:, None, None]) & prefix[:, None] | (real & ~prefix)[:, None]
         return torch.where(dense[:, None, None], real[:, None], keep)
 
@@ -120,7 +145,8 @@ class TokenCoverage:
         keep = self.keep_mask(a, lengths)
         if order is not None:
             keep = torch.zeros_like(keep).scatter_(-1, order[:, None].expand_as(keep), keep)
+        width = self.width(Nk)
         # on a CPU reading the counts costs nothing: a layer that drops nothing runs as dense
-        if not keep.is_cuda and not bool((keep.sum(-1) < lengths[:, None]).any()):
+        if width is None and not keep.is_cuda and not bool((keep.sum(-1) < lengths[:, None]).any()):
             return DensePlan(Nq, Nk)
-        return TokenPlan.from_keep_mask(keep)
+        return TokenPlan.from_keep_mask(keep, width)
