@@ -124,6 +124,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "Query tokens (times batch) the CPU antidiagonal scorer takes per chunk."),
     Setting("layout_chunk_elements", "ATTNZOO_LAYOUT_CHUNK_ELEMENTS", "int", 1 << 21, _count,
             "Padded score elements per chunk of the CPU block-sparse path."),
+    Setting("cuda_graphs", "ATTNZOO_CUDA_GRAPHS", "bool", False, _bool,
+            "Replay each layer's attention call (selection + attention) from a CUDA graph, captured on the second "
+            "prefill of a shape (attnzoo.stack.graphs); calls that cannot be captured run eagerly."),
     Setting("max_head_runs", "ATTNZOO_MAX_HEAD_RUNS", "int", 4, _count,
             "A routed layer with more runs of consecutive heads per branch gathers its pairs into one call."),
     Setting("fuzz_profile", "ATTNZOO_FUZZ", "ci, long or gpu", "ci", _choice("ci", "long", "gpu"),

@@ -11,6 +11,7 @@ from ..context import CallContext
 from ..layer_spans import range_key, resolve_layer_key
 from ..model_shape import ModelShape
 from .compressed import Compressed
+from .graphs import LayerGraphs, wanted
 from .nodes import Branch, Node
 from .oom import explain_out_of_memory, is_out_of_memory
 from .phased import Phased
@@ -31,13 +32,18 @@ class LayerStack:
     description: str = ""
     relative: dict[str, Node] = field(default_factory=dict)
     fitted_for: dict | None = None
+    # CUDA graphs of this stack's layer calls (used where the cuda_graphs setting is on)
+    graphs: LayerGraphs = field(default_factory=LayerGraphs, init=False, repr=False, compare=False)
 
     def __call__(self, layer_idx: int, q, k, v, ctx: CallContext) -> torch.Tensor:
-        """Attention of one layer: its node, run through ``run`` (left padding handled). Out of
-        memory raises ``AttentionOutOfMemoryError`` naming the layer, node and shape."""
+        """Attention of one layer: its node, run through ``run`` (left padding handled), replayed
+        from a CUDA graph where ``attnzoo.stack.graphs`` can. Out of memory raises
+        ``AttentionOutOfMemoryError`` naming the layer, node and shape."""
         node = self.node_for(layer_idx)
         failed = None
         try:
+            if wanted(q, k, v, ctx):
+                return self.graphs(run, layer_idx, node, q, k, v, ctx)
             return run(node, q, k, v, ctx)
         except RuntimeError as e:
             if not is_out_of_memory(e):
@@ -74,6 +80,7 @@ class LayerStack:
                                      f"overlaps layer range {range_key(a, b)}")
             layers[(lo, hi)] = node
         out = replace(self, layers=dict(sorted(layers.items())), relative={})
+        out.graphs = self.graphs  # patch() resolves the stack on every entry: its graphs stay (keyed by node)
         out.check_num_layers(n)
         if isinstance(shape, ModelShape):
             for node in out.nodes():

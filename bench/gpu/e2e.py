@@ -45,6 +45,7 @@ import attnzoo  # noqa: E402
 from attnzoo.cli import installed_version  # noqa: E402
 from attnzoo.config import load_config, preset_names, preset_spec, without_dense_below  # noqa: E402
 from attnzoo.models import extend_context  # noqa: E402
+from attnzoo import settings  # noqa: E402
 from attnzoo.stack import CallContext, DensityMeter  # noqa: E402
 
 T0 = time.time()
@@ -182,6 +183,14 @@ def attention_call_counts(model, ids, stack, layer: int, device) -> dict:
 NO_ATTENTION = "(no attention)"
 
 
+def graph_states(stack) -> dict:
+    """How many layer-call signatures replay a graph, and why the others run eagerly."""
+    out: dict = {}
+    for e in stack.graphs.report():
+        out[e["state"]] = out.get(e["state"], 0) + 1
+    return out
+
+
 @contextlib.contextmanager
 def without_attention(model):
     """Every attention call returns zeros of its output's shape: the prefill's other work, timed to
@@ -261,6 +270,10 @@ def run_length(model, tok, length: int, specs: dict, reps: int, device: str) -> 
             prefill(model, ids)
             rows[p]["density"] = meter.mean()
         with attnzoo.patch(model, stacks[p]):  # counted without the density meter's own work
+            if settings.get("cuda_graphs"):  # first call eager, second captures: count the replays
+                prefill(model, ids)
+                prefill(model, ids)
+                rows[p]["graphs"] = graph_states(stacks[p])
             rows[p]["prefill_counts"] = profile_counts(lambda: prefill(model, ids), device)  # noqa: B023
             rows[p]["sync_debug_warnings"] = sync_debug_violations(model, ids, device)
         rows[p]["attention_call"] = attention_call_counts(model, ids, stacks[p], layer, device)
@@ -268,6 +281,8 @@ def run_length(model, tok, length: int, specs: dict, reps: int, device: str) -> 
         if paths:
             rows[p]["routed_paths"] = paths
             log(f"  {length} {p}: routed layers chose {paths}")
+        if rows[p].get("graphs"):
+            log(f"  {length} {p}: graphs {rows[p]['graphs']}")
         log(f"  {length} {p}: density {rows[p]['density']:.3f}, {rows[p]['prefill_counts']['kernels']} kernels, "
             f"{rows[p]['prefill_counts']['syncs']} syncs per prefill; layer {layer}: "
             f"{rows[p]['attention_call']['kernels']} kernels, {rows[p]['attention_call']['syncs']} syncs, "
@@ -334,6 +349,9 @@ def markdown(result: dict) -> str:
     lines = [title, "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in h.items()), "",
              f"Command: `{result['command']}`", "",
+             *(["Every layer call (full's too) replays a CUDA graph where it can (`attnzoo.stack.graphs`; "
+                "*graphs* says how many signatures replay and why others run eagerly).", ""]
+               if result.get("cuda_graphs") else []),
              "Ratio = full's median prefill / the preset's, both measured in this process with presets interleaved; "
              "the range is the lowest and highest per-repeat ratio. `full` is PyTorch's default SDPA. Kernels, syncs "
              "are per prefill (torch.profiler); *layer call* is one attention call of the middle layer "
@@ -381,6 +399,8 @@ def main(argv=None) -> int:
                    "dense_below switch without it (one more row per such preset)")
     p.add_argument("--reps", type=int, default=5, help="repeats at 32K and up; 32768 / length times more below")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay layer calls from CUDA graphs "
+                   "(attnzoo.stack.graphs), every preset and full alike")
     args = p.parse_args(argv)
     if args.geometry is None and (args.gguf is None or not args.gguf.is_file()):
         p.error(f"--gguf {args.gguf}: no such file (or give --geometry)")
@@ -402,8 +422,10 @@ def main(argv=None) -> int:
     result = {"machine": header(args.device), "command": "python3 " + " ".join(sys.argv), "runs": [],
               "model": (f"a random-weight {args.layers}-layer model of {args.geometry}'s attention geometry"
                         if args.geometry else "the embedded SmolLM2-135M")}
+    result["cuda_graphs"] = args.cuda_graphs
     for length in args.lengths:
-        result["runs"].append(run_length(model, tok, length, specs, args.reps, args.device))
+        with settings.override(cuda_graphs=args.cuda_graphs):
+            result["runs"].append(run_length(model, tok, length, specs, args.reps, args.device))
         (args.out / "e2e.json").write_text(json.dumps(result, indent=1))
         (args.out / "e2e.md").write_text(markdown(result))
     print(markdown(result))

@@ -1,0 +1,111 @@
+"""CUDA-graph replay of layer calls (attnzoo.stack.graphs): the same outputs and densities as the
+eager call, under padding and batch > 1; calls that cannot be captured run eagerly and say why."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnzoo
+from attnzoo.config import load_config, preset_spec, without_dense_below
+from attnzoo.models import EMBEDDED_SHAPE
+from attnzoo.settings import override
+from attnzoo.stack import CallContext, DensityMeter
+
+from .conftest import padding_mask
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+HQ, HKV, D = 9, 3, 64
+
+
+def _stack(preset):
+    return attnzoo.build(without_dense_below(load_config(preset_spec(preset)))).for_model(EMBEDDED_SHAPE)
+
+
+def _inputs(B, N, seed, device="cuda", dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, N, D, generator=g).to(device, dtype) for h in (HQ, HKV, HKV))
+    keys = torch.randn(B, N, HKV, D, generator=g).to(device, dtype)
+    return q, k, v, keys
+
+
+def test_graphs_are_off_on_the_cpu_and_by_default():
+    stack = _stack("streaming")
+    q, k, v, keys = _inputs(1, 512, 0, "cpu", torch.float32)
+    with override(cuda_graphs=True):
+        stack(5, q, k, v, CallContext(layer_idx=5, pre_rope_keys=keys))
+    assert stack.graphs.report() == [], "a CPU call never reaches the graphs"
+
+
+@needs_cuda
+@pytest.mark.parametrize("preset", ["streaming", "xattention", "topk-blocks", "token-sparse",
+                                    "token-sparse-xattention"])
+@pytest.mark.parametrize("pad", ["none", "left", "right"])
+def test_replay_equals_eager(preset, pad):
+    """Third call of a signature replays its graph: output and metered density equal the eager
+    call's on the same inputs, for new inputs each time (the buffers are refilled, not stale)."""
+    stack = _stack(preset)
+    layer = 20  # sparse in every preset listed (Token Sparse runs in the second half)
+    B, N = (1 if pad == "none" else 2), 4096 + 37
+    kpm = padding_mask(B, N, pad)
+    kpm = None if kpm is None else kpm.cuda()
+
+    def call(seed, graphs):
+        q, k, v, keys = _inputs(B, N, seed)
+        meter = DensityMeter()
+        with override(cuda_graphs=graphs), torch.no_grad():
+            out = stack(layer, q, k, v, CallContext(layer_idx=layer, pre_rope_keys=keys, key_padding_mask=kpm,
+                                                    meter=meter))
+        return out, meter.mean()
+
+    for seed in range(4):  # calls 1 (eager), 2 (capture + replay), 3-4 (replay)
+        got, got_density = call(seed, True)
+        want, want_density = call(seed, False)
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+        assert abs(got_density - want_density) < 1e-6 and got_density < 1.0
+    (entry,) = stack.graphs.report()
+    assert entry["state"] == "graph" and entry["calls"] == 4, entry
+
+
+@needs_cuda
+def test_a_call_that_reads_the_host_runs_eagerly_and_says_why(monkeypatch):
+    from attnzoo.stack import nodes
+
+    stack = _stack("streaming")
+    q, k, v, keys = _inputs(1, 4096, 0)
+    real = nodes.Branch.__call__
+
+    def reading(self, q, k, v, ctx):
+        out = real(self, q, k, v, ctx)
+        float(out[0, 0, 0, 0])  # a host read: cannot be captured
+        return out
+
+    monkeypatch.setattr(nodes.Branch, "__call__", reading)
+    with override(cuda_graphs=True), torch.no_grad():
+        outs = [stack(5, q, k, v, CallContext(layer_idx=5, pre_rope_keys=keys)) for _ in range(3)]
+    (entry,) = stack.graphs.report()
+    assert entry["state"].startswith("capture failed"), entry
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], atol=0, rtol=0)
+
+
+@needs_cuda
+def test_whole_prefill_with_graphs_equals_eager():
+    """A model's prefill through the patched stack, graphs on vs off (same logits within bf16)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=HQ * D, intermediate_size=256, num_hidden_layers=6,
+                      num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=D, max_position_embeddings=8192)
+    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    stack = attnzoo.build(without_dense_below(load_config(preset_spec("xattention"))))
+    ids = torch.randint(0, 256, (2, 4096), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :300] = 0
+    with attnzoo.patch(model, stack), torch.no_grad():
+        with override(cuda_graphs=False):
+            want = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        with override(cuda_graphs=True):
+            for _ in range(3):
+                got = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
