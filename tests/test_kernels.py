@@ -98,6 +98,51 @@ def test_triton_block_sparse_matches_reference(case, per_kv_head, dtype):
     _compare(out, lse, q, k, v, kpm, plan, dtype, grad)
 
 
+DECODE_CASES = [
+    Case(3, 4, 1, 1, 1000, 64, "left", block=(16, 16)),  # Quest's pages: 16-token blocks
+    Case(2, 6, 2, 1, 333, 32, "right", block=(64, 64)),  # ragged length, padding at the end
+    Case(1, 2, 2, 1, 900, 16, block=(32, 128)),  # a key block larger than the kernel's tile
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("per_kv_head", [False, True], ids=["qhead", "kvhead"])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=str)
+def test_triton_split_decode_matches_reference(case, per_kv_head, dtype):
+    """The split-K decode kernel (dispatch's first choice for one query per head) against the fp32
+    reference; its shares of each row are merged (several shares per row here: splits_for)."""
+    from attnzoo.ops.kernels.triton_decode import splits_for
+
+    q, k, v, kpm = _qkv(case, dtype, False, seed=case.Nk)
+    H = case.Hkv if per_kv_head else case.Hq
+    plan = _plan_to(random_block_plan(case.B, H, 1, case.Nk, *case.block, p=0.4, seed=7), DEVICE)
+    assert splits_for(case.B * case.Hq, plan.max_blocks, q.device) > 1
+    req = dispatch.make_request("block_sparse", q, k, v, "block", return_lse=True, key_padding_mask=kpm,
+                                causal=True, block_size=(plan.block_q, plan.block_k))
+    if DEVICE == "cuda":  # on a CPU the interpreter is never chosen automatically
+        assert dispatch.choose(req).name == "triton_decode"
+    out, lse = ops.block_sparse(q, k, v, plan, key_padding_mask=kpm, return_lse=True, backend="triton_decode")
+    _compare(out, lse, q, k, v, kpm, plan, dtype, False)
+
+
+@needs_triton
+def test_triton_split_decode_empty_rows_and_prefill_declined():
+    case = Case(2, 2, 1, 1, 100, 16)
+    q, k, v, _ = _qkv(case, torch.float32, False)
+    plan = _plan_to(random_block_plan(2, 2, 1, 100, 16, 16, p=0.5, seed=1), DEVICE)
+    counts = plan.kv_counts.clone()
+    counts[1, 0] = 0  # sequence 1, head 0 reads nothing: zeros, lse -inf
+    plan = BlockPlan(plan.kv_indices, counts, 16, 16, 1, 100)
+    out, lse = ops.block_sparse(q, k, v, plan, return_lse=True, backend="triton_decode")
+    assert (out[1, 0] == 0).all() and torch.isinf(lse[1, 0]).all()
+    _compare(out, lse, q, k, v, None, plan, torch.float32, False)
+    q2 = torch.cat([q, q], 2)
+    prefill = _plan_to(random_block_plan(2, 2, 2, 100, 16, 16, p=0.5, seed=1), DEVICE)
+    with pytest.raises(dispatch.NoBackendError, match="decode only"):
+        ops.block_sparse(q2, k, v, prefill, backend="triton_decode")
+
+
 @needs_triton
 def test_triton_empty_plan_rows_are_zero_with_finite_grads():
     case = Case(1, 2, 1, 64, 64, 16)

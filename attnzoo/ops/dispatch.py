@@ -137,7 +137,7 @@ _BACKENDS: dict[str, list[Backend]] = {}
 # the Triton kernels before FlashInfer and flex for block_sparse; torch references last.
 PRIORITY: dict[str, tuple[str, ...]] = {
     "dense": ("sdpa", "sdpa_cuda", "flashinfer", "triton"),
-    "block_sparse": ("triton", "flashinfer", "flex", "blocked"),
+    "block_sparse": ("triton_decode", "triton", "flashinfer", "flex", "blocked"),
     "mixed": ("triton", "blocked"),
     "antidiagonal_scores": ("triton", "torch"),
     "pooled_scores": ("triton", "torch"),

@@ -72,14 +72,17 @@ def padding(draw, B: int, Nk: int, g: torch.Generator) -> tuple[str, torch.Tenso
 @st.composite
 def problems(draw, max_n: int = 160, head_dims=(8, 16, 32, 64), dtypes=DTYPES, causal=None,
              allow_expand: bool = True, allow_padding: bool = True, min_nk: int = 1, square: bool = False,
-             device: str = "cpu"):
-    """A random problem on ``device`` (drawn on the CPU, so a seed gives the same values anywhere)."""
+             device: str = "cpu", decode: bool = False):
+    """A random problem on ``device`` (drawn on the CPU, so a seed gives the same values anywhere).
+    ``decode``: one causal query per head (a generated token against its cache)."""
     B = draw(st.integers(1, 3))
     Hkv = draw(st.integers(1, 3))
     Hq = Hkv * draw(st.sampled_from([1, 2, 3, 4]))
-    causal = draw(st.booleans()) if causal is None else causal
+    causal = True if decode else (draw(st.booleans()) if causal is None else causal)
     Nk = draw(st.integers(min_nk, max_n))
-    if square:
+    if decode:
+        Nq = 1
+    elif square:
         Nq = Nk
     elif causal:
         Nq = draw(st.one_of(st.just(1), st.just(Nk), st.integers(1, Nk)))  # decode, prefill, chunked

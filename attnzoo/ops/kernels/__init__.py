@@ -42,6 +42,26 @@ register_backend(Backend(
     description="Triton flash attention over the plan's blocks; fp32 online softmax, fwd+bwd", **_TRITON))
 
 
+def _block_sparse_decode(q, k, v, plan, *, key_padding_mask, scale, return_lse):
+    from .triton_decode import decode
+    return decode(q, k, v, plan.kv_indices, plan.kv_counts, plan.block_k, key_padding_mask, scale)
+
+
+def _decode_only(req) -> str | None:
+    if req.q_len != 1:
+        return f"decode only (one query per head), got {req.q_len} queries"
+    if req.block_size is not None and tile(req.block_size[1]) is None:
+        return f"key block size {req.block_size[1]} must be a multiple of 16"
+    return None
+
+
+# first for block_sparse: a decode step's few rows split over many programs; prefill shapes decline
+register_backend(Backend(
+    op="block_sparse", name="triton_decode", fn=_block_sparse_decode, plan_kinds=("block",),
+    description="Triton split-K decode: one query per head, the plan's key blocks shared out over programs, "
+                "then merged", **{**_TRITON, "backward": False, "check": _decode_only}))
+
+
 def _dense_triton(q, k, v, *, causal, key_padding_mask, scale, return_lse):
     from .triton_attention import KernelPlan, attention
     return attention(q, k, v, KernelPlan.dense(q.shape[0], q.shape[1], q.shape[2], causal, q.device),
