@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Issue 38 on one GPU, in back-to-back calls (the GGUF travels in two parts, as in compare.sh):
+#   a: (carry .whl/gguf_a .whl/py) the GPU tests of CUDA-graph replay, the hot path's sync and kernel
+#      counts (Token Sparse with its static width included) -> $OUT/tests.log; keeps the part in /tmp
+#   b: (carry .whl/gguf_b .whl/py) joins the GGUF; bench/gpu/e2e.py at 8K and 16K, sparse everywhere,
+#      every layer call (full's too) replayed from CUDA graphs -> $OUT/e2e-graphs/
+#   c: (warm machine, no carry) the same without graphs, for the ratio graphs buy -> $OUT/e2e-eager/
+set -uo pipefail
+PART=${1:?usage: graphs.sh a|b|c [e2e args...]}; shift
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/py/*.whl 2>/dev/null
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 ATTNZOO_CACHE=/tmp/attnzoo-cache
+GGUF=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+PRESETS="full streaming xattention topk-blocks elastic-fa-xa token-sparse token-sparse-xattention"
+if [ "$PART" = a ]; then
+  cp .whl/gguf_a/* /tmp/ && ls -la /tmp/gguf.part.*
+  timeout 420 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_hot_path.py -rs 2>&1 \
+      | tee "$OUT/tests.log" | tail -30
+  exit 0
+fi
+if [ "$PART" = b ]; then cp .whl/gguf_b/* /tmp/ && cat /tmp/gguf.part.* > "$GGUF"; md5sum "$GGUF"; fi
+if [ "$PART" = b ]; then FLAG=--cuda-graphs; DIR=e2e-graphs; else FLAG=; DIR=e2e-eager; fi
+python3 bench/gpu/e2e.py --gguf "$GGUF" --out "$OUT/$DIR" --lengths 8192 16384 --reps 3 --sparse-everywhere \
+    --presets $PRESETS $FLAG "$@" 2>&1 | grep -v Warning | tail -60
