@@ -19,7 +19,13 @@ HQ, HKV, D = 9, 3, 64
 
 
 def _stack(preset):
-    return attnzoo.build(without_dense_below(load_config(preset_spec(preset)))).for_model(EMBEDDED_SHAPE)
+    """A shipped preset, sparse at every length; ``token-sparse-capped``: Token Sparse with a static
+    width (``max_keep``; the shipped one reads its plan's width, which cannot be captured)."""
+    spec = without_dense_below(load_config(preset_spec(preset.removesuffix("-capped"))))
+    if preset.endswith("-capped"):
+        node = spec["layers"]["from:0.5"]
+        spec["layers"]["from:0.5"] = {**node, "compress": {**node["compress"], "max_keep": 0.5}}
+    return attnzoo.build(spec).for_model(EMBEDDED_SHAPE)
 
 
 def _inputs(B, N, seed, device="cuda", dtype=torch.bfloat16):
@@ -38,8 +44,8 @@ def test_graphs_are_off_on_the_cpu_and_by_default():
 
 
 @needs_cuda
-@pytest.mark.parametrize("preset", ["streaming", "xattention", "topk-blocks", "token-sparse",
-                                    "token-sparse-xattention"])
+@pytest.mark.parametrize("preset", ["streaming", "xattention", "topk-blocks", "token-sparse-capped",
+                                    "token-sparse-xattention-capped"])
 @pytest.mark.parametrize("pad", ["none", "left", "right"])
 def test_replay_equals_eager(preset, pad):
     """Third call of a signature replays its graph: output and metered density equal the eager
@@ -87,6 +93,17 @@ def test_a_call_that_reads_the_host_runs_eagerly_and_says_why(monkeypatch):
     assert entry["state"].startswith("capture failed"), entry
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], atol=0, rtol=0)
+
+
+@needs_cuda
+def test_shipped_token_sparse_reads_its_width_and_runs_eagerly():
+    stack = _stack("token-sparse")
+    q, k, v, keys = _inputs(1, 4096, 0)
+    with override(cuda_graphs=True), torch.no_grad():
+        outs = [stack(20, q, k, v, CallContext(layer_idx=20, pre_rope_keys=keys)) for _ in range(3)]
+    (entry,) = stack.graphs.report()
+    assert entry["state"].startswith("capture failed"), entry
+    torch.testing.assert_close(outs[2], outs[0], atol=0, rtol=0)
 
 
 @needs_cuda

@@ -103,6 +103,27 @@ def test_attention_call_has_no_host_sync_and_few_launches(preset, stub_kernels):
     assert launches <= LAUNCH_BOUND[preset], f"{launches} launches: {sorted(probe.ops.items(), key=lambda x: -x[1])}"
 
 
+def test_token_sparse_with_a_static_width_has_no_host_sync(stub_kernels):
+    """Token Sparse with ``max_keep`` (the plan's width a function of N): selection, gather, inner
+    attention and scatter make no host read; without it the plan's width is read (on a CPU also
+    whether anything was dropped)."""
+    from attnzoo.config import load_config, preset_spec
+
+    spec = load_config(preset_spec("token-sparse"))
+    node = spec["layers"]["from:0.5"]
+    capped = {**spec, "layers": {"from:0.5": {**node, "compress": {**node["compress"], "max_keep": 0.5}}}}
+    q, k, v, keys = _qkv(4096)
+    ctx = lambda: CallContext(layer_idx=20, pre_rope_keys=keys, cache={})  # noqa: E731
+    for cfg, reads in ((capped, False), (spec, True)):
+        stack = attnzoo.build(cfg).for_model(EMBEDDED_SHAPE)
+        stack(20, q, k, v, ctx())
+        with TracingProbe() as probe:
+            stack(20, q, k, v, ctx())
+        sites = str(dict(probe.sites))
+        assert bool(probe.syncs) == reads and ("plans/token.py" in sites) == reads, sites
+        assert probe.launches < 100, sorted(probe.ops.items(), key=lambda x: -x[1])
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 

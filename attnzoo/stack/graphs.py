@@ -163,12 +163,15 @@ class LayerGraphs:
         cache: dict = {}
         sub = replace(ctx, key_padding_mask=bufs.kpm, pre_rope_keys=bufs.keys, cache=cache, meter=recorder)
         graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.current_stream()
         try:
             # thread_local: another thread's CUDA calls during this capture do not invalidate it
             with torch.cuda.graph(graph, pool=st.pool, capture_error_mode="thread_local"):
                 bufs.out.copy_(run(node, bufs.q, bufs.k, bufs.v, sub))
                 total = recorder.total() if recorder is not None else None
         except Exception as e:  # noqa: BLE001 - any capture failure means: run this signature eagerly
+            # torch.cuda.graph leaves its capture stream current when ending the capture raises
+            torch.cuda.set_stream(stream)
             entry.declined = f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             return
         if cache:
