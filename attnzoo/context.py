@@ -38,6 +38,9 @@ class CallContext:
     # registered selector called with a left-padded mask and without this flag raises (see
     # attnzoo.contracts.check_starts_at_zero) instead of putting its sink on the padding.
     starts_aligned: bool = False
+    # called with the plan a Branch computes (a Phased node keeps the prompt's plan this way for a
+    # decode part that reuses it); None: nobody asks
+    keep_plan: object | None = None
 
     def record(self, density) -> None:
         """Add this call's density to the meter (prefill only): a number, a 0-dim tensor, or a

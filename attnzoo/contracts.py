@@ -9,6 +9,8 @@ registered component carries them:
   - ``plan_kind``: ``"block"``, ``"token"`` or ``"dense"``, the plan it returns;
   - ``decode`` (optional, default ``"dense"``): ``"plan"`` if it also places blocks while
     decoding, ``"dense"`` if decoding attends to the whole cache;
+  - ``prefill`` (optional, default ``"plan"``): ``"dense"`` for a decode-only selector, whose
+    plan for a prompt is dense (``prefill_blocks``);
   - ``block_size`` (optional, default None): the block size its block plans always use, where
     the configuration fixes it (routed layers run such selectors in one mixed launch);
   - ``ranges`` (optional, default None): a method returning ``{"sink", "local", "block_size"}``
@@ -69,6 +71,7 @@ def _optional_str():
 CONTRACTS = {
     "selector": {"__call__": (*_callable(), _MISSING), "plan_kind": (*_one_of(PLAN_KINDS), _MISSING),
                  "decode": (*_one_of(("dense", "plan")), "dense"),
+                 "prefill": (*_one_of(("dense", "plan")), "plan"),
                  "block_size": (*_optional_int(), None), "ranges": (*_optional_method(), None)},
     "op": {"__call__": (*_callable(), _MISSING), "plan_kinds": (*_plan_kinds(), _MISSING),
            "backend": (*_optional_str(), None)},

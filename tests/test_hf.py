@@ -217,6 +217,9 @@ STATIC_STACKS = {
                                 "chunk_size": 64}, "op": "block_sparse"},
     "quest-decode": {"op": "dense", "decode": {"selector": {"name": "quest", "page_size": 16, "budget": 64},
                                                "op": "block_sparse"}},
+    "prefill-plan-decode": {"selector": {"name": "xattention", "stride": 4, "block_size": 16, "threshold": 0.8,
+                                         "chunk_size": 64}, "op": "block_sparse",
+                            "decode": {"selector": {"name": "prefill_blocks"}, "op": "block_sparse"}},
 }
 
 

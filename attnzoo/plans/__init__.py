@@ -25,8 +25,9 @@ from .geometry import (
     visible_pairs,
 )
 from .head import MODES, HeadPlan, MixedPlan
+from .prefill_row import PrefillRow
 from .token import TokenPlan
 
-__all__ = ["DensePlan", "BlockPlan", "TokenPlan", "HeadPlan", "MixedPlan", "MODES", "visible_pairs",
+__all__ = ["DensePlan", "BlockPlan", "TokenPlan", "HeadPlan", "MixedPlan", "PrefillRow", "MODES", "visible_pairs",
            "total_visible_pairs", "cdiv", "last_visible_block", "causal_mask", "streaming_block_mask",
            "tail_query_blocks"]

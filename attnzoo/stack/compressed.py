@@ -50,7 +50,7 @@ class Compressed(Node):
         qc, kc, vc = token_sparse.compress(q, k, v, plan, key_padding_mask=ctx.key_padding_mask)
         # kept tokens are real tokens; shorter heads' tail slots sit after every real row (causal)
         outer = ctx.density_scale
-        inner = replace(ctx, key_padding_mask=None, pre_rope_keys=None,  # the scale is read lazily
+        inner = replace(ctx, key_padding_mask=None, pre_rope_keys=None, keep_plan=None,  # the scale is read lazily
                         density_scale=lambda: deferred_value(outer) * density_of(plan))
         oc = self.inner(qc, kc, vc, inner)
         return token_sparse.decompress(oc, plan, q.shape[2])

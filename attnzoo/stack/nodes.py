@@ -128,6 +128,8 @@ class Branch(Node):
             plan = self.selector(q, k, ctx)
         if ctx.meter is not None:
             ctx.record(functools.partial(density_of, plan))
+        if ctx.keep_plan is not None:
+            ctx.keep_plan(plan)
         if isinstance(plan, DensePlan) and "dense" not in self.op.plan_kinds:
             return dense_op(q, k, v, causal=plan.causal, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
         return self.op(q, k, v, plan, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)

@@ -10,11 +10,13 @@ branch may carry its own: the router's prefill decision still picks the branch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..context import CallContext
+from ..plans import BlockPlan, PrefillRow
+from ..selectors.prefill_blocks import CACHE_KEY
 from .nodes import Node
 
 __all__ = ["Phased"]
@@ -32,7 +34,28 @@ class Phased(Node):
         return (self.decode if decode else self.prefill).places_blocks(decode)
 
     def __call__(self, q, k, v, ctx: CallContext) -> torch.Tensor:
-        return (self.decode if ctx.decode else self.prefill)(q, k, v, ctx)
+        reuse = ctx.cache is not None and self._reuses_prefill_plan()
+        # kept under this node's own key: two Phased nodes of one layer (routed branches) keep two rows
+        key = (CACHE_KEY, id(self))
+        if ctx.decode:
+            if reuse:  # the decode selector finds the row under its own name
+                cache = {**ctx.cache, CACHE_KEY: ctx.cache.get(key)}
+                return self.decode(q, k, v, replace(ctx, cache=cache))
+            return self.decode(q, k, v, ctx)
+        if reuse and q.shape[2] == k.shape[2]:
+            cache = ctx.cache
+            cache.pop(key, None)  # a prompt that runs dense (no block plan) leaves none: decode reads all
+            heads = (q.shape[1], k.shape[1])
+
+            def keep(plan, kpm=ctx.key_padding_mask):
+                if isinstance(plan, BlockPlan) and plan.heads in heads and plan.kv_len == k.shape[2]:
+                    cache[key] = PrefillRow.of(plan, kpm)
+            return self.prefill(q, k, v, replace(ctx, keep_plan=keep))
+        return self.prefill(q, k, v, replace(ctx, keep_plan=None) if ctx.keep_plan is not None else ctx)
+
+    def _reuses_prefill_plan(self) -> bool:
+        sel = getattr(self.decode, "selector", None)
+        return bool(getattr(sel, "keeps_prefill_plan", False))
 
     def to_config(self) -> dict:
         return {**self.prefill.to_config(), "decode": self.decode.to_config()}

@@ -69,6 +69,8 @@ class Routed(Node):
         if dense_below_applies(self.dense_below, k):
             ctx.record(1.0)
             return dense_op(q, k, v, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
+        if ctx.keep_plan is not None:  # branch plans cover subsets of the heads: not the layer's plan
+            ctx = replace(ctx, keep_plan=None)
         plan = self.decide(q, k, ctx)
         path = self._choose_path(q, k, v, plan, ctx)
         if path != "split":

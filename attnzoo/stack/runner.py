@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 
 from ..context import CallContext
-from ..plans import HeadPlan
+from ..plans import HeadPlan, PrefillRow
 from .nodes import Node
 from .padding import StartAligned, first_real
 
@@ -35,7 +35,7 @@ def run(node: Node, q, k, v, ctx: CallContext) -> torch.Tensor:
     outs = []
     for b, start in enumerate(first_real(kpm).tolist()):
         s = min(start, Nk - Nq)  # query rows are never cut
-        cache = None if ctx.cache is None else {key: val.select(b) if isinstance(val, HeadPlan) else val
+        cache = None if ctx.cache is None else {key: val.select(b) if isinstance(val, (HeadPlan, PrefillRow)) else val
                                                 for key, val in ctx.cache.items()}
         # starts_aligned: the cut starts at the first real token, or at the first query row where the
         # sequence has fewer real tokens than queries (its padded rows are ignored)
