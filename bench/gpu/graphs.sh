@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 38 on one GPU, in back-to-back calls (the GGUF travels in two parts, as in compare.sh):
 #   a: (carry .whl/gguf_a .whl/py) the GPU tests of CUDA-graph replay, the hot path's sync and kernel
-#      counts (Token Sparse with its static width included) -> $OUT/tests.log; keeps the part in /tmp
+#      counts, the split-K decode kernel and decode by the prefill plan -> $OUT/tests.log; the decode
+#      attention-only benchmark at 32K and 128K -> $OUT/decode/; keeps the GGUF part in /tmp
 #   b: (carry .whl/gguf_b .whl/py) joins the GGUF; bench/gpu/e2e.py at 8K and 16K, sparse everywhere,
 #      every layer call (full's too) replayed from CUDA graphs -> $OUT/e2e-graphs/
 #   c: (warm machine, no carry) the same without graphs, for the ratio graphs buy -> $OUT/e2e-eager/
@@ -15,8 +16,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 PRESETS="full streaming xattention topk-blocks elastic-fa-xa token-sparse token-sparse-xattention"
 if [ "$PART" = a ]; then
   cp .whl/gguf_a/* /tmp/ && ls -la /tmp/gguf.part.*
-  timeout 420 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_hot_path.py -rs 2>&1 \
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_hot_path.py \
+      tests/test_decode_reuse.py "tests/test_kernels.py::test_triton_split_decode_matches_reference" \
+      "tests/test_kernels.py::test_triton_split_decode_empty_rows_and_prefill_declined" -rs 2>&1 \
       | tee "$OUT/tests.log" | tail -30
+  # issue 39: one decode step's attention (Quest 1K/2K/4K through the split-K kernel) vs dense, eager and captured
+  timeout 200 python3 bench/gpu/decode.py --out "$OUT/decode" --lengths 32768 131072 --reps 30 2>&1 | tail -4
   exit 0
 fi
 if [ "$PART" = b ]; then cp .whl/gguf_b/* /tmp/ && cat /tmp/gguf.part.* > "$GGUF"; md5sum "$GGUF"; fi
