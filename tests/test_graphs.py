@@ -41,6 +41,11 @@ def test_graphs_are_off_on_the_cpu_and_by_default():
     with override(cuda_graphs=True):
         stack(5, q, k, v, CallContext(layer_idx=5, pre_rope_keys=keys))
     assert stack.graphs.report() == [], "a CPU call never reaches the graphs"
+    import copy
+    import pickle
+
+    assert isinstance(copy.deepcopy(stack).graphs, type(stack.graphs))
+    assert pickle.loads(pickle.dumps(stack.graphs)).report() == []
 
 
 @needs_cuda

@@ -117,6 +117,9 @@ class LayerGraphs:
     def __init__(self):
         self._local = threading.local()
 
+    def __reduce__(self):  # a copied or pickled stack starts without graphs (they hold device buffers)
+        return (LayerGraphs, ())
+
     def _state(self) -> _PerThread:
         st = getattr(self._local, "state", None)
         if st is None:
