@@ -8,7 +8,8 @@ block in turn while most of the GPU idles. Here program (b, h, s) walks the s-th
 second kernel merges the shares of each row. The query is a vector, so scores are a
 multiply-and-sum over the block's keys (no tensor-core tile for one row). GQA reads each key
 block through the KV head that serves the query head; the plan may be per query head or per KV
-head. Key padding and keys past ``Nk`` are masked; a decode query sees every key before it, so
+head; any strides (a strided head dim included). Key padding and keys past ``Nk`` are masked;
+a decode query sees every key before it, so
 there is no causal mask. Imported lazily (see ``_triton``).
 """
 
@@ -29,7 +30,7 @@ MAX_SPLITS = 64
 
 @triton.jit(do_not_specialize=["Nk", "per_split", "n_splits"])
 def _split_kernel(Q, K, V, KPM, IDX, CNT, OP, MP, LP,
-                  sqb, sqh, skb, skh, skn, svb, svh, svn, sib, sih, scb, sch,
+                  sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sib, sih, scb, sch,
                   Hq, g_plan, g_kv, Nk, per_split, n_splits, qk_scale,
                   BK: tl.constexpr, TK: tl.constexpr, D: tl.constexpr, HAS_KPM: tl.constexpr):
     bh = tl.program_id(0)
@@ -43,7 +44,7 @@ def _split_kernel(Q, K, V, KPM, IDX, CNT, OP, MP, LP,
     j1 = tl.minimum(j0 + per_split, cnt)
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, TK)
-    q = tl.load(Q + b * sqb + h * sqh + offs_d).to(tl.float32) * qk_scale
+    q = tl.load(Q + b * sqb + h * sqh + offs_d * sqd).to(tl.float32) * qk_scale
     m_i = float("-inf")
     l_i = 0.0
     acc = tl.zeros([D], dtype=tl.float32)
@@ -54,8 +55,10 @@ def _split_kernel(Q, K, V, KPM, IDX, CNT, OP, MP, LP,
             ok = kpos < Nk
             if HAS_KPM:
                 ok = ok & (tl.load(KPM + b * Nk + kpos, mask=ok, other=0) != 0)
-            k = tl.load(K + b * skb + hkv * skh + kpos[:, None] * skn + offs_d[None, :], mask=ok[:, None], other=0.0)
-            v = tl.load(V + b * svb + hkv * svh + kpos[:, None] * svn + offs_d[None, :], mask=ok[:, None], other=0.0)
+            k = tl.load(K + b * skb + hkv * skh + kpos[:, None] * skn + offs_d[None, :] * skd, mask=ok[:, None],
+                        other=0.0)
+            v = tl.load(V + b * svb + hkv * svh + kpos[:, None] * svn + offs_d[None, :] * svd, mask=ok[:, None],
+                        other=0.0)
             sc = tl.where(ok, tl.sum(k.to(tl.float32) * q[None, :], 1), float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, 0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -119,7 +122,8 @@ def decode(q, k, v, kv_indices, kv_counts, block_k: int, key_padding_mask, scale
     kpm = key_padding_mask.to(torch.int8) if key_padding_mask is not None else q
     _split_kernel[(B * Hq, n_splits)](
         q, k, v, kpm, idx, cnt, o_part, m_part, l_part,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        q.stride(0), q.stride(1), q.stride(3), k.stride(0), k.stride(1), k.stride(2), k.stride(3),
+        v.stride(0), v.stride(1), v.stride(2), v.stride(3),
         idx.stride(0), idx.stride(1), cnt.stride(0), cnt.stride(1),
         Hq, Hq // Hp, Hq // Hkv, Nk, per_split, n_splits, scale * LOG2E,
         BK=block_k, TK=tile(block_k), D=D, HAS_KPM=key_padding_mask is not None)
