@@ -9,15 +9,10 @@
 # the joined GGUF and the converted model stay in /tmp.
 set -uo pipefail
 PART=${1:?usage: compare.sh a|b|c [compare args...]}; shift
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/py/*.whl 2>/dev/null
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 ATTNZOO_CACHE=/tmp/attnzoo-cache
-GGUF=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+source "$(dirname "$0")/gguf_env.sh"
 if [ "$PART" = a ]; then
-  cp .whl/gguf_a/* /tmp/ && ls -la /tmp/gguf.part.*
+  keep_part
   exit 0
 fi
-if [ "$PART" = b ]; then cp .whl/gguf_b/* /tmp/ && cat /tmp/gguf.part.* > "$GGUF"; fi
-md5sum "$GGUF"
+if [ "$PART" = b ]; then join_gguf; else md5sum "$GGUF"; fi
 python3 -m attnzoo.cli compare --model "$GGUF" --out "$OUT/compare" "$@"

@@ -8,14 +8,10 @@
 #   c: (warm machine, no carry) the same compare on the remaining shipped presets
 set -uo pipefail
 PART=${1:?usage: fidelity_run.sh b|c [per-cell]}; PER=${2:-6}
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/py/*.whl 2>/dev/null
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 ATTNZOO_CACHE=/tmp/attnzoo-cache
-GGUF=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+source "$(dirname "$0")/gguf_env.sh"
 git rev-parse HEAD 2>/dev/null || true
 if [ "$PART" = b ]; then
-  cp .whl/gguf_b/* /tmp/ && cat /tmp/gguf.part.* > "$GGUF"; md5sum "$GGUF"
+  join_gguf
   t0=$SECONDS
   python3 -m attnzoo.cli calibrate --preset xattention-calibrated --model "$GGUF" --device cuda --context 32768 \
       --lengths 8192,16384,32768 --target-recall 0.95,0.9,0.85,0.8 --max-density 0.35 --max-threshold 1 \

@@ -8,14 +8,10 @@
 #   c: (warm machine, no carry) the same without graphs, for the ratio graphs buy -> $OUT/e2e-eager/
 set -uo pipefail
 PART=${1:?usage: graphs.sh a|b|c [e2e args...]}; shift
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/py/*.whl 2>/dev/null
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 ATTNZOO_CACHE=/tmp/attnzoo-cache
-GGUF=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+source "$(dirname "$0")/gguf_env.sh"
 PRESETS="full streaming xattention topk-blocks elastic-fa-xa token-sparse token-sparse-xattention"
 if [ "$PART" = a ]; then
-  cp .whl/gguf_a/* /tmp/ && ls -la /tmp/gguf.part.*
+  keep_part
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_hot_path.py \
       tests/test_decode_reuse.py "tests/test_kernels.py::test_triton_split_decode_matches_reference" \
       "tests/test_kernels.py::test_triton_split_decode_empty_rows_and_prefill_declined" -rs 2>&1 \
@@ -24,7 +20,7 @@ if [ "$PART" = a ]; then
   timeout 200 python3 bench/gpu/decode.py --out "$OUT/decode" --lengths 32768 131072 --reps 30 2>&1 | tail -4
   exit 0
 fi
-if [ "$PART" = b ]; then cp .whl/gguf_b/* /tmp/ && cat /tmp/gguf.part.* > "$GGUF"; md5sum "$GGUF"; fi
+if [ "$PART" = b ]; then join_gguf; fi
 if [ "$PART" = b ]; then FLAG=--cuda-graphs; DIR=e2e-graphs; else FLAG=; DIR=e2e-eager; fi
 python3 bench/gpu/e2e.py --gguf "$GGUF" --out "$OUT/$DIR" --lengths 8192 16384 --reps 3 --sparse-everywhere \
     --presets $PRESETS $FLAG "$@" 2>&1 | grep -v Warning | tail -60
