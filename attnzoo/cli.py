@@ -185,8 +185,11 @@ def train(args) -> int:
     from .stack import build
     from .training import train_elastic, train_ssa, training_samples
 
-    if args.method == "ssa" and (args.resume or args.checkpoint_every or args.micro_batch_tokens):
-        raise UsageError("--resume, --checkpoint-every and --micro-batch-tokens are for elastic router training")
+    if args.method == "ssa" and (args.resume or args.checkpoint_every or args.micro_batch_tokens or args.prior_steps):
+        raise UsageError("--resume, --checkpoint-every, --micro-batch-tokens and --prior-steps are for elastic "
+                         "router training")
+    if args.prior_steps < 0 or (args.prior_steps and args.resume):
+        raise UsageError(f"--prior-steps must be >= 0 and cannot resume a run, got {args.prior_steps}")
     if not 0.0 <= args.copy_share <= 1.0:
         raise UsageError(f"--copy-share must lie in [0, 1], got {args.copy_share}")
     if args.micro_batch_tokens is not None and args.micro_batch_tokens < 1:
@@ -217,7 +220,13 @@ def train(args) -> int:
             model.save_pretrained(args.out + "/model")
             tok.save_pretrained(args.out + "/model")
     else:
-        _, log = train_elastic(model, samples, sparse=stack, steps=args.steps, batch=args.batch, lr=args.lr or 5e-4,
+        router = None
+        if args.prior_steps:
+            from .training import route_prior
+
+            router = route_prior(model, samples, targets=args.targets, steps=args.prior_steps, seed=args.seed)
+        _, log = train_elastic(model, samples, router, sparse=stack, steps=args.steps, batch=args.batch,
+                               lr=args.lr or 5e-4,
                                lambda_lr=args.lambda_lr, targets=args.targets, seed=args.seed, out_dir=args.out,
                                checkpoint_every=args.checkpoint_every, resume=args.resume,
                                micro_batch_tokens=args.micro_batch_tokens)
@@ -331,6 +340,8 @@ def main(argv=None) -> int:
                    "step against 4.0 s one sample at a time)")
     t.add_argument("--resume", default=None, help="elastic: continue the run of this checkpoint.pt (same steps, "
                    "batch, samples and seed)")
+    t.add_argument("--prior-steps", type=int, default=0, help="elastic: first train the router to hit each task "
+                   "type's sparsity target from its input alone, for this many steps (training.route_prior)")
     args = parser.parse_args(argv)
     from .config import ConfigError
 

@@ -29,7 +29,7 @@ import torch
 
 from attnzoo.eval.compare import resolve_device, resolve_dtype
 from attnzoo.models import extend_context, load_model
-from attnzoo.training import train_elastic, training_samples
+from attnzoo.training import route_prior, train_elastic, training_samples
 from attnzoo.training.elastic import DEFAULT_SPARSE, router_sparsity
 
 SPARSE = {
@@ -57,6 +57,8 @@ def main() -> None:
     p.add_argument("--lambda-lr", type=float, default=0.05)
     p.add_argument("--copy-share", type=float, default=0.0, help="share of the retrieval samples that are long-range "
                    "copy prompts (the rest needle prompts)")
+    p.add_argument("--prior-steps", type=int, default=0, help="first train the router to each task type's "
+                   "sparsity target from its input alone (attnzoo.training.route_prior)")
     p.add_argument("--held-out", type=int, default=12)
     p.add_argument("--held-out-length", type=int, default=1024)
     p.add_argument("--max-minutes", type=float, help="stop after the step that crosses this wall-clock budget")
@@ -75,7 +77,8 @@ def main() -> None:
     factor = extend_context(model, args.context) if args.context else 1
     samples = training_samples(tok, args.samples, lengths=args.lengths, seed=100, copy_share=args.copy_share)
     t0 = time.perf_counter()
-    router, log = train_elastic(model, samples, sparse=SPARSE[args.sparse], steps=args.steps, batch=args.batch,
+    prior = route_prior(model, samples, steps=args.prior_steps, seed=0) if args.prior_steps else None
+    router, log = train_elastic(model, samples, prior, sparse=SPARSE[args.sparse], steps=args.steps, batch=args.batch,
                                 lr=args.lr, lambda_lr=args.lambda_lr, seed=0, out_dir=args.out,
                                 max_seconds=args.max_minutes * 60 if args.max_minutes is not None else None,
                                 micro_batch_tokens=args.micro_batch_tokens,
@@ -93,6 +96,7 @@ def main() -> None:
                "batch": args.batch, "micro_batch_tokens": args.micro_batch_tokens,
                "micro_batch_padding": args.micro_batch_padding, "samples": args.samples,
                "lr": args.lr, "lambda_lr": args.lambda_lr, "sparse": SPARSE[args.sparse], "copy_share": args.copy_share,
+               "prior_steps": args.prior_steps,
                "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
                "dtype": str(next(model.parameters()).dtype), "yarn_factor": factor,
                "lengths": args.lengths, "held_out_length": args.held_out_length,

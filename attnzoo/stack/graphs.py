@@ -18,8 +18,9 @@ between threads: two threads replaying one graph would race on its input buffers
 3. later calls copy q/k/v (and the padding mask, the pre-RoPE keys) into the buffers, replay, and
    return a copy of the output (a caller may keep it; the next replay overwrites the buffer).
 
-A call whose capture fails (a host read inside: a routed layer choosing its split path, a value
-check) runs eagerly from then on; ``report()`` says why, per signature. A call that leaves state
+A node declares when its call cannot be captured (``Node.capture_refusal``: a routed layer's split
+path, Token Sparse's width read, value checks): it runs eagerly, and ``report()`` says why, per
+signature. A capture that fails anyway (an undeclared host read) runs eagerly from then on too. A call that leaves state
 in ``ctx.cache`` (a router's decision kept for decode) is not captured either: the cache would hold
 the graph's buffers. Density meters still see every call: the meter's entries are summed inside
 the graph and the sum is added after each replay.
@@ -50,6 +51,19 @@ def wanted(q, k, v, ctx: CallContext) -> bool:
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return False
     return not torch.cuda.is_current_stream_capturing()
+
+
+def _reset_after_failed_capture(device, pool) -> None:
+    """Out of the capture mode a failed capture leaves behind: the allocator still recording into
+    the graph's pool (every later capture then failed with "already recording to mempool_id" on an
+    H100), and the device's default generator (a fresh copy of its state: same seed and offset)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        torch._C._cuda_endAllocateToPool(idx, pool)
+    except RuntimeError:
+        pass  # not recording: the capture ended that itself
+    gen = torch.cuda.default_generators[idx]
+    gen.graphsafe_set_state(gen.clone_state())
 
 
 def _sig(t):
@@ -154,6 +168,10 @@ class LayerGraphs:
         return entry.buffers.out.clone()
 
     def _capture(self, st: _PerThread, entry: _Entry, shapes, run, node, q, k, v, ctx: CallContext) -> None:
+        why = node.capture_refusal(q, k)
+        if why is not None:
+            entry.declined = why
+            return
         kpm, keys = ctx.key_padding_mask, ctx.pre_rope_keys
         bufs = st.buffers.get(shapes)
         if bufs is None:
@@ -173,8 +191,11 @@ class LayerGraphs:
                 bufs.out.copy_(run(node, bufs.q, bufs.k, bufs.v, sub))
                 total = recorder.total() if recorder is not None else None
         except Exception as e:  # noqa: BLE001 - any capture failure means: run this signature eagerly
-            # torch.cuda.graph leaves its capture stream current when ending the capture raises
+            # ending a failed capture raises before torch.cuda.graph restores the caller's stream and
+            # before the CUDA generator leaves capture mode (every later random op on the device
+            # would then raise "Offset increment outside graph capture"): both are undone here
             torch.cuda.set_stream(stream)
+            _reset_after_failed_capture(q.device, st.pool)
             entry.declined = f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             return
         if cache:

@@ -16,6 +16,7 @@ from ..ops import mixed as mixed_op
 from ..ops.mixed import fused_backend
 from ..plans import DensePlan
 from ..registry import to_config
+from ..settings import value_checks
 from .executor import HeadMode, uniform_plan
 
 __all__ = ["CallContext", "DensityMeter", "Node", "Branch", "density_of", "head_mode", "dense_below_applies"]
@@ -102,6 +103,12 @@ class Node:
         over the cache do."""
         return any(c.places_blocks(decode) for c in self.children())
 
+    def capture_refusal(self, q, k) -> str | None:
+        """Why a call of this node on q/k cannot be captured in a CUDA graph (a host read on its
+        path), or None. Declared, not discovered: a capture that fails part-way can leave the
+        device's allocator and generator in capture mode."""
+        return next((why for c in self.children() if (why := c.capture_refusal(q, k))), None)
+
 
 @dataclass
 class Branch(Node):
@@ -111,6 +118,11 @@ class Branch(Node):
 
     def places_blocks(self, decode: bool) -> bool:
         return self.selector is not None and (not decode or self.selector.decode == "plan")
+
+    def capture_refusal(self, q, k) -> str | None:
+        if value_checks(q.device):
+            return "value checks read tensors on the host (check_values)"
+        return None
 
     def __call__(self, q, k, v, ctx: CallContext) -> torch.Tensor:
         if self.selector is None or dense_below_applies(self.dense_below, k):

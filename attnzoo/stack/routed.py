@@ -65,6 +65,11 @@ class Routed(Node):
             ctx.cache[key] = plan
         return plan
 
+    def capture_refusal(self, q, k) -> str | None:
+        if dense_below_applies(self.dense_below, k):
+            return None
+        return "a routed layer may take its split path, which reads the router's decision on the host"
+
     def __call__(self, q, k, v, ctx: CallContext) -> torch.Tensor:
         if dense_below_applies(self.dense_below, k):
             ctx.record(1.0)

@@ -6,7 +6,7 @@ the trainer turns their outputs into losses. Data comes from offline text (``dat
 """
 
 from .data import Sample, training_samples
-from .elastic import train_elastic
+from .elastic import route_prior, train_elastic
 from .ssa import train_ssa
 
-__all__ = ["Sample", "training_samples", "train_elastic", "train_ssa"]
+__all__ = ["Sample", "training_samples", "route_prior", "train_elastic", "train_ssa"]
