@@ -42,10 +42,10 @@ sys.path[:] = [x for x in sys.path if Path(x or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import attnzoo  # noqa: E402
+from attnzoo import settings  # noqa: E402
 from attnzoo.cli import installed_version  # noqa: E402
 from attnzoo.config import load_config, preset_names, preset_spec, without_dense_below  # noqa: E402
 from attnzoo.models import extend_context  # noqa: E402
-from attnzoo import settings  # noqa: E402
 from attnzoo.stack import CallContext, DensityMeter  # noqa: E402
 
 T0 = time.time()
