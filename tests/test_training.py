@@ -12,7 +12,7 @@ import torch
 from attnzoo.routers.elastic import ElasticRouter
 from attnzoo.training.common import cosine_temperature, micro_batches, pad_right, supervised_loss, warmup_cosine
 from attnzoo.training.data import Sample
-from attnzoo.training.elastic import Multipliers, gumbel_gate, router_sparsity, train_elastic
+from attnzoo.training.elastic import Multipliers, gumbel_gate, route_prior, router_sparsity, train_elastic
 from attnzoo.training.ssa import alignment_losses, set_trainable, train_ssa
 
 
@@ -228,6 +228,23 @@ def test_elastic_five_steps_reduce_penalty_and_save(tmp_path):
     assert router_sparsity(model, again, ids) == router_sparsity(model, router, ids)
 
 
+def test_route_prior_sends_each_task_type_to_its_target():
+    """The prior stage alone: from pooled keys that differ by task type, the router's inference
+    decisions reach each type's sparsity (all heads sparse on 'other', all full on 'retrieval'
+    here), the backbone untouched; before it both types get the same mix."""
+    model = _tiny()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    samples = _samples(8)
+    before = [router_sparsity(model, ElasticRouter(head_dim=16, seed=0), s.input_ids) for s in samples[:2]]
+    router = route_prior(model, samples, targets={"retrieval": 0.0, "other": 1.0}, steps=60, batch=8, lr=1e-2,
+                         progress=False)
+    got = {s.task_type: router_sparsity(model, router, s.input_ids) for s in samples[:2]}
+    assert got == {"retrieval": 0.0, "other": 1.0}, (got, before)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters()), "backbone must stay frozen"
+    with pytest.raises(ValueError, match="no target for task types"):
+        route_prior(model, samples, targets={"retrieval": 0.5}, steps=1, progress=False)
+
+
 def test_elastic_run_stopped_and_resumed_equals_one_run(tmp_path):
     """A run cut by its wall-clock budget after every step and resumed from checkpoint.pt each
     time (as on a GPU lent for minutes at a time) ends with the same router, multipliers and log
@@ -333,7 +350,7 @@ def test_cli_train_elastic_writes_log_plot_and_router(tok, tmp_path, monkeypatch
     out = tmp_path / "run"
     assert cli.main(["train", "elastic", "--steps", "2", "--batch", "2", "--samples", "2", "--lengths", "256",
                      "--targets", "retrieval=0.6,other=1.0", "--out", str(out), "--device", "cpu",
-                     "--micro-batch-tokens", "1024"]) == 0
+                     "--micro-batch-tokens", "1024", "--prior-steps", "2"]) == 0
     assert loaded == [("embedded", torch.float32, "cpu")]
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1]

@@ -311,7 +311,7 @@ def route_prior(model, samples, router: ElasticRouter | None = None, *, targets:
         loss.backward()
         opt.step()
         if progress and (step + 1) % max(1, steps // 10) == 0:
-            print(f"route_prior step {step + 1}/{steps}: loss {float(loss):.4f}", flush=True)
+            print(f"route_prior step {step + 1}/{steps}: loss {float(loss.detach()):.4f}", flush=True)
     for p in params:
         p.requires_grad_(False)
     return router
