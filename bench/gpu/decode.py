@@ -129,6 +129,7 @@ def end_to_end(gguf: Path, n: int, budgets, new_tokens: int, device: str, prompt
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype).to(device).eval()
+    model.name_or_path = model.config._name_or_path = str(gguf)  # named by the file (see e2e.py's load)
     model.generation_config.eos_token_id = None
     factor = extend_context(model, n + new_tokens)
     ids = make_prompt(tok, "single", n, 0.5, seed=0).input_ids.to(device)

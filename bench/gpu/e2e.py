@@ -61,6 +61,9 @@ def load(gguf: Path, device: str):
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    # named by the file, not its folder: presets fitted to a model (weights: auto routers, fitted_for)
+    # recognise it by name (from /tmp, elastic-fa-xa's router was not found and the preset left out)
+    model.name_or_path = model.config._name_or_path = str(gguf)
     return model.to(device).eval(), tok
 
 
