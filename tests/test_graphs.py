@@ -55,6 +55,10 @@ def test_nodes_declare_what_cannot_be_captured():
         assert _stack("token-sparse-capped").node_for(20).capture_refusal(q, k) is None
         assert "width is read" in _stack("token-sparse").node_for(20).capture_refusal(q, k)
         assert "split path" in _stack("elastic-fa-streaming").node_for(20).capture_refusal(q, k)
+        reuse = attnzoo.build({"name": "r", "default": {
+            "selector": {"name": "streaming"}, "op": "block_sparse",
+            "decode": {"selector": {"name": "prefill_blocks"}, "op": "block_sparse"}}})
+        assert "kept in ctx.cache" in reuse.node_for(0).capture_refusal(q, k)
     with override(check_values=True):
         assert "value checks" in _stack("xattention").node_for(20).capture_refusal(q, k)
 

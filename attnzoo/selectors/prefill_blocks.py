@@ -5,8 +5,9 @@ For a node's ``decode`` part: ``{selector: {name: xattention}, op: block_sparse,
 {name: prefill_blocks}, op: block_sparse}}``. While the prompt runs, the node hands its plan to the
 ``Phased`` node, which keeps that plan's row at each sequence's last real query in the layer's
 cache (``attnzoo.plans.PrefillRow``); each decode step builds its plan from it on the device. Where
-no row was kept (the prompt ran dense, or its plan was not a block plan) or for a prefill, it
-returns a dense plan: nothing is left out that the prefill did not leave out.
+no row was kept (the prompt ran dense, its plan was not a block plan, or a streaming prompt ran as a
+range rule, which makes no plan) or for a prefill, it returns a dense plan: nothing is left out that
+the prefill did not leave out.
 """
 
 from __future__ import annotations

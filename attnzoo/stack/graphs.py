@@ -46,7 +46,8 @@ def wanted(q, k, v, ctx: CallContext) -> bool:
     capture (a user capturing the whole model keeps that capture), with graphs switched on."""
     if not (q.is_cuda and setting("cuda_graphs")):
         return False
-    if ctx.decode or ctx.active_heads is not None or callable(ctx.density_scale) or ctx.density_scale != 1.0:
+    scale = ctx.density_scale  # compared only as a number: a tensor would be a host read
+    if ctx.decode or ctx.active_heads is not None or not isinstance(scale, (int, float)) or scale != 1.0:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return False

@@ -53,6 +53,11 @@ class Phased(Node):
             return self.prefill(q, k, v, replace(ctx, keep_plan=keep))
         return self.prefill(q, k, v, replace(ctx, keep_plan=None) if ctx.keep_plan is not None else ctx)
 
+    def capture_refusal(self, q, k) -> str | None:
+        if self._reuses_prefill_plan():
+            return "the prompt's plan is kept in ctx.cache for the decode part"
+        return self.prefill.capture_refusal(q, k)
+
     def _reuses_prefill_plan(self) -> bool:
         sel = getattr(self.decode, "selector", None)
         return bool(getattr(sel, "keeps_prefill_plan", False))
