@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 38 on one GPU, in back-to-back calls (the GGUF travels in two parts, as in compare.sh):
-#   a: (carry .whl/gguf_a .whl/py) the GPU tests of CUDA-graph replay, the hot path's sync and kernel
+#   a: (carry .whl/g1 then .whl/g2, with .whl/py) the GPU tests of CUDA-graph replay, the hot path's sync and kernel
 #      counts, the split-K decode kernel and decode by the prefill plan -> $OUT/tests.log; the decode
 #      attention-only benchmark at 32K and 128K -> $OUT/decode/; keeps the GGUF part in /tmp
-#   b: (carry .whl/gguf_b .whl/py) joins the GGUF; bench/gpu/e2e.py at 8K and 16K, sparse everywhere,
+#   b: (carry .whl/g3 .whl/py) joins the GGUF; bench/gpu/e2e.py at 8K and 16K, sparse everywhere,
 #      every layer call (full's too) replayed from CUDA graphs -> $OUT/e2e-graphs/
 #   c: (warm machine, no carry) the same without graphs, for the ratio graphs buy -> $OUT/e2e-eager/
 set -uo pipefail
