@@ -177,3 +177,20 @@ def test_flex_density_limits_hold_with_value_checks_off(monkeypatch):
     ops.block_sparse(q, k, v, BlockPlan.full(1, 2, 512, 512, 64, 64))  # every causal block: density 1
     assert chosen[-1].plan_density == pytest.approx(1.0)
     assert real(chosen[-1]).name == "blocked"
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("op", ["dense", "block_sparse", "mixed"])
+@pytest.mark.parametrize("head_dim", [8, 64, 80, 96])
+def test_every_attention_call_has_a_backend_on_each_device(op, device, head_dim):
+    """The GPU fuzz found dense on CUDA with head dim 8 and lse (or padding at prefill) had no
+    backend: SDPA has no lse, Triton takes 16/32/64/128/256. Every call a model can make -- any head
+    dim, padding, lse, gradients, each dtype -- must have a backend whose only possible reason to
+    decline is that this machine lacks the device."""
+    kind = {"dense": "dense", "block_sparse": "block", "mixed": "mixed"}[op]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        req = _req(op=op, device=device, dtype=dtype, head_dim=head_dim, plan_kind=kind, needs_grad=True,
+                   needs_lse=True, has_padding=True, q_len=300, kv_len=300)
+        takers = [b.name for b in dispatch.backends(op)
+                  if all(r == b.available() or "not available" in r or "CUDA" in r for r in b.reasons(req))]
+        assert takers, f"{op} on {device}, head dim {head_dim}, {dtype}: {dispatch.explain(req)}"

@@ -190,7 +190,8 @@ class _BlockedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def _blocked(q, k, v, plan, *, key_padding_mask, scale, return_lse):
+def blocked_attention(q, k, v, plan, *, key_padding_mask, scale, return_lse):
+    """The ``blocked`` backend's function (also dense's portable fallback, over a full plan)."""
     lay = BlockLayout(q.shape, k.shape, plan, q.device)
     return _BlockedAttention.apply(q, k, v, lay, key_padding_mask, scale)
 
@@ -263,7 +264,7 @@ def _flex(q, k, v, plan, *, key_padding_mask, scale, return_lse):
                                enable_gqa=q.shape[1] != k.shape[1])
     except Exception as e:  # noqa: BLE001 - any compile failure: stop using flex, stay correct
         _FLEX_FAILED.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200])
-        return _blocked(q, k, v, plan, key_padding_mask=key_padding_mask, scale=scale, return_lse=return_lse)
+        return blocked_attention(q, k, v, plan, key_padding_mask=key_padding_mask, scale=scale, return_lse=return_lse)
     return out, None
 
 
@@ -340,7 +341,7 @@ FLEX = register_backend(Backend(
 
 # last in dispatch.PRIORITY: flex only fits large inference calls; blocked takes everything else
 BLOCKED = register_backend(Backend(
-    op="block_sparse", name="blocked", fn=_blocked, devices=("cpu", "cuda"),
+    op="block_sparse", name="blocked", fn=blocked_attention, devices=("cpu", "cuda"),
     dtypes=(torch.float32, torch.float16, torch.bfloat16), plan_kinds=("block",),
     backward=True, lse=True,
     description="gathered key blocks: CPU aten flash kernel, else fp32 torch math; recompute backward"))

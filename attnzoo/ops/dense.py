@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..plans import BlockPlan
 from ._checks import check_qkv, default_scale
+from .block_sparse import blocked_attention
 from .dispatch import Backend, choose, make_request, register_backend
 from .merge import merge_attention
 
@@ -144,6 +146,27 @@ SDPA_CUDA = register_backend(Backend(
     dtypes=(torch.float32, torch.float16, torch.bfloat16), plan_kinds=("dense",),
     backward=True, lse=False, check=_sdpa_cuda_limits,
     description="CUDA: torch SDPA's default dispatch (cuDNN/flash), GQA without K/V repeat; no lse"))
+
+
+# Why a fallback: on CUDA, SDPA returns no lse and takes padding only at decode, and Triton takes head
+# dims 16/32/64/128/256 -- so a head dim of 8, 80 or 96 with padding at prefill (or asking for lse)
+# had no dense backend there (the GPU fuzz found it). The portable blocked path over a plan keeping
+# every visible block takes every case; its plan is B x Hkv x (N/128)^2 int32, not an N x N mask.
+FALLBACK_BLOCK = 128
+
+
+def _blocked_dense(q, k, v, *, causal, key_padding_mask, scale, return_lse):
+    B, Hkv, Nk = k.shape[0], k.shape[1], k.shape[2]
+    plan = BlockPlan.full(B, Hkv, q.shape[2], Nk, FALLBACK_BLOCK, FALLBACK_BLOCK, causal=causal, device=q.device)
+    return blocked_attention(q, k, v, plan, key_padding_mask=key_padding_mask, scale=scale, return_lse=return_lse)
+
+
+BLOCKED = register_backend(Backend(
+    op="dense", name="blocked", fn=_blocked_dense, devices=("cpu", "cuda"),
+    dtypes=(torch.float32, torch.float16, torch.bfloat16), plan_kinds=("dense",),
+    backward=True, lse=True,
+    description="portable fallback: block_sparse's blocked path over every visible block (any head dim, "
+                "padding, lse, gradients)"))
 
 
 def dense(q, k, v, *, causal: bool = True, key_padding_mask=None, scale=None,

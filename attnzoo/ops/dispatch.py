@@ -136,7 +136,7 @@ _BACKENDS: dict[str, list[Backend]] = {}
 # FlashInfer after SDPA's default dispatch for dense (cuDNN/FA3-class measured faster on Hopper),
 # the Triton kernels before FlashInfer and flex for block_sparse; torch references last.
 PRIORITY: dict[str, tuple[str, ...]] = {
-    "dense": ("sdpa", "sdpa_cuda", "flashinfer", "triton"),
+    "dense": ("sdpa", "sdpa_cuda", "flashinfer", "triton", "blocked"),
     "block_sparse": ("triton_decode", "triton", "flashinfer", "flex", "blocked"),
     "mixed": ("triton", "blocked"),
     "antidiagonal_scores": ("triton", "torch"),
