@@ -112,9 +112,12 @@ def _check(run, q, k, v, kpm, plan, backend, dtype, grad):
         assert_lse_close(lse, ref_lse, tol.lse)
     if grad:
         g = torch.Generator().manual_seed(1)
-        dout = torch.randn(out.shape, generator=g)
-        dlse = torch.randn(ref_lse.shape, generator=g)
+        dout = torch.randn(out.shape, generator=g).to(out.device)  # drawn on the CPU: same values anywhere
+        dlse = torch.randn(ref_lse.shape, generator=g).to(out.device)
         fin = torch.isfinite(ref_lse)
+        if lse is None:  # a backend without lse (sdpa_cuda): the output's gradient alone
+            dlse = torch.zeros_like(dlse)
+            lse = ref_lse.detach()
         loss = (out.float() * dout).sum() + (lse.where(fin, 0.0) * dlse).sum()
         ref_loss = (ref * dout).sum() + (ref_lse.where(fin, 0.0) * dlse).sum()
         loss.backward()
