@@ -75,3 +75,36 @@ def test_plan_keeping_padding_is_rejected():
         token_sparse.compress(q, k, v, plan, key_padding_mask=kpm)
     with pytest.raises(TypeError, match="TokenPlan"):
         token_sparse.compress(q, k, v, "not a plan")
+
+
+def test_bucket_width_bounds_the_extra_slots_and_the_shapes():
+    from attnzoo.plans.token import bucket_width
+
+    widths = set()
+    for n in range(1, 20000):
+        w = bucket_width(n, 20000)
+        assert n <= w <= 20000 and (n < 512 or w <= n * 1.125), (n, w)
+        widths.add(w)
+    assert bucket_width(9000, 9100) == 9100  # never past the sequence
+    assert len({bucket_width(n, 10**6) for n in range(8193, 16385)}) == 8  # eight shapes per doubling
+
+
+def test_token_coverage_widths_are_bucketed_and_change_nothing():
+    """The selector's plan is wider than its longest head only by tail slots: the attention output
+    equals the exact-width plan's (the shape is bucketed so kernels with per-shape setup -- cuDNN
+    SDPA -- see a few shapes, not one per call)."""
+    from attnzoo.plans.token import bucket_width
+    from attnzoo.selectors.token_coverage import TokenCoverage
+
+    sel = TokenCoverage(coverage=0.05, window=32, min_tokens=64)
+    g = torch.Generator().manual_seed(3)
+    for N in (700, 1111):
+        q, k, v = (torch.randn(2, 4, N, 16, generator=g) * 2 for _ in range(3))
+        k, v = k[:, :2], v[:, :2]
+        plan = sel(q, k)
+        exact = TokenPlan.from_keep_mask(plan.keep_mask())
+        assert plan.max_len == bucket_width(exact.max_len, N) > exact.max_len  # 640 > 601, 960 > 914
+        assert torch.equal(plan.lengths, exact.lengths)
+        a = token_sparse.attention(q, k, v, plan, return_lse=True)
+        b = token_sparse.attention(q, k, v, exact, return_lse=True)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -10,6 +10,21 @@ from ..settings import value_checks
 from .geometry import causal_mask, check_index_tensor, check_int, check_qk_heads
 
 
+def bucket_width(n: int, limit: int) -> int:
+    """``n`` rounded up to a multiple of ``max(64, 2**(floor(log2 n) - 3))``, at most ``limit``:
+    at most 12.5 % more slots, about eight widths per doubling.
+
+    Why: a compressed width that differs in every layer and prompt is a new shape for the kernel
+    that attends over it, and PyTorch's default SDPA on Hopper (cuDNN) builds an execution plan per
+    new shape -- tens to hundreds of ms each. On an H100, `token-sparse` took 595 ms per 8K prefill
+    in `attnzoo compare` (72 distinct prompts) against full's 22 ms, while `token-sparse-xattention`,
+    whose inner attention is a Triton kernel with no per-shape plan, took 71 ms
+    (bench/results/2026-12-07-h100-fidelity-per-length). Extra slots are tail copies of token 0 after
+    every real row: causal attention never lets a real row see them, and decompress drops them."""
+    step = max(64, 1 << max(0, n.bit_length() - 4))
+    return min(limit, -(-n // step) * step)
+
+
 @dataclass(frozen=True, repr=False, eq=False)
 class TokenPlan:
     """Per-head kept token positions (Token Sparse Attention's compress/decompress).
@@ -49,15 +64,17 @@ class TokenPlan:
         return self.indices.shape[2]
 
     @classmethod
-    def from_keep_mask(cls, keep: torch.Tensor, width: int | None = None) -> TokenPlan:
+    def from_keep_mask(cls, keep: torch.Tensor, width: int | None = None, bucket: bool = False) -> TokenPlan:
         """From a bool ``[B, H, N]`` keep mask. ``width``: the plan's ``max_len`` when the caller
         knows a bound on the kept count (a selector with a static cap): nothing is read on the host
-        and every call at one length has one shape. Without it the longest head's count is read."""
+        and every call at one length has one shape. Without it the longest head's count is read,
+        and with ``bucket`` rounded up by ``bucket_width`` (a few shapes per length, not one per call)."""
         if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.ndim != 3:
             raise TypeError("keep must be a bool tensor [B, H, N]")
         lengths = keep.sum(-1)
         if width is None:
             kmax = max(int(lengths.max()) if lengths.numel() else 0, 1)
+            kmax = bucket_width(kmax, keep.shape[-1]) if bucket else kmax
         else:
             check_int("width", width)
             if not 1 <= width <= keep.shape[-1]:

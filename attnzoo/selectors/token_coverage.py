@@ -17,7 +17,8 @@ all at once on the device: real tokens are moved to the front by a stable sort, 
 masked by the sequence's length, and no value is read on the host (tests/test_selectors.py checks
 the batch against the slow per-sequence reference under every padding, and that nothing is read).
 Building the ``TokenPlan`` reads its width (the most tokens a head keeps): one read per layer,
-unless ``max_keep`` bounds it. ``max_keep`` (not in the paper) caps each head's kept prefix tokens
+unless ``max_keep`` bounds it; the width read is rounded up (``plans.token.bucket_width``), so the
+attention over the kept tokens sees a few shapes per length rather than a new one in every call. ``max_keep`` (not in the paper) caps each head's kept prefix tokens
 at ``max(min_tokens, ceil(max_keep * P))``, even where the coverage would keep more or run dense;
 the plan's width is then a function of N alone: no host read, one shape per length (the hot path on
 a GPU can be captured), at the price of attention over the cap even where the coverage keeps fewer
@@ -149,4 +150,4 @@ class TokenCoverage:
         # on a CPU reading the counts costs nothing: a layer that drops nothing runs as dense
         if width is None and not keep.is_cuda and not bool((keep.sum(-1) < lengths[:, None]).any()):
             return DensePlan(Nq, Nk)
-        return TokenPlan.from_keep_mask(keep, width)
+        return TokenPlan.from_keep_mask(keep, width, bucket=True)
