@@ -20,7 +20,10 @@ def bucket_width(n: int, limit: int) -> int:
     in `attnzoo compare` (72 distinct prompts) against full's 22 ms, while `token-sparse-xattention`,
     whose inner attention is a Triton kernel with no per-shape plan, took 71 ms
     (bench/results/2026-12-07-h100-fidelity-per-length). Extra slots are tail copies of token 0 after
-    every real row: causal attention never lets a real row see them, and decompress drops them."""
+    every real row: causal attention never lets a real row see them, and decompress drops them.
+    ``limit`` should not depend on padding (the longest sequence's real tokens, not the padded
+    length): an inner selector scoring blocks sees the tail slots beside the last real rows, so a
+    sequence padded in a batch must get the width it gets alone."""
     step = max(64, 1 << max(0, n.bit_length() - 4))
     return min(limit, -(-n // step) * step)
 
@@ -64,17 +67,15 @@ class TokenPlan:
         return self.indices.shape[2]
 
     @classmethod
-    def from_keep_mask(cls, keep: torch.Tensor, width: int | None = None, bucket: bool = False) -> TokenPlan:
+    def from_keep_mask(cls, keep: torch.Tensor, width: int | None = None) -> TokenPlan:
         """From a bool ``[B, H, N]`` keep mask. ``width``: the plan's ``max_len`` when the caller
-        knows a bound on the kept count (a selector with a static cap): nothing is read on the host
-        and every call at one length has one shape. Without it the longest head's count is read,
-        and with ``bucket`` rounded up by ``bucket_width`` (a few shapes per length, not one per call)."""
+        knows a bound on the kept count (a selector with a static cap, or ``bucket_width`` of the
+        count it read): nothing is read on the host. Without it the longest head's count is read."""
         if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.ndim != 3:
             raise TypeError("keep must be a bool tensor [B, H, N]")
         lengths = keep.sum(-1)
         if width is None:
             kmax = max(int(lengths.max()) if lengths.numel() else 0, 1)
-            kmax = bucket_width(kmax, keep.shape[-1]) if bucket else kmax
         else:
             check_int("width", width)
             if not 1 <= width <= keep.shape[-1]:

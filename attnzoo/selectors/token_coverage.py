@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from ..context import as_context
 from ..plans import DensePlan, TokenPlan
+from ..plans.token import bucket_width
 from ..registry import register
 from .base import check_fraction, check_positive, check_qk
 
@@ -150,4 +151,7 @@ class TokenCoverage:
         # on a CPU reading the counts costs nothing: a layer that drops nothing runs as dense
         if width is None and not keep.is_cuda and not bool((keep.sum(-1) < lengths[:, None]).any()):
             return DensePlan(Nq, Nk)
-        return TokenPlan.from_keep_mask(keep, width, bucket=True)
+        if width is None:  # one host read: the longest head's count and the longest real sequence
+            kmax, real = torch.stack([keep.sum(-1).max(), lengths.max()]).tolist()
+            width = bucket_width(max(int(kmax), 1), int(real))
+        return TokenPlan.from_keep_mask(keep, width)
