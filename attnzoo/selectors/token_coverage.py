@@ -18,10 +18,11 @@ masked by the sequence's length, and no value is read on the host (tests/test_se
 the batch against the slow per-sequence reference under every padding, and that nothing is read).
 Building the ``TokenPlan`` reads its width (the most tokens a head keeps): one read per layer,
 unless ``max_keep`` bounds it; the width read is rounded up (``plans.token.bucket_width``), so the
-attention over the kept tokens sees a few shapes per length rather than a new one in every call. ``max_keep`` (not in the paper) caps each head's kept prefix tokens
-at ``max(min_tokens, ceil(max_keep * P))``, even where the coverage would keep more or run dense;
-the plan's width is then a function of N alone: no host read, one shape per length (the hot path on
-a GPU can be captured), at the price of attention over the cap even where the coverage keeps fewer
+attention over the kept tokens sees a few shapes per length rather than a new one in every call.
+``max_keep`` (not in the paper) caps each head's kept prefix tokens at ``max(min_tokens,
+ceil(max_keep * P))``, even where the coverage would keep more or run dense; the plan's width is
+then a function of N alone: no host read, one shape per length (the hot path on a GPU can be
+captured), at the price of attention over the cap even where the coverage keeps fewer
 (tail slots hold copies of token 0 and sit after every real row).
 ``per_kv_head=True`` scores a GQA group together (mean of s_h over the group), so compression
 gathers K/V at Hkv heads instead of Hq.
