@@ -48,24 +48,45 @@ def test_graphs_are_off_on_the_cpu_and_by_default():
     assert pickle.loads(pickle.dumps(stack.graphs)).report() == []
 
 
-def test_nodes_declare_what_cannot_be_captured():
+def test_nodes_declare_what_cannot_be_captured(monkeypatch):
+    from attnzoo.stack import routed
+
     q, k, _, _ = _inputs(1, 4096, 0, "cpu", torch.float32)
     with override(check_values=False):
         assert _stack("xattention").node_for(20).capture_refusal(q, k) is None
         assert _stack("token-sparse-capped").node_for(20).capture_refusal(q, k) is None
         assert "width is read" in _stack("token-sparse").node_for(20).capture_refusal(q, k)
+        # no single-launch backend for these shapes on a CPU: the split path, which reads the decision
         assert "split path" in _stack("elastic-fa-streaming").node_for(20).capture_refusal(q, k)
         reuse = attnzoo.build({"name": "r", "default": {
             "selector": {"name": "streaming"}, "op": "block_sparse",
             "decode": {"selector": {"name": "prefill_blocks"}, "op": "block_sparse"}}})
         assert "kept in ctx.cache" in reuse.node_for(0).capture_refusal(q, k)
+    with override(check_values=False), monkeypatch.context() as m:  # where one mixed launch can serve it
+        m.setattr(routed, "fused_backend", lambda *a, **kw: object())
+        assert _stack("elastic-fa-streaming").node_for(20).capture_refusal(q, k) is None
+        assert _stack("elastic-fa-xa").node_for(20).capture_refusal(q, k) is None
     with override(check_values=True):
         assert "value checks" in _stack("xattention").node_for(20).capture_refusal(q, k)
 
 
+def test_what_a_captured_call_keeps_is_handed_out_as_a_copy():
+    """A router's decision kept in ctx.cache by a captured call lives in the graph's memory: the
+    caller gets a clone after each replay; anything but tensors and plain fields is not captured."""
+    from attnzoo.plans import HeadPlan
+    from attnzoo.stack.graphs import _copied
+
+    plan = HeadPlan(torch.tensor([[0, 1, 0]]), ("full", "xa"))
+    got = _copied(plan)
+    assert isinstance(got, HeadPlan) and got.labels == plan.labels and torch.equal(got.branch, plan.branch)
+    assert got.branch.data_ptr() != plan.branch.data_ptr()
+    assert _copied(torch.ones(2)).tolist() == [1.0, 1.0]
+    assert _copied({"a": torch.ones(1)}) is None and _copied(lambda: 0) is None
+
+
 @needs_cuda
 @pytest.mark.parametrize("preset", ["streaming", "xattention", "topk-blocks", "token-sparse-capped",
-                                    "token-sparse-xattention-capped"])
+                                    "token-sparse-xattention-capped", "elastic-fa-xa", "elastic-fa-streaming"])
 @pytest.mark.parametrize("pad", ["none", "left", "right"])
 def test_replay_equals_eager(preset, pad):
     """Third call of a signature replays its graph: output and metered density equal the eager

@@ -26,13 +26,13 @@ class Compressed(Node):
     def places_blocks(self, decode: bool) -> bool:
         return not decode or super().places_blocks(decode)
 
-    def capture_refusal(self, q, k) -> str | None:
+    def capture_refusal(self, q, k, ctx=None) -> str | None:
         if dense_below_applies(self.dense_below, k):
             return None
         width = getattr(self.compress, "width", None)
         if width is None or width(k.shape[2]) is None:
             return "the compressed width is read on the host (token_coverage's max_keep makes it static)"
-        return self.inner.capture_refusal(q, k)
+        return self.inner.capture_refusal(q, k, ctx)
 
     def __call__(self, q, k, v, ctx: CallContext) -> torch.Tensor:
         if dense_below_applies(self.dense_below, k):

@@ -20,14 +20,16 @@ between threads: two threads replaying one graph would race on its input buffers
 
 A node declares when its call cannot be captured (``Node.capture_refusal``: a routed layer's split
 path, Token Sparse's width read, value checks): it runs eagerly, and ``report()`` says why, per
-signature. A capture that fails anyway (an undeclared host read) runs eagerly from then on too. A call that leaves state
-in ``ctx.cache`` (a router's decision kept for decode) is not captured either: the cache would hold
-the graph's buffers. Density meters still see every call: the meter's entries are summed inside
+signature. A capture that fails anyway (an undeclared host read) runs eagerly from then on too. What
+a captured call leaves in ``ctx.cache`` (a router's decision kept for decode) is handed to the caller's
+cache after every replay as a copy (the graph's own tensors change at its next replay); a call
+leaving anything else there is not captured. Density meters still see every call: the meter's entries are summed inside
 the graph and the sum is added after each replay.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, field, replace
 
@@ -65,6 +67,22 @@ def _reset_after_failed_capture(device, pool) -> None:
         pass  # not recording: the capture ended that itself
     gen = torch.cuda.default_generators[idx]
     gen.graphsafe_set_state(gen.clone_state())
+
+
+def _copied(value):
+    """A copy of what a captured call left in ``ctx.cache`` (a router's decision kept for decode),
+    its tensors cloned out of the graph's memory; None where it is not a tensor or a dataclass of
+    tensors and plain values (such a call is not captured)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.init}
+        plain = (str, int, float, bool, type(None))
+        if all(isinstance(x, (torch.Tensor, *plain)) or (isinstance(x, tuple) and all(isinstance(y, plain) for y in x))
+               for x in fields.values()):
+            tensors = {n: x.clone() for n, x in fields.items() if isinstance(x, torch.Tensor)}
+            return dataclasses.replace(value, **tensors)
+    return None
 
 
 def _sig(t):
@@ -117,6 +135,7 @@ class _Entry:
     buffers: _Buffers | None = None
     meter_total: object = None  # the graph's summed meter entries (a device value or a number)
     declined: str | None = None  # why this signature runs eagerly
+    kept: dict = field(default_factory=dict)  # what the captured call left in ctx.cache (graph tensors)
 
 
 @dataclass
@@ -163,13 +182,15 @@ class LayerGraphs:
         else:
             entry.buffers.fill(q, k, v, kpm, keys)
         entry.graph.replay()
+        if ctx.cache is not None:  # copies: the next replay of this graph rewrites its tensors
+            ctx.cache.update({key: _copied(value) for key, value in entry.kept.items()})
         if ctx.meter is not None:
             total = entry.meter_total
             ctx.meter.add(ctx.layer_idx, 1.0, total.clone() if isinstance(total, torch.Tensor) else total)
         return entry.buffers.out.clone()
 
     def _capture(self, st: _PerThread, entry: _Entry, shapes, run, node, q, k, v, ctx: CallContext) -> None:
-        why = node.capture_refusal(q, k)
+        why = node.capture_refusal(q, k, ctx)
         if why is not None:
             entry.declined = why
             return
@@ -199,10 +220,11 @@ class LayerGraphs:
             _reset_after_failed_capture(q.device, st.pool)
             entry.declined = f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             return
-        if cache:
-            entry.declined = f"the call keeps state in ctx.cache ({', '.join(map(str, cache))})"
+        uncopyable = [key for key, value in cache.items() if _copied(value) is None]
+        if uncopyable:
+            entry.declined = f"the call keeps state in ctx.cache that a replay cannot hand out ({uncopyable})"
             return
-        entry.graph, entry.buffers, entry.meter_total = graph, bufs, total
+        entry.graph, entry.buffers, entry.meter_total, entry.kept = graph, bufs, total, cache
 
     def report(self) -> list[dict]:
         """This thread's signatures: layer, q's shape, calls, and ``graph`` or the reason it runs eagerly."""

@@ -103,11 +103,11 @@ class Node:
         over the cache do."""
         return any(c.places_blocks(decode) for c in self.children())
 
-    def capture_refusal(self, q, k) -> str | None:
-        """Why a call of this node on q/k cannot be captured in a CUDA graph (a host read on its
-        path), or None. Declared, not discovered: a capture that fails part-way can leave the
-        device's allocator and generator in capture mode."""
-        return next((why for c in self.children() if (why := c.capture_refusal(q, k))), None)
+    def capture_refusal(self, q, k, ctx=None) -> str | None:
+        """Why a call of this node on q/k (under ``ctx``, when known) cannot be captured in a CUDA
+        graph (a host read on its path), or None. Declared, not discovered: a capture that fails
+        part-way can leave the device's allocator and generator in capture mode."""
+        return next((why for c in self.children() if (why := c.capture_refusal(q, k, ctx))), None)
 
 
 @dataclass
@@ -119,7 +119,7 @@ class Branch(Node):
     def places_blocks(self, decode: bool) -> bool:
         return self.selector is not None and (not decode or self.selector.decode == "plan")
 
-    def capture_refusal(self, q, k) -> str | None:
+    def capture_refusal(self, q, k, ctx=None) -> str | None:
         if value_checks(q.device):
             return "value checks read tensors on the host (check_values)"
         return None

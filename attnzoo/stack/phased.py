@@ -53,10 +53,10 @@ class Phased(Node):
             return self.prefill(q, k, v, replace(ctx, keep_plan=keep))
         return self.prefill(q, k, v, replace(ctx, keep_plan=None) if ctx.keep_plan is not None else ctx)
 
-    def capture_refusal(self, q, k) -> str | None:
+    def capture_refusal(self, q, k, ctx=None) -> str | None:
         if self._reuses_prefill_plan():
             return "the prompt's plan is kept in ctx.cache for the decode part"
-        return self.prefill.capture_refusal(q, k)
+        return self.prefill.capture_refusal(q, k, ctx)
 
     def _reuses_prefill_plan(self) -> bool:
         sel = getattr(self.decode, "selector", None)

@@ -16,6 +16,7 @@ from ..ops import mixed as mixed_op
 from ..ops.mixed import fused_backend
 from ..plans import BlockPlan, HeadPlan
 from ..registry import to_config
+from ..settings import get as setting
 from .executor import (
     HeadMode,
     HeadRun,
@@ -65,10 +66,20 @@ class Routed(Node):
             ctx.cache[key] = plan
         return plan
 
-    def capture_refusal(self, q, k) -> str | None:
+    def capture_refusal(self, q, k, ctx=None) -> str | None:
         if dense_below_applies(self.dense_below, k):
             return None
-        return "a routed layer may take its split path, which reads the router's decision on the host"
+        if not self._one_launch_possible(q, k, ctx):
+            return "a routed layer takes its split path, which reads the router's decision on the host"
+        return super().capture_refusal(q, k, ctx)
+
+    def _one_launch_possible(self, q, k, ctx) -> bool:
+        """Whether every branch can run in one mixed launch here (by declaration: the modes, one
+        block size, a single-launch backend for these shapes)."""
+        modes = self.head_modes()
+        bs = None if modes is None else common_block_size(modes)
+        kpm = None if ctx is None else ctx.key_padding_mask
+        return bs is not None and fused_backend(q, k, k, q.shape[1], bs, key_padding_mask=kpm) is not None
 
     def __call__(self, q, k, v, ctx: CallContext) -> torch.Tensor:
         if dense_below_applies(self.dense_below, k):
@@ -117,6 +128,10 @@ class Routed(Node):
         the fastest for that layer. On the CPU there is no single-launch backend: split."""
         if q.device.type != "cuda" or ctx.decode:
             return "mixed"  # _fused declines where it cannot run; the CPU falls through to split
+        if setting("cuda_graphs") and not torch.is_grad_enabled():
+            # the single launch is the one path a CUDA graph can hold (the others read the decision
+            # on the host); timed eagerly against them it would lose what the graph saves
+            return "mixed"
         # keyed by the key length's power-of-two bucket, not the exact shape: every new prompt
         # length re-timed three paths inside its own prefill (a 32,767-token NIAH prompt after a
         # 32,768 one took 6.4 s on an H100 instead of ~0.13)
