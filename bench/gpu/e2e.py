@@ -86,14 +86,14 @@ def load_random(geometry: str, layers: int, device: str):
     return model.eval(), None
 
 
-def prompt_ids(tok, length: int) -> torch.Tensor:
+def prompt_ids(tok, length: int, seed: int = 0) -> torch.Tensor:
     """``length`` tokens of real text: a NIAH prompt, padded out with more documentation text if the
     haystack slice is short (speed is measured here, not retrieval)."""
     from attnzoo.eval.niah import haystack_text, make_prompt
 
     if tok is None:  # a random-weight model: random token ids
-        return torch.randint(1, 32000, (1, length), generator=torch.Generator().manual_seed(length))
-    ids = make_prompt(tok, "single", length, 0.5, seed=0).input_ids
+        return torch.randint(1, 32000, (1, length), generator=torch.Generator().manual_seed(length + 7919 * seed))
+    ids = make_prompt(tok, "single", length, 0.5, seed=seed).input_ids
     if ids.shape[1] < length:
         more = tok(haystack_text() * 2, add_special_tokens=False, return_tensors="pt").input_ids
         ids = torch.cat([more[:, : length - ids.shape[1]], ids], 1)
@@ -260,9 +260,13 @@ def preset_stacks(presets: list[str], sparse_everywhere: bool = False) -> dict:
     return out
 
 
-def run_length(model, tok, length: int, specs: dict, reps: int, device: str) -> dict:
+def run_length(model, tok, length: int, specs: dict, reps: int, device: str, distinct: int = 1) -> dict:
     factor = extend_context(model, length)
     ids = prompt_ids(tok, length).to(device)
+    # repeat r times prompt r % distinct (every preset the same one in a round): with distinct > 1 a
+    # path whose shapes depend on the prompt (Token Sparse's kept width) pays its per-shape setup
+    # (cuDNN plans, graph captures) as a server would, instead of once in the warm-up
+    prompts = [ids] + [prompt_ids(tok, length, seed=i).to(device) for i in range(1, distinct)]
     stacks = {p: attnzoo.build(spec).for_model(model) for p, spec in specs.items()}
     presets = list(specs)
     layer = model.config.num_hidden_layers // 2
@@ -304,7 +308,7 @@ def run_length(model, tok, length: int, specs: dict, reps: int, device: str) -> 
             order = labels[r % len(labels):] + labels[: r % len(labels)]  # rotated every repeat
             for p in order:
                 with without_attention(model) if p == NO_ATTENTION else attnzoo.patch(model, stacks[p]):
-                    rows[p]["times"].append(timed(model, ids, device))
+                    rows[p]["times"].append(timed(model, prompts[r % distinct], device))
     finally:
         gc.enable()
     full = statistics.median(rows["full"]["times"]) if "full" in rows else None
@@ -320,6 +324,7 @@ def run_length(model, tok, length: int, specs: dict, reps: int, device: str) -> 
     log(f"== {length}: " + ", ".join(f"{p} {row['ms']:.1f} ms ({row.get('ratio', 0):.2f}x)" for p, row in rows.items()))
     cfg = model.config
     return {"length": length, "tokens": int(ids.shape[1]), "yarn_factor": factor, "layer_profiled": layer,
+            "distinct_prompts": distinct,
             "non_attention_ms": rest_ms, "q_heads": cfg.num_attention_heads, "head_dim": getattr(cfg, "head_dim", None)
             or cfg.hidden_size // cfg.num_attention_heads, "presets": rows}
 
@@ -370,6 +375,9 @@ def markdown(result: dict) -> str:
             lines += [f"Baseline attention (full, layer {run['layer_profiled']}, one call): "
                       f"{run['presets']['full']['attention_call']['kernel_ms']:.3f} ms of kernels = "
                       f"**{tflops:.0f} TFLOP/s**.", ""]
+        if run.get("distinct_prompts", 1) > 1:
+            lines += [f"Timed over {run['distinct_prompts']} distinct prompts of this length, in turn "
+                      "(density and counts: the first).", ""]
         lines += [f"Non-attention work: {run['non_attention_ms']:.1f} ms of the prefill.", "",
                   "| preset | prefill ms | vs full | range | ceiling | of ceiling | attention only | density | "
                   "kernels / prefill | syncs / prefill | sync-debug warnings | layer call: kernels | "
@@ -404,7 +412,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cuda-graphs", action="store_true", help="replay layer calls from CUDA graphs "
                    "(attnzoo.stack.graphs), every preset and full alike")
+    p.add_argument("--distinct-prompts", type=int, default=1, help="time repeat r on prompt r mod N of "
+                   "the length (N > 1: shapes that depend on the prompt pay their setup as in serving)")
     args = p.parse_args(argv)
+    if args.distinct_prompts < 1:
+        p.error(f"--distinct-prompts must be >= 1, got {args.distinct_prompts}")
     if args.geometry is None and (args.gguf is None or not args.gguf.is_file()):
         p.error(f"--gguf {args.gguf}: no such file (or give --geometry)")
     presets = args.presets or preset_names()
@@ -428,7 +440,8 @@ def main(argv=None) -> int:
     result["cuda_graphs"] = args.cuda_graphs
     for length in args.lengths:
         with settings.override(cuda_graphs=args.cuda_graphs):
-            result["runs"].append(run_length(model, tok, length, specs, args.reps, args.device))
+            result["runs"].append(run_length(model, tok, length, specs, args.reps, args.device,
+                                             args.distinct_prompts))
         (args.out / "e2e.json").write_text(json.dumps(result, indent=1))
         (args.out / "e2e.md").write_text(markdown(result))
     print(markdown(result))
