@@ -7,7 +7,7 @@
 #      presets the acceptance names, the long calibration beside them
 #   c: (warm machine, no carry) the same compare on the remaining shipped presets
 set -uo pipefail
-PART=${1:?usage: fidelity_run.sh b|c [per-cell]}; PER=${2:-6}
+PART=${1:?usage: fidelity_run.sh b|c [per-cell]}; PER=${2:-12}  # 6 gave 95 % intervals of +-0.05-0.085 (2026-12-07): 12 for <= 0.05
 source "$(dirname "$0")/gguf_env.sh"
 git rev-parse HEAD 2>/dev/null || true
 if [ "$PART" = b ]; then
