@@ -11,6 +11,7 @@ import torch
 import attnzoo
 from attnzoo.context import CallContext
 from attnzoo.plans import BlockPlan, DensePlan, TokenPlan
+from attnzoo.plans.geometry import last_visible_block
 from attnzoo.selectors.naive import quest_slow, streaming_slow, token_coverage_slow, topk_slow, xattention_slow
 
 from .conftest import make_qkv, padding_mask
@@ -367,7 +368,28 @@ def test_quest_bounds_kept_in_the_cache_while_decoding():
 def test_quest_budget_holding_everything_is_dense_and_bad_config():
     q, k = _qk(1, 2, 1, 1, 60, 8)
     assert isinstance(attnzoo.create("selector", {"name": "quest", "page_size": 16, "budget": 64})(q, k), DensePlan)
-    with pytest.raises(ValueError, match="at least two pages"):
+    with pytest.raises(ValueError, match="the sink's page, the query's own"):
         attnzoo.create("selector", {"name": "quest", "page_size": 16, "budget": 16})
+    with pytest.raises(ValueError, match="local window's"):
+        attnzoo.create("selector", {"name": "quest", "page_size": 16, "budget": 64, "local": 64})
+    with pytest.raises(ValueError, match="local must be >= 0"):
+        attnzoo.create("selector", {"name": "quest", "page_size": 16, "budget": 64, "local": -1})
+
+
+@pytest.mark.parametrize("Nq", [1, 40])
+def test_quest_local_window_pages_are_always_read(Nq):
+    """``local``: the pages just before each query block's own are kept whatever their bound (within
+    the budget), the sink page too; without it they compete on their bounds."""
+    q, k = _qk(2, 6, 2, Nq, 700, 16, seed=5)
+    p, local = 16, 96
+    plan = attnzoo.create("selector", {"name": "quest", "page_size": p, "budget": 256, "local": local})(
+        q, k, CallContext(decode=Nq == 1))
+    plan.validate(q, k)
+    mask = plan.to_block_mask()  # [B, Hq, nqb, pages]
+    last = last_visible_block(Nq, 700, p, p)
+    for i, own in enumerate(last.tolist()):
+        window = list(range(max(0, own - local // p), own + 1))
+        assert mask[:, :, i, window].all() and mask[:, :, i, 0].all()
+        assert int(mask[:, :, i].sum(-1).max()) <= 256 // p
     with pytest.raises(ValueError, match="page_size must be a positive power of two"):
         attnzoo.create("selector", {"name": "quest", "page_size": 12})

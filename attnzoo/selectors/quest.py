@@ -4,7 +4,8 @@ The keys are cut into pages of ``page_size`` tokens; each page keeps the element
 maximum of its keys. For a query q, ``sum_d max(q_d * min_d, q_d * max_d)`` bounds q . k from
 above for every key of the page, so the pages with the highest bounds are the ones that can hold
 the largest attention scores. Each query head reads the first page (the attention sink), its own
-last visible page, and the best of the others up to ``budget`` tokens.
+last visible page (with ``local``, also the pages of that many tokens before it: a local window, not
+in the paper), and the best of the others up to ``budget`` tokens.
 
 Made for decode (Nq = 1 against a long cache: what each generated token reads); a chunked prefill
 or a prefill is handled per query block of ``page_size`` rows (the bound maximised over the
@@ -35,13 +36,18 @@ class Quest:
 
     page_size: int = 16
     budget: int = 4096  # tokens each query head reads (whole pages, the sink's and its own included)
+    # tokens just before the query's own page read whatever their bound (a local window inside the
+    # budget; not in the paper): 0 reads only the sink page and the own page unconditionally
+    local: int = 0
 
     def __post_init__(self):
         check_block("page_size", self.page_size)
         check_positive("budget", self.budget)
-        if self.budget < 2 * self.page_size:
-            raise ValueError(f"budget must hold at least two pages (the sink's and the query's own): "
-                             f"{2 * self.page_size} tokens, got {self.budget}")
+        check_positive("local", self.local, allow_zero=True)
+        need = 2 * self.page_size + cdiv(self.local, self.page_size) * self.page_size
+        if self.budget < need:
+            raise ValueError(f"budget must hold the sink's page, the query's own and the local window's "
+                             f"({self.local} tokens): {need} tokens, got {self.budget}")
 
     def page_bounds(self, k, key_padding_mask=None, cached=None):
         """``(min, max)`` ``[B, Hkv, pages, D]`` of each page's keys (fp32; padding left out: a page
@@ -117,7 +123,8 @@ class Quest:
         last = last_visible_block(Nq, Nk, p, p, q.device)  # [nqb]
         page = torch.arange(n_pages, device=q.device)
         visible = page[None, :] <= last[:, None]  # [nqb, pages]
-        forced = (page[None, :] == 0) | (page[None, :] == last[:, None])
+        near = page[None, :] >= last[:, None] - cdiv(self.local, p)  # the own page and the local window
+        forced = (page[None, :] == 0) | (near & visible)
         score = bound.masked_fill(~visible, float("-inf")).masked_fill(forced, float("inf"))
         top = score.topk(min(pick, n_pages), dim=-1).indices
         keep = torch.zeros(B, Hq, cdiv(Nq, p), n_pages, dtype=torch.bool, device=q.device).scatter_(-1, top, True)
