@@ -74,12 +74,18 @@ class Routed(Node):
         return super().capture_refusal(q, k, ctx)
 
     def _one_launch_possible(self, q, k, ctx) -> bool:
-        """Whether every branch can run in one mixed launch here (by declaration: the modes, one
-        block size, a single-launch backend for these shapes)."""
+        """Whether every branch can run in one mixed launch here (by declaration)."""
+        return self._launch(q, k, k, None if ctx is None else ctx.key_padding_mask) is not None
+
+    def _launch(self, q, k, v, key_padding_mask):
+        """``(modes, block size, backend)`` of one mixed launch of every branch on these shapes, or
+        None: a branch that is no head mode, branches of different block sizes, no such backend."""
         modes = self.head_modes()
         bs = None if modes is None else common_block_size(modes)
-        kpm = None if ctx is None else ctx.key_padding_mask
-        return bs is not None and fused_backend(q, k, k, q.shape[1], bs, key_padding_mask=kpm) is not None
+        if bs is None:
+            return None  # one launch needs one block size across branches
+        backend = fused_backend(q, k, v, q.shape[1], bs, key_padding_mask=key_padding_mask)
+        return None if backend is None else (modes, bs, backend)
 
     def __call__(self, q, k, v, ctx: CallContext) -> torch.Tensor:
         if dense_below_applies(self.dense_below, k):
@@ -231,17 +237,10 @@ class Routed(Node):
 
     def _mixed_parts(self, q, k, v, plan: HeadPlan, ctx: CallContext, skip: int | None = None):
         """(MixedPlan, backend name) of a single launch of every branch but ``skip``, or None."""
-        if ctx.decode:
+        launch = None if ctx.decode else self._launch(q, k, v, ctx.key_padding_mask)
+        if launch is None:
             return None
-        modes = self.head_modes()
-        if modes is None:
-            return None
-        bs = common_block_size(modes)
-        if bs is None:
-            return None  # one launch needs one block size across branches
-        backend = fused_backend(q, k, v, q.shape[1], bs, key_padding_mask=ctx.key_padding_mask)
-        if backend is None:
-            return None
+        modes, bs, backend = launch
         block_plans = {}
         for i, m in enumerate(modes):
             if m.kind == "block":  # every head's rows, but a selector may skip those routed elsewhere
