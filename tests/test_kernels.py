@@ -787,3 +787,46 @@ def test_flashinfer_kernels_match_reference(op):
         plan = _plan_to(random_block_plan(2, 2, 256, 256, 64, 64, p=0.5, seed=3, poison=False), DEVICE)
         out, lse = ops.block_sparse(q, k, v, plan, return_lse=True, backend="flashinfer")
     _compare(out, lse, q, k, v, None, plan, torch.bfloat16, False)
+
+
+@needs_triton
+@pytest.mark.parametrize("B,Hq,Hkv,Nk,D,pad,forced", [(1, 9, 3, 300, 64, None, None), (2, 4, 2, 333, 16, "left", 2),
+                                                       (2, 8, 1, 256, 32, "right", None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_page_scores_equal_torch(B, Hq, Hkv, Nk, D, pad, forced, dtype):
+    """Quest's decode scores: the Triton kernel updates the last page's bounds in place exactly as the
+    torch reference does (bit for bit: min / max of the keys), its scores order the pages as the
+    reference bounds do (equal up to fp32 summation order), and top_n picks the same pages."""
+    from attnzoo.ops import pages, selection
+    from attnzoo.selectors.quest import Quest
+
+    p = 16
+    g = torch.Generator().manual_seed(Nk + D)
+    q = torch.randn(B, Hq, 1, D, generator=g).to(dtype).to(DEVICE)
+    k = torch.randn(B, Hkv, Nk, D, generator=g).to(dtype).to(DEVICE)
+    kpm = padding_mask(B, Nk, pad)
+    kpm = None if kpm is None else kpm.to(DEVICE)
+    n_pages = -(-Nk // p)
+    last = n_pages - 1
+    forced_lo = last if forced is None else last - forced
+    sel = Quest(page_size=p, budget=8 * p)
+    lo0, hi0 = sel.decode_bounds(k[:, :, : last * p + 1], None if kpm is None else kpm[:, : last * p + 1])
+    out = {}
+    for backend in ("torch", "triton"):
+        lo, hi = lo0.clone(), hi0.clone()
+        s = pages.page_scores(q, lo, hi, n_pages=n_pages, forced_lo=forced_lo, page_size=p, k=k,
+                              key_padding_mask=kpm, backend=backend)
+        out[backend] = s, lo, hi
+    (s1, lo1, hi1), (s2, lo2, hi2) = out["torch"], out["triton"]
+    ref_lo, ref_hi = sel.page_bounds(k, kpm)
+    assert torch.equal(lo1[:, :, :n_pages].float(), ref_lo) and torch.equal(hi1[:, :, :n_pages].float(), ref_hi)
+    assert torch.equal(lo1[:, :, :n_pages], lo2[:, :, :n_pages]) and torch.equal(hi1[:, :, :n_pages], hi2[:, :, :n_pages])
+    assert torch.equal(s1 < 0, s2 < 0) and torch.equal(s1 == pages.SINK_SCORE, s2 == pages.SINK_SCORE)
+    # the keys differ only by rounding of the bound (two bits dropped, fp32 sums in another order)
+    k1, k2 = (s.view(torch.int32).long() for s in (s1, s2))
+    assert (k1 - k2).abs().max() <= 64
+    assert (s1[..., :-1] >= 0).any(), "some pages compete on their bounds"
+    rule = [torch.tensor([x], device=DEVICE) for x in (8 - 1, last, last)]
+    plans = [BlockPlan(*selection.top_n(s, *rule, width=8), p, p, 1, Nk) for s in (s1, s2)]
+    plans[0].check_indices()
+    assert torch.equal(plans[0].to_block_mask(), plans[1].to_block_mask())

@@ -119,6 +119,26 @@ def test_left_padded_generate_equals_each_prompt_alone(tiny, name):
 
 
 @torch.no_grad()
+def test_left_padded_generate_with_quest_decode_equals_each_prompt_alone(tiny):
+    """A decode part (Quest's pages, bounds kept in the cache, the last page updated per step): a
+    left-padded batch generates what each prompt does alone, and the pages change the tokens."""
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (230, 181, 140)]
+    ids, mask = _left_padded(prompts)
+    quest = {"name": "quest-decode", "default": {"op": "dense", "decode": {
+        "selector": {"name": "quest", "page_size": 16, "budget": 64}, "op": "block_sparse"}}}
+    new = 20  # crosses page edges: the bounds' last page restarts
+    with attnzoo.patch(tiny, quest):
+        batched = tiny.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+        alone = [tiny.generate(input_ids=torch.tensor([p]), max_new_tokens=new, do_sample=False) for p in prompts]
+    for b, a in enumerate(alone):
+        assert batched[b, -new:].tolist() == a[0, -new:].tolist(), f"prompt {b}"
+    with attnzoo.patch(tiny, "preset:full"):
+        dense = [tiny.generate(input_ids=torch.tensor([p]), max_new_tokens=new, do_sample=False) for p in prompts]
+    assert any(d[0, -new:].tolist() != a[0, -new:].tolist() for d, a in zip(dense, alone))
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("preset", ["streaming", "topk-blocks", "xattention"])
 def test_left_padded_generate_with_the_shipped_presets(preset):
     """The presets themselves (their CUDA crossovers do not apply on the CPU), on prompts long enough

@@ -351,18 +351,30 @@ def test_quest_matches_slow_reference(Nq, Nk):
     assert (plan.kv_counts <= 4).all() and plan.density() < 1
 
 
-def test_quest_bounds_kept_in_the_cache_while_decoding():
-    """Decoding token by token with the layer's cache: only the growing last page is recomputed,
-    and every step's plan equals a fresh call's."""
+@pytest.mark.parametrize("local", [0, 32])
+def test_quest_bounds_kept_in_the_cache_while_decoding(monkeypatch, local):
+    """Decoding token by token with the layer's cache: the bound buffers (grown on the way) keep
+    every page's exact bounds, only the growing last page is updated per step, and every step's plan
+    is Quest's (the fp64 loop reference's sink, own page, local window and best bounds)."""
+    from attnzoo.selectors.quest import Quest
+
+    monkeypatch.setattr(Quest, "GROW_PAGES", 4)  # grow the buffers a few times on the way
     q, k = _qk(1, 4, 2, 1, 340, 8, seed=4)
-    sel = attnzoo.create("selector", {"name": "quest", "page_size": 16, "budget": 64})
+    sel = attnzoo.create("selector", {"name": "quest", "page_size": 16, "budget": 64 + local, "local": local})
     cache = {}
-    sel(q, k[:, :, :300], CallContext(cache=cache))  # the prefill leaves the bounds of 300 tokens
-    for n in range(301, 341):
+    sel(q, k[:, :, :250], CallContext(cache=cache, decode=True))  # the first step fills the buffers
+    for n in range(251, 341):
         step = sel(q, k[:, :, :n], CallContext(cache=cache, decode=True))
-        fresh = sel(q, k[:, :, :n])
-        assert torch.equal(step.to_block_mask(), fresh.to_block_mask()), n
-        assert cache[("quest_bounds", id(sel))][0] == n
+        tokens, lo, hi = cache[("quest_pages", id(sel))]
+        assert tokens == n and lo.shape[2] >= -(-n // 16)
+        ref_lo, ref_hi = sel.page_bounds(k[:, :, :n])
+        assert torch.equal(lo[:, :, :ref_lo.shape[2]], ref_lo) and torch.equal(hi[:, :, :ref_hi.shape[2]], ref_hi)
+        if not local:
+            assert torch.equal(step.to_block_mask(), quest_slow(q, k[:, :, :n], 16, 64)), n
+        else:  # the window's pages before the own page are read whatever their bound
+            mask = step.to_block_mask()
+            own = (n - 1) // 16
+            assert mask[..., [0, *range(own - 2, own + 1)]].all() and (step.kv_counts <= (64 + local) // 16).all()
 
 
 def test_quest_budget_holding_everything_is_dense_and_bad_config():

@@ -1,6 +1,6 @@
 """HOW attention is computed: ops with an fp32 reference and backends chosen by capability."""
 
-from . import antidiagonal, dispatch, head_router, pooled, selection, token_sparse  # noqa: F401  (ops register)
+from . import antidiagonal, dispatch, head_router, pages, pooled, selection, token_sparse  # noqa: F401  (ops register)
 from .block_sparse import block_sparse, to_flex_block_mask
 from .dense import dense
 from .merge import merge_attention

@@ -142,6 +142,7 @@ PRIORITY: dict[str, tuple[str, ...]] = {
     "antidiagonal_scores": ("triton", "torch"),
     "pooled_scores": ("triton", "torch"),
     "block_select": ("triton", "torch"),
+    "page_scores": ("triton", "torch"),
     "head_router": ("triton", "torch"),
 }
 

@@ -132,6 +132,22 @@ _selection_backend("block_select", _select_triton, _select_limits,
                    "one Triton program per row, no sort: the cut by a binary search over score bits, index list",
                    dtypes=(torch.float32, torch.float64), head_dims=None, tolerances=EXACT)
 
+def _pages_triton(q, lo, hi, **kw):
+    from .triton_pages import page_scores
+    return page_scores(q, lo, hi, **kw)
+
+
+def _pages_limits(req) -> str | None:
+    if req.q_heads // max(req.kv_heads, 1) > 64:
+        return f"query group of {req.q_heads // req.kv_heads} heads > 64 (register tiles)"
+    return None
+
+
+_selection_backend("page_scores", _pages_triton, _pages_limits,
+                   "Triton Quest page bounds: the last page's bounds updated, every page scored for the query "
+                   "group in one launch")
+
+
 def _router_triton(keys, weights, **kw):
     from .triton_router import router_logits
     return router_logits(keys, weights, **kw)

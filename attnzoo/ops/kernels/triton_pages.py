@@ -1,0 +1,91 @@
+"""Triton Quest page scores for a decode step (the ``page_scores`` op, see ``ops.pages``).
+
+Program (tile of PT pages, batch x KV head) reads the tile's bounds once and scores them for every
+query head of the group with two products (``relu(q) . hi + min(q, 0) . lo``, the group padded to
+16 rows for ``tl.dot``, fp32 "ieee" so no TF32 rounding enters the ranking), then writes ranking keys
+(``ops.pages.order_keys``: the bound's fp32 bits mapped to a non-negative int32 order). The last
+page, the only one still growing, has its bounds recomputed from its keys in every program (at most
+one page of keys) and stored by the program whose tile holds it. One launch replaces the ~20 torch
+ops (masking, two batched products, concatenations) of the reference backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..pages import SINK_KEY
+
+
+@triton.jit(do_not_specialize=["n_pages", "Nk", "forced_lo"])  # lengths: see _triton.py
+def _page_scores_kernel(Q, LO, HI, K, KPM, S,
+                        sqb, sqh, sqd, slb, slh, slp, sld, skb, skh, skn, skd, ssb, ssh,
+                        Hkv, g, n_pages, Nk, forced_lo,
+                        D: tl.constexpr, P: tl.constexpr, PT: tl.constexpr, GP: tl.constexpr,
+                        HAS_KPM: tl.constexpr, UPDATE: tl.constexpr, SINK: tl.constexpr):
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hkv
+    hkv = bh % Hkv
+    offs_d = tl.arange(0, D)
+    pages = t * PT + tl.arange(0, PT)
+    in_range = pages < n_pages
+    last = n_pages - 1
+    base = LO + b * slb + hkv * slh
+    lo = tl.load(base + pages[:, None] * slp + offs_d[None, :] * sld, mask=in_range[:, None], other=0.0).to(tl.float32)
+    base_hi = HI + b * slb + hkv * slh
+    hi = tl.load(base_hi + pages[:, None] * slp + offs_d[None, :] * sld, mask=in_range[:, None],
+                 other=0.0).to(tl.float32)
+    if UPDATE:
+        kpos = last * P + tl.arange(0, P)
+        ok = kpos < Nk
+        if HAS_KPM:
+            ok = ok & (tl.load(KPM + b * Nk + kpos, mask=ok, other=0) != 0)
+        kk = tl.load(K + b * skb + hkv * skh + kpos[:, None] * skn + offs_d[None, :] * skd, mask=ok[:, None],
+                     other=0.0).to(tl.float32)
+        lo_new = tl.min(tl.where(ok[:, None], kk, float("inf")), 0)
+        hi_new = tl.max(tl.where(ok[:, None], kk, float("-inf")), 0)
+        is_last = (pages == last)[:, None]
+        lo = tl.where(is_last, lo_new[None, :], lo)
+        hi = tl.where(is_last, hi_new[None, :], hi)
+        own = (offs_d * 0 + t) == last // PT  # (a vector: the interpreter rejects scalar masks)
+        tl.store(base + last * slp + offs_d * sld, lo_new.to(LO.dtype.element_ty), mask=own)
+        tl.store(base_hi + last * slp + offs_d * sld, hi_new.to(HI.dtype.element_ty), mask=own)
+    empty = tl.min(lo, 1) == float("inf")  # a page of padding only
+    lo = tl.where(lo == float("inf"), 0.0, lo)
+    hi = tl.where(hi == float("-inf"), 0.0, hi)
+    offs_g = tl.arange(0, GP)
+    in_group = offs_g < g
+    heads = hkv * g + offs_g
+    q = tl.load(Q + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd, mask=in_group[:, None],
+                other=0.0).to(tl.float32)
+    bound = tl.dot(tl.maximum(q, 0.0), tl.trans(hi), input_precision="ieee")
+    bound += tl.dot(tl.minimum(q, 0.0), tl.trans(lo), input_precision="ieee")  # [GP, PT]
+    bits = bound.to(tl.int32, bitcast=True)
+    mag = bits & 0x7FFFFFFF
+    key = tl.where(bits < 0, (0x7FFFFFFF - mag) >> 2, (mag >> 2) + (1 << 29))
+    key = tl.where(empty[None, :], -1, key)
+    key = tl.where(((pages == 0) | (pages >= forced_lo))[None, :], SINK, key)
+    key = tl.where((pages == last)[None, :], -1, key)  # the own page: top_n's forced block
+    score = tl.where(key >= 0, key.to(tl.float32, bitcast=True), -1.0)
+    tl.store(S + b * ssb + heads[:, None] * ssh + pages[None, :], score, mask=in_group[:, None] & in_range[None, :])
+
+
+def page_scores(q, lo, hi, *, n_pages: int, forced_lo: int, page_size: int, k=None, key_padding_mask=None):
+    B, Hq, _, D = q.shape
+    Hkv = lo.shape[1]
+    g = Hq // Hkv
+    s = torch.empty(B, Hq, 1, n_pages, dtype=torch.float32, device=q.device)
+    pt = 64 if D > 64 else 128
+    kk = k if k is not None else lo
+    kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else q
+    nk = k.shape[2] if k is not None else 0
+    _page_scores_kernel[(triton.cdiv(n_pages, pt), B * Hkv)](
+        q, lo, hi, kk, kpm, s,
+        q.stride(0), q.stride(1), q.stride(3), lo.stride(0), lo.stride(1), lo.stride(2), lo.stride(3),
+        kk.stride(0), kk.stride(1), kk.stride(2), kk.stride(3), s.stride(0), s.stride(1),
+        Hkv, g, n_pages, nk, forced_lo,
+        D=D, P=page_size, PT=pt, GP=max(16, triton.next_power_of_2(g)), HAS_KPM=key_padding_mask is not None,
+        UPDATE=k is not None, SINK=SINK_KEY)
+    return s

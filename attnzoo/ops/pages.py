@@ -1,0 +1,104 @@
+"""Quest's page scores for a decode step (an op with backends): each page's upper bound on q . k,
+written as ranking keys for ``ops.selection.top_n``.
+
+For the query ``q`` ``[B, Hq, 1, D]`` of one generated token and page bounds ``lo`` / ``hi``
+``[B, Hkv, >= n_pages, D]`` (the element-wise minimum and maximum of each page's keys; a page of
+padding only holds ``lo = +inf``, ``hi = -inf``)::
+
+    bound[b, h, j] = sum_d max(q_d lo_d, q_d hi_d) = relu(q) . hi + min(q, 0) . lo      (fp32)
+
+The scores ``[B, Hq, 1, n_pages]`` hold, per page, a non-negative float32 whose *bits* order as
+the bound does (``order_keys``): ``top_n`` finds its cut by a binary search over score bits, which
+needs scores >= 0, and Quest's bounds have either sign. The last page (the query's own, which
+``top_n`` keeps as its forced block) and pages of padding only hold -1 (not candidates); page 0
+(the attention sink) and pages ``[forced_lo, n_pages - 1)`` (a local window) hold a key above every
+bound, so they are always among the picked pages.
+
+With ``k`` ``[B, Hkv, Nk, D]`` the last page's bounds (the only page still growing while tokens
+append) are recomputed from its keys (padding left out) and written into ``lo`` / ``hi`` first: a
+decode step reads its cache's bounds once and updates them in place. Bounds are stored in the keys'
+dtype: the minimum and maximum of bf16 keys are bf16 values, so nothing is rounded.
+
+Backends: ``torch`` (the reference: two products per KV head group) and ``triton``
+(``kernels.triton_pages``: one launch, bounds read once per KV head for its query group).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+
+from .dispatch import DEFAULT_TOLERANCES, Backend, Tolerance, choose, make_request, register_backend
+
+# scores feed a discrete choice: tests compare the pages picked and the keys' order, these bound
+# the bounds' relative error per input dtype (fp32 sums in another order)
+TOLERANCES = {**DEFAULT_TOLERANCES, torch.float64: Tolerance(out=1e-10, lse=1e-10, grad=1e-10)}
+
+# keys of real bounds lie in [0, 2**30); the sink page's is above them all (floats < 2.0: no NaN bits)
+SINK_KEY = 1 << 30
+SINK_SCORE = struct.unpack("f", struct.pack("i", SINK_KEY))[0]
+
+
+def order_keys(bound: torch.Tensor) -> torch.Tensor:
+    """Non-negative float32 tensor whose int32 bits order as ``bound`` (fp32) does, to 2**-21
+    relative (the two lowest bits dropped to keep the keys below +inf's bits); ties go to the
+    lower page in ``top_n``."""
+    bits = bound.float().contiguous().view(torch.int32)
+    mag = bits & 0x7FFFFFFF
+    key = torch.where(bits < 0, (0x7FFFFFFF - mag) >> 2, (mag >> 2) + (1 << 29))
+    return key.view(torch.float32)
+
+
+def last_page_bounds(k: torch.Tensor, last: int, page_size: int, key_padding_mask=None):
+    """``(lo, hi)`` ``[B, Hkv, D]`` fp32 of page ``last``'s real keys (+inf / -inf where it has none)."""
+    kl = k[:, :, last * page_size:].float()
+    if key_padding_mask is not None:
+        real = key_padding_mask[:, None, last * page_size:, None]
+        return kl.masked_fill(~real, float("inf")).amin(2), kl.masked_fill(~real, float("-inf")).amax(2)
+    return kl.amin(2), kl.amax(2)
+
+
+def _torch(q, lo, hi, *, n_pages: int, forced_lo: int, page_size: int, k=None, key_padding_mask=None):
+    B, Hq, _, D = q.shape
+    Hkv = lo.shape[1]
+    if k is not None:
+        lo_l, hi_l = last_page_bounds(k, n_pages - 1, page_size, key_padding_mask)
+        lo[:, :, n_pages - 1], hi[:, :, n_pages - 1] = lo_l, hi_l
+    lf, hf = lo[:, :, :n_pages].float(), hi[:, :, :n_pages].float()
+    empty = torch.isinf(lf).all(-1)  # [B, Hkv, pages]
+    lf, hf = lf.masked_fill(torch.isinf(lf), 0.0), hf.masked_fill(torch.isinf(hf), 0.0)
+    qg = q.float().reshape(B, Hkv, Hq // Hkv, D)
+    bound = qg.clamp(min=0) @ hf.transpose(-1, -2) + qg.clamp(max=0) @ lf.transpose(-1, -2)  # [B, Hkv, g, pages]
+    page = torch.arange(n_pages, device=q.device)
+    scores = torch.where(~empty[:, :, None], order_keys(bound), -1.0)
+    always = (page == 0) | (page >= forced_lo)
+    scores = torch.where(always, SINK_SCORE, scores)
+    scores[..., n_pages - 1] = -1.0  # the own page: top_n's forced block
+    return scores.reshape(B, Hq, 1, n_pages)
+
+
+register_backend(Backend(
+    op="page_scores", name="torch", fn=_torch, devices=("cpu", "cuda"),
+    dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64), plan_kinds=("scores",),
+    backward=False, lse=False, tolerances=TOLERANCES,
+    description="torch: relu(q) . hi + min(q, 0) . lo per KV head group, ranking keys"))
+
+
+def page_scores(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *, n_pages: int, forced_lo: int,
+                page_size: int, k: torch.Tensor | None = None, key_padding_mask=None,
+                backend: str | None = None) -> torch.Tensor:
+    """``[B, Hq, 1, n_pages]`` ranking scores of Quest's pages for one decode query (module doc).
+    ``lo`` / ``hi`` are updated in place at page ``n_pages - 1`` when ``k`` is given."""
+    if q.shape[2] != 1:
+        raise ValueError(f"page_scores scores one decode query per head, got q with {q.shape[2]} rows")
+    if lo.shape != hi.shape or lo.shape[2] < n_pages or lo.shape[:2] != (q.shape[0], lo.shape[1]):
+        raise ValueError(f"lo / hi must be [B, Hkv, >= n_pages ({n_pages}), D] alike, got "
+                         f"{tuple(lo.shape)} and {tuple(hi.shape)}")
+    if not 0 <= forced_lo < n_pages:
+        raise ValueError(f"forced_lo must lie in [0, n_pages) = [0, {n_pages}), got {forced_lo}")
+    req = make_request("page_scores", q.detach(), lo, lo, "scores", return_lse=False,
+                       key_padding_mask=key_padding_mask, causal=False, block_size=(page_size, page_size))
+    impl = choose(req, backend)
+    return impl.fn(q.detach(), lo, hi, n_pages=n_pages, forced_lo=forced_lo, page_size=page_size,
+                   k=k, key_padding_mask=key_padding_mask)
