@@ -135,7 +135,7 @@ def test_left_padded_generate_with_quest_decode_equals_each_prompt_alone(tiny):
         assert batched[b, -new:].tolist() == a[0, -new:].tolist(), f"prompt {b}"
     with attnzoo.patch(tiny, "preset:full"):
         dense = [tiny.generate(input_ids=torch.tensor([p]), max_new_tokens=new, do_sample=False) for p in prompts]
-    assert any(d[0, -new:].tolist() != a[0, -new:].tolist() for d, a in zip(dense, alone))
+    assert any(d[0, -new:].tolist() != a[0, -new:].tolist() for d, a in zip(dense, alone, strict=True))
 
 
 @torch.no_grad()
