@@ -377,6 +377,23 @@ def test_quest_bounds_kept_in_the_cache_while_decoding(monkeypatch, local):
             assert mask[..., [0, *range(own - 2, own + 1)]].all() and (step.kv_counts <= (64 + local) // 16).all()
 
 
+def test_quest_decode_step_reads_nothing_on_the_host(monkeypatch):
+    """A decode step with the bounds in the cache makes no host read (the GPU-sync proxy of
+    tests/sync_probe.py): the torch backends here; on a GPU the two ops are one Triton launch each
+    (tests/test_kernels.py::test_triton_page_scores_equal_torch checks the scores against these)."""
+    from .sync_probe import OpProbe
+
+    monkeypatch.setenv("ATTNZOO_CHECK_VALUES", "0")
+    q, k = _qk(2, 6, 2, 1, 1000, 16, seed=6)
+    sel = attnzoo.create("selector", {"name": "quest", "page_size": 16, "budget": 128, "local": 32})
+    cache = {}
+    sel(q, k[:, :, :999], CallContext(cache=cache, decode=True))
+    with OpProbe() as probe:
+        plan = sel(q, k, CallContext(cache=cache, decode=True))
+    assert not probe.syncs, dict(probe.syncs)
+    assert plan.max_blocks <= 128 // 16 + 2 and (plan.kv_counts == 128 // 16).all()
+
+
 def test_quest_budget_holding_everything_is_dense_and_bad_config():
     q, k = _qk(1, 2, 1, 1, 60, 8)
     assert isinstance(attnzoo.create("selector", {"name": "quest", "page_size": 16, "budget": 64})(q, k), DensePlan)
