@@ -209,7 +209,9 @@ def train(args) -> int:
     stack = None if args.stack is None else preset_spec(args.stack)
     if stack is not None:
         build(stack)  # a bad name or file fails before the model loads
-    model, tok = _load_model(args.model, cmp.resolve_dtype(args.dtype, device), device)  # checked above
+    # SSA trains every weight: fp32 masters (bf16 autocast on a GPU) unless a precision is named
+    dtype = "float32" if args.method == "ssa" and args.dtype == "auto" else args.dtype
+    model, tok = _load_model(args.model, cmp.resolve_dtype(dtype, device), device)  # checked above
     if args.context is not None:
         extend_context(model, args.context)
     samples = training_samples(tok, args.samples, lengths=args.lengths, seed=args.seed, copy_share=args.copy_share)
@@ -314,7 +316,8 @@ def main(argv=None) -> int:
                    "model folder")
     t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     t.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="model precision (auto: bfloat16 on a GPU, float32 on a CPU)")
+                   help="model precision (auto: float32 for ssa, which trains the weights; for elastic, whose "
+                   "backbone is frozen, bfloat16 on a GPU and float32 on a CPU)")
     t.add_argument("--context", type=int, help="extend the model with YaRN to this many tokens first (e.g. 32768 "
                    "for samples past the embedded model's 8K)")
     t.add_argument("--stack", help="the sparse branch: a preset name or stack YAML (default: ssa topk_blocks 16x16; "

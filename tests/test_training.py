@@ -119,6 +119,13 @@ def test_ssa_five_steps_reduce_alignment_and_ce(tmp_path):
     assert not model.model.embed_tokens.weight.requires_grad
 
 
+def test_ssa_refuses_16_bit_weights():
+    """lr 1e-5 updates vanish in bf16 weights: a run that would train nothing fails saying why."""
+    model = _tiny().to(torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16: SSA's updates .* float32"):
+        train_ssa(model, _samples(1), sparse=SPARSE, steps=1, progress=False)
+
+
 def test_supervised_loss_equals_the_models_own_loss_and_backpropagates():
     model = _tiny()
     for s in _samples(2):

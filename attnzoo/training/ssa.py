@@ -7,6 +7,10 @@ mode's output continues in the residual stream. The alignment loss per layer is
 ``SmoothL1(sg(O_full), O_sparse)`` (commitment: sparse stays near full), beta = 1, averaged
 over layers; total = CE(drawn mode) + alpha * alignment. Micro-batch losses are divided by the
 accumulation steps as a whole, so alpha means the same for any accumulation.
+
+Weights are trained in fp32: an SSA step (lr ~1e-5) moves a weight by far less than a bf16 ulp, so
+16-bit weights would not change at all (refused with an error). On a GPU the forward runs under
+bf16 autocast, so the attention kernels see bf16 as they do at inference.
 """
 
 from __future__ import annotations
@@ -57,6 +61,13 @@ def train_ssa(model, samples, *, sparse=None, full=None, steps: int = 100, lr: f
     sparse_nodes = layer_nodes(sparse or DEFAULT_SPARSE, model)
     full_nodes = layer_nodes(full or {"default": {"op": "dense"}}, model)
     params = set_trainable(model, trainable)
+    low = sorted({str(p.dtype) for p in params if p.dtype in (torch.float16, torch.bfloat16)})
+    if low:
+        raise ValueError(f"model weights are {', '.join(low)}: SSA's updates (lr {lr:g}) vanish below a 16-bit "
+                         "weight's rounding; load the model in float32 (attnzoo train ssa --dtype float32; on a GPU "
+                         "the forward runs under bf16 autocast)")
+    dev = params[0].device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps))
     rng = random.Random(seed)
@@ -80,7 +91,8 @@ def train_ssa(model, samples, *, sparse=None, full=None, steps: int = 100, lr: f
                 s = samples[(step * accum + micro) % len(samples)]
                 mode = "sparse" if rng.random() < p_sparse else "full"
                 terms.clear()
-                ce = model(input_ids=s.input_ids, labels=s.labels, use_cache=False).loss
+                with autocast:  # samples are built on the CPU
+                    ce = model(input_ids=s.input_ids.to(dev), labels=s.labels.to(dev), use_cache=False).loss
                 sp = torch.stack([t[0] for t in terms]).mean()
                 cm = torch.stack([t[1] for t in terms]).mean()
                 loss = (ce + alpha * (sp + cm)) / accum

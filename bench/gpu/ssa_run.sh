@@ -5,8 +5,8 @@
 #   bash bench/gpu/ssa_run.sh [steps]
 # 1. before: `attnzoo compare --evals copy --sparse-everywhere` on full / topk-blocks / xattention
 #    (copy accuracy per length with full's own, KL and top-1 on plain text, attention recall)
-# 2. `attnzoo train ssa`: topk-blocks as the sparse branch, every weight, 8K samples (the model's
-#    native context: no YaRN baked into the saved weights), half the retrieval samples copy prompts
+# 2. `attnzoo train ssa`: topk-blocks as the sparse branch, every weight (fp32, bf16 autocast), 8K samples
+#    (the model's native context: no YaRN baked into the saved weights), half the retrieval samples copy prompts
 # 3. after: the same compare on the aligned model (/tmp/ssa/model)
 # Files back: before/ and after/ (results.md, results.json), log.jsonl and training.png of the run.
 # A smoke run on a CPU: MODEL=embedded DEVICE=cpu LENGTHS=512 COPY=1024 PER=1 BATCH=1 bash bench/gpu/ssa_run.sh 1
@@ -23,7 +23,7 @@ run_compare() {
 }
 t0=$SECONDS
 run_compare "$MODEL" "$OUT/before"; echo "before: $((SECONDS - t0)) s"
-python3 -m attnzoo.cli train ssa --model "$MODEL" --device "$DEVICE" --stack topk-blocks --steps "$STEPS" \
+python3 -m attnzoo.cli train ssa --model "$MODEL" --device "$DEVICE" --dtype float32 --stack topk-blocks --steps "$STEPS" \
   --batch "$BATCH" --lengths "$LENGTHS" --samples $((STEPS * BATCH)) --copy-share 0.5 --out /tmp/ssa 2>&1 \
   | tr '\r' '\n' | grep -v -E "it/s|s/it" | tail -5
 cp /tmp/ssa/log.jsonl /tmp/ssa/training.png "$OUT/" 2>/dev/null
