@@ -259,3 +259,40 @@ def test_pooled_scores_backend(backend, data):
     tol = backend.tolerance(p.q.dtype).out if p.q.dtype != torch.float32 else 1e-4
     assert w.shape == ref.shape
     assert rel_err(w, ref) <= max(tol, 1e-4) or ref.abs().max() == 0, f"rel err {rel_err(w, ref):.2e}"
+
+
+@pytest.mark.parametrize("backend", _backends("page_scores"))
+@given(data=st.data())
+@examples(ci=8, long=500, gpu=250)
+def test_page_scores_backend(backend, data):
+    """Quest's decode page scores: the last page's bounds updated in place exactly as the torch
+    reference does (min / max of the real keys), the same pages ranked (-1 for the own page and pages
+    of padding, the sink key for the sink and the local window), keys equal up to fp32 summation order."""
+    from attnzoo.ops import pages
+    from attnzoo.selectors.quest import Quest
+
+    p = data.draw(problems(decode=True, **_sizes(backend, max_n=400, head_dims=(16, 32, 64))))
+    page = data.draw(st.sampled_from([16, 32]))
+    Nk = p.k.shape[2]
+    n_pages = -(-Nk // page)
+    if n_pages < 2:
+        return
+    forced_lo = data.draw(st.integers(max(0, n_pages - 4), n_pages - 1))
+    target = f"page_scores/{backend.name}"
+    req = make_request("page_scores", p.q, p.k, p.k, "scores", return_lse=False, key_padding_mask=p.kpm,
+                       causal=False, block_size=(page, page))
+    if not _takes(backend, req, target):
+        return
+    kpm = p.kpm
+    lo0, hi0 = Quest(page_size=page, budget=2 * page).decode_bounds(p.k, kpm)
+    got, ref = {}, {}
+    for name, out in ((backend.name, got), ("torch", ref)):
+        lo, hi = lo0.clone(), hi0.clone()
+        out["s"] = pages.page_scores(p.q, lo, hi, n_pages=n_pages, forced_lo=forced_lo, page_size=page, k=p.k,
+                                     key_padding_mask=kpm, backend=name)
+        out["lo"], out["hi"] = lo[:, :, :n_pages], hi[:, :, :n_pages]
+    count(target)
+    assert torch.equal(got["lo"], ref["lo"]) and torch.equal(got["hi"], ref["hi"])
+    s1, s2 = got["s"], ref["s"]
+    assert torch.equal(s1 < 0, s2 < 0) and torch.equal(s1 == pages.SINK_SCORE, s2 == pages.SINK_SCORE)
+    assert (s1.view(torch.int32).long() - s2.view(torch.int32).long()).abs().max() <= 256
