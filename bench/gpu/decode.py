@@ -3,7 +3,8 @@ a token budget against the fastest dense decode in the same process; then end to
 embedded model.
 
     python3 bench/gpu/decode.py --out DIR [--lengths 32768 65536 131072] [--budgets 1024 2048 4096]
-        [--heads 9 3 --head-dim 64] [--gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf --new-tokens 32]
+        [--heads 9 3 --head-dim 64] [--page-sizes 16 32 64]
+        [--gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf --new-tokens 32]
 
 Attention only (random q and a random bf16 cache of each length; the embedded model's 9/3 heads,
 head dim 64 by default, ``--heads 32 8 --head-dim 128`` for Llama-3.1-8B's): dense decode by
@@ -84,7 +85,7 @@ def chosen_backend(q, k, v, plan) -> str:
     return choose(req).name
 
 
-def attention_only(n: int, budgets, hq: int, hkv: int, d: int, device: str, reps: int) -> dict:
+def attention_only(n: int, budgets, hq: int, hkv: int, d: int, device: str, reps: int, page_size: int = 16) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     g = torch.Generator(device=device).manual_seed(n)
     q = torch.randn(1, hq, 1, d, device=device, dtype=dtype, generator=g)
@@ -95,11 +96,11 @@ def attention_only(n: int, budgets, hq: int, hkv: int, d: int, device: str, reps
     sdpa_g, why = graphed_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), device, reps)
     zoo_g, _ = graphed_ms(lambda: ops.dense(q, k, v), device, reps)
     dense = min(x for x in (sdpa, zoo, sdpa_g, zoo_g) if x is not None)
-    row = {"cache_tokens": n, "sdpa_ms": sdpa, "attnzoo_dense_ms": zoo, "sdpa_graph_ms": sdpa_g,
+    row = {"cache_tokens": n, "page_size": page_size, "sdpa_ms": sdpa, "attnzoo_dense_ms": zoo, "sdpa_graph_ms": sdpa_g,
            "attnzoo_dense_graph_ms": zoo_g, "graph_note": why, "dense_ms": dense,
            "dense_GBps": kv_bytes / dense / 1e6, "budgets": {}}
     for budget in budgets:
-        sel = attnzoo.create("selector", {"name": "quest", "page_size": 16, "budget": budget})
+        sel = attnzoo.create("selector", {"name": "quest", "page_size": page_size, "budget": budget})
         cache = {}
         sel(q, k, CallContext(cache=cache))  # the bounds of the cache, as the prefill leaves them
         ctx = lambda: CallContext(cache=cache, decode=True)  # noqa: E731
@@ -108,9 +109,12 @@ def attention_only(n: int, budgets, hq: int, hkv: int, d: int, device: str, reps
         op_ms = timed_ms(lambda plan=plan: ops.block_sparse(q, k, v, plan), device, reps)
         step_ms = timed_ms(lambda sel=sel: ops.block_sparse(q, k, v, sel(q, k, ctx())), device, reps)
         step_g, why = graphed_ms(lambda sel=sel: ops.block_sparse(q, k, v, sel(q, k, ctx())), device, reps)
+        # the selection alone, replayed: what of the step is choosing pages rather than reading them
+        select_g, _ = graphed_ms(lambda sel=sel: sel(q, k, ctx()), device, reps)
         best = min(x for x in (step_ms, step_g) if x is not None)
         read = 2 * min(budget, n) * hkv * d * k.element_size()
-        row["budgets"][budget] = {"select_ms": select_ms, "op_ms": op_ms, "step_ms": step_ms,
+        row["budgets"][budget] = {"select_ms": select_ms, "select_graph_ms": select_g, "op_ms": op_ms,
+                                  "step_ms": step_ms,
                                   "step_graph_ms": step_g, "step_graph_note": why, "best_step_ms": best,
                                   "vs_dense": dense / best, "vs_dense_eager": min(sdpa, zoo) / step_ms,
                                   "op_backend": chosen_backend(q, k, v, plan), "op_GBps": read / op_ms / 1e6,
@@ -167,6 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048, 4096])
     p.add_argument("--heads", type=int, nargs=2, default=[9, 3], metavar=("HQ", "HKV"))
     p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--page-sizes", type=int, nargs="+", default=[16], help="Quest page sizes timed (attention "
+                   "only): larger pages mean fewer candidates to score and rank")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--gguf", type=Path, help="also generate end to end with the embedded model")
     p.add_argument("--new-tokens", type=int, default=32)
@@ -179,10 +185,11 @@ def main(argv=None) -> int:
               "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "attention_only": [], "end_to_end": []}
     for n in args.lengths:
-        row = attention_only(n, args.budgets, *args.heads, args.head_dim, args.device, args.reps)
-        result["attention_only"].append(row)
-        print(json.dumps(row), flush=True)
-        (args.out / "decode.json").write_text(json.dumps(result, indent=1))
+        for page in args.page_sizes:
+            row = attention_only(n, args.budgets, *args.heads, args.head_dim, args.device, args.reps, page)
+            result["attention_only"].append(row)
+            print(json.dumps(row), flush=True)
+            (args.out / "decode.json").write_text(json.dumps(result, indent=1))
     if args.gguf is not None:
         for n in args.lengths:
             row = end_to_end(args.gguf, n, args.budgets, args.new_tokens, args.device, args.agreement_prompts)
