@@ -3,7 +3,7 @@ a token budget against the fastest dense decode in the same process; then end to
 embedded model.
 
     python3 bench/gpu/decode.py --out DIR [--lengths 32768 65536 131072] [--budgets 1024 2048 4096]
-        [--heads 9 3 --head-dim 64] [--page-sizes 16 32 64]
+        [--heads 9 3 --head-dim 64] [--page-sizes 16 32 64] [--select-backends triton torch]
         [--gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf --new-tokens 32]
 
 Attention only (random q and a random bf16 cache of each length; the embedded model's 9/3 heads,
@@ -173,6 +173,8 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--page-sizes", type=int, nargs="+", default=[16], help="Quest page sizes timed (attention "
                    "only): larger pages mean fewer candidates to score and rank")
+    p.add_argument("--select-backends", nargs="+", default=["auto"], help="block_select backends that rank the "
+                   "pages (attention only): auto (dispatch's choice), triton (binary search per row), torch (topk)")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--gguf", type=Path, help="also generate end to end with the embedded model")
     p.add_argument("--new-tokens", type=int, default=32)
@@ -185,8 +187,11 @@ def main(argv=None) -> int:
               "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "attention_only": [], "end_to_end": []}
     for n in args.lengths:
-        for page in args.page_sizes:
-            row = attention_only(n, args.budgets, *args.heads, args.head_dim, args.device, args.reps, page)
+        for page, backend in [(p_, b_) for p_ in args.page_sizes for b_ in args.select_backends]:
+            forced = {} if backend == "auto" else {"backend": f"block_select={backend}"}
+            with attnzoo.settings.override(**forced):
+                row = attention_only(n, args.budgets, *args.heads, args.head_dim, args.device, args.reps, page)
+            row["select_backend"] = backend
             result["attention_only"].append(row)
             print(json.dumps(row), flush=True)
             (args.out / "decode.json").write_text(json.dumps(result, indent=1))
