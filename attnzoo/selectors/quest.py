@@ -193,9 +193,10 @@ _RULES = LRUDict(256, "selectors.quest rule tensors")
 
 def _rule_tensors(n_pick: int, own_lo: int, last: int, device):
     """``top_n``'s ``[1]`` tensors for one decode step, kept (they change once per page, and the
-    Triton backend keys its converted copies by identity)."""
+    Triton backend keys its converted copies by identity). Filled on the device: a ``torch.tensor``
+    from a list would be a blocking host-to-device copy."""
     key = (n_pick, own_lo, last, str(device))
     hit = _RULES.get(key)
     if hit is None:
-        hit = _RULES[key] = tuple(torch.tensor([x], dtype=torch.int64, device=device) for x in (n_pick, own_lo, last))
+        hit = _RULES[key] = tuple(torch.full((1,), x, dtype=torch.int64, device=device) for x in (n_pick, own_lo, last))
     return hit
