@@ -50,6 +50,21 @@ def order_keys(bound: torch.Tensor) -> torch.Tensor:
     return key.view(torch.float32)
 
 
+def finite_bounds(lo: torch.Tensor, hi: torch.Tensor):
+    """``(lo, hi, empty)``: fp32 bounds with the +-inf of pages of padding only set to 0, and which
+    pages those are (``[B, Hkv, pages]``), for ``page_bound``."""
+    lo, hi = lo.float(), hi.float()
+    empty = torch.isinf(lo).all(-1)
+    return lo.masked_fill(torch.isinf(lo), 0.0), hi.masked_fill(torch.isinf(hi), 0.0), empty
+
+
+def page_bound(q_rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``[B, Hkv, R, pages]`` Quest's bound ``relu(q) . hi + min(q, 0) . lo`` of query rows ``[B, Hkv,
+    R, D]`` (a KV head's query group folded into R) against ``finite_bounds``' lo / hi (fp32)."""
+    q_rows = q_rows.float()
+    return q_rows.clamp(min=0) @ hi.transpose(-1, -2) + q_rows.clamp(max=0) @ lo.transpose(-1, -2)
+
+
 def last_page_bounds(k: torch.Tensor, last: int, page_size: int, key_padding_mask=None):
     """``(lo, hi)`` ``[B, Hkv, D]`` fp32 of page ``last``'s real keys (+inf / -inf where it has none)."""
     kl = k[:, :, last * page_size:].float()
@@ -65,11 +80,8 @@ def _torch(q, lo, hi, *, n_pages: int, forced_lo: int, page_size: int, k=None, k
     if k is not None:
         lo_l, hi_l = last_page_bounds(k, n_pages - 1, page_size, key_padding_mask)
         lo[:, :, n_pages - 1], hi[:, :, n_pages - 1] = lo_l, hi_l
-    lf, hf = lo[:, :, :n_pages].float(), hi[:, :, :n_pages].float()
-    empty = torch.isinf(lf).all(-1)  # [B, Hkv, pages]
-    lf, hf = lf.masked_fill(torch.isinf(lf), 0.0), hf.masked_fill(torch.isinf(hf), 0.0)
-    qg = q.float().reshape(B, Hkv, Hq // Hkv, D)
-    bound = qg.clamp(min=0) @ hf.transpose(-1, -2) + qg.clamp(max=0) @ lf.transpose(-1, -2)  # [B, Hkv, g, pages]
+    lf, hf, empty = finite_bounds(lo[:, :, :n_pages], hi[:, :, :n_pages])
+    bound = page_bound(q.reshape(B, Hkv, Hq // Hkv, D), lf, hf)  # [B, Hkv, g, pages]
     page = torch.arange(n_pages, device=q.device)
     scores = torch.where(~empty[:, :, None], order_keys(bound), -1.0)
     always = (page == 0) | (page >= forced_lo)

@@ -94,15 +94,13 @@ class Quest:
         B, Hq, Nq, D = q.shape
         Hkv, n_pages, p = lo.shape[1], lo.shape[2], self.page_size
         g, nqb = Hq // Hkv, cdiv(Nq, p)
-        empty = torch.isinf(lo).all(-1)  # [B, Hkv, pages]
-        lo, hi = lo.masked_fill(torch.isinf(lo), 0.0), hi.masked_fill(torch.isinf(hi), 0.0)
+        lo, hi, empty = pages.finite_bounds(lo, hi)
         step = max(1, self.CHUNK_ELEMENTS // max(1, p * n_pages * Hq))  # query blocks per chunk
         out = []
         for b0 in range(0, nqb, step):
-            rows = q[:, :, b0 * p:(b0 + step) * p].float()
+            rows = q[:, :, b0 * p:(b0 + step) * p]
             n = rows.shape[2]
-            qg = rows.reshape(B, Hkv, g * n, D)
-            bound = (qg.clamp(min=0) @ hi.transpose(-1, -2) + qg.clamp(max=0) @ lo.transpose(-1, -2))
+            bound = pages.page_bound(rows.reshape(B, Hkv, g * n, D), lo, hi)
             bound = bound.masked_fill(empty[:, :, None], float("-inf")).view(B, Hq, n, n_pages)
             if rows_real is not None:
                 bound = bound.masked_fill(~rows_real[:, None, b0 * p:b0 * p + n, None], float("-inf"))
