@@ -422,3 +422,21 @@ def test_quest_local_window_pages_are_always_read(Nq):
         assert int(mask[:, :, i].sum(-1).max()) <= 256 // p
     with pytest.raises(ValueError, match="page_size must be a positive power of two"):
         attnzoo.create("selector", {"name": "quest", "page_size": 12})
+
+
+def test_page_scores_bad_shapes_name_the_argument():
+    from attnzoo.ops import pages
+
+    q, k = _qk(1, 4, 2, 1, 100, 8)
+    lo = hi = torch.zeros(1, 2, 7, 8)
+    with pytest.raises(ValueError, match="one decode query"):
+        pages.page_scores(q.expand(1, 4, 2, 8), lo, hi, n_pages=7, forced_lo=6, page_size=16)
+    with pytest.raises(ValueError, match=r"lo / hi must both be \[B, Hkv"):
+        pages.page_scores(q, lo[:, :, :, :4], hi[:, :, :, :4], n_pages=7, forced_lo=6, page_size=16)
+    with pytest.raises(ValueError, match=r"lo / hi must both be"):
+        pages.page_scores(q[:, :3], lo, hi, n_pages=7, forced_lo=6, page_size=16)  # 3 heads over 2 KV heads
+    with pytest.raises(ValueError, match=r"k must be .* ceil\(Nk / page_size\) = n_pages"):
+        pages.page_scores(q, lo, hi, n_pages=6, forced_lo=5, page_size=16, k=k)
+    with pytest.raises(ValueError, match="forced_lo must lie in"):
+        pages.page_scores(q, lo, hi, n_pages=7, forced_lo=7, page_size=16, k=k)
+    assert pages.page_scores(q, lo.clone(), hi.clone(), n_pages=7, forced_lo=6, page_size=16, k=k).shape == (1, 4, 1, 7)

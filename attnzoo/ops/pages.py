@@ -102,11 +102,16 @@ def page_scores(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *, n_pages:
                 backend: str | None = None) -> torch.Tensor:
     """``[B, Hq, 1, n_pages]`` ranking scores of Quest's pages for one decode query (module doc).
     ``lo`` / ``hi`` are updated in place at page ``n_pages - 1`` when ``k`` is given."""
-    if q.shape[2] != 1:
-        raise ValueError(f"page_scores scores one decode query per head, got q with {q.shape[2]} rows")
-    if lo.shape != hi.shape or lo.shape[2] < n_pages or lo.shape[:2] != (q.shape[0], lo.shape[1]):
-        raise ValueError(f"lo / hi must be [B, Hkv, >= n_pages ({n_pages}), D] alike, got "
-                         f"{tuple(lo.shape)} and {tuple(hi.shape)}")
+    B, Hq, Nq, D = q.shape
+    if Nq != 1:
+        raise ValueError(f"page_scores scores one decode query per head, got q with {Nq} rows")
+    if lo.shape != hi.shape or lo.ndim != 4 or lo.shape[0] != B or lo.shape[2] < n_pages or lo.shape[3] != D \
+            or Hq % lo.shape[1]:
+        raise ValueError(f"lo / hi must both be [B, Hkv, >= n_pages, D] = [{B}, a divisor of {Hq}, >= {n_pages}, "
+                         f"{D}], got {tuple(lo.shape)} and {tuple(hi.shape)}")
+    if k is not None and (k.shape[:2] != lo.shape[:2] or k.shape[3] != D or -(-k.shape[2] // page_size) != n_pages):
+        raise ValueError(f"k must be [B, Hkv, Nk, D] = [{B}, {lo.shape[1]}, Nk, {D}] with ceil(Nk / page_size) = "
+                         f"n_pages ({n_pages}): its last page is the one updated; got {tuple(k.shape)}")
     if not 0 <= forced_lo < n_pages:
         raise ValueError(f"forced_lo must lie in [0, n_pages) = [0, {n_pages}), got {forced_lo}")
     req = make_request("page_scores", q.detach(), lo, lo, "scores", return_lse=False,
