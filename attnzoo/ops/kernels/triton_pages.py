@@ -5,8 +5,8 @@ query head of the group with two products (``relu(q) . hi + min(q, 0) . lo``, th
 16 rows for ``tl.dot``, fp32 "ieee" so no TF32 rounding enters the ranking), then writes ranking keys
 (``ops.pages.order_keys``: the bound's fp32 bits mapped to a non-negative int32 order). The last
 page, the only one still growing, has its bounds recomputed from its keys in every program (at most
-one page of keys) and stored by the program whose tile holds it. One launch replaces the ~20 torch
-ops (masking, two batched products, concatenations) of the reference backend.
+one page of keys) and stored by the program whose tile holds it. One launch replaces the reference
+backend's chain of torch ops (the last page's min / max, masking, two batched products, the key map).
 """
 
 from __future__ import annotations
