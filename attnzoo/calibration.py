@@ -28,9 +28,9 @@ from .plans import last_visible_block
 from .plans.geometry import cdiv
 from .selectors.xattention import XAttention
 
-__all__ = ["exact_block_mass", "head_thresholds", "calibrate_thresholds", "calibrate_threshold_sweep",
-           "choose_sparse_layers",
-           "xattention_layer_configs", "save_calibration", "load_calibration"]
+__all__ = ["exact_block_mass", "head_thresholds", "layer_block_masses", "calibrate_thresholds",
+           "calibrate_threshold_sweep", "choose_sparse_layers", "xattention_layer_configs", "save_calibration",
+           "load_calibration"]
 
 
 @torch.no_grad()
@@ -85,6 +85,31 @@ AGGREGATES = {"max": lambda t: t.amax(0), "median": lambda t: t.median(0).values
 
 
 @torch.no_grad()
+def layer_block_masses(model, calibration_inputs, *, stride: int, block_size: int, progress: bool = False):
+    """Yield ``(layer, w, exact, q_len, kv_len)`` for every calibration input and attention layer:
+    XAttention's estimated block scores ``w`` and the true block mass ``exact`` (both ``[B, H, Nqb,
+    Nkb]``), from one captured prefill per input (dicts of model inputs or ``input_ids`` tensors)."""
+    from .integrations.hf import capture_qk
+
+    scorer = XAttention(threshold=1.0, stride=stride, block_size=block_size,
+                        chunk_size=max(block_size, 2048 // block_size * block_size))
+    items = list(calibration_inputs)
+    if not items:
+        raise ValueError("calibration_inputs is empty")
+    if progress:
+        from tqdm import tqdm
+        items = tqdm(items, desc="calibrating thresholds")
+    for inputs in items:
+        if isinstance(inputs, torch.Tensor):
+            inputs = {"input_ids": inputs}
+        kpm = inputs.get("attention_mask")
+        kpm = kpm.bool() if kpm is not None else None
+        for layer, (q, k) in capture_qk(model, **inputs).items():
+            w = torch.cat([w for _, _, w in scorer.block_scores(q, k, CallContext(key_padding_mask=kpm))], 2)
+            yield layer, w, exact_block_mass(q, k, block_size, kpm), q.shape[2], k.shape[2]
+
+
+@torch.no_grad()
 def calibrate_thresholds(model, calibration_inputs, *, stride: int = 8, block_size: int = 128,
                          target_recall: float = 0.9, progress: bool = False) -> dict:
     """Per-layer, per-query-head XAttention thresholds for ``model``.
@@ -108,35 +133,18 @@ def calibrate_threshold_sweep(model, calibration_inputs, target_recalls, *, stri
     ``mean`` (one text whose attention is unusually spread does not make the head dense)."""
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {sorted(AGGREGATES)}, got {aggregate!r}")
-    from .integrations.hf import capture_qk
-
     recalls = tuple(float(r) for r in target_recalls)
     if not recalls:
         raise ValueError("target_recalls is empty")
     for r in recalls:
         if not 0 < r <= 1:
             raise ValueError(f"target_recall must lie in (0, 1], got {r}")
-    scorer = XAttention(threshold=1.0, stride=stride, block_size=block_size,
-                        chunk_size=max(block_size, 2048 // block_size * block_size))
     per_text: list[dict[int, list[torch.Tensor]]] = [{} for _ in recalls]
-    items = list(calibration_inputs)
-    if not items:
-        raise ValueError("calibration_inputs is empty")
-    it = items
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(items, desc="calibrating thresholds")
-    for inputs in it:
-        if isinstance(inputs, torch.Tensor):
-            inputs = {"input_ids": inputs}
-        kpm = inputs.get("attention_mask")
-        kpm = kpm.bool() if kpm is not None else None
-        for layer, (q, k) in capture_qk(model, **inputs).items():
-            w = torch.cat([w for _, _, w in scorer.block_scores(q, k, CallContext(key_padding_mask=kpm))], 2)
-            exact = exact_block_mass(q, k, block_size, kpm)
-            for r, found in zip(recalls, per_text, strict=True):
-                tau = head_thresholds(w, exact, r, q.shape[2], k.shape[2], block_size)  # [B, H]
-                found.setdefault(layer, []).extend(tau.unbind(0))
+    for layer, w, exact, q_len, kv_len in layer_block_masses(model, calibration_inputs, stride=stride,
+                                                               block_size=block_size, progress=progress):
+        for r, found in zip(recalls, per_text, strict=True):
+            tau = head_thresholds(w, exact, r, q_len, kv_len, block_size)  # [B, H]
+            found.setdefault(layer, []).extend(tau.unbind(0))
     reduce = AGGREGATES[aggregate]
     best = [{layer: reduce(torch.stack(taus)) for layer, taus in found.items()} for found in per_text]
     return [{

@@ -34,8 +34,12 @@ def add_parser(sub, csv) -> None:
                    "several values need --max-density")
     p.add_argument("--max-density", type=float, help="with several --target-recall: the highest recall whose "
                    "held-out density is at most this")
-    p.add_argument("--max-threshold", type=float, default=0.96, help="cap on every head's tau (heads calibrated "
-                   "to ~1 keep nearly every block; default 0.96, the shipped preset's; 1: no cap)")
+    p.add_argument("--density-budget", type=float, help="instead of a recall target: the stack's mean density "
+                   "(dense layers count 1.0); each head's threshold is chosen so the heads keep the most attention "
+                   "mass at that density, checked on held-out prompts (xattention-calibrated only)")
+    p.add_argument("--max-threshold", type=float, default=None, help="cap on every head's tau (heads calibrated "
+                   "to ~1 keep nearly every block; default 0.96, the shipped preset's, with a recall target, and "
+                   "no cap with --density-budget; 1: no cap)")
     p.add_argument("--dense-layers", default="first:2", help="layers left dense (a layer key: first:2, 0-1)")
     p.add_argument("--dense-tail", type=int, default=64, help="last tokens that keep every block (0: none)")
     p.add_argument("--dense-below", type=int, default=None, help="write dense_below: {cuda: N} (keys below "
@@ -61,6 +65,15 @@ def _check(args):
                          f"{', '.join(FITTABLE)}")
     if not args.out.endswith((".yaml", ".yml")):
         raise UsageError(f"--out must name a .yaml file, got {args.out}")
+    if args.density_budget is not None:
+        if args.preset != "xattention-calibrated":
+            raise UsageError(f"--density-budget fits XAttention thresholds; --preset {args.preset} has none")
+        if not 0 < args.density_budget <= 1:
+            raise UsageError(f"--density-budget must lie in (0, 1], got {args.density_budget}")
+        if args.max_density is not None or len(args.target_recall) > 1:
+            raise UsageError("--density-budget chooses each head's recall itself: drop --target-recall / --max-density")
+    if args.max_threshold is None:
+        args.max_threshold = 1.0 if args.density_budget is not None else 0.96
     if len(args.target_recall) > 1 and args.max_density is None:
         raise UsageError("several --target-recall values need --max-density to choose among them")
     for r in args.target_recall:
@@ -113,7 +126,8 @@ def calibrate(args) -> int:
         held = [p.input_ids for p in suite(tok, lengths=tuple(args.lengths), depths=(0.4, 0.8),
                                            tasks=("single", "multikey"), seed=HELD_OUT_SEED, offset=CAL_OFFSET)]
         cal = fit_xattention(model, [p.to(device) for p in prompts], target_recall=args.target_recall,
-                             max_density=args.max_density, held_out=held, max_threshold=args.max_threshold)
+                             max_density=args.max_density, held_out=held, max_threshold=args.max_threshold,
+                             density_budget=args.density_budget, dense_layers=args.dense_layers)
         cal["calibrated_on"] = made_on
         spec = xattention_stack(cal, fit=fit, dense_layers=args.dense_layers, dense_tail=args.dense_tail,
                                 max_threshold=args.max_threshold, dense_below=below)

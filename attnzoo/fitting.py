@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .allocation import budget_thresholds, threshold_curves
 from .calibration import calibrate_threshold_sweep, choose_sparse_layers, xattention_layer_configs
 from .model_shape import ModelShape
 from .stack import DensityMeter, build
@@ -76,6 +77,10 @@ def token_sparse_stack(drift: dict, *, fit: dict | None = None, dense_below: int
 def _about(calibration: dict, what: str) -> str:
     how = calibration.get("calibrated_on", "")
     recall = f" to attention recall {calibration['target_recall']}" if "target_recall" in calibration else ""
+    if "stack_density_budget" in calibration:
+        recall = (f" to keep the most attention mass at mean density {calibration['stack_density_budget']} (held-out "
+                  f"{calibration['held_out_density']}; calibration recall {calibration['expected']['recall']} in the "
+                  f"sparse layers)")
     return f"{what} calibrated{recall} on {how} (attnzoo calibrate)."
 
 
@@ -98,11 +103,18 @@ def held_out_density(model, spec: dict, prompts) -> float:
 
 def fit_xattention(model, prompts, *, target_recall=(0.9,), max_density: float | None = None, held_out=(),
                    stride: int = 8, block_size: int = 64, aggregate: str = "max", max_threshold: float | None = None,
-                   progress: bool = True) -> dict:
-    """Per-head thresholds for ``model`` from calibration ``prompts`` (input_ids tensors). Several
-    ``target_recall`` values need ``max_density``: each candidate prefills the ``held_out`` prompts
-    and the highest recall whose mean density is at most ``max_density`` is returned (the sparsest
-    where none fits). Returns the calibration dict (``thresholds``, how it was made)."""
+                   density_budget: float | None = None, dense_layers: str = "first:2", progress: bool = True) -> dict:
+    """Per-head thresholds for ``model`` from calibration ``prompts`` (input_ids tensors).
+
+    With ``density_budget`` (a stack's mean density, dense layers counted 1.0): the thresholds that
+    keep the most attention mass at that density (``attnzoo.allocation``), checked on the
+    ``held_out`` prompts and re-allocated (at most three times) until their density is within
+    the budget. Otherwise per-recall thresholds: several ``target_recall`` values need
+    ``max_density``, and the highest recall whose held-out density is at most it is returned (the
+    sparsest where none fits). Returns the calibration dict (``thresholds``, how it was made)."""
+    if density_budget is not None:
+        return _fit_budget(model, prompts, density_budget, held_out, stride=stride, block_size=block_size,
+                           dense_layers=dense_layers, max_threshold=max_threshold, progress=progress)
     recalls = tuple(target_recall)
     if len(recalls) > 1 and (max_density is None or not held_out):
         raise ValueError("several target_recall values need max_density and held_out prompts to choose among them")
@@ -126,6 +138,42 @@ def fit_xattention(model, prompts, *, target_recall=(0.9,), max_density: float |
         chosen["max_threshold"] = max_threshold  # the stack's cap; the taus here stay uncapped
     return chosen
 
+
+def _fit_budget(model, prompts, budget: float, held_out, *, stride, block_size, dense_layers, max_threshold,
+                progress) -> dict:
+    from .integrations.hf import decoder_layers
+    from .layer_spans import parse_layer_key, resolve_layer_key
+
+    if not 0 < budget <= 1:
+        raise ValueError(f"density_budget must be a density in (0, 1], got {budget}")
+    if not held_out:
+        raise ValueError("density_budget needs held_out prompts to check the density it reaches")
+    n = len(decoder_layers(model))
+    key = parse_layer_key(dense_layers, "dense_layers")
+    lo, hi = key if isinstance(key, tuple) else resolve_layer_key(key, n, "dense_layers")
+    dense = [i for i in range(n) if lo <= i <= hi]
+    if budget * n <= len(dense):
+        raise ValueError(f"density_budget {budget}: the {len(dense)} dense layers alone use {len(dense) / n:.3f} "
+                         f"of the {n} layers' attention")
+    curves = threshold_curves(model, list(prompts), stride=stride, block_size=block_size, progress=progress)
+    head_budget = (budget * n - len(dense)) / (n - len(dense))  # dense layers count 1.0 in a stack's density
+    tries = []
+    for _ in range(4):  # the held-out density lands within [0.95, 1.01] x the budget, or the best of four
+        cal = budget_thresholds(curves, min(head_budget, 1.0), stride=stride, block_size=block_size,
+                                dense_layers=dense)
+        got = held_out_density(model, xattention_stack(cal, dense_layers=dense_layers, max_threshold=max_threshold),
+                               held_out)
+        tries.append((cal, {"head_budget": round(head_budget, 4), "held_out_density": round(got, 4)}))
+        if progress:
+            print(f"head budget {head_budget:.4f}: held-out density {got:.4f} (stack budget {budget})", flush=True)
+        if 0.95 * budget <= got <= 1.01 * budget or (got < budget and head_budget >= 1):
+            break
+        head_budget *= (budget * n - len(dense)) / max(got * n - len(dense), 1e-6)
+    fits = [t for t in tries if t[1]["held_out_density"] <= 1.01 * budget]
+    cal, best = (max(fits, key=lambda t: t[1]["held_out_density"]) if fits
+                 else min(tries, key=lambda t: t[1]["held_out_density"]))
+    return {**cal, "stack_density_budget": budget, "held_out_density": best["held_out_density"],
+            "tries": [t[1] for t in tries], **({"max_threshold": max_threshold} if max_threshold is not None else {})}
 
 @torch.no_grad()
 def fit_token_sparse(model, prompt: torch.Tensor, quantile: float = 0.5) -> dict:

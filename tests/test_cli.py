@@ -124,6 +124,10 @@ def test_an_earlier_runs_results_are_not_overwritten_silently(tmp_path):
     (["--preset", "xattention-calibrated", "--out", "x.txt"], "--out must name a .yaml file"),
     (["--preset", "xattention-calibrated", "--target-recall", "0.9,0.8"], "need --max-density"),
     (["--preset", "xattention-calibrated", "--dense-layers", "first:x"], "--dense-layers: layer key"),
+    (["--preset", "xattention-calibrated", "--density-budget", "1.5"], "--density-budget must lie in (0, 1]"),
+    (["--preset", "token-sparse-calibrated", "--density-budget", "0.3"], "--preset token-sparse-calibrated has none"),
+    (["--preset", "xattention-calibrated", "--density-budget", "0.3", "--target-recall", "0.9,0.8"],
+     "drop --target-recall / --max-density"),
 ])
 def test_calibrate_mistakes_are_one_line(args, message):
     proc, seconds = attnzoo("calibrate", *(args if "--out" in args else [*args, "--out", "never.yaml"]))
