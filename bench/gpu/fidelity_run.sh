@@ -22,7 +22,13 @@ if [ "$PART" = b ]; then
   echo "calibration: $((SECONDS - t0)) s"
   sed -i 's/^name: xattention-calibrated$/name: xattention-calibrated-budget/' /tmp/xattention-calibrated-budget.yaml
   cp /tmp/xattention-calibrated-budget*.yaml "$OUT/"
-  PRESETS=xattention,xattention-calibrated,/tmp/xattention-calibrated-budget.yaml,streaming,elastic-fa-xa,topk-blocks
+  # elastic-fa-xa with its XAttention branch at tau 0.97: does a denser sparse branch bring KL to 0.05?
+  python3 -c "
+from attnzoo.config import dump_config, load_config
+s = load_config('preset:elastic-fa-xa'); s['name'] = 'elastic-fa-xa-tau97'
+s['default']['branches']['sparse']['selector']['threshold'] = 0.97
+open('/tmp/elastic-fa-xa-tau97.yaml', 'w').write(dump_config(s))"
+  PRESETS=xattention,xattention-calibrated,/tmp/xattention-calibrated-budget.yaml,streaming,elastic-fa-xa,/tmp/elastic-fa-xa-tau97.yaml,topk-blocks
 else
   PRESETS=elastic-fa-streaming,elastic-xa-streaming,router-table-example,token-sparse,token-sparse-calibrated,token-sparse-xattention
 fi
