@@ -22,7 +22,8 @@ run_compare() {
     | tr "\r" "\n" | grep -v -E "Warning|prompt/s|s/prompt|it/s" | tail -30
 }
 t0=$SECONDS
-run_compare "$MODEL" "$OUT/before"; echo "before: $((SECONDS - t0)) s"
+# SKIP_BEFORE=1: the before half is already measured at these settings (same prompts: seeded)
+[ "${SKIP_BEFORE:-0}" = 1 ] || { run_compare "$MODEL" "$OUT/before"; echo "before: $((SECONDS - t0)) s"; }
 python3 -m attnzoo.cli train ssa --model "$MODEL" --device "$DEVICE" --dtype float32 --stack topk-blocks --steps "$STEPS" \
   --batch "$BATCH" --lengths "$LENGTHS" --samples $((STEPS * BATCH)) --copy-share 0.5 --out /tmp/ssa 2>&1 \
   | tr '\r' '\n' | grep -v -E "it/s|s/it" | tail -5
