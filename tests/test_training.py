@@ -365,3 +365,30 @@ def test_cli_train_elastic_writes_log_plot_and_router(tok, tmp_path, monkeypatch
     assert (out / "training.png").exists() and (out / "router.pt").exists()
     with pytest.raises(SystemExit):
         cli.main(["train", "elastic", "--targets", "retrieval"])
+
+
+@pytest.mark.parametrize("route", ["training", "patch"])
+def test_attention_runs_under_bf16_autocast_as_sdpa_does(route):
+    """fp32 weights under bf16 autocast (how SSA trains on a GPU) hand attention fp32 q / k (the
+    rotary product is not autocast) and a bf16 v: the stacks cast them as SDPA does, rather than
+    failing on mixed dtypes (the 2026-12-07 H100 SSA run) -- the same loss as the model's own SDPA,
+    and gradients."""
+    import attnzoo
+    from attnzoo.stack import build
+    from attnzoo.training.common import layer_attention
+
+    model = _tiny()
+    s = _samples(1)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(input_ids=s.input_ids, labels=s.labels, use_cache=False).loss
+    dense = build({"default": {"op": "dense"}})
+    node = dense.for_model(model) if route == "training" else None
+    scope = (layer_attention(model, lambda q, k, v, ctx: node(ctx.layer_idx, q, k, v, ctx))
+             if route == "training" else attnzoo.patch(model, dense))
+    with scope, torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(input_ids=s.input_ids, labels=s.labels, use_cache=False).loss
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    model.zero_grad(set_to_none=True)
+    got.backward()
+    grad = model.model.layers[0].self_attn.q_proj.weight.grad
+    assert grad is not None and bool(grad.isfinite().all()) and grad.abs().sum() > 0

@@ -69,6 +69,17 @@ def capture_qk(model: nn.Module, **inputs) -> dict[int, tuple[torch.Tensor, torc
     return captured
 
 
+def autocast_inputs(query, key, value):
+    """Under autocast, a model with fp32 weights hands attention q and k in fp32 (its rotary cos / sin
+    are fp32, and a product is not autocast) and v in the autocast dtype (a projection is): SDPA
+    casts its inputs to the lower precision, and so does this; the ops refuse mixed dtypes."""
+    dev = query.device.type
+    if not torch.is_autocast_enabled(dev):
+        return query, key, value
+    dt = torch.get_autocast_dtype(dev)
+    return query.to(dt), key.to(dt), value.to(dt)
+
+
 def key_padding_mask_of(attention_mask, key: torch.Tensor):
     """``[B, Nk]`` real-token mask from the bool ``[B, 1, Nq, Nk]`` mask transformers builds with
     the SDPA mask function, or None when nothing is padded. The last query row sees every key

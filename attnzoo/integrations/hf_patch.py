@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .hf import (
+    autocast_inputs,
     decoder_layers,
     key_padding_mask_of,
     pre_rope_key_hooks,
@@ -88,6 +89,7 @@ def _attention_fn(model: nn.Module, state: _Patched):
             # Decode steps go there too: a sliding cache drops its oldest tokens, so a stack would put a
             # sink or a plan on whatever token the cache now starts with
             return sliding_window_attention(module, query, key, value, attention_mask, scaling, **kwargs)
+        query, key, value = autocast_inputs(query, key, value)
         b = _binding(model, state)
         layer = module.layer_idx
         kpm = key_padding_mask_of(attention_mask, key)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import without_dense_below
-from ..integrations.hf import decoder_layers, key_padding_mask_of, pre_rope_key_hooks, use_attention
+from ..integrations.hf import autocast_inputs, decoder_layers, key_padding_mask_of, pre_rope_key_hooks, use_attention
 from ..stack import CallContext, build
 
 
@@ -96,6 +96,7 @@ def layer_attention(model, fn):
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if dropout:
             raise ValueError(f"attnzoo training implements no attention dropout, got {dropout}")
+        query, key, value = autocast_inputs(query, key, value)
         ctx = CallContext(key_padding_mask=key_padding_mask_of(attention_mask, key), layer_idx=module.layer_idx,
                           scale=scaling, pre_rope_keys=keys.get(module.layer_idx))
         return fn(query, key, value, ctx).transpose(1, 2).contiguous(), None
