@@ -200,6 +200,14 @@ def without_dense_below(spec):
     return spec
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """No ``&id001`` anchors: a dict shared by several layers is written out at each of them, so a
+    stack file reads layer by layer."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
 def dump_config(data: dict) -> str:
     """YAML text for a config dict (round-trips through ``load_config``)."""
-    return yaml.safe_dump(data, sort_keys=False)
+    return yaml.dump(data, Dumper=_PlainDumper, sort_keys=False)

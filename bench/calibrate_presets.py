@@ -2,11 +2,15 @@
 (``attnzoo calibrate`` writes one stack for any model; this writes the two shipped presets and
 their calibration files at once, with the same functions, ``attnzoo.fitting``).
 
-    python bench/calibrate_presets.py --dense-below 24576 --token-sparse-dense-below 65536 \\
-        --max-threshold 0.96                                                      # the shipped presets
     python bench/calibrate_presets.py --model FILE.gguf --device cuda --context 32768 \\
-        --lengths 8192 16384 32768 --target-recall 0.95 0.9 0.8 0.7 --max-density 0.3 \\
-        --presets-dir OUT/presets                                                 # GPU, YaRN-extended
+        --lengths 8192 16384 32768 --density-budget 0.34 --dense-below 24576 \\
+        --token-sparse-dense-below 65536       # the shipped xattention-calibrated (GPU, YaRN-extended)
+    python bench/calibrate_presets.py --dense-below 24576 --token-sparse-dense-below 65536 \\
+        --max-threshold 0.96                   # CPU, 2K/4K, recall 0.9: xattention-calibrated until 2026-12-07
+
+The shipped ``xattention-calibrated`` thresholds were made by ``attnzoo calibrate --density-budget
+0.34`` on an H100 (``bash bench/gpu/fidelity_run.sh b``; bench/results/2026-12-07-h100-fidelity-budget),
+the same ``fit_xattention`` call as the first line here; ``token-sparse-calibrated`` by the CPU line.
 
 Calibration prompts are NIAH prompts with seeds and haystack offsets disjoint from the
 evaluation suite's (``attnzoo compare`` uses seed 0, offset 0): thresholds come from seed 7,
@@ -72,6 +76,8 @@ def main(argv=None) -> int:
                     "0: none); the held-out density check runs without it")
     ap.add_argument("--max-threshold", type=float, help="cap every head's tau in the preset (0.96 shipped): "
                     "heads calibrated to tau ~ 1 keep nearly every block")
+    ap.add_argument("--density-budget", type=float, help="instead of a recall: the thresholds keeping the most "
+                    "attention mass at this mean stack density (attnzoo.allocation)")
     ap.add_argument("--token-sparse-dense-below", type=int, help="the same for the Token Sparse preset")
     ap.add_argument("--presets-dir", type=Path, default=PRESETS, help="where the presets and calibration/ go")
     args = ap.parse_args(argv)
@@ -91,7 +97,8 @@ def main(argv=None) -> int:
                  seed=HELD_OUT_SEED, offset=CAL_OFFSET)
     chosen = fit_xattention(model, [p.input_ids.to(device) for p in prompts], target_recall=args.target_recall,
                             max_density=args.max_density, held_out=[p.input_ids for p in held], stride=args.stride,
-                            block_size=args.block_size, aggregate=args.aggregate, max_threshold=args.max_threshold)
+                            block_size=args.block_size, aggregate=args.aggregate, max_threshold=args.max_threshold,
+                            density_budget=args.density_budget, dense_layers=args.dense_layers)
     chosen["calibrated_on"] = about
     drift = fit_token_sparse(model, make_prompt(tok, "single", max(args.lengths), 0.5, CAL_SEED,
                                                 CAL_OFFSET).input_ids)
@@ -107,7 +114,8 @@ def main(argv=None) -> int:
     (out / "token-sparse-calibrated.yaml").write_text(dump_config(ts))
     taus = chosen["thresholds"]
     mean_tau = sum(sum(v) / len(v) for v in taus.values()) / len(taus)
-    print(f"calibrated in {time.time() - t0:.0f} s: recall {chosen['target_recall']}, mean tau {mean_tau:.3f}; "
+    how = f"density budget {args.density_budget}" if args.density_budget else f"recall {chosen['target_recall']}"
+    print(f"calibrated in {time.time() - t0:.0f} s: {how}, mean tau {mean_tau:.3f}; "
           f"sparse layers {drift['sparse_layers']}; wrote {out}")
     return 0
 
