@@ -30,8 +30,10 @@ def add_parser(sub, csv) -> None:
     p.add_argument("--context", type=int, help="extend the model with YaRN to this many tokens first")
     p.add_argument("--lengths", type=csv(int), default=[2048, 4096], help="calibration prompt lengths (default "
                    "2048,4096: the shipped SmolLM2 preset's)")
-    p.add_argument("--target-recall", type=csv(float), default=[0.9], help="attention recall each head keeps; "
-                   "several values need --max-density")
+    p.add_argument("--target-recall", type=csv(float), default=None, help="xattention-calibrated: attention recall "
+                   "each head keeps (default 0.9; several values need --max-density); token-sparse-calibrated: also "
+                   "fit the coverage tau, the largest that keeps this recall in the compressed layers (default: the "
+                   "paper's 0.005, not fitted)")
     p.add_argument("--max-density", type=float, help="with several --target-recall: the highest recall whose "
                    "held-out density is at most this")
     p.add_argument("--density-budget", type=float, help="instead of a recall target: the stack's mean density "
@@ -70,13 +72,18 @@ def _check(args):
             raise UsageError(f"--density-budget fits XAttention thresholds; --preset {args.preset} has none")
         if not 0 < args.density_budget <= 1:
             raise UsageError(f"--density-budget must lie in (0, 1], got {args.density_budget}")
-        if args.max_density is not None or len(args.target_recall) > 1:
+        if args.max_density is not None or (args.target_recall and len(args.target_recall) > 1):
             raise UsageError("--density-budget chooses each head's recall itself: drop --target-recall / --max-density")
+    if args.target_recall is None:
+        args.target_recall = [0.9] if args.preset == "xattention-calibrated" else None
+    elif args.preset == "token-sparse-calibrated" and len(args.target_recall) != 1:
+        raise UsageError(f"--target-recall: token-sparse-calibrated fits one coverage to one recall, got "
+                         f"{args.target_recall}")
     if args.max_threshold is None:
         args.max_threshold = 1.0 if args.density_budget is not None else 0.96
-    if len(args.target_recall) > 1 and args.max_density is None:
+    if args.target_recall and len(args.target_recall) > 1 and args.max_density is None:
         raise UsageError("several --target-recall values need --max-density to choose among them")
-    for r in args.target_recall:
+    for r in args.target_recall or ():
         if not 0 < r <= 1:
             raise UsageError(f"--target-recall values must lie in (0, 1], got {r}")
     if not 0 < args.max_threshold <= 1:
@@ -98,6 +105,7 @@ def calibrate(args) -> int:
         CAL_OFFSET,
         CAL_SEED,
         HELD_OUT_SEED,
+        fit_token_coverage,
         fit_token_sparse,
         fit_xattention,
         fitted_for,
@@ -136,6 +144,15 @@ def calibrate(args) -> int:
         cal = fit_token_sparse(model, prompt)
         cal["calibrated_on"] = f"{yarn}one {max(args.lengths)}-token prompt"
         spec = token_sparse_stack(cal, fit=fit, dense_below=below)
+        if args.target_recall:  # the coverage tau too, on held-out needle prompts
+            held = [p.input_ids for p in suite(tok, lengths=tuple(args.lengths), depths=(0.4, 0.8),
+                                               tasks=("single", "multikey"), seed=HELD_OUT_SEED, offset=CAL_OFFSET)]
+            cal["coverage_fit"] = fit_token_coverage(model, spec, held, args.target_recall[0])
+            tau = cal["coverage_fit"]["coverage"]
+            about = (f"Token Sparse layers and coverage tau {tau} (the largest keeping attention recall "
+                     f"{args.target_recall[0]} in its layers on held-out prompts)")
+            spec = token_sparse_stack(cal, fit=fit, dense_below=below, coverage=tau,
+                                      description=_about_token(cal, about))
     build(spec).for_model(model)  # what we write must build and fit the model it was made on
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -156,3 +173,5 @@ def _shipped_dense_below(spec: dict):
     return None
 
 
+def _about_token(cal: dict, what: str) -> str:
+    return f"{what}, calibrated on {cal.get('calibrated_on', '')} (attnzoo calibrate)."

@@ -24,7 +24,8 @@ from .model_shape import ModelShape
 from .stack import DensityMeter, build
 
 __all__ = ["FITTABLE", "CAL_SEED", "HELD_OUT_SEED", "CAL_OFFSET", "fitted_for", "xattention_stack",
-           "fit_xattention", "token_sparse_stack", "fit_token_sparse", "held_out_density"]
+           "fit_xattention", "token_sparse_stack", "fit_token_sparse", "held_out_density", "TOKEN_COVERAGES",
+           "with_coverage", "fit_token_coverage"]
 
 CAL_SEED, HELD_OUT_SEED, CAL_OFFSET = 7, 8, 40_000
 FITTABLE = {
@@ -62,9 +63,12 @@ def xattention_stack(calibration: dict, *, fit: dict | None = None, dense_layers
 
 
 def token_sparse_stack(drift: dict, *, fit: dict | None = None, dense_below: int | None = None,
-                       name: str = "token-sparse-calibrated", description: str = "") -> dict:
-    """A stack config compressing tokens (Token Sparse) in the layers of a drift calibration."""
-    node = {"compress": dict(TOKEN_SPARSE), "inner": {"op": "dense"},
+                       name: str = "token-sparse-calibrated", description: str = "",
+                       coverage: float | None = None) -> dict:
+    """A stack config compressing tokens (Token Sparse) in the layers of a drift calibration, at
+    coverage tau ``coverage`` (default: the paper's, ``TOKEN_SPARSE``)."""
+    compress = dict(TOKEN_SPARSE, **({"coverage": coverage} if coverage is not None else {}))
+    node = {"compress": compress, "inner": {"op": "dense"},
             **({"dense_below": {"cuda": dense_below}} if dense_below else {})}
     out = {"name": name, "description": description or _about(drift, "Token Sparse layers")}
     if fit:
@@ -179,3 +183,74 @@ def _fit_budget(model, prompts, budget: float, held_out, *, stride, block_size, 
 def fit_token_sparse(model, prompt: torch.Tensor, quantile: float = 0.5) -> dict:
     """Token Sparse's layers for ``model`` from one long calibration prompt."""
     return choose_sparse_layers(model, prompt.to(model.device), quantile=quantile)
+
+
+TOKEN_COVERAGES = (0.005, 0.002, 0.001, 0.0005, 0.0002, 0.0001)
+
+
+def with_coverage(spec: dict, coverage: float) -> dict:
+    """A copy of a Token Sparse stack config with every compressing node's coverage tau set."""
+    def walk(x):
+        if isinstance(x, dict):
+            out = {k: walk(v) for k, v in x.items()}
+            if isinstance(out.get("compress"), dict) and out["compress"].get("name") == "token_coverage":
+                out["compress"] = {**out["compress"], "coverage": coverage}
+            return out
+        return x
+    return walk(spec)
+
+
+@torch.no_grad()
+def fit_token_coverage(model, spec: dict, held_out, target_recall: float, *, coverages=TOKEN_COVERAGES,
+                       progress: bool = True) -> dict:
+    """Token Sparse's coverage tau for ``model``: the largest of ``coverages`` (the most tokens
+    dropped) at which stack ``spec`` keeps at least ``target_recall`` of full attention's softmax
+    mass -- mean over the heads of the layers it compresses, at sampled query rows of the
+    ``held_out`` prompts (``attnzoo.eval.recall``), sparse path at every length. Where none does,
+    the smallest (it keeps the most). Tried from the largest down, stopping at the first that meets
+    the target. Returns ``{"coverage", "target_recall", "candidates": {tau: {"recall", "density"}}}``.
+
+    Why a recall target: the paper's tau 0.005 dropped a copy prompt's hidden segment at 8K (copy
+    13 % of full's) and 0.0002 kept it (96 %); recall 0.85 against 0.95 (CPU pilot,
+    bench/results/2026-12-07-cpu-token-sparse-coverage)."""
+    import attnzoo
+
+    from .config import without_dense_below
+    from .eval.recall import RecallProbe
+    from .integrations.hf import decoder_layers
+    from .stack import Compressed
+
+    if isinstance(target_recall, bool) or not 0 < float(target_recall) <= 1:
+        raise ValueError(f"target_recall must lie in (0, 1], got {target_recall!r}")
+    if not held_out:
+        raise ValueError("fit_token_coverage needs held_out prompts to measure recall on")
+    taus = sorted({float(c) for c in coverages}, reverse=True)
+    if not taus or not all(0 < c < 1 for c in taus):
+        raise ValueError(f"coverages must be values in (0, 1), got {coverages!r}")
+    n_layers = len(decoder_layers(model))
+    candidates, chosen = {}, None
+    for tau in taus:
+        stack, meter, probe = build(without_dense_below(with_coverage(spec, tau))), DensityMeter(), RecallProbe()
+        sparse_layers = [i for i in range(n_layers) if isinstance(stack.node_for(i), Compressed)]
+        if not sparse_layers:
+            raise ValueError("spec compresses no layer of the model: nothing to fit")
+        recall, density = [], []
+        for ids in held_out:
+            meter.reset()
+            probe.reset()
+            with attnzoo.patch(model, stack, meter=meter, probe=probe):
+                model(ids.to(model.device), use_cache=False, logits_to_keep=1)
+            got = probe.layers()
+            per_layer = [sum(got[i]["recall"]) / len(got[i]["recall"]) for i in sparse_layers if i in got]
+            recall.append(sum(per_layer) / max(1, len(per_layer)))
+            density.append(meter.mean())
+        candidates[tau] = {"recall": round(sum(recall) / len(recall), 4),
+                           "density": round(sum(density) / len(density), 4)}
+        if progress:
+            print(f"coverage {tau}: recall {candidates[tau]['recall']} in the compressed layers, density "
+                  f"{candidates[tau]['density']} over {len(held_out)} prompts", flush=True)
+        if candidates[tau]["recall"] >= target_recall:
+            chosen = tau
+            break
+    return {"coverage": chosen if chosen is not None else taus[-1], "target_recall": float(target_recall),
+            "candidates": candidates}

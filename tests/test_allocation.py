@@ -115,3 +115,30 @@ def test_budget_calibration_meets_its_budget_on_held_out_prompts(tiny_llama):
                        dense_layers="0", progress=False)
     with pytest.raises(ValueError, match="needs held_out prompts"):
         fit_xattention(tiny_llama, texts, density_budget=0.5, stride=4, block_size=16, progress=False)
+
+
+def test_token_coverage_fit_takes_the_largest_tau_that_keeps_the_recall(tiny_llama):
+    """``fit_token_coverage``: recall rises as the coverage tau falls (fewer tokens dropped); the
+    fit stops at the first (largest) tau that meets the target, and takes the smallest when none does."""
+    from attnzoo.fitting import fit_token_coverage, with_coverage
+
+    held = [torch.randint(0, 128, (1, 640), generator=torch.Generator().manual_seed(s)) for s in (10, 11)]
+    spec = {"default": {"op": "dense"},
+            "layers": {"1-2": {"compress": {"name": "token_coverage", "coverage": 0.05, "window": 32,
+                                            "min_tokens": 64}, "inner": {"op": "dense"}}}}
+    assert with_coverage(spec, 0.01)["layers"]["1-2"]["compress"]["coverage"] == 0.01
+    assert spec["layers"]["1-2"]["compress"]["coverage"] == 0.05, "the spec itself is not changed"
+    taus = (0.3, 0.1, 0.01, 0.001)
+    every = fit_token_coverage(tiny_llama, spec, held, 1.0, coverages=taus, progress=False)
+    recalls = [every["candidates"][t]["recall"] for t in taus]
+    assert every["coverage"] == 0.001 and len(every["candidates"]) == 4, "none reaches 1.0: the smallest"
+    assert recalls == sorted(recalls) and recalls[0] < recalls[-1], recalls
+    densities = [every["candidates"][t]["density"] for t in taus]
+    assert densities == sorted(densities) and densities[0] < 1
+    mid = (recalls[1] + recalls[2]) / 2
+    got = fit_token_coverage(tiny_llama, spec, held, mid, coverages=taus, progress=False)
+    assert got["coverage"] == 0.01 and list(got["candidates"]) == [0.3, 0.1, 0.01], "stops at the first that meets"
+    with pytest.raises(ValueError, match="target_recall must lie in"):
+        fit_token_coverage(tiny_llama, spec, held, 1.5, progress=False)
+    with pytest.raises(ValueError, match="compresses no layer"):
+        fit_token_coverage(tiny_llama, {"default": {"op": "dense"}}, held, 0.9, progress=False)

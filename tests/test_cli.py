@@ -126,6 +126,7 @@ def test_an_earlier_runs_results_are_not_overwritten_silently(tmp_path):
     (["--preset", "xattention-calibrated", "--dense-layers", "first:x"], "--dense-layers: layer key"),
     (["--preset", "xattention-calibrated", "--density-budget", "1.5"], "--density-budget must lie in (0, 1]"),
     (["--preset", "token-sparse-calibrated", "--density-budget", "0.3"], "--preset token-sparse-calibrated has none"),
+    (["--preset", "token-sparse-calibrated", "--target-recall", "0.9,0.8"], "fits one coverage to one recall"),
     (["--preset", "xattention-calibrated", "--density-budget", "0.3", "--target-recall", "0.9,0.8"],
      "drop --target-recall / --max-density"),
 ])

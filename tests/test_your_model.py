@@ -53,8 +53,10 @@ def test_calibrate_train_compare_on_your_model(qwen_dir, tmp_path):
     assert spec["fitted_for"]["name"] == "tiny-qwen2" and spec["fitted_for"]["heads"] == 4
     assert len(spec["layers"]["2"]["selector"]["threshold"]) == 4  # one tau per query head of this model
     ts = tmp_path / "my-token-sparse.yaml"
-    attnzoo("calibrate", "--preset", "token-sparse-calibrated", "--model", str(qwen_dir), "--device", "cpu",
-            "--lengths", "1024", "--out", str(ts), env=env)
+    out = attnzoo("calibrate", "--preset", "token-sparse-calibrated", "--model", str(qwen_dir), "--device", "cpu",
+                  "--lengths", "1536", "--target-recall", "0.9", "--out", str(ts), env=env)
+    assert "coverage 0.005: recall" in out  # the coverage fit ran (the paper's tau tried first)
+    assert yaml.safe_load(ts.read_text())["description"].startswith("Token Sparse layers and coverage tau")
     out = attnzoo("train", "elastic", "--model", str(qwen_dir), "--device", "cpu", "--steps", "2", "--batch", "1",
                   "--samples", "2", "--lengths", "512", "--out", str(tmp_path / "train"), env=env)
     assert "filed the router" in out and any((tmp_path / "cache" / "routers").glob("tiny-qwen2--*.pt"))
