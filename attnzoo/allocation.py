@@ -13,8 +13,9 @@ chosen instead, jointly:
    scored against the exact block mass, for all taus at once (one sort, one searchsorted);
 2. ``allocate``: the Lagrangian choice. For a price ``lam`` per unit of density every head takes
    the tau maximising ``recall - lam * density``; ``lam`` is bisected to the cheapest price whose
-   mean density fits the budget. On concave curves that is the budget's best mean recall (the
-   criterion XAttention's authors calibrate to, and issue 34's "share of full's mass per head").
+   mean density fits the budget. On concave curves that is the budget's best mean recall up to one
+   tau step per head (the budget a discrete grid cannot spend exactly is left over); mean recall is
+   the criterion XAttention's authors calibrate to, and issue 34's "share of full's mass per head".
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ def head_curves(w: torch.Tensor, exact: torch.Tensor, q_len: int, kv_len: int, b
 
 def allocate(recall: torch.Tensor, density: torch.Tensor, budget: float, iters: int = 64) -> torch.Tensor:
     """Per head, the index into the tau grid: the heads' mean density at most ``budget`` with the
-    most mean recall (Lagrangian; exact on concave curves). ``recall`` / ``density``: ``[N, T]``,
-    density nondecreasing in T. Where even the sparsest choice exceeds the budget, that one."""
+    most mean recall (Lagrangian; within one tau step of the optimum on concave curves).
+    ``recall`` / ``density``: ``[N, T]``, density nondecreasing in T. Where even the sparsest choice
+    exceeds the budget, that one."""
     if recall.shape != density.shape or recall.ndim != 2:
         raise ValueError(f"recall and density must both be [heads, taus], got {tuple(recall.shape)} and "
                          f"{tuple(density.shape)}")

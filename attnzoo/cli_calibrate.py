@@ -148,11 +148,7 @@ def calibrate(args) -> int:
             held = [p.input_ids for p in suite(tok, lengths=tuple(args.lengths), depths=(0.4, 0.8),
                                                tasks=("single", "multikey"), seed=HELD_OUT_SEED, offset=CAL_OFFSET)]
             cal["coverage_fit"] = fit_token_coverage(model, spec, held, args.target_recall[0])
-            tau = cal["coverage_fit"]["coverage"]
-            about = (f"Token Sparse layers and coverage tau {tau} (the largest keeping attention recall "
-                     f"{args.target_recall[0]} in its layers on held-out prompts)")
-            spec = token_sparse_stack(cal, fit=fit, dense_below=below, coverage=tau,
-                                      description=_about_token(cal, about))
+            spec = token_sparse_stack(cal, fit=fit, dense_below=below, coverage=cal["coverage_fit"]["coverage"])
     build(spec).for_model(model)  # what we write must build and fit the model it was made on
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -171,7 +167,3 @@ def _shipped_dense_below(spec: dict):
         if isinstance(value, dict) and "cuda" in value:
             return value["cuda"]
     return None
-
-
-def _about_token(cal: dict, what: str) -> str:
-    return f"{what}, calibrated on {cal.get('calibrated_on', '')} (attnzoo calibrate)."

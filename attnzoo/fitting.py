@@ -70,7 +70,13 @@ def token_sparse_stack(drift: dict, *, fit: dict | None = None, dense_below: int
     compress = dict(TOKEN_SPARSE, **({"coverage": coverage} if coverage is not None else {}))
     node = {"compress": compress, "inner": {"op": "dense"},
             **({"dense_below": {"cuda": dense_below}} if dense_below else {})}
-    out = {"name": name, "description": description or _about(drift, "Token Sparse layers")}
+    what = "Token Sparse layers"
+    if coverage is not None:
+        fitted = drift.get("coverage_fit", {})
+        what += f" and coverage tau {coverage}" + (
+            f" (the largest keeping attention recall {fitted['target_recall']} in its layers on held-out prompts)"
+            if fitted.get("coverage") == coverage else "")
+    out = {"name": name, "description": description or _about(drift, what)}
     if fit:
         out["fitted_for"] = fit
     out["default"] = {"op": "dense"}
@@ -178,6 +184,7 @@ def _fit_budget(model, prompts, budget: float, held_out, *, stride, block_size, 
                  else min(tries, key=lambda t: t[1]["held_out_density"]))
     return {**cal, "stack_density_budget": budget, "held_out_density": best["held_out_density"],
             "tries": [t[1] for t in tries], **({"max_threshold": max_threshold} if max_threshold is not None else {})}
+
 
 @torch.no_grad()
 def fit_token_sparse(model, prompt: torch.Tensor, quantile: float = 0.5) -> dict:
