@@ -7,8 +7,9 @@
 #      to $OUT), then `attnzoo compare --evals copy --sparse-everywhere` on the
 #      presets the acceptance names, the long calibration beside them
 #   c: (warm machine, no carry) the same compare on the remaining shipped presets
-#   d: Token Sparse's coverage fitted to recall $TS_RECALL (0.95) at 16K/32K, XAttention at a density
-#      budget of $BUDGET (0.38), compared with the shipped token-sparse and xattention-calibrated
+#   d: Token Sparse's coverage fitted to recall $TS_RECALL (0.95) at 16K/32K, XAttention at density
+#      budgets $BUDGETS (0.38 0.42: where does plain-text KL reach 0.05?), compared with full
+#   e: (warm machine) topk-blocks alone, for more prompts per cell than the rest
 set -uo pipefail
 PART=${1:?usage: fidelity_run.sh b|c|d [per-cell]}; PER=${2:-12}  # 6 gave 95 % intervals of +-0.05-0.085 (2026-12-07): 12 for <= 0.05
 source "$(dirname "$0")/gguf_env.sh"
@@ -39,13 +40,18 @@ elif [ "$PART" = d ]; then
   python3 -m attnzoo.cli calibrate --preset token-sparse-calibrated --model "$GGUF" --device cuda --context 32768 \
       --lengths 16384,32768 --target-recall "${TS_RECALL:-0.95}" --out /tmp/token-sparse-fit.yaml 2>&1 | grep -v Warning
   sed -i 's/^name: token-sparse-calibrated$/name: token-sparse-fit/' /tmp/token-sparse-fit.yaml
-  python3 -m attnzoo.cli calibrate --preset xattention-calibrated --model "$GGUF" --device cuda --context 32768 \
-      --lengths 8192,16384,32768 --density-budget "${BUDGET:-0.38}" --out /tmp/xattention-budget-b.yaml 2>&1 \
-      | grep -v Warning | tr "\r" "\n" | grep -v "it/s\|s/it"
-  sed -i 's/^name: xattention-calibrated$/name: xattention-budget-b/' /tmp/xattention-budget-b.yaml
+  PRESETS=/tmp/token-sparse-fit.yaml
+  for B in ${BUDGETS:-0.38 0.42}; do
+    python3 -m attnzoo.cli calibrate --preset xattention-calibrated --model "$GGUF" --device cuda --context 32768 \
+        --lengths 8192,16384,32768 --density-budget "$B" --out "/tmp/xattention-budget-$B.yaml" 2>&1 \
+        | grep -v Warning | tr "\r" "\n" | grep -v "it/s\|s/it"
+    sed -i "s/^name: xattention-calibrated$/name: xattention-budget-$B/" "/tmp/xattention-budget-$B.yaml"
+    PRESETS="$PRESETS,/tmp/xattention-budget-$B.yaml"
+  done
   echo "calibration: $((SECONDS - t0)) s"
-  cp /tmp/token-sparse-fit*.yaml /tmp/xattention-budget-b*.yaml "$OUT/"
-  PRESETS=token-sparse,/tmp/token-sparse-fit.yaml,xattention-calibrated,/tmp/xattention-budget-b.yaml
+  cp /tmp/token-sparse-fit*.yaml /tmp/xattention-budget-*.yaml "$OUT/"
+elif [ "$PART" = e ]; then
+  PRESETS=topk-blocks
 else
   PRESETS=elastic-fa-streaming,elastic-xa-streaming,router-table-example,token-sparse,token-sparse-calibrated,token-sparse-xattention
 fi
