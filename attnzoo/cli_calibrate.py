@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -148,7 +149,13 @@ def calibrate(args) -> int:
             held = [p.input_ids for p in suite(tok, lengths=tuple(args.lengths), depths=(0.4, 0.8),
                                                tasks=("single", "multikey"), seed=HELD_OUT_SEED, offset=CAL_OFFSET)]
             cal["coverage_fit"] = fit_token_coverage(model, spec, held, args.target_recall[0])
+            cal["coverage_fit"]["held_out"] = (f"{len(held)} NIAH prompts of {'/'.join(map(str, args.lengths))} "
+                                               f"tokens (seed {HELD_OUT_SEED})")
             spec = token_sparse_stack(cal, fit=fit, dense_below=below, coverage=cal["coverage_fit"]["coverage"])
+            if not cal["coverage_fit"]["met"]:
+                print(f"warning: no coverage tau kept attention recall {args.target_recall[0]} in the compressed "
+                      f"layers; wrote the smallest tried, {cal['coverage_fit']['coverage']} (its description says so)",
+                      file=sys.stderr)
     build(spec).for_model(model)  # what we write must build and fit the model it was made on
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

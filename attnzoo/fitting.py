@@ -73,9 +73,15 @@ def token_sparse_stack(drift: dict, *, fit: dict | None = None, dense_below: int
     what = "Token Sparse layers"
     if coverage is not None:
         fitted = drift.get("coverage_fit", {})
-        what += f" and coverage tau {coverage}" + (
-            f" (the largest keeping attention recall {fitted['target_recall']} in its layers on held-out prompts)"
-            if fitted.get("coverage") == coverage else "")
+        if fitted.get("coverage") != coverage:
+            what += f" and coverage tau {coverage}"
+        elif fitted.get("met", True):
+            what += (f" and coverage tau {coverage} (the largest keeping attention recall {fitted['target_recall']}"
+                     f" in its layers on held-out prompts)")
+        else:  # a target no tau met must not read as met
+            what += (f" and coverage tau {coverage} (the smallest tried: none kept attention recall "
+                     f"{fitted['target_recall']} in its layers on held-out prompts; this one kept "
+                     f"{fitted['candidates'][coverage]['recall']})")
     out = {"name": name, "description": description or _about(drift, what)}
     if fit:
         out["fitted_for"] = fit
@@ -214,8 +220,9 @@ def fit_token_coverage(model, spec: dict, held_out, target_recall: float, *, cov
     dropped) at which stack ``spec`` keeps at least ``target_recall`` of full attention's softmax
     mass -- mean over the heads of the layers it compresses, at sampled query rows of the
     ``held_out`` prompts (``attnzoo.eval.recall``), sparse path at every length. Where none does,
-    the smallest (it keeps the most). Tried from the largest down, stopping at the first that meets
-    the target. Returns ``{"coverage", "target_recall", "candidates": {tau: {"recall", "density"}}}``.
+    the smallest (it keeps the most) with ``met`` false, and the stack's description says so. Tried
+    from the largest down, stopping at the first that meets the target. Returns ``{"coverage",
+    "target_recall", "met", "candidates": {tau: {"recall", "density"}}}``.
 
     Why a recall target: the paper's tau 0.005 dropped a copy prompt's hidden segment at 8K (copy
     13 % of full's) and 0.0002 kept it (96 %); recall 0.85 against 0.95 (CPU pilot,
@@ -260,4 +267,4 @@ def fit_token_coverage(model, spec: dict, held_out, target_recall: float, *, cov
             chosen = tau
             break
     return {"coverage": chosen if chosen is not None else taus[-1], "target_recall": float(target_recall),
-            "candidates": candidates}
+            "met": chosen is not None, "candidates": candidates}

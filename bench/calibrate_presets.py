@@ -3,14 +3,16 @@
 their calibration files at once, with the same functions, ``attnzoo.fitting``).
 
     python bench/calibrate_presets.py --model FILE.gguf --device cuda --context 32768 \\
-        --lengths 8192 16384 32768 --density-budget 0.34 --dense-below 24576 \\
-        --token-sparse-dense-below 65536       # the shipped xattention-calibrated (GPU, YaRN-extended)
+        --lengths 8192 16384 32768 --density-budget 0.38 --dense-below 24576 \\
+        --token-sparse-dense-below 65536 --token-sparse-target-recall 0.95   # the shipped ones (GPU, YaRN)
     python bench/calibrate_presets.py --dense-below 24576 --token-sparse-dense-below 65536 \\
         --max-threshold 0.96                   # CPU, 2K/4K, recall 0.9: xattention-calibrated until 2026-12-07
 
-The shipped ``xattention-calibrated`` thresholds were made by ``attnzoo calibrate --density-budget
-0.34`` on an H100 (``bash bench/gpu/fidelity_run.sh b``; bench/results/2026-12-07-h100-fidelity-budget),
-the same ``fit_xattention`` call as the first line here; ``token-sparse-calibrated`` by the CPU line.
+The shipped ``xattention-calibrated`` thresholds and ``token-sparse-calibrated`` coverage were made by
+``attnzoo calibrate --density-budget 0.38`` and ``attnzoo calibrate --preset token-sparse-calibrated
+--target-recall 0.95`` on an H100 (``bash bench/gpu/fidelity_run.sh d``;
+bench/results/2026-12-07-h100-fidelity-fits), the same ``fitting`` calls as the first line here (which
+fits the coverage on held-out prompts of every ``--lengths``; the CLI run used 16K and 32K).
 
 Calibration prompts are NIAH prompts with seeds and haystack offsets disjoint from the
 evaluation suite's (``attnzoo compare`` uses seed 0, offset 0): thresholds come from seed 7,
@@ -45,6 +47,7 @@ from attnzoo.fitting import (
     CAL_OFFSET,
     CAL_SEED,
     HELD_OUT_SEED,
+    fit_token_coverage,
     fit_token_sparse,
     fit_xattention,
     fitted_for,
@@ -79,6 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--density-budget", type=float, help="instead of a recall: the thresholds keeping the most "
                     "attention mass at this mean stack density (attnzoo.allocation)")
     ap.add_argument("--token-sparse-dense-below", type=int, help="the same for the Token Sparse preset")
+    ap.add_argument("--token-sparse-target-recall", type=float, help="fit Token Sparse's coverage tau to keep this "
+                    "attention recall in its layers on the held-out prompts (default: the paper's tau)")
     ap.add_argument("--presets-dir", type=Path, default=PRESETS, help="where the presets and calibration/ go")
     args = ap.parse_args(argv)
     if args.max_threshold is not None and not 0 < args.max_threshold <= 1:
@@ -105,12 +110,17 @@ def main(argv=None) -> int:
     drift["calibrated_on"] = f"{yarn}one {max(args.lengths)}-token prompt"
     out = args.presets_dir
     save_calibration(chosen, out / "calibration" / "smollm2-xattention-thresholds.yaml")
-    save_calibration(drift, out / "calibration" / "smollm2-drift-layers.yaml")
     xa = xattention_stack(chosen, fit=fitted_for(model, "xattention-calibrated"), dense_layers=args.dense_layers,
                           dense_tail=args.dense_tail, max_threshold=args.max_threshold, dense_below=args.dense_below)
     (out / "xattention-calibrated.yaml").write_text(dump_config(xa))
-    ts = token_sparse_stack(drift, fit=fitted_for(model, "token-sparse-calibrated"),
-                            dense_below=args.token_sparse_dense_below)
+    ts_fit = fitted_for(model, "token-sparse-calibrated")
+    ts = token_sparse_stack(drift, fit=ts_fit, dense_below=args.token_sparse_dense_below)
+    if args.token_sparse_target_recall is not None:
+        drift["coverage_fit"] = fit_token_coverage(model, ts, [p.input_ids for p in held],
+                                                   args.token_sparse_target_recall)
+        ts = token_sparse_stack(drift, fit=ts_fit, dense_below=args.token_sparse_dense_below,
+                                coverage=drift["coverage_fit"]["coverage"])
+    save_calibration(drift, out / "calibration" / "smollm2-drift-layers.yaml")
     (out / "token-sparse-calibrated.yaml").write_text(dump_config(ts))
     taus = chosen["thresholds"]
     mean_tau = sum(sum(v) / len(v) for v in taus.values()) / len(taus)

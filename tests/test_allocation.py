@@ -132,12 +132,14 @@ def test_token_coverage_fit_takes_the_largest_tau_that_keeps_the_recall(tiny_lla
     every = fit_token_coverage(tiny_llama, spec, held, 1.0, coverages=taus, progress=False)
     recalls = [every["candidates"][t]["recall"] for t in taus]
     assert every["coverage"] == 0.001 and len(every["candidates"]) == 4, "none reaches 1.0: the smallest"
+    assert every["met"] is False
     assert recalls == sorted(recalls) and recalls[0] < recalls[-1], recalls
     densities = [every["candidates"][t]["density"] for t in taus]
     assert densities == sorted(densities) and densities[0] < 1
     mid = (recalls[1] + recalls[2]) / 2
     got = fit_token_coverage(tiny_llama, spec, held, mid, coverages=taus, progress=False)
     assert got["coverage"] == 0.01 and list(got["candidates"]) == [0.3, 0.1, 0.01], "stops at the first that meets"
+    assert got["met"] is True
     with pytest.raises(ValueError, match="target_recall must lie in"):
         fit_token_coverage(tiny_llama, spec, held, 1.5, progress=False)
     with pytest.raises(ValueError, match="compresses no layer"):

@@ -9,7 +9,7 @@
 #   c: (warm machine, no carry) the same compare on the remaining shipped presets
 #   d: Token Sparse's coverage fitted to recall $TS_RECALL (0.95) at 16K/32K, XAttention at density
 #      budgets $BUDGETS (0.38 0.42: where does plain-text KL reach 0.05?), compared with full
-#   e: (warm machine) topk-blocks alone, for more prompts per cell than the rest
+#   e: (warm machine) $E_PRESETS (default topk-blocks) alone, for more prompts per cell than the rest
 set -uo pipefail
 PART=${1:?usage: fidelity_run.sh b|c|d [per-cell]}; PER=${2:-12}  # 6 gave 95 % intervals of +-0.05-0.085 (2026-12-07): 12 for <= 0.05
 source "$(dirname "$0")/gguf_env.sh"
@@ -51,7 +51,7 @@ elif [ "$PART" = d ]; then
   echo "calibration: $((SECONDS - t0)) s"
   cp /tmp/token-sparse-fit*.yaml /tmp/xattention-budget-*.yaml "$OUT/"
 elif [ "$PART" = e ]; then
-  PRESETS=topk-blocks
+  PRESETS=${E_PRESETS:-topk-blocks}
 else
   PRESETS=elastic-fa-streaming,elastic-xa-streaming,router-table-example,token-sparse,token-sparse-calibrated,token-sparse-xattention
 fi
