@@ -105,7 +105,7 @@ def _select_kernel(
 
 
 def _launch(rule, s, width, tau=None, keep_all=None, last=None, n_pick=None, own_lo=None,
-            keep_sink=True, keep_diagonal=True):
+            keep_sink=True, keep_diagonal=True, num_warps=None):
     B, H, nqb, nkb = s.shape
     s = s.reshape(B * H, nqb, nkb).contiguous()
     alloc = torch.full if interpreting() else (lambda shape, fill, **kw: torch.empty(shape, **kw))
@@ -114,8 +114,8 @@ def _launch(rule, s, width, tau=None, keep_all=None, last=None, n_pick=None, own
     last = _int32(last)
     np2 = triton.next_power_of_2(nkb)
     meta = dict(BY_MASS=rule == "by_mass", KEEP_SINK=keep_sink, KEEP_DIAG=keep_diagonal, NP2=np2)
-    if not interpreting():
-        meta["num_warps"] = 4 if np2 <= 1024 else 8
+    if not interpreting():  # (num_warps: bench/gpu/decode_rank.py sweeps it)
+        meta["num_warps"] = num_warps or (4 if np2 <= 1024 else 8)
     _select_kernel[(nqb, B * H)](
         s, _flat(tau, torch.float32) if tau is not None else s,
         _flat(keep_all, torch.int8) if keep_all is not None else last, last,
