@@ -61,12 +61,15 @@ def main(argv=None) -> int:
         s = score()
         n_pick, own_lo, last_t = _rule_tensors(pick - 1, last, last, q.device)
         flat = s.float()
-        want, _ = triton_select._launch("top_n", flat, pick + 2, last=last_t, n_pick=n_pick, own_lo=own_lo)
+        def picked(idx, cnt):  # the slots past a row's count are not written (uninitialised on a GPU)
+            return torch.where(torch.arange(idx.shape[-1], device=dev) < cnt[..., None], idx, -1)
+
+        want = picked(*triton_select._launch("top_n", flat, pick + 2, last=last_t, n_pick=n_pick, own_lo=own_lo))
         row = {"page_size": ps, "pages": n_pages, "pick": pick, "scores_graph_ms": graphed_ms(score, dev, args.reps)[0],
                "topk_graph_ms": graphed_ms(lambda: torch.topk(flat, pick, dim=-1), dev, args.reps)[0], "top_n": {}}
         for w in args.warps:
-            got, _ = triton_select._launch("top_n", flat, pick + 2, last=last_t, n_pick=n_pick, own_lo=own_lo,
-                                           num_warps=w)
+            got = picked(*triton_select._launch("top_n", flat, pick + 2, last=last_t, n_pick=n_pick, own_lo=own_lo,
+                                                num_warps=w))
             same = bool(torch.equal(got, want))
             ms, why = graphed_ms(lambda w=w: triton_select._launch("top_n", flat, pick + 2, last=last_t, n_pick=n_pick,
                                                                    own_lo=own_lo, num_warps=w), dev, args.reps)

@@ -1,8 +1,11 @@
 """Triton Quest page scores for a decode step (the ``page_scores`` op, see ``ops.pages``).
 
 Program (tile of PT pages, batch x KV head) reads the tile's bounds once and scores them for every
-query head of the group with two products (``relu(q) . hi + min(q, 0) . lo``, the group padded to
-16 rows for ``tl.dot``, fp32 "ieee" so no TF32 rounding enters the ranking), then writes ranking keys
+query head of the group, one head at a time: ``sum_d q_d * (hi_d if q_d > 0 else lo_d)`` (= ``relu(q)
+. hi + min(q, 0) . lo``), a select and a multiply-add per bound element in fp32 (no TF32 rounding enters
+the ranking). Two ``tl.dot``s on the group padded to 16 rows (fp32 "ieee") did the same at 0.100 ms for
+8,192 pages of 32/8 heads on an H100, a tenth of the bandwidth (bench/results/2026-12-07-h100-decode-rank:
+the padded FMA product and its layout shuffles, not the bounds' read, set the time). Then it writes ranking keys
 (``ops.pages.order_keys``: the bound's fp32 bits mapped to a non-negative int32 order). The last
 page, the only one still growing, has its bounds recomputed from its keys in every program (at most
 one page of keys) and stored by the program whose tile holds it. One launch replaces the reference
@@ -21,8 +24,8 @@ from ..pages import SINK_KEY
 @triton.jit(do_not_specialize=["n_pages", "Nk", "forced_lo"])  # lengths: see _triton.py
 def _page_scores_kernel(Q, LO, HI, K, KPM, S,
                         sqb, sqh, sqd, slb, slh, slp, sld, skb, skh, skn, skd, ssb, ssh,
-                        Hkv, g, n_pages, Nk, forced_lo,
-                        D: tl.constexpr, P: tl.constexpr, PT: tl.constexpr, GP: tl.constexpr,
+                        Hkv, n_pages, Nk, forced_lo,
+                        D: tl.constexpr, P: tl.constexpr, PT: tl.constexpr, G: tl.constexpr,
                         HAS_KPM: tl.constexpr, UPDATE: tl.constexpr, SINK: tl.constexpr):
     t = tl.program_id(0)
     bh = tl.program_id(1)
@@ -55,21 +58,19 @@ def _page_scores_kernel(Q, LO, HI, K, KPM, S,
     empty = tl.min(lo, 1) == float("inf")  # a page of padding only
     lo = tl.where(lo == float("inf"), 0.0, lo)
     hi = tl.where(hi == float("-inf"), 0.0, hi)
-    offs_g = tl.arange(0, GP)
-    in_group = offs_g < g
-    heads = hkv * g + offs_g
-    q = tl.load(Q + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd, mask=in_group[:, None],
-                other=0.0).to(tl.float32)
-    bound = tl.dot(tl.maximum(q, 0.0), tl.trans(hi), input_precision="ieee")
-    bound += tl.dot(tl.minimum(q, 0.0), tl.trans(lo), input_precision="ieee")  # [GP, PT]
-    bits = bound.to(tl.int32, bitcast=True)
-    mag = bits & 0x7FFFFFFF
-    key = tl.where(bits < 0, (0x7FFFFFFF - mag) >> 2, (mag >> 2) + (1 << 29))
-    key = tl.where(empty[None, :], -1, key)
-    key = tl.where(((pages == 0) | (pages >= forced_lo))[None, :], SINK, key)
-    key = tl.where((pages == last)[None, :], -1, key)  # the own page: top_n's forced block
-    score = tl.where(key >= 0, key.to(tl.float32, bitcast=True), -1.0)
-    tl.store(S + b * ssb + heads[:, None] * ssh + pages[None, :], score, mask=in_group[:, None] & in_range[None, :])
+    forced = (pages == 0) | (pages >= forced_lo)  # the same for every head of the group
+    for gi in tl.static_range(G):
+        head = hkv * G + gi
+        q = tl.load(Q + b * sqb + head * sqh + offs_d * sqd).to(tl.float32)
+        bound = tl.sum(tl.where(q[None, :] > 0, hi, lo) * q[None, :], 1)  # [PT]
+        bits = bound.to(tl.int32, bitcast=True)
+        mag = bits & 0x7FFFFFFF
+        key = tl.where(bits < 0, (0x7FFFFFFF - mag) >> 2, (mag >> 2) + (1 << 29))
+        key = tl.where(empty, -1, key)
+        key = tl.where(forced, SINK, key)
+        key = tl.where(pages == last, -1, key)  # the own page: top_n's forced block
+        score = tl.where(key >= 0, key.to(tl.float32, bitcast=True), -1.0)
+        tl.store(S + b * ssb + head * ssh + pages, score, mask=in_range)
 
 
 def page_scores(q, lo, hi, *, n_pages: int, forced_lo: int, page_size: int, k=None, key_padding_mask=None):
@@ -85,7 +86,7 @@ def page_scores(q, lo, hi, *, n_pages: int, forced_lo: int, page_size: int, k=No
         q, lo, hi, kk, kpm, s,
         q.stride(0), q.stride(1), q.stride(3), lo.stride(0), lo.stride(1), lo.stride(2), lo.stride(3),
         kk.stride(0), kk.stride(1), kk.stride(2), kk.stride(3), s.stride(0), s.stride(1),
-        Hkv, g, n_pages, nk, forced_lo,
-        D=D, P=page_size, PT=pt, GP=max(16, triton.next_power_of_2(g)), HAS_KPM=key_padding_mask is not None,
+        Hkv, n_pages, nk, forced_lo,
+        D=D, P=page_size, PT=pt, G=g, HAS_KPM=key_padding_mask is not None,
         UPDATE=k is not None, SINK=SINK_KEY)
     return s
