@@ -1,5 +1,6 @@
-"""Where a Quest decode step's selection time goes (issue 39): Quest's page scores and the top-n ranking
-timed apart, the ranking at several warp counts, against torch.topk, each captured in a CUDA graph.
+"""Where a Quest decode step's time goes (issue 39): Quest's page scores, the top-n ranking (at several
+warp counts, against torch.topk) and the sparse op on the step's plan, timed apart, each captured in a
+CUDA graph.
 
     python3 bench/gpu/decode_rank.py --out DIR [--length 131072] [--budget 4096] [--page-sizes 16 32 64]
         [--heads 32 8 --head-dim 128] [--warps 4 8 16 32]
@@ -23,6 +24,7 @@ sys.path[:] = [x for x in sys.path if Path(x or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import attnzoo  # noqa: E402
+from attnzoo import ops  # noqa: E402
 from attnzoo.ops import pages  # noqa: E402
 from attnzoo.ops.kernels import triton_select  # noqa: E402
 from attnzoo.selectors.quest import _rule_tensors  # noqa: E402
@@ -65,7 +67,11 @@ def main(argv=None) -> int:
             return torch.where(torch.arange(idx.shape[-1], device=dev) < cnt[..., None], idx, -1)
 
         want = picked(*triton_select._launch("top_n", flat, pick + 2, last=last_t, n_pick=n_pick, own_lo=own_lo))
+        plan = sel(q, k, CallContext(cache=cache, decode=True))
+        v = torch.randn_like(k)
         row = {"page_size": ps, "pages": n_pages, "pick": pick, "scores_graph_ms": graphed_ms(score, dev, args.reps)[0],
+               # the sparse op alone on the step's plan (split-K over the picked pages, then the merge)
+               "op_graph_ms": graphed_ms(lambda plan=plan: ops.block_sparse(q, k, v, plan), dev, args.reps)[0],
                "topk_graph_ms": graphed_ms(lambda: torch.topk(flat, pick, dim=-1), dev, args.reps)[0], "top_n": {}}
         for w in args.warps:
             got = picked(*triton_select._launch("top_n", flat, pick + 2, last=last_t, n_pick=n_pick, own_lo=own_lo,
