@@ -297,7 +297,7 @@ def main(argv=None) -> int:
                    "65536; CPU 2048,3072; quick 1024)")
     c.add_argument("--copy-depths", type=_csv(float), help="where the hidden segment sits, in [0, 1] (default: GPU "
                    "0.1,0.5,0.9; CPU 0.1,0.5)")
-    c.add_argument("--copy-per-cell", type=int, help="copy prompts per length x depth (default: GPU 6, CPU 1)")
+    c.add_argument("--copy-per-cell", type=int, help="copy prompts per length x depth (default: GPU 16, CPU 1)")
     c.add_argument("--segment", choices=["random", "text"], help="hidden segment: random tokens (default; only "
                    "copying predicts them) or a passage of the documentation")
     c.add_argument("--segment-len", type=int, help="tokens in the hidden segment (default 64)")

@@ -55,8 +55,10 @@ FULL = {"lengths": (2048, 3072), "tasks": ("single", "multikey"), "depths": (0.1
 # every (length, task, depth) cell: 3 x 3 x 5 = 45 prompts per preset
 GPU = {"lengths": (8192, 16384, 32768), "tasks": ("single", "multikey", "multivalue"),
        "depths": (0.1, 0.3, 0.5, 0.7, 0.9), "per_cell": True,
-       # copy reaches past NIAH: full attention still copies at 32K (YaRN x8 for 64K)
-       "copy_lengths": (8192, 16384, 32768, 65536), "copy_depths": (0.1, 0.5, 0.9), "copy_per_cell": 6}
+       # copy reaches past NIAH: full attention still copies at 32K (YaRN x8 for 64K). 16 prompts per
+       # cell: 95 % intervals of half-width <= 0.05 for every shipped preset on an H100 (12 left two at
+       # +-0.055; 6 gave +-0.05-0.085: bench/results/2026-12-07-h100-fidelity-fits)
+       "copy_lengths": (8192, 16384, 32768, 65536), "copy_depths": (0.1, 0.5, 0.9), "copy_per_cell": 16}
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
 EVAL_SEED = 0  # calibration and training use other seeds and haystack offsets
 EMBEDDED_CONTEXT = 8192  # SmolLM2-135M's max_position_embeddings (checked against the model once loaded)
