@@ -33,7 +33,30 @@ def test_reading_the_whole_cache_agrees_exactly_and_a_tiny_budget_does_not():
     q = got["quest-32"]
     assert q["agreement"] < 1.0, "a 2-page budget reproduced every token: the measure cannot tell stacks apart"
     assert q["ci"][0] <= q["agreement"] <= q["ci"][1]
+    # teacher-forced along full's continuation: reading the whole cache is full itself at every step
+    d = got["dense-decode"]
+    assert d["tf_top1"] == 1.0 and d["tf_kl"] < 1e-6 and d["tf_top1_ci"] == [1.0, 1.0]
+    assert q["tf_kl"] > 1e-3, "a 2-page budget changed no next-token distribution"
+    assert q["tf_top1_ci"][0] <= q["tf_top1"] <= q["tf_top1_ci"][1] and q["tf_kl_ci"][0] <= q["tf_kl"]
+    # per step, not compounding: the forced score cannot fall below the free-running one's first part
+    assert q["tf_top1"] >= q["first_divergence"] / 12
     assert model.generation_config.eos_token_id == eos  # the model's own end token is restored
+
+
+def test_teacher_forced_steps_reproduce_the_greedy_tokens():
+    """Full attention's forced distributions (one prefill, then one cached step per token) put their
+    argmax on the very tokens its ``generate`` chose: the forced path is the decode path."""
+    from attnzoo.eval.decode_agreement import _forced_logprobs, _greedy
+    from attnzoo.integrations.hf_patch import patch
+
+    model = small_llama("cpu")
+    model.generation_config.eos_token_id = None
+    ids = text_prompts(_Tok(), 200, 1, seed=3)[0]
+    with patch(model, {"name": "full", "default": {"op": "dense"}}):
+        ref = _greedy(model, ids, 6)
+        lp = _forced_logprobs(model, ids, ref)
+    assert lp.shape[0] == 6 and lp.argmax(-1).tolist() == ref
+    assert torch.allclose(lp.exp().sum(-1), torch.ones(6), atol=1e-4)
 
 
 def test_bad_arguments():

@@ -21,7 +21,6 @@ needle question, so stacks can be told apart there.
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 import platform
 import statistics
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, load_config, preset_spec, without_dense_below
+from ..integrations.hf import cache_keyword, returned_cache
 from ..integrations.hf_patch import patch
 from ..stack import DensityMeter, build
 from .copy import copy_suite
@@ -64,16 +64,6 @@ EVAL_SEED = 0  # calibration and training use other seeds and haystack offsets
 EMBEDDED_CONTEXT = 8192  # SmolLM2-135M's max_position_embeddings (checked against the model once loaded)
 
 
-def _cache_arg(model) -> str:
-    """The KV-cache keyword of ``model.forward``: ``cache`` in newer transformers (which deprecate
-    ``past_key_values``, removal announced for 5.40), ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
-
-def _cache_of(out):
-    return out["cache"] if "cache" in out else out.past_key_values
-
-
 @torch.no_grad()
 def _answer(model, tok, ids: torch.Tensor, max_new_tokens: int, repeats: int = 1, meter=None, answers=()):
     """Greedy decode; returns (text, prefill seconds: the median of ``repeats`` prefills). The
@@ -92,8 +82,8 @@ def _answer(model, tok, ids: torch.Tensor, max_new_tokens: int, repeats: int = 1
         sync()
         times.append(time.perf_counter() - t0)
     prefill = statistics.median(times)
-    cache_arg = _cache_arg(model)
-    past, nxt = _cache_of(out), out.logits[:, -1].argmax(-1, keepdim=True)
+    cache_arg = cache_keyword(model)
+    past, nxt = returned_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
     tokens = [nxt]
     for _ in range(max_new_tokens - 1):
         if int(nxt) == tok.eos_token_id:
@@ -101,7 +91,7 @@ def _answer(model, tok, ids: torch.Tensor, max_new_tokens: int, repeats: int = 1
         if answers and len(tokens) % 4 == 0 and score(tok.decode(torch.cat(tokens, 1)[0]), answers):
             break
         out = model(nxt, use_cache=True, **{cache_arg: past})
-        past, nxt = _cache_of(out), out.logits[:, -1].argmax(-1, keepdim=True)
+        past, nxt = returned_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(nxt)
     return tok.decode(torch.cat(tokens, 1)[0], skip_special_tokens=True), prefill
 

@@ -6,12 +6,22 @@ running, as a user sees them). Per prompt: the share of the ``new_tokens`` posit
 stack's token equals full's, and the first position where they part. A stack whose decode step
 reads the whole cache agrees exactly; a decode budget shows here as soon as it drops something
 the next token needs. Scores carry the number of prompts and a bootstrap interval over prompts.
+
+Free-running agreement compounds: once one token differs the texts part and every later position
+counts as lost, so a small model with near-tied next tokens scores low even when each step is close
+(on the embedded model at a 2K cache, Quest reading all but the 16 lowest-bound of 128 pages agreed
+0.85; bench/results/2026-12-07-cpu-decode-tf). So each stack is also scored *teacher-forced*: it
+decodes full attention's own continuation one token at a time (prefill, then one cached step per
+token, its decode part reading the cache), and at every step its next-token distribution is compared
+with full's on the same prefix: top-1 agreement and KL(full || stack) in nats, per step, then
+averaged per prompt. That rates each decode step on its own, as the prefill's logit fidelity does.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..integrations.hf import cache_keyword, returned_cache
 from ..integrations.hf_patch import patch
 from .niah import haystack_text
 from .stats import bootstrap_ci
@@ -36,9 +46,26 @@ def _greedy(model, ids, new_tokens: int) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
-def decode_agreement(model, prompts, stacks: dict, new_tokens: int = 32) -> dict:
-    """``{label: {"agreement", "ci", "first_divergence", "prompts"}}`` for each stack (anything
-    ``attnzoo.build`` takes) against full attention's own greedy tokens on the same prompts."""
+@torch.no_grad()
+def _forced_logprobs(model, ids, continuation: list[int]) -> torch.Tensor:
+    """``[len(continuation), vocab]`` fp32 log-probabilities of the next token after the prompt and
+    after each continuation token but the last: one prefill, then one cached decode step per token."""
+    key = cache_keyword(model)
+    out = model(input_ids=ids, use_cache=True)
+    rows, past = [out.logits[0, -1]], returned_cache(out)
+    for t in continuation[:-1]:
+        out = model(input_ids=torch.tensor([[t]], device=ids.device), use_cache=True, **{key: past})
+        rows.append(out.logits[0, -1])
+        past = returned_cache(out)
+    return torch.log_softmax(torch.stack(rows).float(), -1)
+
+
+def decode_agreement(model, prompts, stacks: dict, new_tokens: int = 32, teacher_forced: bool = True) -> dict:
+    """``{label: {"agreement", "ci", "first_divergence", "prompts", "new_tokens"}}`` for each stack
+    (anything ``attnzoo.build`` takes) against full attention's own greedy tokens on the same prompts;
+    with ``teacher_forced`` also ``"tf_top1"`` / ``"tf_top1_ci"`` and ``"tf_kl"`` / ``"tf_kl_ci"``: the
+    per-step agreement with full's next-token argmax and KL(full || stack) in nats along full's own
+    continuation (module doc)."""
     if not prompts:
         raise ValueError("decode_agreement needs at least one prompt")
     if new_tokens < 1:
@@ -53,18 +80,28 @@ def decode_agreement(model, prompts, stacks: dict, new_tokens: int = 32) -> dict
     try:
         with patch(model, {"name": "full", "default": {"op": "dense"}}):
             full = [_greedy(model, p.to(device), new_tokens) for p in prompts]
+            # full's own distributions along its continuation (kept on the CPU: new_tokens x vocab each)
+            ref_lp = [_forced_logprobs(model, p.to(device), ref).cpu() for p, ref in zip(prompts, full, strict=True)] \
+                if teacher_forced else []
         out = {}
         for label, stack in stacks.items():
-            shares, parts = [], []
+            shares, parts, top1, kl = [], [], [], []
             with patch(model, stack):
-                for p, ref in zip(prompts, full, strict=True):
+                for i, (p, ref) in enumerate(zip(prompts, full, strict=True)):
                     got = _greedy(model, p.to(device), new_tokens)
                     same = [a == b for a, b in zip(got, ref, strict=True)]
                     shares.append(sum(same) / new_tokens)
                     parts.append(same.index(False) if False in same else new_tokens)
+                    if teacher_forced:
+                        lp, rl = _forced_logprobs(model, p.to(device), ref).cpu(), ref_lp[i]
+                        top1.append((lp.argmax(-1) == rl.argmax(-1)).float().mean().item())
+                        kl.append((rl.exp() * (rl - lp)).sum(-1).clamp(min=0).mean().item())
             out[label] = {"agreement": sum(shares) / len(shares), "ci": list(bootstrap_ci(shares)),
                           "first_divergence": sum(parts) / len(parts), "prompts": len(prompts),
                           "new_tokens": new_tokens}
+            if teacher_forced:
+                out[label] |= {"tf_top1": sum(top1) / len(top1), "tf_top1_ci": list(bootstrap_ci(top1)),
+                               "tf_kl": sum(kl) / len(kl), "tf_kl_ci": list(bootstrap_ci(kl))}
         return out
     finally:
         model.generation_config.eos_token_id = eos

@@ -10,6 +10,7 @@ silently dropped.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 
 import torch
@@ -180,3 +181,14 @@ def sliding_window_attention(module, query, key, value, attention_mask, scaling,
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+def cache_keyword(model) -> str:
+    """The KV-cache keyword of ``model.forward``: ``cache`` in newer transformers (which deprecate
+    ``past_key_values``, removal announced for 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache a forward pass returned, under either keyword (``cache_keyword``)."""
+    return out["cache"] if "cache" in out else out.past_key_values
