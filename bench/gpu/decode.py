@@ -13,8 +13,9 @@ selection and the block-sparse op on its plan, each timed with CUDA events over 
 achieved memory bandwidth is the K/V bytes each reads over its time. With ``--gguf``: the embedded
 model (YaRN past 8K) prefills a NIAH prompt densely, then generates ``--new-tokens`` tokens with full
 attention and with a Quest decode part at each budget; tokens/s of the decode steps, and the
-free-running agreement with full's greedy tokens on ``--agreement-prompts`` plain-text prompts
-(``attnzoo.eval.decode_agreement``, with a bootstrap interval). ``--device cpu`` runs it at small sizes (a smoke test).
+free-running agreement with full's greedy tokens on ``--agreement-prompts`` plain-text prompts and the
+teacher-forced per-step top-1 / KL along full's continuation (``attnzoo.eval.decode_agreement``, with
+bootstrap intervals). ``--device cpu`` runs it at small sizes (a smoke test).
 """
 
 from __future__ import annotations
@@ -201,7 +202,8 @@ def main(argv=None) -> int:
             result["end_to_end"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "stacks"} | {
                 s: {"tok/s": r["decode_tokens_per_s"], "vs_full": r["vs_full"], "agree": r["agreement"]["agreement"],
-                    "ci": r["agreement"]["ci"]}
+                    "ci": r["agreement"]["ci"], "tf_top1": r["agreement"].get("tf_top1"),
+                    "tf_kl": r["agreement"].get("tf_kl")}
                 for s, r in row["stacks"].items()}), flush=True)
             (args.out / "decode.json").write_text(json.dumps(result, indent=1))
     return 0
