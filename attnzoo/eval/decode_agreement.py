@@ -15,6 +15,12 @@ decodes full attention's own continuation one token at a time (prefill, then one
 token, its decode part reading the cache), and at every step its next-token distribution is compared
 with full's on the same prefix: top-1 agreement and KL(full || stack) in nats, per step, then
 averaged per prompt. That rates each decode step on its own, as the prefill's logit fidelity does.
+
+``copy_decode`` is the copy task (``attnzoo.eval.copy``) read through the decode path: the prompt up
+to the repeat's prime is prefilled, then the repeat's remaining tokens are fed one cached step at a
+time, and a step scores when its argmax is the segment's next token. Only a decode step that reads
+the hidden segment's keys, thousands of tokens back, can copy it; paired with full attention's score
+on the same prompts.
 """
 
 from __future__ import annotations
@@ -24,9 +30,9 @@ import torch
 from ..integrations.hf import cache_keyword, returned_cache
 from ..integrations.hf_patch import patch
 from .niah import haystack_text
-from .stats import bootstrap_ci
+from .stats import bootstrap_ci, paired_difference
 
-__all__ = ["text_prompts", "decode_agreement"]
+__all__ = ["text_prompts", "decode_agreement", "copy_decode"]
 
 
 def text_prompts(tok, length: int, n: int, seed: int = 0) -> list[torch.Tensor]:
@@ -105,3 +111,28 @@ def decode_agreement(model, prompts, stacks: dict, new_tokens: int = 32, teacher
         return out
     finally:
         model.generation_config.eos_token_id = eos
+
+
+def copy_decode(model, prompts, stacks: dict) -> dict:
+    """``{label: {"copy", "ci", "vs_full", "diff": {"mean", "ci"}, "prompts"}}`` for ``"full"`` and each
+    stack: copy accuracy (``attnzoo.eval.copy.CopyPrompt`` prompts) with the repeat decoded step by step
+    after its prime (module doc), paired with full attention's on the same prompts."""
+    if not prompts:
+        raise ValueError("copy_decode needs at least one copy prompt")
+    device = next(model.parameters()).device
+    stacks = {"full": {"name": "full", "default": {"op": "dense"}}, **stacks}
+    scores = {}
+    for label, stack in stacks.items():
+        acc = []
+        with patch(model, stack):
+            for p in prompts:
+                cut = p.repeat_at + p.prime
+                cont = p.input_ids[0, cut:p.repeat_at + p.segment_len]
+                lp = _forced_logprobs(model, p.input_ids[:, :cut].to(device), cont.tolist())
+                acc.append((lp.argmax(-1).cpu() == cont).float().mean().item())
+        scores[label] = acc
+    full = sum(scores["full"]) / len(prompts)
+    return {label: {"copy": sum(acc) / len(acc), "ci": list(bootstrap_ci(acc)),
+                    "vs_full": (sum(acc) / len(acc)) / full if full > 0 else None,
+                    "diff": paired_difference(acc, scores["full"]), "prompts": len(prompts)}
+            for label, acc in scores.items()}

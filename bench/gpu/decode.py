@@ -14,7 +14,8 @@ achieved memory bandwidth is the K/V bytes each reads over its time. With ``--gg
 model (YaRN past 8K) prefills a NIAH prompt densely, then generates ``--new-tokens`` tokens with full
 attention and with a Quest decode part at each budget; tokens/s of the decode steps, and the
 free-running agreement with full's greedy tokens on ``--agreement-prompts`` plain-text prompts and the
-teacher-forced per-step top-1 / KL along full's continuation (``attnzoo.eval.decode_agreement``, with
+teacher-forced per-step top-1 / KL along full's continuation, and the copy task's repeat decoded step by
+step (``copy_decode``, depths 0.5 / 0.9, half as many prompts) (``attnzoo.eval.decode_agreement``, with
 bootstrap intervals). ``--device cpu`` runs it at small sizes (a smoke test).
 """
 
@@ -127,7 +128,8 @@ def attention_only(n: int, budgets, hq: int, hkv: int, d: int, device: str, reps
 def end_to_end(gguf: Path, n: int, budgets, new_tokens: int, device: str, prompts: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from attnzoo.eval.decode_agreement import decode_agreement, text_prompts
+    from attnzoo.eval.copy import copy_suite
+    from attnzoo.eval.decode_agreement import copy_decode, decode_agreement, text_prompts
     from attnzoo.eval.niah import make_prompt
     from attnzoo.models import extend_context
 
@@ -159,9 +161,13 @@ def end_to_end(gguf: Path, n: int, budgets, new_tokens: int, device: str, prompt
         out["stacks"][label] = {"decode_tokens_per_s": new_tokens / max(tn - t1, 1e-9), "tokens": toks}
     # free-running agreement with full's greedy tokens on plain-text prompts of this length
     agree = decode_agreement(model, text_prompts(tok, n, prompts), stacks, new_tokens=new_tokens)
+    # the copy task's repeat decoded step by step (the fidelity issue's instrument), depths 0.5 / 0.9
+    copies = copy_decode(model, copy_suite(tok, (n,), (0.5, 0.9), per_cell=max(1, prompts // 2)),
+                         {k: v for k, v in stacks.items() if k != "full"})
     for label, row in out["stacks"].items():
         row["vs_full"] = row["decode_tokens_per_s"] / out["stacks"]["full"]["decode_tokens_per_s"]
         row["agreement"] = agree[label]
+        row["copy_decode"] = copies[label]
     return out
 
 
@@ -203,7 +209,8 @@ def main(argv=None) -> int:
             print(json.dumps({k: v for k, v in row.items() if k != "stacks"} | {
                 s: {"tok/s": r["decode_tokens_per_s"], "vs_full": r["vs_full"], "agree": r["agreement"]["agreement"],
                     "ci": r["agreement"]["ci"], "tf_top1": r["agreement"].get("tf_top1"),
-                    "tf_kl": r["agreement"].get("tf_kl")}
+                    "tf_kl": r["agreement"].get("tf_kl"), "copy": r["copy_decode"]["copy"],
+                    "copy_vs_full": r["copy_decode"]["vs_full"]}
                 for s, r in row["stacks"].items()}), flush=True)
             (args.out / "decode.json").write_text(json.dumps(result, indent=1))
     return 0
