@@ -10,15 +10,11 @@ import json
 import time
 
 import torch
+from pilot import quest  # this folder's pilot.py (the script's directory is on the path)
 
 from attnzoo.eval.copy import copy_suite
 from attnzoo.eval.decode_agreement import copy_decode
 from attnzoo.models import load_model
-
-
-def quest(budget: int) -> dict:
-    sel = {"name": "quest", "page_size": 16, "budget": budget}
-    return {"name": f"quest-{budget}", "default": {"op": "dense", "decode": {"selector": sel, "op": "block_sparse"}}}
 
 
 def main() -> None:
