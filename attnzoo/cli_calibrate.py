@@ -128,7 +128,9 @@ def calibrate(args) -> int:
     yarn = f"YaRN x{factor}, " if factor > 1 else ""
     made_on = f"{yarn}prompts of {'/'.join(map(str, args.lengths))} tokens"
     t0 = time.time()
-    fit = fitted_for(model, args.preset)
+    how = (f"--density-budget {args.density_budget}" if args.density_budget is not None else
+           f"--target-recall {','.join(map(str, args.target_recall))}" if args.target_recall else "")
+    fit = fitted_for(model, args.preset, how)
     if args.preset == "xattention-calibrated":
         prompts = [p.input_ids for p in suite(tok, lengths=tuple(args.lengths), depths=(0.2, 0.6), seed=CAL_SEED,
                                               offset=CAL_OFFSET)]

@@ -35,10 +35,13 @@ FITTABLE = {
 TOKEN_SPARSE = {"name": "token_coverage", "coverage": 0.005, "window": 128, "min_tokens": 1024}
 
 
-def fitted_for(model, preset: str) -> dict:
-    """The ``fitted_for`` record of a stack made on ``model`` from ``preset``."""
+def fitted_for(model, preset: str, options: str = "") -> dict:
+    """The ``fitted_for`` record of a stack made on ``model`` from ``preset``; ``options``: the
+    calibrate options it was made with (``--density-budget 0.38``), so that the refit command a
+    refusal prints makes the same kind of stack for another model."""
+    how = f" {options}" if options else ""
     return {**ModelShape.of(model).to_config(), "parts": FITTABLE[preset],
-            "refit": f"attnzoo calibrate --preset {preset} --model MODEL --out my-stack.yaml"}
+            "refit": f"attnzoo calibrate --preset {preset} --model MODEL{how} --out my-stack.yaml"}
 
 
 def xattention_stack(calibration: dict, *, fit: dict | None = None, dense_layers: str = "first:2",

@@ -109,11 +109,15 @@ def main(argv=None) -> int:
                                                 CAL_OFFSET).input_ids)
     drift["calibrated_on"] = f"{yarn}one {max(args.lengths)}-token prompt"
     out = args.presets_dir
+    # the options the refit command in each preset's fitted_for repeats
+    xa_how = f"--density-budget {args.density_budget}" if args.density_budget else ""
+    ts_how = f"--target-recall {args.token_sparse_target_recall}" if args.token_sparse_target_recall else ""
     save_calibration(chosen, out / "calibration" / "smollm2-xattention-thresholds.yaml")
-    xa = xattention_stack(chosen, fit=fitted_for(model, "xattention-calibrated"), dense_layers=args.dense_layers,
-                          dense_tail=args.dense_tail, max_threshold=args.max_threshold, dense_below=args.dense_below)
+    xa = xattention_stack(chosen, fit=fitted_for(model, "xattention-calibrated", xa_how),
+                          dense_layers=args.dense_layers, dense_tail=args.dense_tail,
+                          max_threshold=args.max_threshold, dense_below=args.dense_below)
     (out / "xattention-calibrated.yaml").write_text(dump_config(xa))
-    ts_fit = fitted_for(model, "token-sparse-calibrated")
+    ts_fit = fitted_for(model, "token-sparse-calibrated", ts_how)
     ts = token_sparse_stack(drift, fit=ts_fit, dense_below=args.token_sparse_dense_below)
     if args.token_sparse_target_recall is not None:
         drift["coverage_fit"] = fit_token_coverage(model, ts, [p.input_ids for p in held],

@@ -159,6 +159,7 @@ def test_shipped_calibrated_preset_is_its_calibration():
     assert cal["calibrated_on"] == "YaRN x4, prompts of 8192/16384/32768 tokens"
     want = xattention_layer_configs(cal, cal.get("max_threshold"))
     spec = load_config("preset:xattention-calibrated")
+    assert f"--density-budget {cal['stack_density_budget']} " in spec["fitted_for"]["refit"]
     sparse = {int(k): v["selector"] for k, v in spec["layers"].items() if "selector" in v}
     assert sorted(sparse) == sorted(k for k in want if k > 1)
     for layer, sel in sparse.items():
@@ -190,5 +191,6 @@ def test_attnzoo_calibrate_meets_a_density_budget_on_the_embedded_model(tmp_path
     assert 0.85 < cal["expected"]["recall"] < 1
     made = yaml.safe_load(out.read_text())
     assert made["fitted_for"]["name"] == "smollm2-135m-instruct" and "density 0.5" in made["description"]
+    assert "--density-budget 0.5 " in made["fitted_for"]["refit"], made["fitted_for"]
     taus = {t for node in made["layers"].values() if "selector" in node for t in node["selector"]["threshold"]}
     assert len(taus) > 5

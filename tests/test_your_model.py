@@ -56,7 +56,10 @@ def test_calibrate_train_compare_on_your_model(qwen_dir, tmp_path):
     out = attnzoo("calibrate", "--preset", "token-sparse-calibrated", "--model", str(qwen_dir), "--device", "cpu",
                   "--lengths", "1536", "--target-recall", "0.9", "--out", str(ts), env=env)
     assert "coverage 0.005: recall" in out  # the coverage fit ran (the paper's tau tried first)
-    assert yaml.safe_load(ts.read_text())["description"].startswith("Token Sparse layers and coverage tau")
+    made = yaml.safe_load(ts.read_text())
+    assert made["description"].startswith("Token Sparse layers and coverage tau")
+    # the refit command a refusal prints on another model makes the same kind of stack
+    assert "--target-recall 0.9 " in made["fitted_for"]["refit"], made["fitted_for"]
     out = attnzoo("train", "elastic", "--model", str(qwen_dir), "--device", "cpu", "--steps", "2", "--batch", "1",
                   "--samples", "2", "--lengths", "512", "--out", str(tmp_path / "train"), env=env)
     assert "filed the router" in out and any((tmp_path / "cache" / "routers").glob("tiny-qwen2--*.pt"))
