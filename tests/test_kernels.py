@@ -793,7 +793,8 @@ def test_flashinfer_kernels_match_reference(op):
 @pytest.mark.parametrize("B,Hq,Hkv,Nk,D,pad,forced", [(1, 9, 3, 300, 64, None, None), (2, 4, 2, 333, 16, "left", 2),
                                                        (2, 8, 1, 256, 32, "right", None)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_page_scores_equal_torch(B, Hq, Hkv, Nk, D, pad, forced, dtype):
+@pytest.mark.parametrize("per_kv_head", [False, True], ids=["qhead", "kvhead"])
+def test_triton_page_scores_equal_torch(B, Hq, Hkv, Nk, D, pad, forced, dtype, per_kv_head):
     """Quest's decode scores: the Triton kernel updates the last page's bounds in place exactly as the
     torch reference does (bit for bit: min / max of the keys), its scores order the pages as the
     reference bounds do (equal up to fp32 summation order), and top_n picks the same pages."""
@@ -815,9 +816,10 @@ def test_triton_page_scores_equal_torch(B, Hq, Hkv, Nk, D, pad, forced, dtype):
     for backend in ("torch", "triton"):
         lo, hi = lo0.clone(), hi0.clone()
         s = pages.page_scores(q, lo, hi, n_pages=n_pages, forced_lo=forced_lo, page_size=p, k=k,
-                              key_padding_mask=kpm, backend=backend)
+                              key_padding_mask=kpm, per_kv_head=per_kv_head, backend=backend)
         out[backend] = s, lo, hi
     (s1, lo1, hi1), (s2, lo2, hi2) = out["torch"], out["triton"]
+    assert s1.shape == s2.shape == (B, Hkv if per_kv_head else Hq, 1, n_pages)
     ref_lo, ref_hi = sel.page_bounds(k, kpm)
     assert torch.equal(lo1[:, :, :n_pages].float(), ref_lo) and torch.equal(hi1[:, :, :n_pages].float(), ref_hi)
     for a, b in ((lo1, lo2), (hi1, hi2)):

@@ -342,13 +342,17 @@ def test_topk_chunked_equals_unchunked_and_budget():
 
 # -- Quest (decode page selection) ------------------------------------------------------------------
 
+@pytest.mark.parametrize("per_kv_head", [False, True], ids=["qhead", "kvhead"])
 @pytest.mark.parametrize("Nq,Nk", [(1, 300), (1, 257), (40, 300), (96, 96)])  # decode, chunked prefill, prefill
-def test_quest_matches_slow_reference(Nq, Nk):
+def test_quest_matches_slow_reference(Nq, Nk, per_kv_head):
     q, k = _qk(2, 4, 2, Nq, Nk, 8, seed=Nk + Nq)
-    sel = attnzoo.create("selector", {"name": "quest", "page_size": 16, "budget": 64})
+    sel = attnzoo.create("selector", {"name": "quest", "page_size": 16, "budget": 64, "per_kv_head": per_kv_head})
     plan = sel(q, k)
-    assert torch.equal(plan.to_block_mask(), quest_slow(q, k, 16, 64))
+    assert plan.heads == (2 if per_kv_head else 4)
+    assert torch.equal(plan.to_block_mask(), quest_slow(q, k, 16, 64, per_kv_head))
     assert (plan.kv_counts <= 4).all() and plan.density() < 1
+    if per_kv_head:  # a group's pages: the union of no head's own choice in general, but a choice of 4
+        assert not torch.equal(plan.to_block_mask().repeat_interleave(2, 1), quest_slow(q, k, 16, 64))
 
 
 @pytest.mark.parametrize("local", [0, 32])

@@ -74,7 +74,8 @@ def last_page_bounds(k: torch.Tensor, last: int, page_size: int, key_padding_mas
     return kl.amin(2), kl.amax(2)
 
 
-def _torch(q, lo, hi, *, n_pages: int, forced_lo: int, page_size: int, k=None, key_padding_mask=None):
+def _torch(q, lo, hi, *, n_pages: int, forced_lo: int, page_size: int, k=None, key_padding_mask=None,
+           per_kv_head: bool = False):
     B, Hq, _, D = q.shape
     Hkv = lo.shape[1]
     if k is not None:
@@ -87,6 +88,8 @@ def _torch(q, lo, hi, *, n_pages: int, forced_lo: int, page_size: int, k=None, k
     always = (page == 0) | (page >= forced_lo)
     scores = torch.where(always, SINK_SCORE, scores)
     scores[..., n_pages - 1] = -1.0  # the own page: top_n's forced block
+    if per_kv_head:  # a group's best bound (keys order as bounds do; the fixed keys agree within a group)
+        return scores.amax(2)[:, :, None]
     return scores.reshape(B, Hq, 1, n_pages)
 
 
@@ -98,9 +101,11 @@ register_backend(Backend(
 
 
 def page_scores(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *, n_pages: int, forced_lo: int,
-                page_size: int, k: torch.Tensor | None = None, key_padding_mask=None,
+                page_size: int, k: torch.Tensor | None = None, key_padding_mask=None, per_kv_head: bool = False,
                 backend: str | None = None) -> torch.Tensor:
-    """``[B, Hq, 1, n_pages]`` ranking scores of Quest's pages for one decode query (module doc).
+    """``[B, Hq, 1, n_pages]`` ranking scores of Quest's pages for one decode query (module doc);
+    ``per_kv_head``: ``[B, Hkv, 1, n_pages]``, each page's highest bound over the KV head's query
+    group (the group then reads one set of pages: each KV head's cache is read once).
     ``lo`` / ``hi`` are updated in place at page ``n_pages - 1`` when ``k`` is given."""
     B, Hq, Nq, D = q.shape
     if Nq != 1:
@@ -118,4 +123,4 @@ def page_scores(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *, n_pages:
                        key_padding_mask=key_padding_mask, causal=False, block_size=(page_size, page_size))
     impl = choose(req, backend)
     return impl.fn(q.detach(), lo, hi, n_pages=n_pages, forced_lo=forced_lo, page_size=page_size,
-                   k=k, key_padding_mask=key_padding_mask)
+                   k=k, key_padding_mask=key_padding_mask, per_kv_head=per_kv_head)

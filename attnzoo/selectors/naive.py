@@ -153,25 +153,28 @@ def token_coverage_slow(q, k, tau, W, min_tokens, kernel, max_keep=None):
     return keep
 
 
-def quest_slow(q, k, page, budget):
+def quest_slow(q, k, page, budget, per_kv_head=False):
     """Quest's page choice ``[B, Hq, Nqb, pages]`` from loops (fp64, no padding): each page's
     element-wise key min and max, each query block's best upper bound per page over its queries,
     then the first page, the block's own last visible page and the highest bounds up to
-    ``budget // page`` pages."""
+    ``budget // page`` pages. ``per_kv_head``: ``[B, Hkv, ...]``, the best bound over the group's
+    query heads too."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     g, n_pages, nqb, pick = Hq // Hkv, cdiv(Nk, page), cdiv(Nq, page), budget // page
-    out = torch.zeros(B, Hq, nqb, n_pages, dtype=torch.bool)
+    out = torch.zeros(B, Hkv if per_kv_head else Hq, nqb, n_pages, dtype=torch.bool)
     for b in range(B):
-        for h in range(Hq):
-            pages = [k[b, h // g, j * page:(j + 1) * page].double() for j in range(n_pages)]
+        for h in range(out.shape[1]):
+            kv = h if per_kv_head else h // g
+            heads = range(h * g, (h + 1) * g) if per_kv_head else [h]
+            pages = [k[b, kv, j * page:(j + 1) * page].double() for j in range(n_pages)]
             lo, hi = [x.min(0).values for x in pages], [x.max(0).values for x in pages]
             for i in range(nqb):
-                rows = range(i * page, min((i + 1) * page, Nq))
+                rows = [(hq, r) for hq in heads for r in range(i * page, min((i + 1) * page, Nq))]
                 last = ((min((i + 1) * page, Nq) - 1) + Nk - Nq) // page
-                bound = {j: max(float(sum(max(float(q[b, h, r, d]) * float(lo[j][d]),
-                                              float(q[b, h, r, d]) * float(hi[j][d])) for d in range(D)))
-                                for r in rows) for j in range(last + 1)}
+                bound = {j: max(float(sum(max(float(q[b, hq, r, d]) * float(lo[j][d]),
+                                              float(q[b, hq, r, d]) * float(hi[j][d])) for d in range(D)))
+                                for hq, r in rows) for j in range(last + 1)}
                 chosen = {0, last}
                 for j in sorted(bound, key=lambda j: -bound[j]):
                     if len(chosen) >= pick:

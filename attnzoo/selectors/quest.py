@@ -5,7 +5,10 @@ maximum of its keys. For a query q, ``sum_d max(q_d * min_d, q_d * max_d)`` boun
 above for every key of the page, so the pages with the highest bounds are the ones that can hold
 the largest attention scores. Each query head reads the first page (the attention sink), its own
 last visible page (with ``local``, also the pages of that many tokens before it: a local window, not
-in the paper), and the best of the others up to ``budget`` tokens.
+in the paper), and the best of the others up to ``budget`` tokens. ``per_kv_head=True`` lets a GQA
+group share its pages (ranked by the group's highest bound), so a decode step reads each KV head's
+pages once: on an H100 at a 128K cache (32/8 heads, 4K budget) per-head selection read the budget
+four times over.
 
 Made for decode (Nq = 1 against a long cache: what each generated token reads); a chunked prefill
 or a prefill is handled per query block of ``page_size`` rows (the bound maximised over the
@@ -47,11 +50,17 @@ class Quest:
     # tokens just before the query's own page read whatever their bound (a local window inside the
     # budget; not in the paper): 0 reads only the sink page and the own page unconditionally
     local: int = 0
+    # a GQA group reads one set of pages, ranked by the group's highest bound per page: each KV
+    # head's pages are read once for its query heads (not in the paper, which is MHA); the plan has
+    # one row per KV head
+    per_kv_head: bool = False
 
     def __post_init__(self):
         check_block("page_size", self.page_size)
         check_positive("budget", self.budget)
         check_positive("local", self.local, allow_zero=True)
+        if not isinstance(self.per_kv_head, bool):
+            raise TypeError(f"per_kv_head must be a bool, got {self.per_kv_head!r}")
         need = 2 * self.page_size + cdiv(self.local, self.page_size) * self.page_size
         if self.budget < need:
             raise ValueError(f"budget must hold the sink's page, the query's own and the local window's "
@@ -87,10 +96,11 @@ class Quest:
     CHUNK_ELEMENTS: ClassVar[int] = 1 << 24
 
     def block_bounds(self, q, lo, hi, rows_real=None):
-        """``[B, Hq, Nqb, pages]``: each query block's highest bound on q . k per page over its real
-        query rows (``rows_real`` ``[B, Nq]``; None: all). The bound ``sum_d max(q_d lo_d, q_d hi_d)``
-        is ``relu(q) . hi + min(q, 0) . lo``: two products, in chunks of query blocks (a
-        padding-only page, or a block of padding rows only: -inf)."""
+        """``[B, Hq, Nqb, pages]`` (``per_kv_head``: ``[B, Hkv, ...]``, the group's best): each query
+        block's highest bound on q . k per page over its real query rows (``rows_real`` ``[B, Nq]``;
+        None: all). The bound ``sum_d max(q_d lo_d, q_d hi_d)`` is ``relu(q) . hi + min(q, 0) . lo``:
+        two products, in chunks of query blocks (a padding-only page, or a block of padding rows
+        only: -inf)."""
         B, Hq, Nq, D = q.shape
         Hkv, n_pages, p = lo.shape[1], lo.shape[2], self.page_size
         g, nqb = Hq // Hkv, cdiv(Nq, p)
@@ -108,7 +118,10 @@ class Quest:
             if blocks * p != n:  # rows past the last query never win the maximum
                 bound = torch.nn.functional.pad(bound, (0, 0, 0, blocks * p - n), value=float("-inf"))
             out.append(bound.view(B, Hq, blocks, p, n_pages).amax(3))
-        return torch.cat(out, 2)
+        bound = torch.cat(out, 2)
+        if self.per_kv_head:  # the group's highest bound per page
+            return bound.view(B, Hkv, g, nqb, n_pages).amax(2)
+        return bound
 
     @torch.no_grad()  # plans are discrete: selection never needs (or builds) a graph
     def __call__(self, q, k, ctx=None):
@@ -135,7 +148,7 @@ class Quest:
         forced = (page[None, :] == 0) | (near & visible)
         score = bound.masked_fill(~visible, float("-inf")).masked_fill(forced, float("inf"))
         top = score.topk(min(pick, n_pages), dim=-1).indices
-        keep = torch.zeros(B, Hq, cdiv(Nq, p), n_pages, dtype=torch.bool, device=q.device).scatter_(-1, top, True)
+        keep = torch.zeros(*score.shape, dtype=torch.bool, device=q.device).scatter_(-1, top, True)
         return BlockPlan.from_block_mask(keep & visible, p, p, Nq, Nk, max_blocks=pick)
 
     # the decode path's bound buffers grow by this many pages at least (a copy per growth)
@@ -179,7 +192,7 @@ class Quest:
         forced_lo = max(0, last - cdiv(self.local, p))
         lo, hi = self.decode_bounds(k, ctx.key_padding_mask, ctx.cache)
         scores = pages.page_scores(q, lo, hi, n_pages=n_pages, forced_lo=forced_lo, page_size=p, k=k,
-                                   key_padding_mask=ctx.key_padding_mask)
+                                   key_padding_mask=ctx.key_padding_mask, per_kv_head=self.per_kv_head)
         # the own page is top_n's forced block; the sink and the local window outrank every bound
         n_pick, own_lo, last_t = _rule_tensors(pick - 1, last, last, q.device)
         idx, cnt = selection.top_n(scores, n_pick, own_lo, last_t, width=pick)

@@ -87,7 +87,8 @@ def chosen_backend(q, k, v, plan) -> str:
     return choose(req).name
 
 
-def attention_only(n: int, budgets, hq: int, hkv: int, d: int, device: str, reps: int, page_size: int = 16) -> dict:
+def attention_only(n: int, budgets, hq: int, hkv: int, d: int, device: str, reps: int, page_size: int = 16,
+                   per_kv_head: bool = False) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     g = torch.Generator(device=device).manual_seed(n)
     q = torch.randn(1, hq, 1, d, device=device, dtype=dtype, generator=g)
@@ -98,11 +99,13 @@ def attention_only(n: int, budgets, hq: int, hkv: int, d: int, device: str, reps
     sdpa_g, why = graphed_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), device, reps)
     zoo_g, _ = graphed_ms(lambda: ops.dense(q, k, v), device, reps)
     dense = min(x for x in (sdpa, zoo, sdpa_g, zoo_g) if x is not None)
-    row = {"cache_tokens": n, "page_size": page_size, "sdpa_ms": sdpa, "attnzoo_dense_ms": zoo, "sdpa_graph_ms": sdpa_g,
+    row = {"cache_tokens": n, "page_size": page_size, "per_kv_head": per_kv_head, "sdpa_ms": sdpa,
+           "attnzoo_dense_ms": zoo, "sdpa_graph_ms": sdpa_g,
            "attnzoo_dense_graph_ms": zoo_g, "graph_note": why, "dense_ms": dense,
            "dense_GBps": kv_bytes / dense / 1e6, "budgets": {}}
     for budget in budgets:
-        sel = attnzoo.create("selector", {"name": "quest", "page_size": page_size, "budget": budget})
+        sel = attnzoo.create("selector", {"name": "quest", "page_size": page_size, "budget": budget,
+                                          "per_kv_head": per_kv_head})
         cache = {}
         sel(q, k, CallContext(cache=cache))  # the bounds of the cache, as the prefill leaves them
         ctx = lambda: CallContext(cache=cache, decode=True)  # noqa: E731
@@ -114,12 +117,15 @@ def attention_only(n: int, budgets, hq: int, hkv: int, d: int, device: str, reps
         # the selection alone, replayed: what of the step is choosing pages rather than reading them
         select_g, _ = graphed_ms(lambda sel=sel: sel(q, k, ctx()), device, reps)
         best = min(x for x in (step_ms, step_g) if x is not None)
-        read = 2 * min(budget, n) * hkv * d * k.element_size()
+        # the K/V bytes the op loads: the budget per plan row (a query head's, or a GQA group's once)
+        read = 2 * min(budget, n) * (hkv if per_kv_head else hq) * d * k.element_size()
         row["budgets"][budget] = {"select_ms": select_ms, "select_graph_ms": select_g, "op_ms": op_ms,
                                   "step_ms": step_ms,
                                   "step_graph_ms": step_g, "step_graph_note": why, "best_step_ms": best,
                                   "vs_dense": dense / best, "vs_dense_eager": min(sdpa, zoo) / step_ms,
-                                  "op_backend": chosen_backend(q, k, v, plan), "op_GBps": read / op_ms / 1e6,
+                                  "op_backend": chosen_backend(q, k, v, plan), "op_bytes": read,
+                                  "op_GBps": read / op_ms / 1e6, "op_graph_ms": graphed_ms(
+                                      lambda plan=plan: ops.block_sparse(q, k, v, plan), device, reps)[0],
                                   "density": float(plan.density()) if plan.kind != "dense" else 1.0}
     return row
 
@@ -182,6 +188,9 @@ def main(argv=None) -> int:
                    "only): larger pages mean fewer candidates to score and rank")
     p.add_argument("--select-backends", nargs="+", default=["auto"], help="block_select backends that rank the "
                    "pages (attention only): auto (dispatch's choice), triton (binary search per row), torch (topk)")
+    p.add_argument("--quest-heads", nargs="+", default=["query"], choices=["query", "kv"], help="Quest's plan rows "
+                   "(attention only): query (a page set per query head, the paper's) and / or kv (per_kv_head: a GQA "
+                   "group shares its pages, each KV head's pages read once)")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--gguf", type=Path, help="also generate end to end with the embedded model")
     p.add_argument("--new-tokens", type=int, default=32)
@@ -194,10 +203,12 @@ def main(argv=None) -> int:
               "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "attention_only": [], "end_to_end": []}
     for n in args.lengths:
-        for page, backend in [(p_, b_) for p_ in args.page_sizes for b_ in args.select_backends]:
+        for page, backend, heads in [(p_, b_, h_) for p_ in args.page_sizes for b_ in args.select_backends
+                                     for h_ in args.quest_heads]:
             forced = {} if backend == "auto" else {"backend": f"block_select={backend}"}
             with attnzoo.settings.override(**forced):
-                row = attention_only(n, args.budgets, *args.heads, args.head_dim, args.device, args.reps, page)
+                row = attention_only(n, args.budgets, *args.heads, args.head_dim, args.device, args.reps, page,
+                                     per_kv_head=heads == "kv")
             row["select_backend"] = backend
             result["attention_only"].append(row)
             print(json.dumps(row), flush=True)

@@ -278,6 +278,7 @@ def test_page_scores_backend(backend, data):
     if n_pages < 2:
         return
     forced_lo = data.draw(st.integers(max(0, n_pages - 4), n_pages - 1))
+    per_kv_head = data.draw(st.booleans())  # a GQA group's best bound per page (Quest's per_kv_head)
     target = f"page_scores/{backend.name}"
     req = make_request("page_scores", p.q, p.k, p.k, "scores", return_lse=False, key_padding_mask=p.kpm,
                        causal=False, block_size=(page, page))
@@ -289,7 +290,7 @@ def test_page_scores_backend(backend, data):
     for name, out in ((backend.name, got), ("torch", ref)):
         lo, hi = lo0.clone(), hi0.clone()
         out["s"] = pages.page_scores(p.q, lo, hi, n_pages=n_pages, forced_lo=forced_lo, page_size=page, k=p.k,
-                                     key_padding_mask=kpm, backend=name)
+                                     key_padding_mask=kpm, per_kv_head=per_kv_head, backend=name)
         out["lo"], out["hi"] = lo[:, :, :n_pages], hi[:, :, :n_pages]
     count(target)
     assert torch.equal(got["lo"], ref["lo"]) and torch.equal(got["hi"], ref["hi"])

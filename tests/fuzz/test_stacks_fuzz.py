@@ -108,6 +108,8 @@ STACKS = {
                      "branches": {"full": {"op": "dense"}, "sparse": _SMALL["xattention"]}},
     "quest-decode": {**_SMALL["xattention"], "decode": {"selector": {"name": "quest", "page_size": 16, "budget": 32},
                                                        "op": "block_sparse"}},
+    "quest-decode-kv": {"op": "dense", "decode": {"selector": {"name": "quest", "page_size": 16, "budget": 32,
+                                                               "per_kv_head": True}, "op": "block_sparse"}},
     "elastic": {"router": {"name": "elastic", "head_dim": 16, "seed": 3},
                 "branches": {"full": {"op": "dense"}, "sparse": _SMALL["streaming"]}},
 }

@@ -8,7 +8,8 @@ the ranking). Two ``tl.dot``s on the group padded to 16 rows (fp32 "ieee") did t
 the padded FMA product and its layout shuffles, not the bounds' read, set the time). Then it writes ranking keys
 (``ops.pages.order_keys``: the bound's fp32 bits mapped to a non-negative int32 order). The last
 page, the only one still growing, has its bounds recomputed from its keys in every program (at most
-one page of keys) and stored by the program whose tile holds it. One launch replaces the reference
+one page of keys) and stored by the program whose tile holds it. With ``per_kv_head`` the program
+keeps the group's highest key per page and writes one row per KV head. One launch replaces the reference
 backend's chain of torch ops (the last page's min / max, masking, two batched products, the key map).
 """
 
@@ -26,7 +27,7 @@ def _page_scores_kernel(Q, LO, HI, K, KPM, S,
                         sqb, sqh, sqd, slb, slh, slp, sld, skb, skh, skn, skd, ssb, ssh,
                         Hkv, n_pages, Nk, forced_lo,
                         D: tl.constexpr, P: tl.constexpr, PT: tl.constexpr, G: tl.constexpr,
-                        HAS_KPM: tl.constexpr, UPDATE: tl.constexpr, SINK: tl.constexpr):
+                        HAS_KPM: tl.constexpr, UPDATE: tl.constexpr, SINK: tl.constexpr, GROUP: tl.constexpr):
     t = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hkv
@@ -59,6 +60,7 @@ def _page_scores_kernel(Q, LO, HI, K, KPM, S,
     lo = tl.where(lo == float("inf"), 0.0, lo)
     hi = tl.where(hi == float("-inf"), 0.0, hi)
     forced = (pages == 0) | (pages >= forced_lo)  # the same for every head of the group
+    best = tl.full([PT], -1.0, tl.float32)
     for gi in tl.static_range(G):
         head = hkv * G + gi
         q = tl.load(Q + b * sqb + head * sqh + offs_d * sqd).to(tl.float32)
@@ -70,14 +72,20 @@ def _page_scores_kernel(Q, LO, HI, K, KPM, S,
         key = tl.where(forced, SINK, key)
         key = tl.where(pages == last, -1, key)  # the own page: top_n's forced block
         score = tl.where(key >= 0, key.to(tl.float32, bitcast=True), -1.0)
-        tl.store(S + b * ssb + head * ssh + pages, score, mask=in_range)
+        if GROUP:  # the group's best bound (non-negative keys order as floats too)
+            best = tl.maximum(best, score)
+        else:
+            tl.store(S + b * ssb + head * ssh + pages, score, mask=in_range)
+    if GROUP:
+        tl.store(S + b * ssb + hkv * ssh + pages, best, mask=in_range)
 
 
-def page_scores(q, lo, hi, *, n_pages: int, forced_lo: int, page_size: int, k=None, key_padding_mask=None):
+def page_scores(q, lo, hi, *, n_pages: int, forced_lo: int, page_size: int, k=None, key_padding_mask=None,
+                per_kv_head=False):
     B, Hq, _, D = q.shape
     Hkv = lo.shape[1]
     g = Hq // Hkv
-    s = torch.empty(B, Hq, 1, n_pages, dtype=torch.float32, device=q.device)
+    s = torch.empty(B, Hkv if per_kv_head else Hq, 1, n_pages, dtype=torch.float32, device=q.device)
     pt = 64 if D > 64 else 128
     kk = k if k is not None else lo
     kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else q
@@ -88,5 +96,5 @@ def page_scores(q, lo, hi, *, n_pages: int, forced_lo: int, page_size: int, k=No
         kk.stride(0), kk.stride(1), kk.stride(2), kk.stride(3), s.stride(0), s.stride(1),
         Hkv, n_pages, nk, forced_lo,
         D=D, P=page_size, PT=pt, G=g, HAS_KPM=key_padding_mask is not None,
-        UPDATE=k is not None, SINK=SINK_KEY)
+        UPDATE=k is not None, SINK=SINK_KEY, GROUP=per_kv_head)
     return s
