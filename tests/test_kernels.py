@@ -566,6 +566,35 @@ def test_triton_select_top_n_equals_torch(nq, nk, b, k):
 
 
 @needs_triton
+@pytest.mark.parametrize("radix", [False, True], ids=["binary", "radix"])
+@pytest.mark.parametrize("pages,n", [(200, 7), (3000, 64), (40, 60)])  # (40, 60): more picks than candidates
+def test_triton_select_top_n_cut_searches_equal_torch(pages, n, radix):
+    """The two cut searches of the top_n kernel (31-step binary, and 8 histograms of 4-bit digits, the
+    decode default) pick what torch's stable sort does: ties in the top digits and at the cut, zeros,
+    the sink's key, non-candidates, scores whose bits share their high digits."""
+    from attnzoo.ops import pages as pages_op
+    from attnzoo.ops import selection
+    from attnzoo.ops.kernels import triton_select
+
+    g = torch.Generator().manual_seed(pages + n)
+    score = torch.rand(2, 3, 1, pages, generator=g)
+    score[0, 0] = 1.0 + torch.rand(pages, generator=g) * 1e-6  # bits that differ in the low digits only
+    score[0, 1, 0, 1::3] = 0.5  # ties
+    score[0, 2, 0, 2::7] = 0.0
+    score[1, 0, 0, :5] = pages_op.SINK_SCORE
+    score[1, 1, 0, torch.rand(pages, generator=g) < 0.5] = -1.0
+    score[..., -1] = -1.0  # the own page: the forced block
+    last = torch.tensor([pages - 1])
+    args = (score.to(DEVICE), torch.tensor([n - 1]).to(DEVICE), last.to(DEVICE), last.to(DEVICE))
+    i1, c1 = selection.top_n(*args, width=n, backend="torch")
+    i2, c2 = triton_select._launch("top_n", args[0], n + 2, last=args[3], n_pick=args[1], own_lo=args[2],
+                                   radix=radix)
+    p1, p2 = (BlockPlan(i, c, 16, 16, 1, 16 * pages) for i, c in ((i1, c1), (i2, c2)))
+    assert torch.equal(c1, c2) and torch.equal(p1.to_block_mask(), p2.to_block_mask())
+    assert int(c1.max()) == min(n, pages)
+
+
+@needs_triton
 @pytest.mark.parametrize("nq,nk,b,k,sink,local", [(300, 300, 16, 4, 32, 64), (100, 333, 16, 2, 0, 48)])
 def test_triton_select_top_n_keeps_topk_sink_and_window_like_torch(nq, nk, b, k, sink, local):
     """``topk_blocks``' sink and local window reach the selection as top scores (the largest finite

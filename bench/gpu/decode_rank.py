@@ -6,7 +6,8 @@ CUDA graph.
         [--heads 32 8 --head-dim 128] [--warps 4 8 16 32]
 
 The ranking (``ops.kernels.triton_select``, rule ``top_n``) runs one program per (sequence, query head)
-and binary-searches the cut over the score bits: 31 dependent counts over the row. More warps per
+and searches the cut over the score bits: a binary search (31 dependent counts over the row) or, the
+decode default, 8 histograms of 4-bit digits ("-radix"); both at each warp count. More warps per
 program spread each count over more threads but make each reduction cost more; this measures which
 wins at 2K-8K pages. Every variant's picked pages are checked against the default launch's.
 """
@@ -66,20 +67,21 @@ def main(argv=None) -> int:
         def picked(idx, cnt):  # the slots past a row's count are not written (uninitialised on a GPU)
             return torch.where(torch.arange(idx.shape[-1], device=dev) < cnt[..., None], idx, -1)
 
-        want = picked(*triton_select._launch("top_n", flat, pick + 2, last=last_t, n_pick=n_pick, own_lo=own_lo))
+        want = picked(*triton_select._launch("top_n", flat, pick + 2, last=last_t, n_pick=n_pick, own_lo=own_lo,
+                                             radix=False))
         plan = sel(q, k, CallContext(cache=cache, decode=True))
         v = torch.randn_like(k)
         row = {"page_size": ps, "pages": n_pages, "pick": pick, "scores_graph_ms": graphed_ms(score, dev, args.reps)[0],
                # the sparse op alone on the step's plan (split-K over the picked pages, then the merge)
                "op_graph_ms": graphed_ms(lambda plan=plan: ops.block_sparse(q, k, v, plan), dev, args.reps)[0],
                "topk_graph_ms": graphed_ms(lambda: torch.topk(flat, pick, dim=-1), dev, args.reps)[0], "top_n": {}}
-        for w in args.warps:
-            got = picked(*triton_select._launch("top_n", flat, pick + 2, last=last_t, n_pick=n_pick, own_lo=own_lo,
-                                                num_warps=w))
-            same = bool(torch.equal(got, want))
-            ms, why = graphed_ms(lambda w=w: triton_select._launch("top_n", flat, pick + 2, last=last_t, n_pick=n_pick,
-                                                                   own_lo=own_lo, num_warps=w), dev, args.reps)
-            row["top_n"][w] = {"graph_ms": ms, "note": why, "same_pages": same}
+        for w, radix in [(w_, r_) for w_ in args.warps for r_ in (False, True)]:
+            def rank(w=w, radix=radix):
+                return triton_select._launch("top_n", flat, pick + 2, last=last_t, n_pick=n_pick, own_lo=own_lo,
+                                             num_warps=w, radix=radix)
+            same = bool(torch.equal(picked(*rank()), want))
+            ms, why = graphed_ms(rank, dev, args.reps)
+            row["top_n"][f"{w}{'-radix' if radix else ''}"] = {"graph_ms": ms, "note": why, "same_pages": same}
         rows.append(row)
         print(json.dumps(row), flush=True)
     (args.out / "rank.json").write_text(json.dumps({"command": "python3 " + " ".join(sys.argv),

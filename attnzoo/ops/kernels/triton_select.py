@@ -27,12 +27,39 @@ from ...caches import shape_cache
 from ._triton import interpreting
 
 
+@triton.jit
+def _radix_cut(bits, cand, n_take):
+    """The (n_take + 1)-th largest of the candidates' bits (each in [0, 2**31)), four bits at a time
+    from the top: 8 histograms of the next digit among the candidates that share the digits found so
+    far, where the binary search makes 31 dependent counts. (Meaningless when there are no more than
+    n_take candidates: the caller's v_out ignores it then.)"""
+    digits = tl.arange(0, 32)
+    want = n_take + 1  # rank, from the top, of the value sought among the candidates
+    prefix = tl.zeros((), tl.int32)
+    for step in tl.static_range(8):
+        shift = 28 - 4 * step
+        if step == 0:
+            match = cand
+        else:  # the digits above this one equal the prefix's
+            match = cand & ((bits >> (shift + 4)) == (prefix >> (shift + 4)))
+        d = tl.where(match, (bits >> shift) & 15, 16)  # bin 16: not in the running
+        hist = tl.where(digits < 16, tl.histogram(d, 32), 0)
+        # candidates in the running with a digit >= each digit value
+        at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+        best = tl.max(tl.where((at_least >= want) & (digits < 16), digits, 0), 0)
+        above = tl.sum(tl.where(digits > best, hist, 0), 0)
+        want = want - above
+        prefix = prefix | (best << shift)
+    return prefix
+
+
 @triton.jit(do_not_specialize=["nkb", "width"])  # lengths: see _triton.py
 def _select_kernel(
     S, TAU, KEEP_ALL, LAST, N_PICK, OWN_LO, IDX, CNT,
     ss_bh, ss_i, si_bh, si_i, sc_bh,
     H, nkb, width,
     BY_MASS: tl.constexpr, KEEP_SINK: tl.constexpr, KEEP_DIAG: tl.constexpr, NP2: tl.constexpr,
+    RADIX: tl.constexpr = False,
 ):
     I = tl.program_id(0)
     bh = tl.program_id(1)
@@ -87,13 +114,16 @@ def _select_kernel(
         # the largest t with #(bits >= t) > n_take. Absent (-1) when every candidate is taken.
         # (A radix-4 search, 16 steps of three counts, measured slower: 0.31 ms against 0.21.)
         bits = tl.where(cand, tl.where(s == 0, 0, s.to(tl.int32, bitcast=True)), -1)
-        lo = tl.zeros((), tl.int32)
-        hi = tl.full((), 0x7F800001, tl.int32)  # above +inf: no score reaches it
-        for _ in range(31):
-            mid = lo + (hi - lo) // 2
-            enough = tl.sum((bits >= mid).to(tl.int32), 0) > n_take
-            lo = tl.where(enough, mid, lo)
-            hi = tl.where(enough, hi, mid)
+        if RADIX:
+            lo = _radix_cut(bits, cand, n_take)
+        else:
+            lo = tl.zeros((), tl.int32)
+            hi = tl.full((), 0x7F800001, tl.int32)  # above +inf: no score reaches it
+            for _ in range(31):
+                mid = lo + (hi - lo) // 2
+                enough = tl.sum((bits >= mid).to(tl.int32), 0) > n_take
+                lo = tl.where(enough, mid, lo)
+                hi = tl.where(enough, hi, mid)
         v_out = tl.where(tl.sum((bits >= 0).to(tl.int32), 0) > n_take, lo, -1)
         above = cand & (bits > v_out)
         tie = cand & (bits == v_out)
@@ -105,7 +135,7 @@ def _select_kernel(
 
 
 def _launch(rule, s, width, tau=None, keep_all=None, last=None, n_pick=None, own_lo=None,
-            keep_sink=True, keep_diagonal=True, num_warps=None):
+            keep_sink=True, keep_diagonal=True, num_warps=None, radix=None):
     B, H, nqb, nkb = s.shape
     s = s.reshape(B * H, nqb, nkb).contiguous()
     alloc = torch.full if interpreting() else (lambda shape, fill, **kw: torch.empty(shape, **kw))
@@ -113,7 +143,9 @@ def _launch(rule, s, width, tau=None, keep_all=None, last=None, n_pick=None, own
     cnt = torch.empty((B * H, nqb), dtype=torch.int32, device=s.device)
     last = _int32(last)
     np2 = triton.next_power_of_2(nkb)
-    meta = dict(BY_MASS=rule == "by_mass", KEEP_SINK=keep_sink, KEEP_DIAG=keep_diagonal, NP2=np2)
+    if radix is None:  # a decode step's few rows: latency-bound, the fewer dependent steps the better
+        radix = rule == "top_n" and nqb == 1
+    meta = dict(BY_MASS=rule == "by_mass", KEEP_SINK=keep_sink, KEEP_DIAG=keep_diagonal, NP2=np2, RADIX=radix)
     if not interpreting():  # (num_warps: bench/gpu/decode_rank.py sweeps it)
         meta["num_warps"] = num_warps or (4 if np2 <= 1024 else 8)
     _select_kernel[(nqb, B * H)](
