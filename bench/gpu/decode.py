@@ -131,7 +131,8 @@ def attention_only(n: int, budgets, hq: int, hkv: int, d: int, device: str, reps
 
 
 @torch.no_grad()
-def end_to_end(gguf: Path, n: int, budgets, new_tokens: int, device: str, prompts: int) -> dict:
+def end_to_end(gguf: Path, n: int, budgets, new_tokens: int, device: str, prompts: int, page_size: int = 16,
+               per_kv_head: bool = False) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from attnzoo.eval.copy import copy_suite
@@ -149,8 +150,10 @@ def end_to_end(gguf: Path, n: int, budgets, new_tokens: int, device: str, prompt
     stacks = {"full": {"name": "full", "default": {"op": "dense"}}}
     for budget in budgets:
         stacks[f"quest-{budget}"] = {"name": f"quest-{budget}", "default": {"op": "dense", "decode": {
-            "selector": {"name": "quest", "page_size": 16, "budget": budget}, "op": "block_sparse"}}}
-    out = {"cache_tokens": n, "yarn_factor": factor, "new_tokens": new_tokens, "stacks": {}}
+            "selector": {"name": "quest", "page_size": page_size, "budget": budget, "per_kv_head": per_kv_head},
+            "op": "block_sparse"}}}
+    out = {"cache_tokens": n, "yarn_factor": factor, "new_tokens": new_tokens, "page_size": page_size,
+           "per_kv_head": per_kv_head, "stacks": {}}
     for label, spec in stacks.items():
         with attnzoo.patch(model, spec):
             def run(k):
@@ -192,7 +195,8 @@ def main(argv=None) -> int:
                    "(attention only): query (a page set per query head, the paper's) and / or kv (per_kv_head: a GQA "
                    "group shares its pages, each KV head's pages read once)")
     p.add_argument("--reps", type=int, default=50)
-    p.add_argument("--gguf", type=Path, help="also generate end to end with the embedded model")
+    p.add_argument("--gguf", type=Path, help="also generate end to end with the embedded model (Quest with the "
+                   "first of --page-sizes and --quest-heads)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--agreement-prompts", type=int, default=8, help="plain-text prompts per length for the "
                    "agreement with full's greedy tokens")
@@ -215,7 +219,8 @@ def main(argv=None) -> int:
             (args.out / "decode.json").write_text(json.dumps(result, indent=1))
     if args.gguf is not None:
         for n in args.lengths:
-            row = end_to_end(args.gguf, n, args.budgets, args.new_tokens, args.device, args.agreement_prompts)
+            row = end_to_end(args.gguf, n, args.budgets, args.new_tokens, args.device, args.agreement_prompts,
+                             args.page_sizes[0], args.quest_heads[0] == "kv")
             result["end_to_end"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "stacks"} | {
                 s: {"tok/s": r["decode_tokens_per_s"], "vs_full": r["vs_full"], "agree": r["agreement"]["agreement"],
