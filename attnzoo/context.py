@@ -41,6 +41,10 @@ class CallContext:
     # called with the plan a Branch computes (a Phased node keeps the prompt's plan this way for a
     # decode part that reuses it); None: nobody asks
     keep_plan: object | None = None
+    # a decode step on a static cache's every slot (``attnzoo.patch(..., static_decode=True)``): the
+    # key padding mask marks the written slots and the query sits at the last of them, not at the last
+    # key; nothing may read the device on the host (the step is meant to be captured in a CUDA graph)
+    static_decode: bool = False
 
     def record(self, density) -> None:
         """Add this call's density to the meter (prefill only): a number, a 0-dim tensor, or a

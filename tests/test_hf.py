@@ -223,6 +223,57 @@ STATIC_STACKS = {
 }
 
 
+@pytest.mark.parametrize("stack", ["full", "quest-decode", "quest-decode-kv"])
+@torch.no_grad()
+def test_static_decode_reads_no_host_value_and_generates_what_a_dynamic_cache_does(stack, monkeypatch):
+    """patch(..., static_decode=True): a decode step on a StaticCache reads every slot, the written ones
+    marked by the mask, with no host read (what a CUDA graph captures; the sync probe stands in for a
+    GPU here), Quest finding its own page on the device; generate() gives the dynamic cache's tokens.
+    A left-padded batch is refused at its first decode step; a stack whose decode part places blocks
+    from the last key (streaming) is refused at patch time."""
+    import warnings
+
+    from transformers import StaticCache
+
+    from .conftest import small_llama
+    from .sync_probe import OpProbe
+
+    monkeypatch.setenv("ATTNZOO_CHECK_VALUES", "0")
+    spec = {**STATIC_STACKS, "quest-decode-kv": {"op": "dense", "decode": {
+        "selector": {"name": "quest", "page_size": 16, "budget": 64, "per_kv_head": True}, "op": "block_sparse"}}}
+    model = small_llama("cpu")
+    model.generation_config.eos_token_id = None
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 128, (2, 300), generator=g)
+    kw = dict(input_ids=ids, max_new_tokens=24, do_sample=False)  # 300 + 24 crosses pages 18-20
+    stack_cfg = {"name": stack, "default": spec[stack]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with attnzoo.patch(model, stack_cfg):
+            dynamic = model.generate(**kw)
+        with attnzoo.patch(model, stack_cfg, static_decode=True):
+            static = model.generate(**kw, cache_implementation="static")
+            cache = StaticCache(config=model.config, max_cache_len=400)
+            model(ids, past_key_values=cache, cache_position=torch.arange(300))
+            step = dict(input_ids=ids[:, -1:], past_key_values=cache)
+            model(**step, cache_position=torch.tensor([300]))  # the first step fills Quest's bounds
+            with OpProbe() as probe:
+                model(**step, cache_position=torch.tensor([301]))
+            # the CPU block-sparse backend reads its plan on the host (on a GPU: the Triton decode kernel)
+            outside = {op: n for op, n in probe.syncs.items() if op != "_local_scalar_dense"}
+            assert not outside and probe.syncs["_local_scalar_dense"] == (0 if stack == "full" else 12), \
+                dict(probe.syncs)
+            padded = torch.ones_like(ids)
+            padded[1, :40] = 0
+            if stack != "full":
+                with pytest.raises(ValueError, match="left-padded batch is not supported"):
+                    model.generate(**kw, attention_mask=padded, cache_implementation="static")
+    assert torch.equal(static, dynamic)
+    with pytest.raises(ValueError, match="Streaming selector places its decode blocks from the last key"):
+        with attnzoo.patch(model, {"name": "s", "default": STATIC_STACKS["streaming"]}, static_decode=True):
+            pass
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("stack", list(STATIC_STACKS))
 @torch.no_grad()

@@ -819,6 +819,43 @@ def test_flashinfer_kernels_match_reference(op):
 
 
 @needs_triton
+@pytest.mark.parametrize("per_kv_head", [False, True], ids=["qhead", "kvhead"])
+def test_triton_page_scores_static_cache_own_page_equal_torch(per_kv_head):
+    """A static cache's decode step: the query's page (a device tensor) is not the last; its bounds are
+    updated from its written slots, pages after it are never candidates, the window sits before it;
+    Triton and torch agree."""
+    from attnzoo.ops import pages
+    from attnzoo.selectors.quest import Quest
+
+    B, Hq, Hkv, Nk, D, p = 2, 4, 2, 400, 32, 16
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(B, Hq, 1, D, generator=g).to(DEVICE)
+    k = torch.randn(B, Hkv, Nk, D, generator=g).to(DEVICE)
+    written = 301  # slots 0..300 written: the query is slot 300, page 18 of 25
+    kpm = (torch.arange(Nk) < written)[None].expand(B, Nk).to(DEVICE)
+    n_pages = -(-Nk // p)
+    own = torch.tensor([300 // p], device=DEVICE)
+    forced = own - 2
+    sel = Quest(page_size=p, budget=8 * p)
+    lo0, hi0 = sel.decode_bounds(k, kpm, static=True)
+    out = {}
+    for backend in ("torch", "triton"):
+        lo, hi = lo0.clone(), hi0.clone()
+        s = pages.page_scores(q, lo, hi, n_pages=n_pages, forced_lo=forced, page_size=p, k=k, key_padding_mask=kpm,
+                              per_kv_head=per_kv_head, own_page=own, backend=backend)
+        out[backend] = s, lo, hi
+    (s1, lo1, hi1), (s2, lo2, hi2) = out["torch"], out["triton"]
+    ref_lo, ref_hi = sel.page_bounds(k[:, :, :written])
+    assert torch.equal(lo1[:, :, :19].float(), ref_lo) and torch.equal(hi1[:, :, :19].float(), ref_hi)
+    for a, b in ((lo1, lo2), (hi1, hi2)):
+        assert torch.equal(a[:, :, :n_pages], b[:, :, :n_pages])
+    assert (s1[..., 18:] == -1).all(), "the own page and the unwritten ones are not candidates"
+    assert (s1[..., 16:18] == pages.SINK_SCORE).all() and (s1[..., 0] == pages.SINK_SCORE).all()
+    assert torch.equal(s1 < 0, s2 < 0) and torch.equal(s1 == pages.SINK_SCORE, s2 == pages.SINK_SCORE)
+    assert (s1.view(torch.int32).long() - s2.view(torch.int32).long()).abs().max() <= 64
+
+
+@needs_triton
 @pytest.mark.parametrize("B,Hq,Hkv,Nk,D,pad,forced", [(1, 9, 3, 300, 64, None, None), (2, 4, 2, 333, 16, "left", 2),
                                                        (2, 8, 1, 256, 32, "right", None)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

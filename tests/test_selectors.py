@@ -441,6 +441,8 @@ def test_page_scores_bad_shapes_name_the_argument():
         pages.page_scores(q[:, :3], lo, hi, n_pages=7, forced_lo=6, page_size=16)  # 3 heads over 2 KV heads
     with pytest.raises(ValueError, match=r"k must be .* ceil\(Nk / page_size\) = n_pages"):
         pages.page_scores(q, lo, hi, n_pages=6, forced_lo=5, page_size=16, k=k)
-    with pytest.raises(ValueError, match="forced_lo must lie in"):
+    with pytest.raises(ValueError, match=r"forced_lo must be an int in \[0, n_pages\)"):
         pages.page_scores(q, lo, hi, n_pages=7, forced_lo=7, page_size=16, k=k)
+    with pytest.raises(TypeError, match="own_page and forced_lo must both be"):
+        pages.page_scores(q, lo, hi, n_pages=7, forced_lo=5, page_size=16, k=k, own_page=torch.tensor([6]))
     assert pages.page_scores(q, lo.clone(), hi.clone(), n_pages=7, forced_lo=6, page_size=16, k=k).shape == (1, 4, 1, 7)

@@ -42,6 +42,7 @@ class _Binding:
     probe: object | None
     needs_keys: bool
     tp: tuple[int, int]
+    static_decode: bool = False
     caches: dict = field(default_factory=dict)  # layer -> router decisions of the current prompt
     keys: dict = field(default_factory=dict)  # layer -> pre-RoPE keys of the current forward
 
@@ -92,19 +93,23 @@ def _attention_fn(model: nn.Module, state: _Patched):
         query, key, value = autocast_inputs(query, key, value)
         b = _binding(model, state)
         layer = module.layer_idx
-        kpm = key_padding_mask_of(attention_mask, key)
-        if kpm is not None and query.shape[2] < key.shape[2]:
-            key, value, kpm = trim_unwritten_slots(key, value, kpm)
-        elif attention_mask is None and 1 < query.shape[2] < key.shape[2]:
-            # transformers leaves out a mask that is plain causal and then means SDPA's top-left rule:
-            # a static cache's prefill (the keys past the prompt are unwritten slots)
-            key, value = key[:, :, :query.shape[2]], value[:, :, :query.shape[2]]
         decode = query.shape[2] == 1 and key.shape[2] > 1
+        static = decode and b.static_decode
+        if static:  # every slot of the cache, the written ones marked: nothing read on the host
+            kpm = written_slots(attention_mask, key)
+        else:
+            kpm = key_padding_mask_of(attention_mask, key)
+            if kpm is not None and query.shape[2] < key.shape[2]:
+                key, value, kpm = trim_unwritten_slots(key, value, kpm)
+            elif attention_mask is None and 1 < query.shape[2] < key.shape[2]:
+                # transformers leaves out a mask that is plain causal and then means SDPA's top-left rule:
+                # a static cache's prefill (the keys past the prompt are unwritten slots)
+                key, value = key[:, :, :query.shape[2]], value[:, :, :query.shape[2]]
         if not decode:
             b.caches[layer] = {}  # a new prompt: routers decide again
         ctx = CallContext(key_padding_mask=kpm, layer_idx=layer, scale=scaling,
                           pre_rope_keys=b.keys.get(layer), cache=b.caches.setdefault(layer, {}), decode=decode,
-                          meter=b.meter)
+                          meter=b.meter, static_decode=static)
         rank, size = b.tp
         if size > 1:  # this rank holds an even slice of the layer's KV heads (HF's colwise plan)
             ctx.kv_head_offset, ctx.kv_heads_total = rank * key.shape[1], size * key.shape[1]
@@ -114,6 +119,41 @@ def _attention_fn(model: nn.Module, state: _Patched):
         return out.transpose(1, 2).contiguous(), None
 
     return attention
+
+
+def written_slots(attention_mask, key):
+    """``[B, Nk]`` bool, True at the slots a decode step may read (written, not padding), for a
+    static decode: the mask's last row as it is, without ``key_padding_mask_of``'s host read that
+    drops an all-true mask. A static cache always masks its unwritten slots."""
+    if attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.shape[-1] != key.shape[2]:
+        raise ValueError("static_decode: a decode step needs transformers' bool mask over every cache slot "
+                         f"([B, 1, 1, {key.shape[2]}]), as a StaticCache gives it; got "
+                         f"{None if attention_mask is None else (attention_mask.dtype, tuple(attention_mask.shape))}")
+    return attention_mask[:, 0, -1, :]
+
+
+def static_decode_refusal(stack) -> str | None:
+    """Why ``stack`` cannot decode a static cache by the mask (``patch(..., static_decode=True)``), or
+    None: what each layer runs at decode must be dense or a selector that places its pages by the mask
+    (``decode_by_mask``: Quest). Others place blocks from the last key, which needs the unwritten slots
+    cut first (a host read); routers split a decode step's heads on the host."""
+    from ..stack import Branch, Compressed, Phased
+
+    def decode_path(node):
+        if isinstance(node, Phased):
+            yield from decode_path(node.decode)
+        elif isinstance(node, Compressed):  # decode runs the inner node on the uncompressed cache
+            yield from decode_path(node.inner)
+        else:
+            yield node
+
+    for top in [stack.default, *stack.layers.values(), *stack.relative.values()]:
+        for node in decode_path(top):
+            if not isinstance(node, Branch):
+                return f"a {type(node).__name__} node decodes through a host-side split"
+            if node.places_blocks(True) and not getattr(node.selector, "decode_by_mask", False):
+                return f"the {type(node.selector).__name__} selector places its decode blocks from the last key"
+    return None
 
 
 def trim_unwritten_slots(key, value, kpm):
@@ -140,7 +180,7 @@ def _store_keys(model: nn.Module, state: _Patched):
 
 
 @contextlib.contextmanager
-def patch(model: nn.Module, stack, meter=None, probe=None):
+def patch(model: nn.Module, stack, meter=None, probe=None, static_decode: bool = False):
     """Run ``model`` with the attention ``stack`` (anything ``attnzoo.build`` takes) inside the
     block, in this thread; the previous attention implementation is restored when the last thread's
     block exits, also after an exception.
@@ -153,6 +193,10 @@ def patch(model: nn.Module, stack, meter=None, probe=None):
     ``probe``: called as ``probe(layer_idx, node, q, k, v, ctx)`` after each layer's attention
     (``attnzoo.eval.recall.RecallProbe`` measures what each layer's node keeps).
     Several threads may patch one model with different stacks and call it at once (module doc).
+    ``static_decode``: decode steps on a ``StaticCache`` read every slot, the written ones marked by
+    the mask, with no host read (a step can then be captured in a CUDA graph and replayed): each
+    layer's decode part must be dense or Quest (``static_decode_refusal``); a left-padded batch is
+    refused at its first decode step.
     """
     from ..stack import Routed, build
 
@@ -164,7 +208,10 @@ def patch(model: nn.Module, stack, meter=None, probe=None):
     tp = tensor_parallel_rank(model)
     if meter is not None and tp[1] > 1:
         meter.group = model._device_mesh.get_group("tp")  # densities average over every rank's heads
-    binding = _Binding(stack, meter, probe, needs_keys, tp)
+    if static_decode and (why := static_decode_refusal(stack)):
+        raise ValueError(f"static_decode=True: stack {stack.name!r} cannot decode a static cache by its mask: {why} "
+                         "(decode parts that can: {op: dense}, or a quest selector)")
+    binding = _Binding(stack, meter, probe, needs_keys, tp, static_decode=bool(static_decode))
     with _LOCK:
         state = _PATCHED.get(id(model))
         first = state is None

@@ -65,29 +65,46 @@ def page_bound(q_rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torc
     return q_rows.clamp(min=0) @ hi.transpose(-1, -2) + q_rows.clamp(max=0) @ lo.transpose(-1, -2)
 
 
-def last_page_bounds(k: torch.Tensor, last: int, page_size: int, key_padding_mask=None):
-    """``(lo, hi)`` ``[B, Hkv, D]`` fp32 of page ``last``'s real keys (+inf / -inf where it has none)."""
-    kl = k[:, :, last * page_size:].float()
-    if key_padding_mask is not None:
-        real = key_padding_mask[:, None, last * page_size:, None]
-        return kl.masked_fill(~real, float("inf")).amin(2), kl.masked_fill(~real, float("-inf")).amax(2)
-    return kl.amin(2), kl.amax(2)
+def last_page_bounds(k: torch.Tensor, last, page_size: int, key_padding_mask=None):
+    """``(lo, hi)`` ``[B, Hkv, D]`` fp32 of page ``last``'s real keys (+inf / -inf where it has none);
+    ``last`` an int or a ``[1]`` int64 tensor (a static decode's own page, never read on the host)."""
+    Nk = k.shape[2]
+    if isinstance(last, torch.Tensor):
+        pos = last * page_size + torch.arange(page_size, device=k.device)
+        real = (pos < Nk)[None, :]
+        pos = pos.clamp(max=Nk - 1)
+        kl = k.index_select(2, pos).float()
+        if key_padding_mask is not None:
+            real = real & key_padding_mask.index_select(1, pos)
+    else:
+        kl = k[:, :, last * page_size:(last + 1) * page_size].float()
+        real = None if key_padding_mask is None else key_padding_mask[:, last * page_size:(last + 1) * page_size]
+    if real is None:
+        return kl.amin(2), kl.amax(2)
+    real = real[:, None, :, None]
+    return kl.masked_fill(~real, float("inf")).amin(2), kl.masked_fill(~real, float("-inf")).amax(2)
 
 
-def _torch(q, lo, hi, *, n_pages: int, forced_lo: int, page_size: int, k=None, key_padding_mask=None,
-           per_kv_head: bool = False):
+def _torch(q, lo, hi, *, n_pages: int, forced_lo, page_size: int, k=None, key_padding_mask=None,
+           per_kv_head: bool = False, own_page=None):
     B, Hq, _, D = q.shape
     Hkv = lo.shape[1]
+    last = n_pages - 1 if own_page is None else own_page
     if k is not None:
-        lo_l, hi_l = last_page_bounds(k, n_pages - 1, page_size, key_padding_mask)
-        lo[:, :, n_pages - 1], hi[:, :, n_pages - 1] = lo_l, hi_l
+        lo_l, hi_l = last_page_bounds(k, last, page_size, key_padding_mask)
+        if own_page is None:
+            lo[:, :, last], hi[:, :, last] = lo_l, hi_l
+        else:
+            lo.index_copy_(2, own_page, lo_l[:, :, None].to(lo.dtype))
+            hi.index_copy_(2, own_page, hi_l[:, :, None].to(hi.dtype))
     lf, hf, empty = finite_bounds(lo[:, :, :n_pages], hi[:, :, :n_pages])
     bound = page_bound(q.reshape(B, Hkv, Hq // Hkv, D), lf, hf)  # [B, Hkv, g, pages]
     page = torch.arange(n_pages, device=q.device)
     scores = torch.where(~empty[:, :, None], order_keys(bound), -1.0)
     always = (page == 0) | (page >= forced_lo)
     scores = torch.where(always, SINK_SCORE, scores)
-    scores[..., n_pages - 1] = -1.0  # the own page: top_n's forced block
+    # the own page is top_n's forced block; pages after it (a static cache's unwritten slots) are none
+    scores = torch.where(page >= last, -1.0, scores)
     if per_kv_head:  # a group's best bound (keys order as bounds do; the fixed keys agree within a group)
         return scores.amax(2)[:, :, None]
     return scores.reshape(B, Hq, 1, n_pages)
@@ -100,13 +117,16 @@ register_backend(Backend(
     description="torch: relu(q) . hi + min(q, 0) . lo per KV head group, ranking keys"))
 
 
-def page_scores(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *, n_pages: int, forced_lo: int,
+def page_scores(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *, n_pages: int, forced_lo,
                 page_size: int, k: torch.Tensor | None = None, key_padding_mask=None, per_kv_head: bool = False,
-                backend: str | None = None) -> torch.Tensor:
+                own_page: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """``[B, Hq, 1, n_pages]`` ranking scores of Quest's pages for one decode query (module doc);
     ``per_kv_head``: ``[B, Hkv, 1, n_pages]``, each page's highest bound over the KV head's query
     group (the group then reads one set of pages: each KV head's cache is read once).
-    ``lo`` / ``hi`` are updated in place at page ``n_pages - 1`` when ``k`` is given."""
+    ``lo`` / ``hi`` are updated in place at page ``n_pages - 1`` when ``k`` is given.
+    ``own_page`` (``[1]`` int64 on the device; ``forced_lo`` then a tensor like it): the query's page
+    when it is not the last (a static cache's decode step: the pages after it are unwritten slots,
+    never candidates); nothing is read on the host."""
     B, Hq, Nq, D = q.shape
     if Nq != 1:
         raise ValueError(f"page_scores scores one decode query per head, got q with {Nq} rows")
@@ -117,10 +137,15 @@ def page_scores(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *, n_pages:
     if k is not None and (k.shape[:2] != lo.shape[:2] or k.shape[3] != D or -(-k.shape[2] // page_size) != n_pages):
         raise ValueError(f"k must be [B, Hkv, Nk, D] = [{B}, {lo.shape[1]}, Nk, {D}] with ceil(Nk / page_size) = "
                          f"n_pages ({n_pages}): its last page is the one updated; got {tuple(k.shape)}")
-    if not 0 <= forced_lo < n_pages:
-        raise ValueError(f"forced_lo must lie in [0, n_pages) = [0, {n_pages}), got {forced_lo}")
+    if own_page is not None:
+        if not (isinstance(own_page, torch.Tensor) and own_page.shape == (1,) and own_page.dtype == torch.int64
+                and isinstance(forced_lo, torch.Tensor) and forced_lo.shape == (1,)):
+            raise TypeError("own_page and forced_lo must both be [1] int64 tensors on q's device when own_page is "
+                            f"given, got {own_page!r} and {forced_lo!r}")
+    elif not isinstance(forced_lo, int) or not 0 <= forced_lo < n_pages:
+        raise ValueError(f"forced_lo must be an int in [0, n_pages) = [0, {n_pages}), got {forced_lo}")
     req = make_request("page_scores", q.detach(), lo, lo, "scores", return_lse=False,
                        key_padding_mask=key_padding_mask, causal=False, block_size=(page_size, page_size))
     impl = choose(req, backend)
     return impl.fn(q.detach(), lo, hi, n_pages=n_pages, forced_lo=forced_lo, page_size=page_size,
-                   k=k, key_padding_mask=key_padding_mask, per_kv_head=per_kv_head)
+                   k=k, key_padding_mask=key_padding_mask, per_kv_head=per_kv_head, own_page=own_page)

@@ -43,6 +43,9 @@ from .base import check_block, check_positive, check_qk
 class Quest:
     plan_kind: ClassVar[str] = "block"
     decode: ClassVar[str] = "plan"  # chooses pages for every generated token
+    # a static decode (ctx.static_decode) finds the query's page from the mask on the device, so
+    # attnzoo.patch(..., static_decode=True) may run it on a static cache's every slot
+    decode_by_mask: ClassVar[bool] = True
     small_config: ClassVar[dict] = {"page_size": 16, "budget": 64}
 
     page_size: int = 16
@@ -154,11 +157,12 @@ class Quest:
     # the decode path's bound buffers grow by this many pages at least (a copy per growth)
     GROW_PAGES: ClassVar[int] = 1024
 
-    def decode_bounds(self, k, key_padding_mask=None, cache=None):
+    def decode_bounds(self, k, key_padding_mask=None, cache=None, static: bool = False):
         """``(lo, hi)`` ``[B, Hkv, capacity, D]`` in ``k``'s dtype: every page before the last final,
         the last left for ``ops.pages.page_scores`` to update. Kept in ``cache`` (the layer's) between
         decode steps, so a step recomputes nothing here; a first step (or another batch) fills the
-        buffers once from the keys."""
+        buffers once from the keys. ``static``: ``k`` holds every slot of a static cache, the query's
+        page moves through them (``page_scores`` updates it); the last page starts empty."""
         B, Hkv, Nk, D = k.shape
         p, last = self.page_size, (k.shape[2] - 1) // self.page_size
         key = ("quest_pages", id(self))
@@ -169,10 +173,16 @@ class Quest:
                     or tokens > Nk:
                 entry = None
         if entry is None:
+            if static and key_padding_mask is not None and bool((~key_padding_mask[:, 0]).any()):
+                # (the first step's one host read: a captured step replays after it)
+                raise ValueError("static_decode: a left-padded batch is not supported (Quest would put its sink "
+                                 "page on the padding); decode it with a dynamic cache, or one prompt at a time")
             tokens = 0
             cap = cdiv(last + 1 + self.GROW_PAGES // 4, self.GROW_PAGES) * self.GROW_PAGES
             lo = torch.empty(B, Hkv, cap, D, dtype=k.dtype, device=k.device)
             hi = torch.empty_like(lo)
+            if static:
+                lo[:, :, last], hi[:, :, last] = float("inf"), float("-inf")
         elif last >= lo.shape[2]:  # grow: double, at least GROW_PAGES more
             cap = max(2 * lo.shape[2], lo.shape[2] + self.GROW_PAGES, last + 1)
             lo, hi = (torch.cat([t, t.new_empty(B, Hkv, cap - t.shape[2], D)], 2) for t in (lo, hi))
@@ -185,16 +195,25 @@ class Quest:
         return lo, hi
 
     def _decode_plan(self, q, k, ctx):
-        """One generated token's pages (Nq = 1): see the module doc."""
+        """One generated token's pages (Nq = 1): see the module doc. A static decode finds the
+        query's page on the device (the last slot the mask marks written)."""
         Nk, p = k.shape[2], self.page_size
         n_pages, pick = cdiv(Nk, p), self.budget // p
-        last = n_pages - 1
-        forced_lo = max(0, last - cdiv(self.local, p))
-        lo, hi = self.decode_bounds(k, ctx.key_padding_mask, ctx.cache)
+        kpm, static = ctx.key_padding_mask, ctx.static_decode and ctx.key_padding_mask is not None
+        lo, hi = self.decode_bounds(k, kpm, ctx.cache, static=static)
+        if static:
+            slots = torch.arange(Nk, device=k.device)
+            own = (torch.where(kpm.any(0), slots, 0).amax() // p).view(1)
+            forced_lo = (own - cdiv(self.local, p)).clamp(min=0)
+            n_pick = _rule_tensors(pick - 1, 0, 0, q.device)[0]
+            own_lo = last_t = own
+        else:
+            last = n_pages - 1
+            own, forced_lo = None, max(0, last - cdiv(self.local, p))
+            n_pick, own_lo, last_t = _rule_tensors(pick - 1, last, last, q.device)
         scores = pages.page_scores(q, lo, hi, n_pages=n_pages, forced_lo=forced_lo, page_size=p, k=k,
-                                   key_padding_mask=ctx.key_padding_mask, per_kv_head=self.per_kv_head)
+                                   key_padding_mask=kpm, per_kv_head=self.per_kv_head, own_page=own)
         # the own page is top_n's forced block; the sink and the local window outrank every bound
-        n_pick, own_lo, last_t = _rule_tensors(pick - 1, last, last, q.device)
         idx, cnt = selection.top_n(scores, n_pick, own_lo, last_t, width=pick)
         return BlockPlan(idx, cnt, p, p, 1, Nk)
 

@@ -23,7 +23,8 @@ def run(node: Node, q, k, v, ctx: CallContext) -> torch.Tensor:
     suffix, which costs one host sync. Nodes that place nothing run unchanged.
     """
     kpm = ctx.key_padding_mask
-    if kpm is None or not node.places_blocks(ctx.decode):
+    if kpm is None or not node.places_blocks(ctx.decode) or ctx.static_decode:
+        # (a static decode's nodes place their pages by the mask: attnzoo.patch checks which may)
         return node(q, k, v, ctx)
     B, Nq, Nk = q.shape[0], q.shape[2], k.shape[2]
     keys = ctx.pre_rope_keys

@@ -19,13 +19,26 @@ import torch
 import triton
 import triton.language as tl
 
+from ...caches import LRUDict
 from ..pages import SINK_KEY
 
+_META = LRUDict(256, "triton_pages own-page tensors")
 
-@triton.jit(do_not_specialize=["n_pages", "Nk", "forced_lo"])  # lengths: see _triton.py
-def _page_scores_kernel(Q, LO, HI, K, KPM, S,
+
+def _meta(last: int, forced_lo: int, device) -> torch.Tensor:
+    """``[last, forced_lo]`` int32 on the device, kept per value (they change once per page; filled on
+    the device: no blocking host-to-device copy)."""
+    key = (last, forced_lo, str(device))
+    hit = _META.get(key)
+    if hit is None:
+        hit = _META[key] = torch.stack([torch.full((), x, dtype=torch.int32, device=device) for x in (last, forced_lo)])
+    return hit
+
+
+@triton.jit(do_not_specialize=["n_pages", "Nk"])  # lengths: see _triton.py
+def _page_scores_kernel(Q, LO, HI, K, KPM, S, META,
                         sqb, sqh, sqd, slb, slh, slp, sld, skb, skh, skn, skd, ssb, ssh,
-                        Hkv, n_pages, Nk, forced_lo,
+                        Hkv, n_pages, Nk,
                         D: tl.constexpr, P: tl.constexpr, PT: tl.constexpr, G: tl.constexpr,
                         HAS_KPM: tl.constexpr, UPDATE: tl.constexpr, SINK: tl.constexpr, GROUP: tl.constexpr):
     t = tl.program_id(0)
@@ -35,7 +48,8 @@ def _page_scores_kernel(Q, LO, HI, K, KPM, S,
     offs_d = tl.arange(0, D)
     pages = t * PT + tl.arange(0, PT)
     in_range = pages < n_pages
-    last = n_pages - 1
+    last = tl.load(META)  # the query's own page (read on the device: a static decode's moves each step)
+    forced_lo = tl.load(META + 1)
     base = LO + b * slb + hkv * slh
     lo = tl.load(base + pages[:, None] * slp + offs_d[None, :] * sld, mask=in_range[:, None], other=0.0).to(tl.float32)
     base_hi = HI + b * slb + hkv * slh
@@ -70,7 +84,7 @@ def _page_scores_kernel(Q, LO, HI, K, KPM, S,
         key = tl.where(bits < 0, (0x7FFFFFFF - mag) >> 2, (mag >> 2) + (1 << 29))
         key = tl.where(empty, -1, key)
         key = tl.where(forced, SINK, key)
-        key = tl.where(pages == last, -1, key)  # the own page: top_n's forced block
+        key = tl.where(pages >= last, -1, key)  # the own page (top_n's forced block) and unwritten ones
         score = tl.where(key >= 0, key.to(tl.float32, bitcast=True), -1.0)
         if GROUP:  # the group's best bound (non-negative keys order as floats too)
             best = tl.maximum(best, score)
@@ -80,8 +94,8 @@ def _page_scores_kernel(Q, LO, HI, K, KPM, S,
         tl.store(S + b * ssb + hkv * ssh + pages, best, mask=in_range)
 
 
-def page_scores(q, lo, hi, *, n_pages: int, forced_lo: int, page_size: int, k=None, key_padding_mask=None,
-                per_kv_head=False):
+def page_scores(q, lo, hi, *, n_pages: int, forced_lo, page_size: int, k=None, key_padding_mask=None,
+                per_kv_head=False, own_page=None):
     B, Hq, _, D = q.shape
     Hkv = lo.shape[1]
     g = Hq // Hkv
@@ -90,11 +104,15 @@ def page_scores(q, lo, hi, *, n_pages: int, forced_lo: int, page_size: int, k=No
     kk = k if k is not None else lo
     kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else q
     nk = k.shape[2] if k is not None else 0
+    if own_page is None:
+        meta = _meta(n_pages - 1, forced_lo, q.device)
+    else:
+        meta = torch.cat([own_page, forced_lo]).to(torch.int32)
     _page_scores_kernel[(triton.cdiv(n_pages, pt), B * Hkv)](
-        q, lo, hi, kk, kpm, s,
+        q, lo, hi, kk, kpm, s, meta,
         q.stride(0), q.stride(1), q.stride(3), lo.stride(0), lo.stride(1), lo.stride(2), lo.stride(3),
         kk.stride(0), kk.stride(1), kk.stride(2), kk.stride(3), s.stride(0), s.stride(1),
-        Hkv, n_pages, nk, forced_lo,
+        Hkv, n_pages, nk,
         D=D, P=page_size, PT=pt, G=g, HAS_KPM=key_padding_mask is not None,
         UPDATE=k is not None, SINK=SINK_KEY, GROUP=per_kv_head)
     return s
