@@ -124,11 +124,13 @@ def _attention_fn(model: nn.Module, state: _Patched):
 def written_slots(attention_mask, key):
     """``[B, Nk]`` bool, True at the slots a decode step may read (written, not padding), for a
     static decode: the mask's last row as it is, without ``key_padding_mask_of``'s host read that
-    drops an all-true mask. A static cache always masks its unwritten slots."""
-    if attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.shape[-1] != key.shape[2]:
-        raise ValueError("static_decode: a decode step needs transformers' bool mask over every cache slot "
-                         f"([B, 1, 1, {key.shape[2]}]), as a StaticCache gives it; got "
-                         f"{None if attention_mask is None else (attention_mask.dtype, tuple(attention_mask.shape))}")
+    drops an all-true mask. A static cache always masks its unwritten slots; no mask (a dynamic
+    cache, nothing padded) means every key is real and the query is the last."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype != torch.bool or attention_mask.shape[-1] != key.shape[2]:
+        raise ValueError(f"static_decode: a decode step needs transformers' bool mask over every cache slot "
+                         f"([B, 1, 1, {key.shape[2]}]), got {attention_mask.dtype} {tuple(attention_mask.shape)}")
     return attention_mask[:, 0, -1, :]
 
 
