@@ -114,29 +114,43 @@ def run_stack(model, ids, spec, new_tokens: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gguf", type=Path, required=True)
+    p.add_argument("--gguf", type=Path, help="the embedded model's file")
+    p.add_argument("--random-weights", action="store_true", help="instead of --gguf: a Llama of the embedded "
+                   "model's shapes (30 layers, 9 / 3 heads, D 64) with random weights and a random prompt: the "
+                   "same decode cost (Quest's selection does not depend on the values), tokens meaningless")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
     p.add_argument("--budgets", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
     args = p.parse_args(argv)
+    if (args.gguf is None) == (not args.random_weights):
+        p.error("give one of --gguf and --random-weights")
     args.out.mkdir(parents=True, exist_ok=True)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from attnzoo.eval.niah import make_prompt
     from attnzoo.models import extend_context
 
-    tok = AutoTokenizer.from_pretrained(args.gguf.parent, gguf_file=args.gguf.name)
+    tok = None if args.gguf is None else AutoTokenizer.from_pretrained(args.gguf.parent, gguf_file=args.gguf.name)
     result = {"command": "python3 " + " ".join(sys.argv), "torch": torch.__version__,
               "device": torch.cuda.get_device_name(), "rows": []}
     for n in args.lengths:
-        model = AutoModelForCausalLM.from_pretrained(args.gguf.parent, gguf_file=args.gguf.name,
-                                                     dtype=torch.bfloat16).cuda().eval()
-        model.name_or_path = model.config._name_or_path = str(args.gguf)
+        if args.random_weights:
+            torch.manual_seed(0)
+            cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                              num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
+                              max_position_embeddings=8192, tie_word_embeddings=True)
+            model = LlamaForCausalLM(cfg).to(torch.bfloat16).cuda().eval()
+            ids = torch.randint(0, 49152, (1, n), device="cuda")
+        else:
+            model = AutoModelForCausalLM.from_pretrained(args.gguf.parent, gguf_file=args.gguf.name,
+                                                         dtype=torch.bfloat16).cuda().eval()
+            model.name_or_path = model.config._name_or_path = str(args.gguf)
+            ids = make_prompt(tok, "single", n, 0.5, seed=0).input_ids.cuda()
         factor = extend_context(model, n + args.new_tokens + 8)
-        ids = make_prompt(tok, "single", n, 0.5, seed=0).input_ids.cuda()
-        row = {"cache_tokens": ids.shape[1], "yarn_factor": factor, "new_tokens": args.new_tokens, "stacks": {}}
+        row = {"cache_tokens": ids.shape[1], "yarn_factor": factor, "random_weights": args.random_weights,
+               "new_tokens": args.new_tokens, "stacks": {}}
         stacks = {"hf-sdpa": None, "full": {"name": "full", "default": {"op": "dense"}},
                   **{f"quest-{b}": quest(b, args.page_size) for b in args.budgets}}
         for label, spec in stacks.items():
