@@ -31,6 +31,15 @@ LN2 = math.log(2.0)
 MAX_SPLITS = 64
 
 
+@triton.jit
+def _tile_keys(KPM, b, kpos, Nk, HAS_KPM: tl.constexpr):
+    """A key tile's positions and which of them exist and are real (not past Nk, not padding)."""
+    ok = kpos < Nk
+    if HAS_KPM:
+        ok = ok & (tl.load(KPM + b * Nk + kpos, mask=ok, other=0) != 0)
+    return kpos, ok
+
+
 @triton.jit(do_not_specialize=["Nk", "per_split", "n_splits"])
 def _split_kernel(Q, K, V, KPM, IDX, CNT, OP, MP, LP,
                   sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sib, sih, scb, sch,
@@ -54,10 +63,7 @@ def _split_kernel(Q, K, V, KPM, IDX, CNT, OP, MP, LP,
     for j in range(j0, j1):
         blk = tl.load(IDX + b * sib + hp * sih + j)
         for t in range(0, BK // TK):
-            kpos = blk * BK + t * TK + offs_n
-            ok = kpos < Nk
-            if HAS_KPM:
-                ok = ok & (tl.load(KPM + b * Nk + kpos, mask=ok, other=0) != 0)
+            kpos, ok = _tile_keys(KPM, b, blk * BK + t * TK + offs_n, Nk, HAS_KPM)
             k = tl.load(K + b * skb + hkv * skh + kpos[:, None] * skn + offs_d[None, :] * skd, mask=ok[:, None],
                         other=0.0)
             v = tl.load(V + b * svb + hkv * svh + kpos[:, None] * svn + offs_d[None, :] * svd, mask=ok[:, None],
@@ -105,10 +111,7 @@ def _group_split_kernel(Q, K, V, KPM, IDX, CNT, OP, MP, LP,
     for j in range(j0, j1):
         blk = tl.load(IDX + b * sib + hkv * sih + j)
         for t in range(0, BK // TK):
-            kpos = blk * BK + t * TK + offs_n
-            ok = kpos < Nk
-            if HAS_KPM:
-                ok = ok & (tl.load(KPM + b * Nk + kpos, mask=ok, other=0) != 0)
+            kpos, ok = _tile_keys(KPM, b, blk * BK + t * TK + offs_n, Nk, HAS_KPM)
             kt = tl.load(K + b * skb + hkv * skh + kpos[None, :] * skn + offs_d[:, None] * skd, mask=ok[None, :],
                          other=0.0)
             v = tl.load(V + b * svb + hkv * svh + kpos[:, None] * svn + offs_d[None, :] * svd, mask=ok[:, None],
