@@ -119,14 +119,16 @@ def test_left_padded_generate_equals_each_prompt_alone(tiny, name):
 
 
 @torch.no_grad()
-def test_left_padded_generate_with_quest_decode_equals_each_prompt_alone(tiny):
+@pytest.mark.parametrize("per_kv_head", [False, True], ids=["qhead", "kvhead"])
+def test_left_padded_generate_with_quest_decode_equals_each_prompt_alone(tiny, per_kv_head):
     """A decode part (Quest's pages, bounds kept in the cache, the last page updated per step): a
     left-padded batch generates what each prompt does alone, and the pages change the tokens."""
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (230, 181, 140)]
     ids, mask = _left_padded(prompts)
     quest = {"name": "quest-decode", "default": {"op": "dense", "decode": {
-        "selector": {"name": "quest", "page_size": 16, "budget": 64}, "op": "block_sparse"}}}
+        "selector": {"name": "quest", "page_size": 16, "budget": 64, "per_kv_head": per_kv_head},
+        "op": "block_sparse"}}}
     new = 20  # crosses page edges: the bounds' last page restarts
     with attnzoo.patch(tiny, quest):
         batched = tiny.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
