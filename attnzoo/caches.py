@@ -16,7 +16,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
-__all__ = ["shape_cache", "LRUDict", "clear_caches", "cache_info"]
+__all__ = ["shape_cache", "LRUDict", "clear_caches", "cache_info", "device_constant"]
 
 _FUNCTIONS: dict[str, Callable] = {}  # qualified name -> lru_cache-wrapped function
 _DICTS: weakref.WeakSet = weakref.WeakSet()  # live LRUDicts (per-object caches, e.g. routed layers')
@@ -35,6 +35,19 @@ def shape_cache(maxsize: int):
 
     return deco
 
+
+
+@shape_cache(512)
+def device_constant(values: tuple, dtype, device: str):
+    """A 1-D tensor of the ints ``values`` on ``device``, made once per (values, dtype, device) and
+    kept, so the same object comes back (kernel wrappers key their converted copies by identity). It
+    is filled on the device: ``torch.tensor`` from host values would be a blocking copy."""
+    import torch  # (a leaf: imported when first used)
+
+    out = torch.empty(len(values), dtype=dtype, device=device)
+    for i, x in enumerate(values):
+        out[i] = x
+    return out
 
 class LRUDict:
     """A mapping that keeps the ``maxsize`` most recently used entries; every method takes a lock,

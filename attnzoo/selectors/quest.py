@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import torch
 
-from ..caches import LRUDict
+from ..caches import device_constant
 from ..context import as_context
 from ..ops import pages, selection
 from ..plans import BlockPlan, DensePlan
@@ -218,15 +218,7 @@ class Quest:
         return BlockPlan(idx, cnt, p, p, 1, Nk)
 
 
-_RULES = LRUDict(256, "selectors.quest rule tensors")
-
-
 def _rule_tensors(n_pick: int, own_lo: int, last: int, device):
-    """``top_n``'s ``[1]`` tensors for one decode step, kept (they change once per page, and the
-    Triton backend keys its converted copies by identity). Filled on the device: a ``torch.tensor``
-    from a list would be a blocking host-to-device copy."""
-    key = (n_pick, own_lo, last, str(device))
-    hit = _RULES.get(key)
-    if hit is None:
-        hit = _RULES[key] = tuple(torch.full((1,), x, dtype=torch.int64, device=device) for x in (n_pick, own_lo, last))
-    return hit
+    """``top_n``'s ``[1]`` int64 tensors for one decode step, kept (they change once per page, and the
+    Triton backend keys its converted copies by identity; ``caches.device_constant``)."""
+    return tuple(device_constant((x,), torch.int64, str(device)) for x in (n_pick, own_lo, last))

@@ -19,20 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ...caches import LRUDict
+from ...caches import device_constant
 from ..pages import SINK_KEY
-
-_META = LRUDict(256, "triton_pages own-page tensors")
-
-
-def _meta(last: int, forced_lo: int, device) -> torch.Tensor:
-    """``[last, forced_lo]`` int32 on the device, kept per value (they change once per page; filled on
-    the device: no blocking host-to-device copy)."""
-    key = (last, forced_lo, str(device))
-    hit = _META.get(key)
-    if hit is None:
-        hit = _META[key] = torch.stack([torch.full((), x, dtype=torch.int32, device=device) for x in (last, forced_lo)])
-    return hit
 
 
 @triton.jit(do_not_specialize=["n_pages", "Nk"])  # lengths: see _triton.py
@@ -105,7 +93,7 @@ def page_scores(q, lo, hi, *, n_pages: int, forced_lo, page_size: int, k=None, k
     kpm = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else q
     nk = k.shape[2] if k is not None else 0
     if own_page is None:
-        meta = _meta(n_pages - 1, forced_lo, q.device)
+        meta = device_constant((n_pages - 1, forced_lo), torch.int32, str(q.device))
     else:
         meta = torch.cat([own_page, forced_lo]).to(torch.int32)
     _page_scores_kernel[(triton.cdiv(n_pages, pt), B * Hkv)](
