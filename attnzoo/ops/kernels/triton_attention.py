@@ -81,6 +81,20 @@ def _block_at(j, mode, lo, s_, idx_row, sis):
 
 
 @triton.jit
+def softmax_step(acc, m_i, l_i, s, v, DOT_PREC: tl.constexpr):
+    """The online-softmax update of rows with running max ``m_i`` and sum ``l_i`` (exp2 domain) by
+    masked scores ``s`` and the tile's values ``v``: ``(acc, m, l)``. Rows with no key yet keep a
+    max of -inf and add nothing."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, offs_m, offs_n, offs_d,
               skb, skh, skn, svb, svh, svn, Nk, offset, q_first, qk_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -114,13 +128,7 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, offs_m, offs_n, offs_d,
             real = tl.load(KPM + b * Nk + kpos, mask=kpos < Nk, other=0)
             ok = ok & (real[None, :] != 0)
         s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-    return acc, m_new, l_i
+    return softmax_step(acc, m_i, l_i, s, v, DOT_PREC)
 
 
 @triton.jit

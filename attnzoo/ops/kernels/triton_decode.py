@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ._triton import interpreting, tile
+from .triton_attention import softmax_step
 
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
@@ -121,13 +122,7 @@ def _group_split_kernel(Q, K, V, KPM, IDX, CNT, OP, MP, LP,
                 v = v.to(tl.float32)
             sc = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
             sc = tl.where(ok[None, :], sc, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(sc - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            m_i = m_new
+            acc, m_i, l_i = softmax_step(acc, m_i, l_i, sc, v, DOT_PREC)
     part = (b * Hkv * G + hkv * G + rows) * n_splits + s  # the per-head kernel's layout: (b, h, s)
     tl.store(OP + part[:, None] * D + offs_d[None, :], acc, mask=live[:, None])
     tl.store(MP + part, m_i, mask=live)
