@@ -45,6 +45,13 @@ class CallContext:
     # key padding mask marks the written slots and the query sits at the last of them, not at the last
     # key; nothing may read the device on the host (the step is meant to be captured in a CUDA graph)
     static_decode: bool = False
+    # [B, H] (H dividing the query heads) or None: Token Sparse's compressed tensors padded to a static
+    # width hold head h's real rows first; rows at or past row_lengths[b, h] are padded slots whose
+    # output is dropped, so a dense op may skip them (``attnzoo.ops.dense``'s ``row_lengths``)
+    row_lengths: torch.Tensor | None = None
+    # the caller asks the selector for a plan whose shapes depend on the input's shapes only (sized
+    # without a host read): a compressed node whose inner attention skips padded rows sets it
+    static_shapes: bool = False
 
     def record(self, density) -> None:
         """Add this call's density to the meter (prefill only): a number, a 0-dim tensor, or a

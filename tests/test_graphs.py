@@ -56,6 +56,9 @@ def test_nodes_declare_what_cannot_be_captured(monkeypatch):
         assert _stack("xattention").node_for(20).capture_refusal(q, k) is None
         assert _stack("token-sparse-capped").node_for(20).capture_refusal(q, k) is None
         assert "width is read" in _stack("token-sparse").node_for(20).capture_refusal(q, k)
+    with override(check_values=False, backend={"dense": "triton_rows"}):  # as on a GPU
+        assert _stack("token-sparse").node_for(20).capture_refusal(q, k) is None
+        assert "width is read" in _stack("token-sparse-xattention").node_for(20).capture_refusal(q, k)
         # no single-launch backend for these shapes on a CPU: the split path, which reads the decision
         assert "split path" in _stack("elastic-fa-streaming").node_for(20).capture_refusal(q, k)
         reuse = attnzoo.build({"name": "r", "default": {
@@ -85,7 +88,7 @@ def test_what_a_captured_call_keeps_is_handed_out_as_a_copy():
 
 
 @needs_cuda
-@pytest.mark.parametrize("preset", ["streaming", "xattention", "topk-blocks", "token-sparse-capped",
+@pytest.mark.parametrize("preset", ["streaming", "xattention", "topk-blocks", "token-sparse", "token-sparse-capped",
                                     "token-sparse-xattention-capped", "elastic-fa-xa", "elastic-fa-streaming"])
 @pytest.mark.parametrize("pad", ["none", "left", "right"])
 def test_replay_equals_eager(preset, pad):
@@ -146,8 +149,10 @@ def test_a_call_that_reads_the_host_runs_eagerly_and_says_why(monkeypatch):
 
 
 @needs_cuda
-def test_shipped_token_sparse_reads_its_width_and_runs_eagerly():
-    stack = _stack("token-sparse")
+def test_token_sparse_over_an_inner_selector_reads_its_width_and_runs_eagerly():
+    """The shipped Token Sparse is captured (its inner dense attention skips each head's padded rows,
+    so the plan is N wide); over XAttention the kept count sizes the plan, read on the host."""
+    stack = _stack("token-sparse-xattention")
     q, k, v, keys = _inputs(1, 4096, 0)
     with override(cuda_graphs=True), torch.no_grad():
         outs = [stack(20, q, k, v, CallContext(layer_idx=20, pre_rope_keys=keys)) for _ in range(3)]

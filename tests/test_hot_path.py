@@ -24,6 +24,7 @@ from .sync_probe import TracingProbe
 LAUNCH_BOUND = {"streaming": 25, "topk-blocks": 25, "xattention": 40, "elastic-fa-streaming": 40,
                 "elastic-fa-xa": 40, "elastic-xa-streaming": 40}
 B, HQ, HKV, D = 1, 9, 3, 64  # the embedded SmolLM2's attention shape
+KERNELS_FORCED = "mixed=triton,block_sparse=triton,antidiagonal_scores=triton,pooled_scores=triton,block_select=triton"
 
 
 def _qkv(n, device="cpu", dtype=torch.float32):
@@ -80,8 +81,7 @@ def stub_kernels(monkeypatch):
     monkeypatch.setattr(triton_scores, "block_scores", scores)
     monkeypatch.setattr(triton_pooled, "pooled_scores", pooled)
     monkeypatch.setenv("ATTNZOO_CHECK_VALUES", "0")
-    monkeypatch.setenv("ATTNZOO_BACKEND", "mixed=triton,block_sparse=triton,antidiagonal_scores=triton,"
-                                          "pooled_scores=triton,block_select=triton")
+    monkeypatch.setenv("ATTNZOO_BACKEND", KERNELS_FORCED)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     return launches
 
@@ -103,10 +103,11 @@ def test_attention_call_has_no_host_sync_and_few_launches(preset, stub_kernels):
     assert launches <= LAUNCH_BOUND[preset], f"{launches} launches: {sorted(probe.ops.items(), key=lambda x: -x[1])}"
 
 
-def test_token_sparse_with_a_static_width_has_no_host_sync(stub_kernels):
-    """Token Sparse with ``max_keep`` (the plan's width a function of N): selection, gather, inner
-    attention and scatter make no host read; without it the plan's width is read (on a CPU also
-    whether anything was dropped)."""
+def test_token_sparse_with_a_static_width_has_no_host_sync(stub_kernels, monkeypatch):
+    """Token Sparse with ``max_keep`` (the plan's width a function of N), or the shipped one where its
+    inner dense attention skips each head's padded rows (``triton_rows``, as on a GPU: the width is
+    N): selection, gather, inner attention and scatter make no host read; otherwise the plan's width
+    is read (on a CPU also whether anything was dropped)."""
     from attnzoo.config import load_config, preset_spec
 
     spec = load_config(preset_spec("token-sparse"))
@@ -114,7 +115,10 @@ def test_token_sparse_with_a_static_width_has_no_host_sync(stub_kernels):
     capped = {**spec, "layers": {"from:0.5": {**node, "compress": {**node["compress"], "max_keep": 0.5}}}}
     q, k, v, keys = _qkv(4096)
     ctx = lambda: CallContext(layer_idx=20, pre_rope_keys=keys, cache={})  # noqa: E731
-    for cfg, reads in ((capped, False), (spec, True)):
+    forced = "dense=triton_rows," + KERNELS_FORCED
+    # on a GPU triton_rows serves the inner attention (it names row_lengths); here it is forced
+    for cfg, reads, backends in ((capped, False, forced), (spec, False, forced), (spec, True, KERNELS_FORCED)):
+        monkeypatch.setenv("ATTNZOO_BACKEND", backends)
         stack = attnzoo.build(cfg).for_model(EMBEDDED_SHAPE)
         stack(20, q, k, v, ctx())
         with TracingProbe() as probe:
@@ -139,7 +143,7 @@ def _tiny_smollm_shaped():
 
 # selector-based presets: no host sync at all. Routed presets may take the split path (a call per
 # branch, chosen where it measured faster), which reads the router's decision: one sync per layer.
-SYNCS_PER_LAYER = {"streaming": 0, "topk-blocks": 0, "xattention": 0, "elastic-fa-streaming": 1,
+SYNCS_PER_LAYER = {"streaming": 0, "topk-blocks": 0, "xattention": 0, "token-sparse": 0, "elastic-fa-streaming": 1,
                    "elastic-fa-xa": 1, "elastic-xa-streaming": 1}
 
 
@@ -170,7 +174,10 @@ def test_gpu_prefill_host_syncs(preset, monkeypatch):
             torch.cuda.set_sync_debug_mode("default")
 
     monkeypatch.setattr(LayerStack, "__call__", checked)
-    with attnzoo.patch(model, f"preset:{preset}"), torch.no_grad(), warnings.catch_warnings(record=True) as seen:
+    from attnzoo.config import load_config, preset_spec, without_dense_below
+
+    stack = attnzoo.build(without_dense_below(load_config(preset_spec(preset))))  # token-sparse: sparse at 32K
+    with attnzoo.patch(model, stack), torch.no_grad(), warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         model(input_ids=ids, use_cache=False, logits_to_keep=1)  # warm-up: compiles, caches, path timing
         torch.cuda.synchronize()

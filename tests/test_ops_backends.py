@@ -90,7 +90,7 @@ def _check(run, q, k, v, kpm, plan, backend, dtype, grad):
     is a skip only where the backend declares it cannot take the call; otherwise it fails."""
     if backend.devices == ("cuda",) and q.device.type == "cpu":
         pytest.skip("needs CUDA")
-    if backend.name == "triton" and q.device.type == "cpu":
+    if backend.name in ("triton", "triton_rows") and q.device.type == "cpu":
         pytest.skip("Triton on CPU runs under the interpreter in tests/test_kernels.py (small shapes)")
     tol = backend.tolerance(dtype)
     tally = TALLY.setdefault((backend.op, backend.name, q.device.type), [0, 0])
@@ -138,8 +138,13 @@ def _backend_params(op):
 def test_dense_backend_matches_reference(backend, case, dtype, device):
     grad = backend.backward and dtype != torch.float16
     q, k, v, kpm = _inputs(case, dtype, device, grad)
+    rows = {}
+    if backend.row_lengths:  # a backend serving calls that name each head's real rows: every row real here
+        if not case.causal or case.Nq != case.Nk:
+            pytest.skip("row_lengths: causal self-attention only")
+        rows = {"row_lengths": torch.full((case.B, case.Hkv), case.Nq, device=device)}
     run = lambda q, k, v: ops.dense(q, k, v, causal=case.causal, key_padding_mask=kpm,
-                                    return_lse=backend.lse, backend=backend.name)
+                                    return_lse=backend.lse, backend=backend.name, **rows)
     wrapped = (lambda q, k, v: run(q, k, v)) if backend.lse else (lambda q, k, v: (run(q, k, v), None))
     from attnzoo.plans import DensePlan
     _check(wrapped, q, k, v, kpm, DensePlan(case.Nq, case.Nk, case.causal), backend, dtype, grad)

@@ -9,7 +9,7 @@ from ..plans import BlockPlan, DensePlan, TokenPlan
 from ..registry import register
 from . import token_sparse
 from .block_sparse import block_sparse
-from .dense import dense
+from .dense import dense, row_skipping
 from .dispatch import backends
 
 
@@ -31,16 +31,22 @@ class Dense:
 
     backend: str | None = None
     plan_kinds = ("dense",)
+    takes_row_lengths = True  # see attnzoo.ops.dense
 
     def __post_init__(self):
         _check_backend(self.backend, "dense")
 
-    def __call__(self, q, k, v, plan=None, *, key_padding_mask=None, scale=None, return_lse=False):
+    def skips_rows(self, q, k) -> bool:
+        """Whether a call with ``row_lengths`` skips the padded rows on the device (no host read)."""
+        return row_skipping(q, k, backend=self.backend)
+
+    def __call__(self, q, k, v, plan=None, *, key_padding_mask=None, scale=None, return_lse=False,
+                 row_lengths=None):
         if plan is not None and not isinstance(plan, DensePlan):
             raise TypeError(f"op 'dense' takes a DensePlan or None, got {type(plan).__name__}")
         causal = plan.causal if plan is not None else True
         return dense(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-                     return_lse=return_lse, backend=self.backend)
+                     return_lse=return_lse, backend=self.backend, row_lengths=row_lengths)
 
 
 @register("op", "block_sparse")

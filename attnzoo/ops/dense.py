@@ -169,17 +169,66 @@ BLOCKED = register_backend(Backend(
                 "padding, lse, gradients)"))
 
 
+def _check_row_lengths(q, k, row_lengths, causal: bool) -> None:
+    if not isinstance(row_lengths, torch.Tensor) or row_lengths.ndim != 2 or row_lengths.is_floating_point():
+        raise TypeError("row_lengths must be an integer tensor [B, H] (H = query heads or a divisor of them)")
+    B, Hq = q.shape[:2]
+    if row_lengths.shape[0] != B or Hq % row_lengths.shape[1]:
+        raise ValueError(f"row_lengths has shape {tuple(row_lengths.shape)}; expected [{B}, H] with H dividing "
+                         f"the {Hq} query heads")
+    if row_lengths.device != q.device:
+        raise ValueError(f"row_lengths is on {row_lengths.device}, q is on {q.device}")
+    if not causal or q.shape[2] != k.shape[2]:
+        raise ValueError("row_lengths needs causal self-attention (causal=True, Nq == Nk): a row before a "
+                         "head's length must see no padded slot")
+
+
+def _trimmed(impl, q, k, v, row_lengths, **kw):
+    """A backend that attends over every row, on the rows before the longest head's length only
+    (one host read: taken on the CPU, where it costs no sync); zeros and lse -inf after them."""
+    n, m = q.shape[2], max(int(row_lengths.max()), 1)
+    if m >= n:
+        return impl.fn(q, k, v, **kw)
+    out, lse = impl.fn(q[:, :, :m], k[:, :, :m], v[:, :, :m], **kw)
+    out = torch.cat([out, out.new_zeros(*out.shape[:2], n - m, out.shape[-1])], 2)
+    if lse is not None:
+        lse = torch.cat([lse, lse.new_full((*lse.shape[:2], n - m), float("-inf"))], 2)
+    return out, lse
+
+
+def row_skipping(q, k, *, return_lse: bool = False, backend: str | None = None) -> bool:
+    """Whether ``dense(q, k, ..., row_lengths=...)`` runs on a backend that skips each head's rows
+    past its length on the device (no host read): what lets Token Sparse compress to a static width."""
+    req = make_request("dense", q, k, k, "dense", return_lse=return_lse, key_padding_mask=None,
+                       causal=True, row_lengths=True)
+    return choose(req, backend).row_lengths
+
+
 def dense(q, k, v, *, causal: bool = True, key_padding_mask=None, scale=None,
-          return_lse: bool = False, backend: str | None = None):
+          return_lse: bool = False, backend: str | None = None, row_lengths=None):
     """Dense attention, q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D]``, bottom-right causal.
 
     Returns ``out`` (q's dtype) or ``(out, lse)`` (lse fp32 ``[B, Hq, Nq]``, -inf where a row
     sees no key; such rows are zeros).
+
+    ``row_lengths`` ``[B, H]`` (causal self-attention only; H = Hq or a divisor, a group of query
+    heads sharing one length): head h's rows at or past ``row_lengths[b, h]`` are padded slots whose
+    output is unspecified (zeros or attention over the slots). A backend declaring ``row_lengths``
+    skips them on the device; on the CPU the others run on the rows before the longest length.
     """
     check_qkv(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    if row_lengths is not None:
+        _check_row_lengths(q, k, row_lengths, causal)
     req = make_request("dense", q, k, v, "dense", return_lse=return_lse,
-                       key_padding_mask=key_padding_mask, causal=causal)
+                       key_padding_mask=key_padding_mask, causal=causal, row_lengths=row_lengths is not None)
     impl = choose(req, backend)
-    out, lse = impl.fn(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
-                       scale=default_scale(q, scale), return_lse=return_lse)
+    kw = dict(causal=causal, key_padding_mask=key_padding_mask, scale=default_scale(q, scale), return_lse=return_lse)
+    if row_lengths is None:
+        out, lse = impl.fn(q, k, v, **kw)
+    elif impl.row_lengths:
+        out, lse = impl.fn(q, k, v, row_lengths=row_lengths, **kw)
+    elif q.device.type == "cpu":
+        out, lse = _trimmed(impl, q, k, v, row_lengths, **kw)
+    else:  # no host read on a GPU: the backend attends over the padded rows too (correct, slower)
+        out, lse = impl.fn(q, k, v, **kw)
     return (out, lse) if return_lse else out

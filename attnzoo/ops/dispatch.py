@@ -62,6 +62,7 @@ class Request:
     plan_density: float | None = None
     block_size: tuple[int, int] | None = None  # (block_q, block_k) of a block plan
     stride: int | None = None  # the antidiagonal stride of an XAttention scoring call
+    row_lengths: bool = False  # dense: per-head real rows given (the rows past them are padded slots)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,9 @@ class Backend:
     lse: bool
     head_dims: tuple[int, ...] | None = None  # None: any
     padding: bool = True
+    # dense: skips the rows past each head's ``row_lengths`` (the others attend over them; their
+    # output there is unspecified either way, so every backend is correct)
+    row_lengths: bool = False
     description: str = ""
     tolerances: dict = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
     available: Callable[[], str | None] = lambda: None  # reason it cannot run on this machine
@@ -134,9 +138,11 @@ _BACKENDS: dict[str, list[Backend]] = {}
 # runs). It is the one place that decides precedence; registration order and import order do not.
 # Why this order: faster where capable first (measured on an H100, see README "Backends");
 # FlashInfer after SDPA's default dispatch for dense (cuDNN/FA3-class measured faster on Hopper),
-# the Triton kernels before FlashInfer and flex for block_sparse; torch references last.
+# the Triton kernels before FlashInfer and flex for block_sparse; torch references last. For dense
+# calls that name per-head real rows (Token Sparse's compressed tensors at a static width)
+# ``triton_rows`` comes before SDPA: it skips the padded rows, which SDPA would attend over.
 PRIORITY: dict[str, tuple[str, ...]] = {
-    "dense": ("sdpa", "sdpa_cuda", "flashinfer", "triton", "blocked"),
+    "dense": ("sdpa", "triton_rows", "sdpa_cuda", "flashinfer", "triton", "blocked"),
     "block_sparse": ("triton_decode", "triton", "flashinfer", "flex", "blocked"),
     "mixed": ("triton", "blocked"),
     "antidiagonal_scores": ("triton", "torch"),
@@ -235,11 +241,11 @@ def _choose(req: Request, name: str | None) -> Backend:
 def make_request(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan_kind: str, *,
                  return_lse: bool, key_padding_mask, causal: bool, plan_heads: int = 0,
                  plan_density: float | None = None, block_size: tuple[int, int] | None = None,
-                 stride: int | None = None) -> Request:
+                 stride: int | None = None, row_lengths: bool = False) -> Request:
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return Request(op=op, device=q.device.type, dtype=q.dtype, head_dim=q.shape[-1],
                    plan_kind=plan_kind, needs_grad=needs_grad, needs_lse=return_lse,
                    has_padding=key_padding_mask is not None, causal=causal, q_len=q.shape[2],
                    kv_len=k.shape[2], q_heads=q.shape[1], kv_heads=k.shape[1],
                    plan_heads=plan_heads or q.shape[1], plan_density=plan_density, block_size=block_size,
-                   stride=stride)
+                   stride=stride, row_lengths=row_lengths)

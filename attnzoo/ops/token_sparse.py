@@ -101,9 +101,11 @@ def decompress(out: torch.Tensor, plan: TokenPlan, seq_len: int | None = None, l
 
 def attention(q, k, v, plan: TokenPlan, *, key_padding_mask=None, scale=None,
                  return_lse: bool = False, backend: str | None = None):
-    """compress -> causal dense attention on kept tokens -> decompress."""
+    """compress -> causal dense attention on kept tokens -> decompress. The dense op is told each
+    head's kept count (``row_lengths``): a backend may skip the padded slots after it."""
     qc, kc, vc = compress(q, k, v, plan, key_padding_mask=key_padding_mask)
+    kw = dict(causal=True, scale=scale, backend=backend, row_lengths=plan.lengths)
     if not return_lse:  # asking for lse would rule out the fastest dense kernels on CUDA
-        return decompress(dense(qc, kc, vc, causal=True, scale=scale, backend=backend), plan, q.shape[2])
-    oc, lc = dense(qc, kc, vc, causal=True, scale=scale, return_lse=True, backend=backend)
+        return decompress(dense(qc, kc, vc, **kw), plan, q.shape[2])
+    oc, lc = dense(qc, kc, vc, return_lse=True, **kw)
     return decompress(oc, plan, q.shape[2], lse=lc)

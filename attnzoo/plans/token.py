@@ -83,9 +83,13 @@ class TokenPlan:
             if value_checks(keep.device) and lengths.numel() and int(lengths.max()) > width:
                 raise ValueError(f"a head keeps {int(lengths.max())} tokens, more than width={width}")
             kmax = width
-        order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[..., :kmax]
-        slot = torch.arange(kmax, device=keep.device)
-        return cls(torch.where(slot < lengths[..., None], order, -1), lengths, keep.shape[-1])
+        # each kept position's slot is the count of kept positions before it (a scan, not a sort);
+        # the rest land in a spare column that is dropped, and unused slots hold -1
+        slot = keep.cumsum(-1) - 1
+        col = torch.where(keep & (slot < kmax), slot, kmax)
+        pos = torch.arange(keep.shape[-1], device=keep.device).expand_as(keep)
+        idx = torch.full((*keep.shape[:2], kmax + 1), -1, dtype=torch.long, device=keep.device)
+        return cls(idx.scatter_(-1, col, pos)[..., :kmax], lengths, keep.shape[-1])
 
     def valid(self) -> torch.Tensor:
         """Bool ``[B, H, N']``: which slots hold a kept position."""

@@ -17,8 +17,11 @@ all at once on the device: real tokens are moved to the front by a stable sort, 
 masked by the sequence's length, and no value is read on the host (tests/test_selectors.py checks
 the batch against the slow per-sequence reference under every padding, and that nothing is read).
 Building the ``TokenPlan`` reads its width (the most tokens a head keeps): one read per layer,
-unless ``max_keep`` bounds it; the width read is rounded up (``plans.token.bucket_width``), so the
-attention over the kept tokens sees a few shapes per length rather than a new one in every call.
+unless ``max_keep`` bounds it or the caller asks for static shapes (``ctx.static_shapes``, set by a
+compressed node whose inner attention skips each head's padded rows on the device: the width is
+then N, nothing is read, and the prefill can be captured in a CUDA graph); the width read is
+rounded up (``plans.token.bucket_width``), so the attention over the kept tokens sees a few shapes
+per length rather than a new one in every call.
 ``max_keep`` (not in the paper) caps each head's kept prefix tokens at ``max(min_tokens,
 ceil(max_keep * P))``, even where the coverage would keep more or run dense; the plan's width is
 then a function of N alone: no host read, one shape per length (the hot path on a GPU can be
@@ -49,6 +52,7 @@ from .base import check_fraction, check_positive, check_qk
 class TokenCoverage:
     # a configuration for short sequences (tests, examples): the selector matrix uses it
     plan_kind: ClassVar[str] = "token"
+    sizes_statically: ClassVar[bool] = True  # honours ctx.static_shapes: the plan's width is then N
     small_config: ClassVar[dict] = {"coverage": 0.05, "window": 32, "min_tokens": 64}
 
     coverage: float = 0.005
@@ -149,6 +153,8 @@ class TokenCoverage:
         if order is not None:
             keep = torch.zeros_like(keep).scatter_(-1, order[:, None].expand_as(keep), keep)
         width = self.width(Nk)
+        if width is None and ctx.static_shapes:  # the caller's attention skips each head's unused slots
+            width = Nk
         # on a CPU reading the counts costs nothing: a layer that drops nothing runs as dense
         if width is None and not keep.is_cuda and not bool((keep.sum(-1) < lengths[:, None]).any()):
             return DensePlan(Nq, Nk)

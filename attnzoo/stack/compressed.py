@@ -26,12 +26,19 @@ class Compressed(Node):
     def places_blocks(self, decode: bool) -> bool:
         return not decode or super().places_blocks(decode)
 
+    def _static_width(self, q, k) -> bool:
+        """Whether the plan's width can be the input's length, read from nothing: the selector sizes
+        plans on request (``ctx.static_shapes``) and the inner attention skips each head's padded
+        rows on the device, so the slots past a head's kept tokens cost no attention."""
+        return getattr(self.compress, "sizes_statically", False) and self.inner.skips_rows(q, k)
+
     def capture_refusal(self, q, k, ctx=None) -> str | None:
         if dense_below_applies(self.dense_below, k):
             return None
         width = getattr(self.compress, "width", None)
-        if width is None or width(k.shape[2]) is None:
-            return "the compressed width is read on the host (token_coverage's max_keep makes it static)"
+        if (width is None or width(k.shape[2]) is None) and not self._static_width(q, k):
+            return ("the compressed width is read on the host (token_coverage's max_keep, or an inner dense "
+                    "op that skips padded rows, makes it static)")
         return self.inner.capture_refusal(q, k, ctx)
 
     def __call__(self, q, k, v, ctx: CallContext) -> torch.Tensor:
@@ -50,7 +57,7 @@ class Compressed(Node):
                 ctx, key_padding_mask=None if kpm is None else kpm[b:b + 1], share=ctx.share / B,
                 pre_rope_keys=None if keys is None else keys[b:b + 1])) for b in range(B)])
         with torch.no_grad():
-            plan = self.compress(q, k, ctx)
+            plan = self.compress(q, k, replace(ctx, static_shapes=True) if self._static_width(q, k) else ctx)
         if isinstance(plan, DensePlan):
             return self.inner(q, k, v, ctx)
         if not isinstance(plan, TokenPlan):
@@ -59,7 +66,8 @@ class Compressed(Node):
         # kept tokens are real tokens; shorter heads' tail slots sit after every real row (causal)
         outer = ctx.density_scale
         inner = replace(ctx, key_padding_mask=None, pre_rope_keys=None, keep_plan=None,  # the scale is read lazily
-                        density_scale=lambda: deferred_value(outer) * density_of(plan))
+                        density_scale=lambda: deferred_value(outer) * density_of(plan), static_shapes=False,
+                        row_lengths=plan.lengths if self.inner.takes_row_lengths() else None)
         oc = self.inner(qc, kc, vc, inner)
         return token_sparse.decompress(oc, plan, q.shape[2])
 

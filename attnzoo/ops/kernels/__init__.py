@@ -62,10 +62,27 @@ register_backend(Backend(
                 "then merged", **{**_TRITON, "backward": False, "check": _decode_only}))
 
 
-def _dense_triton(q, k, v, *, causal, key_padding_mask, scale, return_lse):
+def _dense_triton(q, k, v, *, causal, key_padding_mask, scale, return_lse, row_lengths=None):
     from .triton_attention import KernelPlan, attention
-    return attention(q, k, v, KernelPlan.dense(q.shape[0], q.shape[1], q.shape[2], causal, q.device),
+    B, Hq = q.shape[:2]
+    if row_lengths is not None:  # per query head, as the dense walk's plan heads
+        row_lengths = row_lengths.repeat_interleave(Hq // row_lengths.shape[1], dim=1)
+    return attention(q, k, v, KernelPlan.dense(B, Hq, q.shape[2], causal, q.device, row_lengths),
                      key_padding_mask, scale)
+
+
+def _rows_only(req) -> str | None:
+    if not req.row_lengths:
+        return "serves calls naming row_lengths (Token Sparse's padded compressed tensors) only"
+    return None
+
+
+# before sdpa_cuda for the calls it serves: the rows past each head's length (padded slots of a
+# static-width Token Sparse compression) are skipped on the device, where SDPA would attend over them
+register_backend(Backend(
+    op="dense", name="triton_rows", fn=_dense_triton, plan_kinds=("dense",), row_lengths=True,
+    description="Triton flash attention skipping each head's rows past row_lengths (forward only)",
+    **{**_TRITON, "backward": False, "check": _rows_only}))
 
 
 # after sdpa_cuda and flashinfer: it serves what they decline (lse, padding, bottom-right causal

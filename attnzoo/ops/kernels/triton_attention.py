@@ -147,14 +147,14 @@ def _tile_order(HEADS_FIRST: tl.constexpr):
 
 @triton.jit(do_not_specialize=["Nq", "Nk", "offset"])  # lengths: see _triton.py
 def _fwd_kernel(
-    Q, K, V, O, LSE, MODE, SINK, LOCAL, IDX, CNT, KPM,
+    Q, K, V, O, LSE, MODE, SINK, LOCAL, IDX, CNT, KPM, ROWS,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     sib, sih, siq, sis, scb, sch, scq,
     Hq, Hkv, Hp, Nq, Nk, offset, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_CHECK: tl.constexpr, TMA: tl.constexpr,
-    HEADS_FIRST: tl.constexpr,
+    HEADS_FIRST: tl.constexpr, HAS_ROWS: tl.constexpr,
 ):
     pid_m, pid_bh = _tile_order(HEADS_FIRST)
     b = pid_bh // Hq
@@ -175,6 +175,8 @@ def _fwd_kernel(
     mode, lo, s_, n_blocks, idx_row, limit = _row_walk(
         MODE, SINK, LOCAL, IDX, CNT, b, hp, Hp, qb, m0, Nq, Nk, offset, sib, sih, siq, scb, sch, scq,
         BLOCK_M, PLAN_BQ, PLAN_BK, CAUSAL)
+    if HAS_ROWS:  # a tile wholly past its head's real rows (Token Sparse's padded slots) walks nothing
+        n_blocks = tl.where(m0 < tl.load(ROWS + b * Hp + hp), n_blocks, 0)
     q_first = m0 + offset
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -393,8 +395,10 @@ class KernelPlan:
     Built by ``from_block_plan`` (every head in block mode) or by the ``mixed`` op.
     """
 
-    def __init__(self, mode, sink, local, indices, counts, block_q, block_k, causal):
+    def __init__(self, mode, sink, local, indices, counts, block_q, block_k, causal, rows=None):
         self.mode = mode.to(torch.int32).contiguous()
+        # [B, Hp] or None: each plan head's real query rows (forward only): tiles past them walk nothing
+        self.rows = None if rows is None else rows.to(torch.int32).contiguous()
         self.sink = sink.to(torch.int32).contiguous()
         self.local = local.to(torch.int32).contiguous()
         self.indices = indices.to(torch.int32)
@@ -456,12 +460,13 @@ class KernelPlan:
                    plan.causal)
 
     @classmethod
-    def dense(cls, batch: int, heads: int, q_len: int, causal: bool, device) -> KernelPlan:
-        """Every head dense (walks every visible block; the tile size is the kernel's own)."""
+    def dense(cls, batch: int, heads: int, q_len: int, causal: bool, device, rows=None) -> KernelPlan:
+        """Every head dense (walks every visible block; the tile size is the kernel's own).
+        ``rows`` ``[batch, heads]``: each head's real query rows (the tiles past them are skipped)."""
         mode = torch.full((batch, heads), MODE_DENSE.value, dtype=torch.int32, device=device)
         nqb = cdiv(q_len, 128)
         cnt = torch.zeros((batch, heads, nqb), dtype=torch.int32, device=device)
-        return cls(mode, mode, mode, cnt[..., None], cnt, 128, 128, causal)
+        return cls(mode, mode, mode, cnt[..., None], cnt, 128, 128, causal, rows)
 
     @classmethod
     def from_mixed_plan(cls, plan) -> KernelPlan:
@@ -579,8 +584,9 @@ def forward(q, k, v, kp: KernelPlan, key_padding_mask, scale):
     kd, vd = k, v
     if meta["TMA"]:
         kd, vd = (TensorDescriptor.from_tensor(t, [1, 1, meta["BLOCK_N"], D]) for t in (k, v))
+    meta["HAS_ROWS"] = kp.rows is not None
     _launch(_fwd_kernel, grid, meta,
-            q, kd, vd, out, lse, *plan_args,
+            q, kd, vd, out, lse, *plan_args, kp.rows if kp.rows is not None else kp.mode,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             *plan_strides, *sizes, scale * LOG2E)
@@ -617,6 +623,8 @@ def use_key_major(q, programs: int) -> bool:
 
 
 def backward(q, k, v, out, lse, dout, dlse, kp: KernelPlan, key_padding_mask, scale):
+    if kp.rows is not None:  # skipped rows hold lse = -inf: their gradient is not defined
+        raise NotImplementedError("the Triton kernel's row lengths (KernelPlan.rows) are forward-only")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     dout = dout.contiguous()
     B, Hq, Nq, D = q.shape
