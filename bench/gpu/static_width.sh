@@ -2,7 +2,8 @@
 # Issue 38's sync-free Token Sparse (dense row_lengths / triton_rows) and issue 39's captured decode, on one GPU in
 # back-to-back calls (the GGUF travels in three parts, see gguf_env.sh):
 #   a: (carry .whl/g1 .whl/py) GPU tests of row lengths, graph replay (the shipped token-sparse captured), the hot
-#      path's syncs, the decode kernels; bench/gpu/decode_graph.py on random weights -> $OUT/tests.log, $OUT/g/
+#      path's syncs, the decode kernels; one Token Sparse layer call's parts (token_sparse_parts.py); 
+#      bench/gpu/decode_graph.py on random weights -> $OUT/tests.log, $OUT/parts.md, $OUT/g/
 #   b: (carry .whl/g2) keeps the second part
 #   c: (carry .whl/g3 .whl/py) joins the GGUF; bench/gpu/e2e.py at 8K / 16K / 64K, sparse everywhere, CUDA graphs:
 #      full, token-sparse (static width) and the read-width variant of the record -> $OUT/e2e/
@@ -18,6 +19,7 @@ a) keep_part >/dev/null
        | tee "$OUT/tests.log" | tail -12
    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
        -k "top_n or page_scores or split_decode or dense or mixed" 2>&1 | tee -a "$OUT/tests.log" | tail -3
+   timeout 90 python3 bench/gpu/token_sparse_parts.py 2>&1 | tee "$OUT/parts.md" | tail -6
    timeout 120 python3 bench/gpu/decode_graph.py --random-weights --out "$OUT/g" --lengths 131072 32768 \
        --budgets 1024 4096 --new-tokens 32 2>&1 | tail -25 ;;
 b) keep_part ;;

@@ -54,13 +54,18 @@ def _leaves(p, grad):
     return [t.detach().requires_grad_(grad) for t in (p.q, p.k, p.v)]
 
 
-def _compare(target, backend, p, run, plan, grad, lse_claimed=True):
-    """``run(q, k, v) -> (out, lse | None)`` against ``ops.reference`` under ``plan``."""
+def _compare(target, backend, p, run, plan, grad, lse_claimed=True, rows=None):
+    """``run(q, k, v) -> (out, lse | None)`` against ``ops.reference`` under ``plan``; ``rows``
+    ``[B, Hq, Nq]`` bool: only these rows are compared (the others' output is unspecified)."""
     tol = backend.tolerance(p.q.dtype)
     q, k, v = _leaves(p, grad)
     out, lse = run(q, k, v)
     qr, kr, vr = (t.detach().float().requires_grad_(grad) for t in (p.q, p.k, p.v))
     ref, ref_lse = ops.reference(qr, kr, vr, plan, causal=p.causal, key_padding_mask=p.kpm, return_lse=True)
+    if rows is not None:
+        out, ref = out * rows[..., None], ref * rows[..., None]
+        ref_lse = ref_lse.masked_fill(~rows, float("-inf"))
+        lse = None if lse is None else lse.masked_fill(~rows, float("-inf"))
     count(target)
     assert out.shape == p.q.shape and out.dtype == p.q.dtype
     assert torch.isfinite(out).all(), "non-finite output"
@@ -100,7 +105,7 @@ def _sizes(backend, **cpu) -> dict:
         return dict(GPU_SIZES, device=DEVICE, decode=decode)
     if decode:  # a long cache: the merge of several shares per row
         return dict(max_n=400, head_dims=(16, 32), decode=True)
-    if backend is not None and backend.name == "triton":
+    if backend is not None and backend.name in ("triton", "triton_rows"):
         return dict(max_n=96, head_dims=(16, 32))
     if backend is not None and backend.name == "flex":  # what it declares: no padding, fp32/bf16, kv >= a block
         return dict(cpu, allow_padding=False, dtypes=(torch.float32, torch.bfloat16), min_nk=64)
@@ -118,20 +123,29 @@ def _grad(p, backend, data) -> bool:
 @given(data=st.data())
 @examples(ci=12, long=3000, gpu=600)
 def test_dense_backend(backend, data):
-    p = data.draw(problems(**_sizes(backend)))
+    # a backend skipping rows past each head's row_lengths serves causal self-attention naming them
+    sizes = dict(_sizes(backend), causal=True, square=True) if backend.row_lengths else _sizes(backend)
+    p = data.draw(problems(**sizes))
     grad = _grad(p, backend, data)
     target = f"dense/{backend.name}"
+    rows, kw = None, {}
+    if backend.row_lengths:
+        B, Hq, Hkv, N = p.q.shape[0], p.q.shape[1], p.k.shape[1], p.q.shape[2]
+        H = data.draw(st.sampled_from([Hq, Hkv]))
+        lengths = torch.tensor(data.draw(st.lists(st.integers(0, N), min_size=B * H, max_size=B * H))).view(B, H)
+        kw = {"row_lengths": lengths.to(p.q.device)}
+        rows = torch.arange(N, device=p.q.device) < kw["row_lengths"].repeat_interleave(Hq // H, 1)[..., None]
     req = make_request("dense", p.q.detach().requires_grad_(grad), p.k, p.v, "dense", return_lse=backend.lse,
-                       key_padding_mask=p.kpm, causal=p.causal)
+                       key_padding_mask=p.kpm, causal=p.causal, row_lengths=rows is not None)
     if not _takes(backend, req, target):
         return
 
     def run(q, k, v):
         res = ops.dense(q, k, v, causal=p.causal, key_padding_mask=p.kpm, return_lse=backend.lse,
-                        backend=backend.name)
+                        backend=backend.name, **kw)
         return res if backend.lse else (res, None)
 
-    _compare(target, backend, p, run, None, grad)
+    _compare(target, backend, p, run, None, grad, rows=rows)
 
 
 def _block_case(data, backend):
