@@ -56,9 +56,6 @@ def test_nodes_declare_what_cannot_be_captured(monkeypatch):
         assert _stack("xattention").node_for(20).capture_refusal(q, k) is None
         assert _stack("token-sparse-capped").node_for(20).capture_refusal(q, k) is None
         assert "width is read" in _stack("token-sparse").node_for(20).capture_refusal(q, k)
-    with override(check_values=False, backend={"dense": "triton_rows"}):  # as on a GPU
-        assert _stack("token-sparse").node_for(20).capture_refusal(q, k) is None
-        assert "width is read" in _stack("token-sparse-xattention").node_for(20).capture_refusal(q, k)
         # no single-launch backend for these shapes on a CPU: the split path, which reads the decision
         assert "split path" in _stack("elastic-fa-streaming").node_for(20).capture_refusal(q, k)
         reuse = attnzoo.build({"name": "r", "default": {
@@ -71,6 +68,10 @@ def test_nodes_declare_what_cannot_be_captured(monkeypatch):
         assert _stack("elastic-fa-xa").node_for(20).capture_refusal(q, k) is None
     with override(check_values=True):
         assert "value checks" in _stack("xattention").node_for(20).capture_refusal(q, k)
+    qd, kd = (t.to("cuda" if torch.cuda.is_available() else "cpu") for t in (q, k))  # Triton: a GPU or the interpreter
+    with override(check_values=False, backend={"dense": "triton_rows"}):  # as on a GPU
+        assert _stack("token-sparse").node_for(20).capture_refusal(qd, kd) is None
+        assert "width is read" in _stack("token-sparse-xattention").node_for(20).capture_refusal(qd, kd)
 
 
 def test_what_a_captured_call_keeps_is_handed_out_as_a_copy():
