@@ -218,6 +218,11 @@ class LayerGraphs:
             # would then raise "Offset increment outside graph capture"): both are undone here
             torch.cuda.set_stream(stream)
             _reset_after_failed_capture(q.device, st.pool)
+            # and later captures take a new pool: a capture that fails before its end can leave an
+            # allocator still routing into this one (torch 2.11 on an H100: the next capture on it
+            # failed with "beginAllocateToPool: already recording to mempool_id" after the reset
+            # above; pytorch/pytorch#190308 unwinds such captures in torch itself)
+            st.pool = None
             entry.declined = f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             return
         uncopyable = [key for key, value in cache.items() if _copied(value) is None]
