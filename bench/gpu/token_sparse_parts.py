@@ -3,7 +3,7 @@
     python3 bench/gpu/token_sparse_parts.py [--lengths 8192 16384 65536] [--kept 0.85] [--reps 20]
 
 Per length, the embedded model's attention shape (9 / 3 heads, D 64, bf16), CUDA events around each
-stage (median of ``--reps`` after a warm-up): the shipped ``token_coverage`` selector (on random inputs:
+stage (``triton.testing.do_bench``'s median): the shipped ``token_coverage`` selector (on random inputs:
 its cost does not depend on the values), the gather of the kept rows at the static width (N) and the
 scatter back, the inner attention by ``triton_rows`` with every head keeping ``--kept`` of the tokens,
 the same at the bucketed width by PyTorch's default SDPA (the read-width path), and dense attention
@@ -29,25 +29,18 @@ from attnzoo.plans.token import bucket_width  # noqa: E402
 
 
 def timed(fn, reps: int) -> float:
-    """Median device milliseconds of ``fn()`` (CUDA events), after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+    """Median device milliseconds of ``fn()`` (``triton.testing.do_bench``: CUDA events, the L2 cache
+    flushed between runs, ``reps`` ms of warm-up and ``5 * reps`` ms of runs)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=reps, rep=5 * reps, return_mode="median")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 65536])
     p.add_argument("--kept", type=float, default=0.85)
-    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--reps", type=int, default=20, help="ms of warm-up (5x as many ms of timed runs)")
     args = p.parse_args(argv)
     sel = attnzoo.create("selector", {"name": "token_coverage", "coverage": 0.005, "window": 128, "min_tokens": 1024})
     print("| N | dense SDPA ms (TFLOP/s) | selector | gather (N wide) | triton_rows at kept | scatter | "
