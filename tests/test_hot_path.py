@@ -116,8 +116,8 @@ def test_token_sparse_with_a_static_width_has_no_host_sync(stub_kernels, monkeyp
     q, k, v, keys = _qkv(4096)
     ctx = lambda: CallContext(layer_idx=20, pre_rope_keys=keys, cache={})  # noqa: E731
     forced = "dense=triton_rows," + KERNELS_FORCED
-    # on a GPU triton_rows serves the inner attention (it names row_lengths); here it is forced
-    for cfg, reads, backends in ((capped, False, forced), (spec, False, forced), (spec, True, KERNELS_FORCED)):
+    # the shipped one's inner attention names row_lengths: on a GPU triton_rows serves it; here it is forced
+    for cfg, reads, backends in ((capped, False, KERNELS_FORCED), (spec, False, forced), (spec, True, KERNELS_FORCED)):
         monkeypatch.setenv("ATTNZOO_BACKEND", backends)
         stack = attnzoo.build(cfg).for_model(EMBEDDED_SHAPE)
         stack(20, q, k, v, ctx())

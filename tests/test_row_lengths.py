@@ -134,3 +134,22 @@ def test_token_sparse_at_a_static_width_reads_nothing_on_the_host():
     assert not probe.syncs, dict(probe.sites)
     if DEVICE == "cpu":  # without a row-skipping backend (the CPU's sdpa) the width is read
         assert "width is read" in node.capture_refusal(q, k)
+
+
+@needs_triton
+def test_token_sparse_op_names_row_lengths_only_for_a_plan_as_wide_as_the_sequence(monkeypatch):
+    """A full-width plan (sized without reading the counts) lets a backend skip each head's padded
+    rows; a plan sized to the counts goes to the fastest dense kernel over its whole width."""
+    from attnzoo.ops import token_sparse
+    from attnzoo.plans import TokenPlan
+
+    q, k, v = (t.to(DEVICE) for t in make_qkv(2, 4, 2, 150, 150, 32, seed=8))
+    keep = torch.rand(2, 2, 150, generator=torch.Generator().manual_seed(9)).to(DEVICE) < 0.6
+    seen = []
+    real = token_sparse.dense
+    monkeypatch.setattr(token_sparse, "dense", lambda *a, **kw: seen.append(kw["row_lengths"]) or real(*a, **kw))
+    narrow = token_sparse.attention(q, k, v, TokenPlan.from_keep_mask(keep))
+    with override(backend={"dense": "triton_rows"}):
+        wide = token_sparse.attention(q, k, v, TokenPlan.from_keep_mask(keep, 150))
+    assert seen[0] is None and torch.equal(seen[1], keep.sum(-1))
+    assert rel_err(wide, narrow) <= 1e-4

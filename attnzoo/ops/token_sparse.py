@@ -101,10 +101,13 @@ def decompress(out: torch.Tensor, plan: TokenPlan, seq_len: int | None = None, l
 
 def attention(q, k, v, plan: TokenPlan, *, key_padding_mask=None, scale=None,
                  return_lse: bool = False, backend: str | None = None):
-    """compress -> causal dense attention on kept tokens -> decompress. The dense op is told each
-    head's kept count (``row_lengths``): a backend may skip the padded slots after it."""
+    """compress -> causal dense attention on kept tokens -> decompress. A plan as wide as the
+    sequence (sized without reading the kept counts) tells the dense op each head's kept count
+    (``row_lengths``), so a backend may skip the padded slots; a narrower plan's width was sized to
+    the counts, and the fastest dense kernel attends over all of it."""
     qc, kc, vc = compress(q, k, v, plan, key_padding_mask=key_padding_mask)
-    kw = dict(causal=True, scale=scale, backend=backend, row_lengths=plan.lengths)
+    rows = plan.lengths if plan.max_len == plan.seq_len else None
+    kw = dict(causal=True, scale=scale, backend=backend, row_lengths=rows)
     if not return_lse:  # asking for lse would rule out the fastest dense kernels on CUDA
         return decompress(dense(qc, kc, vc, **kw), plan, q.shape[2])
     oc, lc = dense(qc, kc, vc, return_lse=True, **kw)

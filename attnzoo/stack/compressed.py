@@ -56,8 +56,9 @@ class Compressed(Node):
             return torch.cat([self(q[b:b + 1], k[b:b + 1], v[b:b + 1], replace(
                 ctx, key_padding_mask=None if kpm is None else kpm[b:b + 1], share=ctx.share / B,
                 pre_rope_keys=None if keys is None else keys[b:b + 1])) for b in range(B)])
+        static = self._static_width(q, k)
         with torch.no_grad():
-            plan = self.compress(q, k, replace(ctx, static_shapes=True) if self._static_width(q, k) else ctx)
+            plan = self.compress(q, k, replace(ctx, static_shapes=True) if static else ctx)
         if isinstance(plan, DensePlan):
             return self.inner(q, k, v, ctx)
         if not isinstance(plan, TokenPlan):
@@ -67,7 +68,7 @@ class Compressed(Node):
         outer = ctx.density_scale
         inner = replace(ctx, key_padding_mask=None, pre_rope_keys=None, keep_plan=None,  # the scale is read lazily
                         density_scale=lambda: deferred_value(outer) * density_of(plan), static_shapes=False,
-                        row_lengths=plan.lengths if self.inner.takes_row_lengths() else None)
+                        row_lengths=plan.lengths if static else None)  # a read width: cuDNN's over it
         oc = self.inner(qc, kc, vc, inner)
         return token_sparse.decompress(oc, plan, q.shape[2])
 
