@@ -103,10 +103,6 @@ class Node:
         over the cache do."""
         return any(c.places_blocks(decode) for c in self.children())
 
-    def takes_row_lengths(self) -> bool:
-        """Whether this node's call honours ``ctx.row_lengths`` (a compressed node's padded rows)."""
-        return False
-
     def skips_rows(self, q, k) -> bool:
         """Whether this node, called with ``ctx.row_lengths``, skips each head's padded rows on the
         device (no host read): a compressed node then pads to a static width."""
@@ -133,18 +129,18 @@ class Branch(Node):
             return "value checks read tensors on the host (check_values)"
         return None
 
-    def takes_row_lengths(self) -> bool:
+    def _takes_row_lengths(self) -> bool:  # an op component that accepts ctx.row_lengths, no selector
         return self.selector is None and getattr(self.op, "takes_row_lengths", False)
 
     def skips_rows(self, q, k) -> bool:
-        return self.takes_row_lengths() and self.op.skips_rows(q, k)
+        return self._takes_row_lengths() and self.op.skips_rows(q, k)
 
     def __call__(self, q, k, v, ctx: CallContext) -> torch.Tensor:
         if self.selector is None or dense_below_applies(self.dense_below, k):
             ctx.record(1.0)
             if self.selector is not None:
                 return dense_op(q, k, v, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale)
-            rows = {"row_lengths": ctx.row_lengths} if self.takes_row_lengths() else {}
+            rows = {"row_lengths": ctx.row_lengths} if self._takes_row_lengths() else {}
             return self.op(q, k, v, None, key_padding_mask=ctx.key_padding_mask, scale=ctx.scale, **rows)
         if ctx.decode and self.selector.decode == "dense":
             # prefill-only methods attend densely over the whole cache while decoding
