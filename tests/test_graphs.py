@@ -74,6 +74,26 @@ def test_nodes_declare_what_cannot_be_captured(monkeypatch):
         assert "width is read" in _stack("token-sparse-xattention").node_for(20).capture_refusal(qd, kd)
 
 
+def test_one_dense_launch_is_not_worth_a_graph():
+    """Dense layers, and sparse ones below their ``dense_below``, are one attention launch: the
+    graphs leave them eager (a replay would add its input copies and save nothing)."""
+    from types import SimpleNamespace
+
+    q, k, _, _ = _inputs(1, 4096, 0, "cpu", torch.float32)
+    # a CUDA key of 4K tokens, as dense_below reads it (its length and device type), on any machine
+    k_cuda = SimpleNamespace(shape=k.shape, device=torch.device("cuda"))
+    assert attnzoo.build(load_config(preset_spec("full"))).for_model(EMBEDDED_SHAPE).node_for(20).launches_once(q, k)
+    assert _stack("xattention").node_for(0).launches_once(q, k), "the preset's first layers are dense"
+    for name in ("streaming", "xattention", "topk-blocks", "token-sparse", "elastic-fa-xa"):
+        shipped = attnzoo.build(load_config(preset_spec(name))).for_model(EMBEDDED_SHAPE).node_for(20)
+        assert shipped.launches_once(q, k_cuda), f"{name}: below its CUDA crossover the layer runs dense"
+        assert not shipped.launches_once(q, k), f"{name}: no crossover on the CPU"
+        assert not _stack(name).node_for(20).launches_once(q, k_cuda), f"{name} sparse everywhere is captured"
+    phased = attnzoo.build({"name": "p", "default": {"op": "dense", "decode": {
+        "selector": {"name": "quest", "budget": 1024}, "op": "block_sparse"}}})
+    assert phased.node_for(0).launches_once(q, k), "graphs serve prefills: the prefill part decides"
+
+
 def test_what_a_captured_call_keeps_is_handed_out_as_a_copy():
     """A router's decision kept in ctx.cache by a captured call lives in the graph's memory: the
     caller gets a clone after each replay; anything but tensors and plain fields is not captured."""
@@ -109,13 +129,29 @@ def test_replay_equals_eager(preset, pad):
                                                     meter=meter))
         return out, meter.mean()
 
+    kept = []
     for seed in range(4):  # calls 1 (eager), 2 (capture + replay), 3-4 (replay)
         got, got_density = call(seed, True)
         want, want_density = call(seed, False)
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
         assert abs(got_density - want_density) < 1e-6 and got_density < 1.0
+        kept.append((got, got.clone()))
+    for got, at_return in kept:  # what a replay returned is the caller's: later replays leave it alone
+        assert torch.equal(got, at_return)
     (entry,) = stack.graphs.report()
     assert entry["state"] == "graph" and entry["calls"] == 4, entry
+
+
+@needs_cuda
+def test_a_dense_layer_runs_eagerly_with_graphs_on():
+    from attnzoo.stack.graphs import ONE_LAUNCH
+
+    stack = attnzoo.build(load_config(preset_spec("full"))).for_model(EMBEDDED_SHAPE)
+    q, k, v, keys = _inputs(1, 4096, 0)
+    with override(cuda_graphs=True), torch.no_grad():
+        outs = [stack(5, q, k, v, CallContext(layer_idx=5, pre_rope_keys=keys)) for _ in range(3)]
+    assert [e["state"] for e in stack.graphs.report()] == [ONE_LAUNCH]
+    torch.testing.assert_close(outs[2], outs[0], atol=0, rtol=0)
 
 
 @needs_cuda

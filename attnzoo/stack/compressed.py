@@ -32,6 +32,9 @@ class Compressed(Node):
         rows on the device, so the slots past a head's kept tokens cost no attention."""
         return getattr(self.compress, "sizes_statically", False) and self.inner.skips_rows(q, k)
 
+    def launches_once(self, q, k) -> bool:
+        return dense_below_applies(self.dense_below, k)
+
     def capture_refusal(self, q, k, ctx=None) -> str | None:
         if dense_below_applies(self.dense_below, k):
             return None

@@ -16,7 +16,13 @@ between threads: two threads replaying one graph would race on its input buffers
 2. the second captures the call into a graph reading static input buffers (shared by every layer of
    that shape: layers run one after another) and writing a static output, then replays it;
 3. later calls copy q/k/v (and the padding mask, the pre-RoPE keys) into the buffers, replay, and
-   return a copy of the output (a caller may keep it; the next replay overwrites the buffer).
+   return a copy of the output the captured call allocated (a caller may keep it; the next replay
+   overwrites the graph's own).
+
+A call that is one dense attention launch (``Node.launches_once``: a dense layer, a layer below
+its ``dense_below``) is never captured: a graph would save no launch and add the input copies
+(on an H100 the embedded model's 16K prefill with full attention took 50.9 ms replayed, 48.7 eager,
+in two runs of bench/results/2026-12-07-h100-graphs).
 
 A node declares when its call cannot be captured (``Node.capture_refusal``: a routed layer's split
 path, Token Sparse's width read, value checks): it runs eagerly, and ``report()`` says why, per
@@ -41,6 +47,7 @@ from ..settings import get as setting
 
 # signatures kept per thread: a few prompt lengths of a 30-40 layer model
 _MAX_GRAPHS = 128
+ONE_LAUNCH = "one dense attention launch: a graph would add only its input copies"
 
 
 def wanted(q, k, v, ctx: CallContext) -> bool:
@@ -107,20 +114,20 @@ class _Recorder:
 
 @dataclass
 class _Buffers:
-    """Static inputs and output of one shape signature, shared by the graphs of every layer."""
+    """Static inputs of one shape signature, shared by the graphs of every layer (each graph keeps
+    the output its captured call allocated: no copy inside the graph)."""
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     kpm: torch.Tensor | None
     keys: torch.Tensor | None
-    out: torch.Tensor
 
     @classmethod
     def like(cls, q, k, v, kpm, keys) -> _Buffers:
         def copy(t):
             return None if t is None else torch.empty_like(t)
-        return cls(copy(q), copy(k), copy(v), copy(kpm), copy(keys), torch.empty_like(q))
+        return cls(copy(q), copy(k), copy(v), copy(kpm), copy(keys))
 
     def fill(self, q, k, v, kpm, keys) -> None:
         for dst, src in ((self.q, q), (self.k, k), (self.v, v), (self.kpm, kpm), (self.keys, keys)):
@@ -133,6 +140,7 @@ class _Entry:
     calls: int = 0
     graph: torch.cuda.CUDAGraph | None = None
     buffers: _Buffers | None = None
+    out: torch.Tensor | None = None  # the captured call's output (the graph's memory)
     meter_total: object = None  # the graph's summed meter entries (a device value or a number)
     declined: str | None = None  # why this signature runs eagerly
     kept: dict = field(default_factory=dict)  # what the captured call left in ctx.cache (graph tensors)
@@ -171,6 +179,8 @@ class LayerGraphs:
         entry = st.entries.get(key)
         if entry is None:
             entry = _Entry()
+            if node.launches_once(q, k):
+                entry.declined = ONE_LAUNCH
             st.entries[key] = entry
         entry.calls += 1
         if entry.declined is not None or (entry.graph is None and entry.calls == 1):
@@ -187,7 +197,7 @@ class LayerGraphs:
         if ctx.meter is not None:
             total = entry.meter_total
             ctx.meter.add(ctx.layer_idx, 1.0, total.clone() if isinstance(total, torch.Tensor) else total)
-        return entry.buffers.out.clone()
+        return entry.out.clone()
 
     def _capture(self, st: _PerThread, entry: _Entry, shapes, run, node, q, k, v, ctx: CallContext) -> None:
         why = node.capture_refusal(q, k, ctx)
@@ -210,7 +220,7 @@ class LayerGraphs:
         try:
             # thread_local: another thread's CUDA calls during this capture do not invalidate it
             with torch.cuda.graph(graph, pool=st.pool, capture_error_mode="thread_local"):
-                bufs.out.copy_(run(node, bufs.q, bufs.k, bufs.v, sub))
+                out = run(node, bufs.q, bufs.k, bufs.v, sub)
                 total = recorder.total() if recorder is not None else None
         except Exception as e:  # noqa: BLE001 - any capture failure means: run this signature eagerly
             # ending a failed capture raises before torch.cuda.graph restores the caller's stream and
@@ -229,7 +239,7 @@ class LayerGraphs:
         if uncopyable:
             entry.declined = f"the call keeps state in ctx.cache that a replay cannot hand out ({uncopyable})"
             return
-        entry.graph, entry.buffers, entry.meter_total, entry.kept = graph, bufs, total, cache
+        entry.graph, entry.buffers, entry.out, entry.meter_total, entry.kept = graph, bufs, out, total, cache
 
     def report(self) -> list[dict]:
         """This thread's signatures: layer, q's shape, calls, and ``graph`` or the reason it runs eagerly."""

@@ -108,6 +108,11 @@ class Node:
         device (no host read): a compressed node then pads to a static width."""
         return False
 
+    def launches_once(self, q, k) -> bool:
+        """Whether a call on q/k is one dense attention launch: a CUDA graph has nothing to save
+        there (its input copies would be the only change), so such calls are not captured."""
+        return False
+
     def capture_refusal(self, q, k, ctx=None) -> str | None:
         """Why a call of this node on q/k (under ``ctx``, when known) cannot be captured in a CUDA
         graph (a host read on its path), or None. Declared, not discovered: a capture that fails
@@ -123,6 +128,9 @@ class Branch(Node):
 
     def places_blocks(self, decode: bool) -> bool:
         return self.selector is not None and (not decode or self.selector.decode == "plan")
+
+    def launches_once(self, q, k) -> bool:
+        return dense_below_applies(self.dense_below, k) or (self.selector is None and self.op.plan_kinds == ("dense",))
 
     def capture_refusal(self, q, k, ctx=None) -> str | None:
         if value_checks(q.device):

@@ -53,6 +53,9 @@ class Phased(Node):
             return self.prefill(q, k, v, replace(ctx, keep_plan=keep))
         return self.prefill(q, k, v, replace(ctx, keep_plan=None) if ctx.keep_plan is not None else ctx)
 
+    def launches_once(self, q, k) -> bool:
+        return self.prefill.launches_once(q, k)  # graphs serve prefills only
+
     def capture_refusal(self, q, k, ctx=None) -> str | None:
         if self._reuses_prefill_plan():
             return "the prompt's plan is kept in ctx.cache for the decode part"

@@ -66,6 +66,9 @@ class Routed(Node):
             ctx.cache[key] = plan
         return plan
 
+    def launches_once(self, q, k) -> bool:
+        return dense_below_applies(self.dense_below, k)
+
     def capture_refusal(self, q, k, ctx=None) -> str | None:
         if dense_below_applies(self.dense_below, k):
             return None
