@@ -104,7 +104,10 @@ class XAttention:
         last = _last(Nq, Nk, self.block_size, w.device)
         idx, counts = by_mass(w, tau, keep_all, last, keep_sink=self.keep_sink, keep_diagonal=self.keep_diagonal)
         if self.dense_tail:
-            rows = tail_query_blocks(Nq, Nk, self.block_size, self.dense_tail, key_padding_mask, w.device)
+            if key_padding_mask is None:  # shapes only: built once per shape (no launches per call)
+                rows = _tail(Nq, Nk, self.block_size, self.dense_tail, w.device)
+            else:
+                rows = tail_query_blocks(Nq, Nk, self.block_size, self.dense_tail, key_padding_mask, w.device)
             idx, counts = keep_rows(idx, counts, rows, last)
         return BlockPlan(idx, counts, self.block_size, self.block_size, Nq, Nk)
 
@@ -116,6 +119,12 @@ class XAttention:
             tau = self._tau(Hq, device, dtype).view(1, Hq, 1, 1)
             cache[key] = (tau, tau >= 1)
         return cache[key]
+
+
+@shape_cache(32)
+def _tail(q_len: int, kv_len: int, block: int, tail: int, device) -> torch.Tensor:
+    """The query blocks holding the last ``tail`` queries, without padding; built once per shape."""
+    return tail_query_blocks(q_len, kv_len, block, tail, None, device)
 
 
 @shape_cache(32)
