@@ -495,6 +495,17 @@ def test_triton_pooled_scores_match_torch(case, block, dtype):
     kw = dict(block_size=block, key_padding_mask=kpm, masked=True)
     a, b = pooled_block_scores(q, k, backend="triton", **kw), pooled_block_scores(q, k, backend="torch", **kw)
     assert torch.equal(a >= 0, b >= 0) and (a - b).abs().max() <= tol
+    # sink and local blocks marked in the same launch: FIRST at exactly the torch backend's entries
+    from attnzoo.ops.pooled import FIRST, forced_blocks, past_blocks
+
+    for sink, local in ((1, 0), (0, 2), (2, 3)):
+        a, b = (pooled_block_scores(q, k, backend=be, sink_blocks=sink, local_blocks=local, **kw)
+                for be in ("triton", "torch"))
+        first = b == FIRST
+        assert torch.equal(a == FIRST, first) and torch.equal(a >= 0, b >= 0)
+        assert (a - b)[~first].abs().max() <= tol
+        want = forced_blocks(past_blocks(case.Nq, case.Nk, block, q.device), sink, local) & (b >= 0)
+        assert torch.equal(first, want.expand_as(first)), "FIRST marks the sink / local candidates, nothing else"
 
 
 @needs_triton
@@ -600,7 +611,8 @@ def test_triton_select_top_n_keeps_topk_sink_and_window_like_torch(nq, nk, b, k,
     """``topk_blocks``' sink and local window reach the selection as top scores (the largest finite
     fp32): the Triton kernel ranks them first exactly as torch does."""
     from attnzoo.ops import selection
-    from attnzoo.selectors.topk_blocks import _FIRST, _sets
+    from attnzoo.ops.pooled import FIRST
+    from attnzoo.selectors.topk_blocks import _sets
 
     nqb, nkb = -(-nq // b), -(-nk // b)
     sets = _sets(nq, nk, b, k, -(-sink // b), -(-local // b), "cpu")
@@ -608,7 +620,7 @@ def test_triton_select_top_n_keeps_topk_sink_and_window_like_torch(nq, nk, b, k,
     score = torch.rand(2, 2, nqb, nkb, generator=g)
     past = sets.forced | (torch.arange(nkb)[None, :] < sets.own_lo[:, None])
     keys = score.masked_fill(~past[None, None], -1.0)
-    keys = torch.where(sets.forced & (keys >= 0), _FIRST, keys).to(DEVICE)
+    keys = torch.where(sets.forced & (keys >= 0), FIRST, keys).to(DEVICE)
     args = (keys, sets.n_pick.to(DEVICE), sets.own_lo.to(DEVICE), sets.last.to(DEVICE))
     width = k + -(-sink // b) + -(-local // b)
     i1, c1 = selection.top_n(*args, width=width, backend="torch")

@@ -70,7 +70,8 @@ def ranking_keys(score: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
     return torch.where(candidate, (score.float().clamp(min=0).view(torch.int32).long() << 24) | rev, -1)
 
 
-def _torch_scores(q, k, *, block_size: int, chunk_size: int, key_padding_mask=None, masked: bool = False):
+def _torch_scores(q, k, *, block_size: int, chunk_size: int, key_padding_mask=None, masked: bool = False,
+                  sink_blocks: int = 0, local_blocks: int = 0):
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     g, b = Hq // Hkv, block_size
@@ -101,8 +102,23 @@ def _torch_scores(q, k, *, block_size: int, chunk_size: int, key_padding_mask=No
         out[:, :, I0:I1, :ncol] = masked_softmax_(s, allowed).sum(4).sum(2)
     if masked:
         cand = past[None, None] if block_real is None else past[None, None] & block_real[:, None, None, :]
-        return out.masked_fill_(~cand, -1.0)
+        out.masked_fill_(~cand, -1.0)
+        if sink_blocks or local_blocks:
+            out.masked_fill_(cand & forced_blocks(past, sink_blocks, local_blocks), FIRST)
     return out
+
+
+# the score of a forced block (a sink or local block): finite, above any pooled softmax sum
+FIRST = torch.finfo(torch.float32).max
+
+
+def forced_blocks(past: torch.Tensor, sink_blocks: int, local_blocks: int) -> torch.Tensor:
+    """Bool ``[Nqb, Nkb]``: the past blocks a query block keeps besides its top-k, the first
+    ``sink_blocks`` and the ``local_blocks`` just before its own (``past``: ``past_blocks``; the
+    own blocks follow the past ones, so the first lies at the row's count of past blocks)."""
+    col = torch.arange(past.shape[-1], device=past.device)[None, :]
+    own_lo = past.sum(-1, keepdim=True)
+    return past & ((col < sink_blocks) | (col >= own_lo - local_blocks))
 
 
 register_backend(Backend(
@@ -113,12 +129,21 @@ register_backend(Backend(
 
 
 def pooled_block_scores(q, k, *, block_size: int, chunk_size: int = 1024, key_padding_mask=None,
-                        masked: bool = False, backend: str | None = None) -> torch.Tensor:
+                        masked: bool = False, sink_blocks: int = 0, local_blocks: int = 0,
+                        backend: str | None = None) -> torch.Tensor:
     """``[B, Hkv, Nqb, Nkb]`` top-k block scores (see the module doc); with ``masked=True`` blocks that
-    are not candidates hold -1 (the Triton backend writes that from the kernel). Scores feed a
+    are not candidates hold -1, and candidates among the first ``sink_blocks`` blocks and the
+    ``local_blocks`` before each query block's own hold ``FIRST`` (they outrank every score; the
+    Triton backend writes both from the kernel, with no pass over the scores). Scores feed a
     discrete selection, so they carry no gradient (q and k are detached)."""
+    for name, value in (("sink_blocks", sink_blocks), ("local_blocks", local_blocks)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    if (sink_blocks or local_blocks) and not masked:
+        raise ValueError("sink_blocks / local_blocks mark candidates: they need masked=True")
     q, k = q.detach(), k.detach()
     req = make_request("pooled_scores", q, k, k, "scores", return_lse=False, key_padding_mask=key_padding_mask,
                        causal=True, block_size=(block_size, block_size))
     impl = choose(req, backend)
-    return impl.fn(q, k, block_size=block_size, chunk_size=chunk_size, key_padding_mask=key_padding_mask, masked=masked)
+    return impl.fn(q, k, block_size=block_size, chunk_size=chunk_size, key_padding_mask=key_padding_mask, masked=masked,
+                   sink_blocks=sink_blocks, local_blocks=local_blocks)

@@ -26,7 +26,7 @@ import torch
 
 from ..caches import shape_cache
 from ..context import as_context
-from ..ops.pooled import past_blocks, pooled_block_scores
+from ..ops.pooled import forced_blocks, past_blocks, pooled_block_scores
 from ..ops.selection import top_n
 from ..plans import BlockPlan, last_visible_block
 from ..plans.geometry import cdiv
@@ -65,11 +65,11 @@ class TopKBlocks:
         Nq, Nk, b = q.shape[2], k.shape[2], self.block_size
         extra = cdiv(self.sink, b) + cdiv(self.local, b)
         sets = _sets(Nq, Nk, b, self.top_k, cdiv(self.sink, b), cdiv(self.local, b), q.device)
-        # -1 where a block is not a candidate (the Triton scorer writes it in the same launch)
+        # -1 where a block is not a candidate, FIRST at sink and local candidates (picked first): the
+        # Triton scorer writes both in the same launch
         score = pooled_block_scores(q, k, block_size=b, chunk_size=self.chunk_size,
-                                    key_padding_mask=ctx.key_padding_mask, masked=True)
-        if sets.forced is not None:  # sink and local candidates outrank every score: picked first
-            score = torch.where(sets.forced & (score >= 0), _FIRST, score)
+                                    key_padding_mask=ctx.key_padding_mask, masked=True,
+                                    sink_blocks=cdiv(self.sink, b), local_blocks=cdiv(self.local, b))
         idx, counts = top_n(score, sets.n_pick, sets.own_lo, sets.last, width=self.top_k + extra)
         return BlockPlan(idx, counts, b, b, Nq, Nk)
 
@@ -80,10 +80,6 @@ class _BlockSets:
     own_lo: torch.Tensor  # [Nqb]: first block crossing the causal frontier (own blocks: own_lo..last)
     n_pick: torch.Tensor  # [Nqb]: past blocks to pick (top_k minus the own blocks, plus sink and local)
     forced: torch.Tensor | None  # [Nqb, Nkb]: past blocks of the sink and the local window (None: neither)
-
-
-# a finite score above any pooled softmax sum: the sink and local blocks rank first in every backend
-_FIRST = torch.finfo(torch.float32).max
 
 
 @shape_cache(32)
@@ -97,6 +93,5 @@ def _sets(q_len: int, kv_len: int, block: int, top_k: int, sink_blocks: int, loc
     n_pick = (top_k - n_own).clamp(min=0)
     if not sink_blocks and not local_blocks:
         return _BlockSets(last, own_lo, n_pick, None)
-    col = torch.arange(past.shape[-1], device=device)[None, :]
-    forced = past & ((col < sink_blocks) | (col >= own_lo[:, None] - local_blocks))
+    forced = forced_blocks(past, sink_blocks, local_blocks)
     return _BlockSets(last, own_lo, n_pick + forced.sum(-1), forced)

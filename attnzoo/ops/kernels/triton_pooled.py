@@ -48,7 +48,7 @@ def _pooled_kernel(
     Hkv, Nq, Nk, nqb, nkb, qk_scale,
     BLOCK: tl.constexpr, QB: tl.constexpr, HEAD_DIM: tl.constexpr, C_TILE: tl.constexpr,
     GROUP: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    MASKED: tl.constexpr,
+    MASKED: tl.constexpr, SINK_B: tl.constexpr, LOCAL_B: tl.constexpr,
 ):
     R: tl.constexpr = QB * BLOCK
     # last query blocks first: under causality they walk the most columns (better tail balance)
@@ -116,6 +116,15 @@ def _pooled_kernel(
                     acc = tl.where(cand, acc, -1.0)
             else:  # the group's sum, in a fixed head order: deterministic, no atomics
                 acc += tl.load(out_rows[:, None] + cols[None, :], mask=store, other=0.0)
+            if SINK_B + LOCAL_B > 0:
+                if gi == GROUP - 1:  # sink and local candidates outrank every score (ops.pooled.FIRST)
+                    end = (cols[None, :] + 1) * BLOCK
+                    cand = (end - 1 <= qi[:, None] * BLOCK + offset) & (end <= Nk)
+                    if HAS_KPM:
+                        cand = cand & (tl.load(REAL + b * nkb + cols, mask=cols < nkb, other=0) != 0)[None, :]
+                    own_lo = tl.minimum((qi * BLOCK + offset + 1) // BLOCK, Nk // BLOCK)  # first own block
+                    near = (cols[None, :] < SINK_B) | (cols[None, :] >= own_lo[:, None] - LOCAL_B)
+                    acc = tl.where(cand & near, 3.4028234663852886e38, acc)
             tl.store(out_rows[:, None] + cols[None, :], acc, mask=store)
 
 
@@ -130,7 +139,8 @@ def launch_config(block: int, head_dim: int) -> dict:
     return dict(QB=max(1, 64 // block), C_TILE=64, num_warps=4, num_stages=3)
 
 
-def pooled_scores(q, k, *, block_size: int, chunk_size: int, key_padding_mask=None, masked: bool = False):
+def pooled_scores(q, k, *, block_size: int, chunk_size: int, key_padding_mask=None, masked: bool = False,
+                  sink_blocks: int = 0, local_blocks: int = 0):
     """``[B, Hkv, Nqb, Nkb]`` fp32 scores (-1 at non-candidates if ``masked``), as the torch backend
     (``chunk_size`` is not needed: nothing of size Nq x Nkb is stored)."""
     if q.stride(-1) != 1:
@@ -145,7 +155,8 @@ def pooled_scores(q, k, *, block_size: int, chunk_size: int, key_padding_mask=No
     out = torch.full((B, Hkv, nqb, nkb), -1.0 if masked else 0.0, dtype=torch.float32, device=q.device)
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
     meta = dict(BLOCK=b, HEAD_DIM=D, GROUP=Hq // Hkv, HAS_KPM=kpm is not None, UPCAST=upcast,
-                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", MASKED=masked, **launch_config(b, D))
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", MASKED=masked,
+                SINK_B=sink_blocks if masked else 0, LOCAL_B=local_blocks if masked else 0, **launch_config(b, D))
     grid = (triton.cdiv(nqb, meta["QB"]), B * Hkv)
     real = kmean if real is None else real.to(torch.int8).contiguous()  # (not read without padding)
     _pooled_kernel[grid](q, kmean, real, kpm if kpm is not None else kmean, out,
