@@ -911,3 +911,34 @@ def test_triton_page_scores_equal_torch(B, Hq, Hkv, Nk, D, pad, forced, dtype, p
     plans = [BlockPlan(*selection.top_n(s, *rule, width=8), p, p, 1, Nk) for s in (s1, s2)]
     plans[0].check_indices()
     assert torch.equal(plans[0].to_block_mask(), plans[1].to_block_mask())
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [Case(2, 9, 3, 333, 333, 64, "left"), Case(1, 8, 2, 150, 400, 32, "right"),
+                                  Case(2, 2, 1, 200, 200, 64)], ids=str)
+def test_grouped_kernel_on_top_k_plans_matches_reference(case, dtype):
+    """``triton_grouped`` stacks a GQA group's heads (3 x 16 rows padded to 64; 4 x 16; 2 x 16) over
+    top-k blocks' shared plans: output and lse against the fp64 reference, and dispatch picks it."""
+    from attnzoo.context import CallContext
+    from attnzoo.ops import dispatch, reference
+    from attnzoo.ops.block_sparse import block_sparse
+    from attnzoo.selectors.topk_blocks import TopKBlocks
+
+    q, k, v, kpm = _qkv(case, dtype, False, seed=7)
+    plan = TopKBlocks(block_size=16, top_k=3, chunk_size=64, sink=16, local=32)(
+        q, k, CallContext(key_padding_mask=kpm, starts_aligned=True))
+    assert plan.heads == case.Hkv and plan.density() < 0.9
+    out, lse = block_sparse(q, k, v, plan, key_padding_mask=kpm, return_lse=True, backend="triton_grouped")
+    ref, ref_lse = reference(q.double(), k.double(), v.double(), plan, key_padding_mask=kpm, return_lse=True)
+    real = torch.isfinite(ref_lse)  # rows with a visible key (left padding leaves some with none)
+    assert torch.equal(torch.isfinite(lse), real)
+    tol_out, tol_lse, _ = TOL[dtype]
+    assert (out.double() - ref).abs()[real].max() <= tol_out * 10
+    assert (lse.double() - ref_lse)[real].abs().max() <= tol_lse * 10
+    req = dispatch.make_request("block_sparse", q, k, v, "block", return_lse=False, key_padding_mask=kpm,
+                                causal=True, plan_heads=plan.heads, block_size=(16, 16))
+    names = [b.name for b in dispatch.backends("block_sparse")]
+    assert names.index("triton_grouped") < names.index("triton")
+    if q.is_cuda:  # (the CPU prefers its torch backends to the interpreter)
+        assert dispatch.choose(req).name == "triton_grouped"

@@ -143,7 +143,7 @@ _BACKENDS: dict[str, list[Backend]] = {}
 # ``triton_rows`` comes before SDPA: it skips the padded rows, which SDPA would attend over.
 PRIORITY: dict[str, tuple[str, ...]] = {
     "dense": ("sdpa", "triton_rows", "sdpa_cuda", "flashinfer", "triton", "blocked"),
-    "block_sparse": ("triton_decode", "triton", "flashinfer", "flex", "blocked"),
+    "block_sparse": ("triton_decode", "triton_grouped", "triton", "flashinfer", "flex", "blocked"),
     "mixed": ("triton", "blocked"),
     "antidiagonal_scores": ("triton", "torch"),
     "pooled_scores": ("triton", "torch"),

@@ -42,6 +42,33 @@ register_backend(Backend(
     description="Triton flash attention over the plan's blocks; fp32 online softmax, fwd+bwd", **_TRITON))
 
 
+def _block_sparse_grouped(q, k, v, plan, *, key_padding_mask, scale, return_lse):
+    from .triton_grouped import forward
+    return forward(q, k, v, plan, key_padding_mask, scale)
+
+
+def _group_shared(req) -> str | None:
+    if req.q_len == 1:
+        return "a decode step (one query per head): triton_decode splits its keys instead"
+    if req.plan_heads != req.kv_heads or req.kv_heads == req.q_heads:
+        return (f"serves plans shared by each GQA group only (plan heads = KV heads < query heads), got "
+                f"{req.plan_heads} plan / {req.kv_heads} KV / {req.q_heads} query heads")
+    bq, bk = req.block_size
+    if bq & (bq - 1) or bk & (bk - 1) or not 16 <= bk <= 128:
+        return f"block sizes ({bq}, {bk}) must be powers of two, the key block 16-128"
+    if (req.q_heads // req.kv_heads) * bq > 128:
+        return f"the group's query rows ({req.q_heads // req.kv_heads} heads x block_q {bq}) exceed a 128-row tile"
+    return None
+
+
+# before triton for the plans it serves: one program per (KV head, query block) walks the group's
+# shared blocks once, where triton runs a program per query head
+register_backend(Backend(
+    op="block_sparse", name="triton_grouped", fn=_block_sparse_grouped, plan_kinds=("block",),
+    description="Triton: a GQA group's query heads stacked in one tile over its shared blocks (forward only)",
+    **{**_TRITON, "backward": False, "check": _group_shared}))
+
+
 def _block_sparse_decode(q, k, v, plan, *, key_padding_mask, scale, return_lse):
     from .triton_decode import decode
     return decode(q, k, v, plan.kv_indices, plan.kv_counts, plan.block_k, key_padding_mask, scale)
