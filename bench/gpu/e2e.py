@@ -247,14 +247,15 @@ def routed_paths(stack, num_layers: int, length: int) -> dict:
     return out
 
 
-def preset_stacks(presets: list[str], sparse_everywhere: bool = False) -> dict:
+def preset_stacks(presets: list[str], sparse_everywhere: bool = False, shipped: bool = True) -> dict:
     """Label -> stack config for shipped preset names or stack YAML paths (labelled by the stack's
     name). With ``sparse_everywhere``, each preset with a ``dense_below`` switch also gets a row
-    "NAME (sparse everywhere)" without it."""
+    "NAME (sparse everywhere)" without it (and only that row without ``shipped``)."""
     out = {}
     for p in presets:
         spec = load_config(preset_spec(p))
-        out[spec.get("name", p)] = spec
+        if shipped or not sparse_everywhere or without_dense_below(spec) == spec:
+            out[spec.get("name", p)] = spec
         if sparse_everywhere and without_dense_below(spec) != spec:
             out[f"{spec.get('name', p)} (sparse everywhere)"] = without_dense_below(spec)
     return out
@@ -408,6 +409,8 @@ def main(argv=None) -> int:
                    "(default: every shipped preset)")
     p.add_argument("--sparse-everywhere", action="store_true", help="also run each preset that has a "
                    "dense_below switch without it (one more row per such preset)")
+    p.add_argument("--sparse-only", action="store_true", help="with --sparse-everywhere: leave out the "
+                   "shipped rows of presets that have a dense_below switch (they run dense below it)")
     p.add_argument("--reps", type=int, default=5, help="repeats at 32K and up; 32768 / length times more below")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cuda-graphs", action="store_true", help="replay layer calls from CUDA graphs "
@@ -422,7 +425,7 @@ def main(argv=None) -> int:
     presets = args.presets or preset_names()
     if "full" in presets:
         presets = ["full"] + [x for x in presets if x != "full"]
-    specs = preset_stacks(presets, args.sparse_everywhere)
+    specs = preset_stacks(presets, args.sparse_everywhere, shipped=not args.sparse_only)
     args.out.mkdir(parents=True, exist_ok=True)
     log(f"loading {args.geometry or args.gguf}")
     model, tok = load_random(args.geometry, args.layers, args.device) if args.geometry else load(args.gguf, args.device)
