@@ -12,9 +12,11 @@ source "$(dirname "$0")/gguf_env.sh"
 ALL="full streaming xattention topk-blocks elastic-fa-xa token-sparse token-sparse-xattention"
 case "$PART" in
 t) keep_part >/dev/null
-   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_row_lengths.py \
-       "tests/test_hot_path.py::test_gpu_prefill_host_syncs" tests/test_kernels.py -k "not elastic or grouped or pooled" \
-       --tb=short -x 2>&1 | tee "$OUT/tests.log" | grep -v "^SKIPPED" | tail -15 ;;
+   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_row_lengths.py \
+       "tests/test_hot_path.py::test_gpu_prefill_host_syncs" -k "not elastic" --tb=short 2>&1 | tee "$OUT/tests.log" \
+       | grep -v "^SKIPPED" | tail -12
+   timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_ops_backends.py \
+       -k "grouped or pooled or top_n" --tb=short 2>&1 | tee -a "$OUT/tests.log" | grep -v "^SKIPPED" | tail -6 ;;
 k) keep_part ;;
 s) join_gguf
    timeout 560 python3 bench/gpu/e2e.py --gguf "$GGUF" --out "$OUT/e2e-short" --lengths 16384 8192 --reps 3 \
