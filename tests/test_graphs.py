@@ -218,3 +218,17 @@ def test_whole_prefill_with_graphs_equals_eager():
             for _ in range(3):
                 got = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+
+
+def test_a_routed_layer_keeps_its_split_path_under_graphs_only_where_it_wins_by_what_a_replay_saves():
+    from attnzoo.stack.routed import GRAPH_REPLAY_SAVES_MS, pick_path
+
+    short = {"mixed": 0.8, "split": 0.6, "hybrid": 0.7}  # 16K-like: the split path is faster, eagerly
+    assert pick_path(short, graphs=False) == "split"
+    assert pick_path(short, graphs=True) == "mixed", "replayed, the mixed launch saves its host time"
+    long = {"mixed": 48.0, "split": 20.0}  # 128K-like: the mixed launch's dense heads cost more than SDPA
+    assert pick_path(long, graphs=True) == "split"
+    assert pick_path({"mixed": 1.0, "split": 0.95}, graphs=False) == "mixed", "a sync path must win by a margin"
+    assert pick_path({"split": 3.0}, graphs=True) == "split", "no mixed launch: nothing to prefer"
+    edge = {"mixed": 5.0, "split": 5.0 - GRAPH_REPLAY_SAVES_MS - 0.01}  # (and 10 % faster)
+    assert pick_path(edge, graphs=True) == "split"

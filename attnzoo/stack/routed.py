@@ -74,6 +74,9 @@ class Routed(Node):
             return None
         if not self._one_launch_possible(q, k, ctx):
             return "a routed layer takes its split path, which reads the router's decision on the host"
+        if ctx is not None and q.is_cuda and self._path.get(self._path_key(q, k, ctx, True), "mixed") != "mixed":
+            return ("the split path was timed faster here than one mixed launch with what a replay saves; it "
+                    "reads the router's decision on the host")
         return super().capture_refusal(q, k, ctx)
 
     def _one_launch_possible(self, q, k, ctx) -> bool:
@@ -137,16 +140,10 @@ class Routed(Node):
         the fastest for that layer. On the CPU there is no single-launch backend: split."""
         if q.device.type != "cuda" or ctx.decode:
             return "mixed"  # _fused declines where it cannot run; the CPU falls through to split
-        if setting("cuda_graphs") and not torch.is_grad_enabled():
-            # the single launch is the one path a CUDA graph can hold (the others read the decision
-            # on the host); timed eagerly against them it would lose what the graph saves
-            return "mixed"
-        # keyed by the key length's power-of-two bucket, not the exact shape: every new prompt
-        # length re-timed three paths inside its own prefill (a 32,767-token NIAH prompt after a
-        # 32,768 one took 6.4 s on an H100 instead of ~0.13)
-        B, Hq, _, D = q.shape
-        bucket = self.length_bucket(k.shape[2])
-        key = (ctx.layer_idx, B, Hq, k.shape[1], D, bucket, q.dtype, ctx.key_padding_mask is None)
+        # the single launch is the one path a CUDA graph can hold (the others read the decision on
+        # the host): under graphs it is credited with the host time a replay saves
+        graphs = bool(setting("cuda_graphs")) and not torch.is_grad_enabled()
+        key = self._path_key(q, k, ctx, graphs)
         best = self._path.get(key)
         if best is None:
             quiet = replace(ctx, meter=None)
@@ -155,11 +152,16 @@ class Routed(Node):
                 if fn(q, k, v, plan, quiet) is None:  # also the warm-up: kernels compile now
                     continue
                 timings[name] = min(_time_behind_busy_gpu(lambda: fn(q, k, v, plan, quiet)) for _ in range(2))  # noqa: B023
-            best = min(timings, key=timings.get)
-            if best != "mixed" and timings[best] > SYNC_PATH_MARGIN * timings.get("mixed", float("inf")):
-                best = "mixed"
-            self._path[key] = best
+            best = self._path[key] = pick_path(timings, graphs)
         return best  # (read once: another thread may evict the entry meanwhile)
+
+    def _path_key(self, q, k, ctx: CallContext, graphs: bool) -> tuple:
+        # keyed by the key length's power-of-two bucket, not the exact shape: every new prompt
+        # length re-timed three paths inside its own prefill (a 32,767-token NIAH prompt after a
+        # 32,768 one took 6.4 s on an H100 instead of ~0.13)
+        B, Hq, _, D = q.shape
+        return (ctx.layer_idx, B, Hq, k.shape[1], D, self.length_bucket(k.shape[2]), q.dtype,
+                ctx.key_padding_mask is None, graphs)
 
     def _split(self, q, k, v, plan: HeadPlan, ctx: CallContext) -> torch.Tensor:
         return split_by_branch(q, k, plan.branch, len(self.labels), self._run_branch(q, k, v, ctx))
@@ -278,6 +280,23 @@ class Routed(Node):
 # 32K (H100), keeping every layer whose split measured faster made Elastic FA-XA's prefill slower
 # (1.08x full against 1.15x with every layer mixed, before the fused router).
 SYNC_PATH_MARGIN = 0.9
+# the host time a CUDA-graph replay saves a sparse layer call: ~0.93 ms of Python and launches per
+# call at 8K-16K on an H100 (issue 38's profile); under graphs the split path must beat the mixed
+# launch by that much (at 16K the mixed launch replayed ran 1.07x of full where the split path ran
+# 0.77x eagerly; at 128K the mixed launch took longer than full's dense call, 0.90x)
+GRAPH_REPLAY_SAVES_MS = 0.9
+
+
+def pick_path(timings: dict[str, float], graphs: bool) -> str:
+    """The path a routed layer keeps, from each path's timed milliseconds: the fastest, unless it reads
+    the host (split, hybrid) and is not ``SYNC_PATH_MARGIN`` faster than the mixed launch, or, under
+    CUDA graphs (which hold only the mixed launch), not ``GRAPH_REPLAY_SAVES_MS`` faster."""
+    best = min(timings, key=timings.get)
+    mixed = timings.get("mixed", float("inf"))
+    saved = GRAPH_REPLAY_SAVES_MS if graphs else 0.0
+    if best != "mixed" and (timings[best] > SYNC_PATH_MARGIN * mixed or timings[best] + saved > mixed):
+        return "mixed"
+    return best
 
 
 def _time_behind_busy_gpu(fn, busy_cycles: int = 4_000_000) -> float:
