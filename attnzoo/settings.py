@@ -120,6 +120,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "Tensor descriptors in the Triton antidiagonal scorer; auto: on Hopper and newer."),
     Setting("scores_gemm", "ATTNZOO_SCORES_GEMM", "bool or auto", None, _auto_bool,
             "The antidiagonal scorer's reduced product through cuBLAS; auto: CUDA with 16-bit inputs."),
+    Setting("select_radix", "ATTNZOO_SELECT_RADIX", "bool or auto", None, _auto_bool,
+            "The Triton top-n selection's cut by 16-bin histograms (8 steps) instead of a 31-step binary search; "
+            "auto: decode steps only."),
     Setting("cpu_score_chunk_tokens", "ATTNZOO_CPU_SCORE_CHUNK_TOKENS", "int", 512, _count,
             "Query tokens (times batch) the CPU antidiagonal scorer takes per chunk."),
     Setting("layout_chunk_elements", "ATTNZOO_LAYOUT_CHUNK_ELEMENTS", "int", 1 << 21, _count,

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import settings
 from ...caches import shape_cache
 from ._triton import interpreting
 
@@ -144,7 +145,8 @@ def _launch(rule, s, width, tau=None, keep_all=None, last=None, n_pick=None, own
     last = _int32(last)
     np2 = triton.next_power_of_2(nkb)
     if radix is None:  # a decode step's few rows: latency-bound, the fewer dependent steps the better
-        radix = rule == "top_n" and nqb == 1
+        forced = settings.get("select_radix")
+        radix = rule == "top_n" and (nqb == 1 if forced is None else forced)
     meta = dict(BY_MASS=rule == "by_mass", KEEP_SINK=keep_sink, KEEP_DIAG=keep_diagonal, NP2=np2, RADIX=radix)
     if not interpreting():  # (num_warps: bench/gpu/decode_rank.py sweeps it)
         meta["num_warps"] = num_warps or (4 if np2 <= 1024 else 8)
