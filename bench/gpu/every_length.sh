@@ -7,7 +7,7 @@
 #      CUDA graphs (dense calls run eagerly: one launch) -> $OUT/e2e-short/
 #   l: (warm machine, after s) bench/gpu/e2e.py at 128K, every preset, CUDA graphs -> $OUT/e2e-128k/
 #   r: (carry .whl/g1 .whl/py) the top-n cut searches timed (bench/gpu/select_radix.py, the faster kept in
-#      /tmp/radix) and the GPU tests of graphs (routed layers' path), row lengths and the grouped kernel
+#      /tmp/radix); `r tests` also runs the GPU tests of row lengths and graphs
 #   L: (after r and k; carry .whl/g3 .whl/py) joins the GGUF; e2e at 128K, every preset, graphs, with the faster
 #      cut search (ATTNZOO_SELECT_RADIX) -> $OUT/e2e-128k/
 set -uo pipefail
@@ -30,9 +30,8 @@ l) timeout 560 python3 bench/gpu/e2e.py --gguf "$GGUF" --out "$OUT/e2e-128k" --l
 r) keep_part >/dev/null
    timeout 60 python3 bench/gpu/select_radix.py --decide 2>&1 | tee "$OUT/select_radix.md" | tail -6
    tail -1 "$OUT/select_radix.md" > /tmp/radix
-   timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_row_lengths.py tests/test_graphs.py \
-       -k "not elastic and (static_width or serves_only or routed or dense_layer)" --tb=short \
-       2>&1 | tee "$OUT/tests.log" | grep -v "^SKIPPED" | tail -4 ;;
+   [ "${1:-}" = tests ] && timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_row_lengths.py \
+       tests/test_graphs.py -k "not elastic" --tb=short 2>&1 | tee "$OUT/tests.log" | grep -v "^SKIPPED" | tail -4 ;;
 L) join_gguf
    ATTNZOO_SELECT_RADIX=$(cat /tmp/radix 2>/dev/null || echo 0) timeout 560 python3 bench/gpu/e2e.py --gguf "$GGUF" \
        --out "$OUT/e2e-128k" --lengths 131072 --reps 2 --cuda-graphs "$@" 2>&1 | grep -v Warning \
