@@ -9,7 +9,7 @@ group's heads into one tile (``GROUP x block_q`` rows, padded to a power of two)
 is read once per group and the dots are ``GROUP`` times taller.
 
 Forward only (the ``triton`` backend serves gradients); causal bottom-right, key padding and keys
-past ``Nk`` as in ``triton_attention``; the fp32 online softmax is that module's ``softmax_step``.
+past ``Nk`` and the fp32 online softmax are ``triton_attention``'s (its ``_fwd_tile``, rows at their positions).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._triton import interpreting
-from .triton_attention import LOG2E, softmax_step
+from .triton_attention import LOG2E, _fwd_tile
 
 
 @triton.jit(do_not_specialize=["Nq", "Nk", "offset"])  # lengths: see _triton.py
@@ -51,31 +51,11 @@ def _grouped_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for j in range(0, n_blocks):
+    for j in range(0, n_blocks):  # the tile's rows stand at positions ``row`` (the causal rule's rows)
         n0 = tl.load(idx_row + j * sis) * BK
-        kpos = n0 + offs_n
-        kt = tl.load(K + b * skb + hkv * skh + kpos[None, :] * skn + offs_d[:, None], mask=kpos[None, :] < Nk,
-                     other=0.0)
-        v = tl.load(V + b * svb + hkv * svh + kpos[:, None] * svn + offs_d[None, :], mask=kpos[:, None] < Nk,
-                    other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-        needs_mask = n0 + BK > Nk
-        if CAUSAL:
-            needs_mask = needs_mask | (n0 + BK - 1 > first_q)
-        if HAS_KPM:
-            needs_mask = True
-        if needs_mask:  # interior blocks (wholly before every row, no padding) skip the mask arithmetic
-            ok = kpos[None, :] < Nk
-            if CAUSAL:
-                ok = ok & (kpos[None, :] <= row[:, None] + offset)
-            if HAS_KPM:
-                real = tl.load(KPM + b * Nk + kpos, mask=kpos < Nk, other=0)
-                ok = ok & (real[None, :] != 0)
-            s = tl.where(ok, s, float("-inf"))
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, v, DOT_PREC)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, row, offs_n, offs_d,
+                                  skb, skh, skn, svb, svh, svn, Nk, offset, first_q, qk_scale,
+                                  BK, HEAD_DIM, CAUSAL, HAS_KPM, UPCAST, DOT_PREC, False)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
