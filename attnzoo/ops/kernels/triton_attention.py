@@ -95,6 +95,13 @@ def softmax_step(acc, m_i, l_i, s, v, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def finish_rows(acc, m_i, l_i):
+    """(output, natural-log lse) of rows after the online softmax; a row that saw no key gives 0 and -inf."""
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    return acc / l_safe[:, None], tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+
+
+@triton.jit
 def _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, offs_m, offs_n, offs_d,
               skb, skh, skn, svb, svh, svn, Nk, offset, q_first, qk_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -198,9 +205,7 @@ def _fwd_kernel(
                                           skb, skh, skn, svb, svh, svn, Nk, offset, q_first, qk_scale,
                                           BLOCK_N, HEAD_DIM, CAUSAL, HAS_KPM, UPCAST, DOT_PREC, TMA)
 
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    out, lse = finish_rows(acc, m_i, l_i)
     row_ok = offs_m < Nq
     tl.store(O + b * sob + hq * soh + offs_m[:, None] * son + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None])

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._triton import interpreting
-from .triton_attention import LOG2E, _fwd_tile
+from .triton_attention import LOG2E, _fwd_tile, finish_rows
 
 
 @triton.jit(do_not_specialize=["Nq", "Nk", "offset"])  # lengths: see _triton.py
@@ -56,9 +56,7 @@ def _grouped_fwd_kernel(
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, row, offs_n, offs_d,
                                   skb, skh, skn, svb, svh, svn, Nk, offset, first_q, qk_scale,
                                   BK, HEAD_DIM, CAUSAL, HAS_KPM, UPCAST, DOT_PREC, False)
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    out, lse = finish_rows(acc, m_i, l_i)
     tl.store(O + b * sob + hq[:, None] * soh + row[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None])
     tl.store(LSE + (b * Hq + hq) * Nq + row, lse, mask=row_ok)
