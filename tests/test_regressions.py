@@ -129,3 +129,23 @@ def test_flex_declines_keys_shorter_than_one_key_block():
     with pytest.raises(ops.dispatch.NoBackendError, match="kv_len 24 < block_k 32"):
         ops.block_sparse(q, k, v, plan, backend="flex")
     assert rel_err(ops.block_sparse(q, k, v, plan), ops.reference(q, k, v, plan)) <= 1e-5
+
+
+def test_flex_declines_one_key_blocks_at_16_bit():
+    # B: compiled flex on CPU returned non-finite rows (and ~1e37 elsewhere) for bf16 plans of one-key
+    # blocks (6 / 3 heads, 138 queries over 87 keys, non-causal, D 16; found by the fuzz test). It
+    # declines them, also when forced; fp32 with one-key blocks stays exact.
+    import importlib
+
+    bs = importlib.import_module("attnzoo.ops.block_sparse")
+    if bs._flex_unavailable() is not None:
+        pytest.skip(bs._flex_unavailable())
+    q, k, v = make_qkv(1, 6, 3, 138, 87, 16, seed=1)
+    plan = random_block_plan(1, 3, 138, 87, 4, 1, p=0.6, seed=1, causal=False)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    with pytest.raises(ops.dispatch.NoBackendError, match="block_k 1 at 16-bit"):
+        ops.block_sparse(qb, kb, vb, plan, backend="flex")
+    got = ops.block_sparse(qb, kb, vb, plan)  # dispatch: blocked
+    assert torch.isfinite(got).all() and rel_err(got.float(), ops.reference(q, k, v, plan)) <= 2e-2
+    assert rel_err(ops.block_sparse(q, k, v, plan, backend="flex"), ops.reference(q, k, v, plan)) <= 1e-5
+
