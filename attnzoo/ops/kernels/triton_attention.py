@@ -102,7 +102,7 @@ def finish_rows(acc, m_i, l_i):
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, offs_m, offs_n, offs_d,
+def fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, offs_m, offs_n, offs_d,
               skb, skh, skn, svb, svh, svn, Nk, offset, q_first, qk_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
               UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
@@ -197,11 +197,11 @@ def _fwd_kernel(
             # so loads pipeline); a smaller tile may lie wholly before the diagonal: skip those
             if SKIP_CHECK:
                 if n0 < limit:
-                    acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, offs_m, offs_n, offs_d,
+                    acc, m_i, l_i = fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, offs_m, offs_n, offs_d,
                                               skb, skh, skn, svb, svh, svn, Nk, offset, q_first, qk_scale,
                                               BLOCK_N, HEAD_DIM, CAUSAL, HAS_KPM, UPCAST, DOT_PREC, TMA)
             else:
-                acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, offs_m, offs_n, offs_d,
+                acc, m_i, l_i = fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, offs_m, offs_n, offs_d,
                                           skb, skh, skn, svb, svh, svn, Nk, offset, q_first, qk_scale,
                                           BLOCK_N, HEAD_DIM, CAUSAL, HAS_KPM, UPCAST, DOT_PREC, TMA)
 

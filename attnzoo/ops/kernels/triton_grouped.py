@@ -9,7 +9,7 @@ group's heads into one tile (``GROUP x block_q`` rows, padded to a power of two)
 is read once per group and the dots are ``GROUP`` times taller.
 
 Forward only (the ``triton`` backend serves gradients); causal bottom-right, key padding and keys
-past ``Nk`` and the fp32 online softmax are ``triton_attention``'s (its ``_fwd_tile``, rows at their positions).
+past ``Nk`` and the fp32 online softmax are ``triton_attention``'s (its ``fwd_tile``, rows at their positions).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._triton import interpreting
-from .triton_attention import LOG2E, _fwd_tile, finish_rows
+from .triton_attention import LOG2E, finish_rows, fwd_tile
 
 
 @triton.jit(do_not_specialize=["Nq", "Nk", "offset"])  # lengths: see _triton.py
@@ -53,7 +53,7 @@ def _grouped_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for j in range(0, n_blocks):  # the tile's rows stand at positions ``row`` (the causal rule's rows)
         n0 = tl.load(idx_row + j * sis) * BK
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, row, offs_n, offs_d,
+        acc, m_i, l_i = fwd_tile(acc, m_i, l_i, q, K, V, KPM, b, hkv, n0, row, offs_n, offs_d,
                                   skb, skh, skn, svb, svh, svn, Nk, offset, first_q, qk_scale,
                                   BK, HEAD_DIM, CAUSAL, HAS_KPM, UPCAST, DOT_PREC, False)
     out, lse = finish_rows(acc, m_i, l_i)
