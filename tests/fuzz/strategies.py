@@ -72,22 +72,25 @@ def padding(draw, B: int, Nk: int, g: torch.Generator) -> tuple[str, torch.Tenso
 @st.composite
 def problems(draw, max_n: int = 160, head_dims=(8, 16, 32, 64), dtypes=DTYPES, causal=None,
              allow_expand: bool = True, allow_padding: bool = True, min_nk: int = 1, square: bool = False,
-             device: str = "cpu", decode: bool = False):
+             device: str = "cpu", decode: bool = False, groups=(1, 2, 3, 4), prefill: bool = False):
     """A random problem on ``device`` (drawn on the CPU, so a seed gives the same values anywhere).
-    ``decode``: one causal query per head (a generated token against its cache)."""
+    ``decode``: one causal query per head (a generated token against its cache); ``prefill``: at
+    least two queries; ``groups``: the query heads per KV head drawn from."""
     B = draw(st.integers(1, 3))
     Hkv = draw(st.integers(1, 3))
-    Hq = Hkv * draw(st.sampled_from([1, 2, 3, 4]))
+    Hq = Hkv * draw(st.sampled_from(groups))
+    min_nk = max(min_nk, 2) if prefill else min_nk
     causal = True if decode else (draw(st.booleans()) if causal is None else causal)
     Nk = draw(st.integers(min_nk, max_n))
     if decode:
         Nq = 1
     elif square:
         Nq = Nk
-    elif causal:
-        Nq = draw(st.one_of(st.just(1), st.just(Nk), st.integers(1, Nk)))  # decode, prefill, chunked
+    elif causal:  # decode, prefill, chunked
+        Nq = draw(st.one_of(st.just(Nk), st.integers(2, Nk)) if prefill else
+                  st.one_of(st.just(1), st.just(Nk), st.integers(1, Nk)))
     else:
-        Nq = draw(st.integers(1, max_n))
+        Nq = draw(st.integers(2 if prefill else 1, max_n))
     D = draw(st.sampled_from(head_dims))
     dtype = draw(st.sampled_from(dtypes))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))

@@ -99,14 +99,19 @@ def _sizes(backend, **cpu) -> dict:
     """``problems`` arguments: on the GPU its sizes; on the CPU ``cpu``, and for Triton (its
     interpreter runs ms per tile) smaller problems at its tile sizes."""
     decode = backend is not None and backend.name == "triton_decode"  # it takes one query per head only
+    grouped = dict(groups=(2, 3, 4), prefill=True)  # what triton_grouped takes: GQA prefills
     if DEVICE == "cuda":
         if backend is not None and backend.name == "sdpa_cuda":  # what it declares: padding at decode only
             return dict(GPU_SIZES, device=DEVICE, allow_padding=False)
+        if backend is not None and backend.name == "triton_grouped":
+            return dict(GPU_SIZES, device=DEVICE, **grouped)
         return dict(GPU_SIZES, device=DEVICE, decode=decode)
     if decode:  # a long cache: the merge of several shares per row
         return dict(max_n=400, head_dims=(16, 32), decode=True)
     if backend is not None and backend.name in ("triton", "triton_rows"):
         return dict(max_n=96, head_dims=(16, 32))
+    if backend is not None and backend.name == "triton_grouped":
+        return dict(max_n=96, head_dims=(16, 32), **grouped)
     if backend is not None and backend.name == "flex":  # what it declares: no padding, fp32/bf16, kv >= a block
         return dict(cpu, allow_padding=False, dtypes=(torch.float32, torch.bfloat16), min_nk=64)
     return cpu
@@ -150,6 +155,8 @@ def test_dense_backend(backend, data):
 
 def _block_case(data, backend):
     p = data.draw(problems(**_sizes(backend)))
+    if backend.name == "triton_grouped":  # plans a GQA group shares, its rows in one 128-row tile
+        return p, data.draw(block_plans(p, blocks=(16, 32), per_head="kv"))
     if backend.name.startswith("triton"):
         blocks = (16, 32, 64, 128) if DEVICE == "cuda" else (16, 32, 64)
     else:
