@@ -53,6 +53,8 @@ def _group_shared(req) -> str | None:
     if req.plan_heads != req.kv_heads or req.kv_heads == req.q_heads:
         return (f"serves plans shared by each GQA group only (plan heads = KV heads < query heads), got "
                 f"{req.plan_heads} plan / {req.kv_heads} KV / {req.q_heads} query heads")
+    if req.block_size is None:
+        return "a block_sparse request names its plan's block sizes (make_request(..., block_size=))"
     bq, bk = req.block_size
     if bq & (bq - 1) or bk & (bk - 1) or not 16 <= bk <= 128:
         return f"block sizes ({bq}, {bk}) must be powers of two, the key block 16-128"
