@@ -422,6 +422,8 @@ def main(argv=None) -> int:
         p.error(f"--distinct-prompts must be >= 1, got {args.distinct_prompts}")
     if args.geometry is None and (args.gguf is None or not args.gguf.is_file()):
         p.error(f"--gguf {args.gguf}: no such file (or give --geometry)")
+    if args.sparse_only and not args.sparse_everywhere:
+        p.error("--sparse-only leaves out the shipped rows that --sparse-everywhere adds: give both")
     presets = args.presets or preset_names()
     if "full" in presets:
         presets = ["full"] + [x for x in presets if x != "full"]
